@@ -1,0 +1,124 @@
+"""What an adapter tells the tracer about one model family; everything else is shared."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from tracer.spans import TextTokens
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A traced joint attention: its block path (`transformer_blocks.3`), kind and module."""
+
+    name: str
+    kind: str  # "double" or "single"
+    attention: torch.nn.Module
+    heads: int
+
+
+@dataclass
+class Generation:
+    """What the tracer needs to know of one pipeline call, read from its arguments."""
+
+    text: TextTokens | None  # None when the caller passed embeddings only
+    attrs: dict[str, Any]  # run attributes: prompt, seed, size, guidance, ...
+    entity_names: list[str] = field(default_factory=list)
+    entity_masks: np.ndarray | None = None  # (entity, height, width), nonzero = inside
+
+
+@dataclass(frozen=True)
+class DenoiserCall:
+    """One call of the denoiser: which step of the schedule, and the token layout."""
+
+    timestep: float  # in the scheduler's units (the values of `scheduler.timesteps`)
+    text_len: int
+    grid: tuple[int, int]  # latent token grid (rows, cols), row-major after the text tokens
+
+
+class UnsupportedModelError(TypeError):
+    """The pipeline is not of a model family attnscope can trace."""
+
+
+class Adapter(ABC):
+    """One model family: its joint attentions, token layout, text and denoising steps."""
+
+    backend: ClassVar[str]
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, pipe: Any) -> bool:
+        """Whether this adapter can trace `pipe`."""
+
+    @abstractmethod
+    def layers(self) -> list[Layer]:
+        """Every joint attention of the denoiser, in execution order."""
+
+    @abstractmethod
+    def generation(self, arguments: Mapping[str, Any]) -> Generation:
+        """The text, entities and attributes of a call with these (bound, defaulted) arguments."""
+
+    @abstractmethod
+    def watch_denoiser(self, on_call: Callable[[DenoiserCall], None]) -> Callable[[], None]:
+        """Call `on_call` before every denoiser evaluation; returns a function that stops it."""
+
+    @abstractmethod
+    def schedule(self, first_timestep: float) -> tuple[np.ndarray, np.ndarray]:
+        """Timesteps and sigmas of the steps this generation runs, starting at `first_timestep`."""
+
+    @abstractmethod
+    def image(self, output: Any) -> np.ndarray | None:
+        """The first decoded image of a pipeline output as (H, W, 3) uint8, if it has one."""
+
+    def run_attrs(self) -> dict[str, Any]:
+        """Attributes describing the model and pipeline (id, class, scheduler, dtype)."""
+        return {"pipeline": type(self.pipe).__name__, "backend": self.backend}
+
+
+def image_to_uint8(image: Any) -> np.ndarray | None:
+    """A PIL image, a float [0, 1] array or a uint8 array as (H, W, 3) uint8; None otherwise."""
+    if image is None:
+        return None
+    if hasattr(image, "convert"):  # PIL
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu().numpy()
+        if image.ndim == 3 and image.shape[0] in (1, 3):
+            image = image.transpose(1, 2, 0)
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[-1] not in (1, 3):
+        return None
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return array
+
+
+def seed_of(generator: Any) -> int | None:
+    """The initial seed of a torch generator (or the first of a list), if one was given."""
+    if isinstance(generator, list | tuple):
+        generator = generator[0] if generator else None
+    return int(generator.initial_seed()) if isinstance(generator, torch.Generator) else None
+
+
+def library_versions(*names: str) -> dict[str, str]:
+    """Installed versions of the named distributions (those that are installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found

@@ -1,0 +1,182 @@
+"""diffusers FLUX: `FluxPipeline` and its relatives around a `FluxTransformer2DModel`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from tracer.adapters.base import (
+    Adapter,
+    DenoiserCall,
+    Generation,
+    Layer,
+    image_to_uint8,
+    library_versions,
+    seed_of,
+)
+from tracer.spans import Segment, TextTokens
+
+# FluxPipeline hands the transformer `timestep / 1000`.
+_TIMESTEP_SCALE = 1000.0
+
+
+def _first(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return value[0] if value else None
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def token_grid(img_ids: torch.Tensor) -> tuple[int, int]:
+    """The (rows, cols) latent grid of FLUX image ids, checked to be row-major and complete."""
+    ids = img_ids.reshape(-1, img_ids.shape[-1])[:, 1:3].round().long().cpu()
+    rows, cols = int(ids[:, 0].max()) + 1, int(ids[:, 1].max()) + 1
+    expected = torch.arange(rows * cols)
+    if ids.shape[0] != rows * cols or not torch.equal(ids[:, 0] * cols + ids[:, 1], expected):
+        raise ValueError(
+            f"image tokens are not a complete row-major {rows}x{cols} grid "
+            f"({ids.shape[0]} image ids); attnscope can't place them on a map"
+        )
+    return rows, cols
+
+
+class DiffusersFlux(Adapter):
+    """Traces diffusers FLUX pipelines: text (T5) tokens first, then the packed image tokens."""
+
+    backend = "diffusers"
+
+    @classmethod
+    def matches(cls, pipe: Any) -> bool:
+        try:
+            from diffusers import FluxTransformer2DModel
+        except ImportError:
+            return False
+        return isinstance(getattr(pipe, "transformer", None), FluxTransformer2DModel)
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    def layers(self) -> list[Layer]:
+        layers = []
+        for prefix, kind in (
+            ("transformer_blocks", "double"),
+            ("single_transformer_blocks", "single"),
+        ):
+            for index, block in enumerate(getattr(self.transformer, prefix)):
+                name = f"{prefix}.{index}"
+                layers.append(Layer(name, kind, block.attn, int(block.attn.heads)))
+        return layers
+
+    def generation(self, arguments: Mapping[str, Any]) -> Generation:
+        pipe = self.pipe
+        prompt = _first(arguments.get("prompt"))
+        # FluxPipeline sends prompt_2 (or else prompt) to T5, whose tokens are the joint text.
+        t5_prompt = _first(arguments.get("prompt_2")) or prompt
+        max_len = int(arguments.get("max_sequence_length") or 512)
+        scale = getattr(pipe, "vae_scale_factor", 8) * getattr(pipe, "default_sample_size", 128)
+        attrs = {
+            "prompt": prompt,
+            "prompt_2": _first(arguments.get("prompt_2")),
+            "negative_prompt": _first(arguments.get("negative_prompt")),
+            "seed": seed_of(arguments.get("generator")),
+            "height": int(arguments.get("height") or scale),
+            "width": int(arguments.get("width") or scale),
+            "num_inference_steps": arguments.get("num_inference_steps"),
+            "guidance_scale": arguments.get("guidance_scale"),
+            "true_cfg_scale": arguments.get("true_cfg_scale"),
+            "max_sequence_length": max_len,
+        }
+        attrs = {key: value for key, value in attrs.items() if value is not None}
+        text = None if t5_prompt is None else self._tokens(t5_prompt, max_len)
+        return Generation(text=text or TextTokens(segments=(), length=max_len), attrs=attrs)
+
+    def _tokens(self, prompt: str, max_len: int) -> TextTokens:
+        tokenizer = self.pipe.tokenizer_2
+        if not getattr(tokenizer, "is_fast", False):
+            raise TypeError(
+                f"attnscope finds words through the tokenizer's offsets, which needs a fast "
+                f"tokenizer; tokenizer_2 is {type(tokenizer).__name__}"
+            )
+        # The same call FluxPipeline makes, plus offsets and the special-token mask.
+        encoded = tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=max_len,
+            truncation=True,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
+        ids = encoded["input_ids"]
+        content = tuple(
+            bool(keep) and not special
+            for keep, special in zip(
+                encoded["attention_mask"], encoded["special_tokens_mask"], strict=True
+            )
+        )
+        segment = Segment(
+            name="prompt",
+            text=prompt,
+            first=0,
+            tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
+            offsets=tuple((int(s), int(e)) for s, e in encoded["offset_mapping"]),
+            content=content,
+        )
+        return TextTokens(segments=(segment,), length=len(ids))
+
+    def watch_denoiser(self, on_call: Callable[[DenoiserCall], None]) -> Callable[[], None]:
+        grids: dict[tuple[int, ...], tuple[int, int]] = {}
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+            bound = dict(zip(names, args, strict=False)) | kwargs
+            img_ids = bound["img_ids"]
+            key = tuple(img_ids.shape)
+            if key not in grids:
+                grids[key] = token_grid(img_ids)
+            timestep = float(bound["timestep"].reshape(-1)[0]) * _TIMESTEP_SCALE
+            text_len = int(bound["encoder_hidden_states"].shape[1])
+            on_call(DenoiserCall(timestep=timestep, text_len=text_len, grid=grids[key]))
+
+        handle = self.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+        return handle.remove
+
+    def schedule(self, first_timestep: float) -> tuple[np.ndarray, np.ndarray]:
+        scheduler = self.pipe.scheduler
+        timesteps = scheduler.timesteps.detach().float().cpu().numpy()
+        sigmas = getattr(scheduler, "sigmas", None)
+        sigmas = (
+            sigmas.detach().float().cpu().numpy()[: len(timesteps)]
+            if sigmas is not None
+            else timesteps / _TIMESTEP_SCALE
+        )
+        start = int(np.argmin(np.abs(timesteps - first_timestep)))
+        return timesteps[start:].astype(np.float64), sigmas[start:].astype(np.float64)
+
+    def image(self, output: Any) -> np.ndarray | None:
+        images = getattr(output, "images", None)
+        if images is None and isinstance(output, tuple) and output:
+            images = output[0]
+        if images is None or isinstance(images, str) or len(images) == 0:
+            return None
+        return image_to_uint8(images[0])
+
+    def run_attrs(self) -> dict[str, Any]:
+        pipe, transformer = self.pipe, self.transformer
+        config = getattr(transformer, "config", {})
+        return super().run_attrs() | {
+            "model": str(getattr(pipe, "name_or_path", None) or config.get("_name_or_path", "")),
+            "model_revision": str(config.get("_diffusers_version", "")),
+            "scheduler": type(pipe.scheduler).__name__,
+            "scheduler_config": _jsonable(dict(pipe.scheduler.config)),
+            "transformer_config": _jsonable(dict(config)),
+            "dtype": str(transformer.dtype).removeprefix("torch."),
+            "versions": library_versions("torch", "diffusers", "transformers", "attnscope"),
+        }

@@ -1,0 +1,269 @@
+"""Capture math: exact text/image attention maps of one joint-attention call.
+
+Pure torch, no I/O. See DESIGN.md, "Capture math", and docs/store-format.md for the definitions of
+``txt2img`` and ``img2txt``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DIRECTIONS", "attention_maps"]
+
+DIRECTIONS: tuple[str, ...] = ("txt2img", "img2txt")
+
+_NEG_INF = float("-inf")
+
+
+def attention_maps(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    scale: float,
+    text_len: int,
+    span_members: torch.Tensor,
+    directions: Sequence[str] = DIRECTIONS,
+    chunk_size: int = 256,
+) -> dict[str, torch.Tensor]:
+    """Text/image attention maps of one batch element of a joint attention.
+
+    ``q``, ``k``: ``[H, N, D]`` post-RoPE queries and keys; tokens ``[0, text_len)`` are text, the
+    rest image. ``mask``: ``None`` or broadcastable to ``[H, N, N]``, boolean (True = may attend)
+    or additive float. ``span_members``: bool ``[S, text_len]``, the text tokens of each span.
+
+    With P = softmax over all N keys of ``q·kᵀ·scale + mask`` (float32), returns for each asked
+    direction a float32 ``[H, S, N - text_len]`` tensor on ``q``'s device:
+
+    - ``txt2img[h, s, p]``: mean over the span's text queries i of ``P[h, i, text_len + p]``;
+    - ``img2txt[h, s, p]``: sum over the span's text keys j of ``P[h, text_len + p, j]``.
+
+    A query row that the mask forbids entirely contributes zeros. ``chunk_size`` queries are
+    processed at a time, which bounds the extra memory to about ``H * chunk_size * N`` floats.
+
+    Keep ``span_members`` on the CPU (it is fixed for a run): it is then checked and turned into
+    weights without waiting for the accelerator.
+    """
+    wanted = _check_directions(directions)
+    heads, n_tokens, _ = _check_qk(q, k)
+    if isinstance(text_len, bool) or not isinstance(text_len, int):
+        raise ValueError(f"text_len must be an int, got {type(text_len).__name__}")
+    if not 0 < text_len < n_tokens:
+        raise ValueError(
+            f"text_len must be in [1, {n_tokens - 1}] for N = {n_tokens} tokens (at least one "
+            f"text and one image token), got {text_len}"
+        )
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_span_members(span_members, text_len)
+    mask3 = _as_3d_mask(mask, heads, n_tokens)
+
+    # float32 copies once per call: the model's own q, k stay untouched; every chunk reads them.
+    q32 = q.to(torch.float32)
+    k32 = k.to(torch.float32)
+
+    maps: dict[str, torch.Tensor] = {}
+    for direction in wanted:
+        compute = _txt2img if direction == "txt2img" else _img2txt
+        maps[direction] = compute(q32, k32, mask3, scale, text_len, span_members, chunk_size)
+    return maps
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_directions(directions: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(directions, str):
+        directions = (directions,)
+    wanted = tuple(dict.fromkeys(directions))
+    unknown = [d for d in wanted if d not in DIRECTIONS]
+    if unknown:
+        raise ValueError(f"unknown direction(s) {unknown}; expected any of {list(DIRECTIONS)}")
+    if not wanted:
+        raise ValueError(f"directions is empty; expected at least one of {list(DIRECTIONS)}")
+    return wanted
+
+
+def _check_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int]:
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(
+                f"{name} must be [H, N, D] (one batch element), got shape {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if q.shape != k.shape:
+        raise ValueError(
+            f"q and k must have the same shape [H, N, D], got q {tuple(q.shape)} and "
+            f"k {tuple(k.shape)}"
+        )
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on the same device, got {q.device} and {k.device}")
+    heads, n_tokens, dim = q.shape
+    if heads == 0 or n_tokens == 0 or dim == 0:
+        raise ValueError(f"q and k must be non-empty [H, N, D], got shape {tuple(q.shape)}")
+    return heads, n_tokens, dim
+
+
+def _check_span_members(span_members: torch.Tensor, text_len: int) -> None:
+    if not isinstance(span_members, torch.Tensor):
+        raise ValueError(
+            f"span_members must be a bool torch.Tensor, got {type(span_members).__name__}"
+        )
+    if span_members.dtype != torch.bool:
+        raise ValueError(f"span_members must be bool, got {span_members.dtype}")
+    if span_members.dim() != 2 or span_members.shape[1] != text_len or span_members.shape[0] < 1:
+        raise ValueError(
+            f"span_members must be [S, text_len] = [S >= 1, {text_len}], got shape "
+            f"{tuple(span_members.shape)}"
+        )
+    # A host sync if span_members lives on an accelerator; it is small and fixed per run, so the
+    # caller is expected to keep it on the CPU.
+    empty = (~span_members.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"span(s) at index {empty} of span_members select no text token")
+
+
+def _as_3d_mask(mask: torch.Tensor | None, heads: int, n_tokens: int) -> torch.Tensor | None:
+    """The mask as a view ``[1 or H, 1 or N, 1 or N]`` (broadcast dims kept at size 1)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be None or a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(f"mask must be bool or floating point, got {mask.dtype}")
+    expected = (heads, n_tokens, n_tokens)
+    try:
+        broadcast = torch.broadcast_shapes(mask.shape, expected)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != torch.Size(expected):
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to [H, N, N] = {list(expected)}"
+        )
+    if mask.dim() > 3:
+        # Broadcasting to a 3-D shape guarantees the leading dims are all 1.
+        mask = mask.reshape(mask.shape[-3:])
+    while mask.dim() < 3:
+        mask = mask.unsqueeze(0)
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# The two directions
+
+
+def _mask_rows(mask3: torch.Tensor | None, rows: slice | torch.Tensor) -> torch.Tensor | None:
+    """The mask restricted to some query rows: ``[1 or H, rows or 1, 1 or N]``."""
+    if mask3 is None or mask3.shape[1] == 1:
+        return mask3
+    if isinstance(rows, slice):
+        return mask3[:, rows]
+    return mask3.index_select(1, rows)
+
+
+def _dead_rows(mask_rows: torch.Tensor) -> torch.Tensor:
+    """``[1 or H, rows or 1]``: True where the mask forbids every key of the query row."""
+    if mask_rows.dtype == torch.bool:
+        return ~mask_rows.any(dim=-1)
+    return mask_rows.amax(dim=-1) == _NEG_INF
+
+
+def _txt2img(
+    q32: torch.Tensor,
+    k32: torch.Tensor,
+    mask3: torch.Tensor | None,
+    scale: float,
+    text_len: int,
+    span_members: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    heads, n_tokens, _ = q32.shape
+    device = q32.device
+    # Only the text queries of some span are needed. Rows and span-mean weights are built where
+    # span_members lives (the CPU, normally: no accelerator sync), then sent without blocking.
+    rows = span_members.any(dim=0).nonzero().flatten()
+    members = span_members[:, rows].to(torch.float32)
+    weights = members / members.sum(dim=1, keepdim=True)  # [S, M]: row s averages span s
+    rows = rows.to(device, non_blocking=True)
+    weights = weights.to(device, non_blocking=True)
+    n_spans, n_rows = weights.shape
+
+    out = torch.zeros(heads, n_spans, n_tokens - text_len, dtype=torch.float32, device=device)
+    k_t = k32.transpose(1, 2)
+    for start in range(0, n_rows, chunk_size):
+        chunk = rows[start : start + chunk_size]
+        probs = _probs(q32.index_select(1, chunk), k_t, _mask_rows(mask3, chunk), scale)
+        w = weights[:, start : start + chunk_size].expand(heads, -1, -1)
+        out.baddbmm_(w, probs[:, :, text_len:])
+    return out
+
+
+def _probs(
+    q_rows: torch.Tensor, k_t: torch.Tensor, mask_rows: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Softmax rows ``[H, rows, N]`` in float32; a fully masked row is all zeros."""
+    if mask_rows is not None and mask_rows.dtype != torch.bool:
+        # Fused q·kᵀ·scale + mask, one pass over the [H, rows, N] block.
+        logits = torch.baddbmm(mask_rows.to(torch.float32), q_rows, k_t, beta=1.0, alpha=scale)
+    else:
+        logits = torch.matmul(q_rows * scale, k_t)
+        if mask_rows is not None:
+            logits.masked_fill_(~mask_rows, _NEG_INF)
+    probs = torch.softmax(logits, dim=-1)
+    if mask_rows is not None:
+        # softmax of an all -inf row is NaN; the contract says zeros.
+        probs.masked_fill_(_dead_rows(mask_rows).unsqueeze(-1), 0.0)
+    return probs
+
+
+def _img2txt(
+    q32: torch.Tensor,
+    k32: torch.Tensor,
+    mask3: torch.Tensor | None,
+    scale: float,
+    text_len: int,
+    span_members: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    heads, n_tokens, dim = q32.shape
+    device = q32.device
+    n_spans = span_members.shape[0]
+    n_image = n_tokens - text_len
+
+    # sum_{j in s} P[i, j] = (P @ V)[i, s] with V[j, s] = 1 if text key j is in span s: a fused
+    # attention kernel computes it exactly, normalised over all keys, without the N x N map.
+    # The fused CPU/CUDA kernels want V as wide as q and k: pad V with zero columns, or, when
+    # there are more spans than head dims, pad q and k with zero dims (q·k is unchanged).
+    width = max(dim, n_spans)
+    values = torch.zeros(n_tokens, width, dtype=torch.float32, device=span_members.device)
+    values[:text_len, :n_spans] = span_members.t()
+    values = values.to(device, non_blocking=True).expand(heads, -1, -1)
+    if width > dim:
+        q32 = F.pad(q32[:, text_len:], (0, width - dim))
+        k32 = F.pad(k32, (0, width - dim))
+        first = 0
+    else:
+        first = text_len
+
+    out = torch.empty(heads, n_spans, n_image, dtype=torch.float32, device=device)
+    for start in range(0, n_image, chunk_size):
+        stop = min(start + chunk_size, n_image)
+        mask_rows = _mask_rows(mask3, slice(text_len + start, text_len + stop))
+        attn_mask = mask_rows
+        if mask_rows is not None and mask_rows.dtype != torch.bool:
+            attn_mask = mask_rows.to(torch.float32)
+        sums = F.scaled_dot_product_attention(
+            q32[:, first + start : first + stop], k32, values, attn_mask=attn_mask, scale=scale
+        )[:, :, :n_spans]
+        if mask_rows is not None:
+            # Kernels disagree on fully masked rows (NaN or 0); the contract says zeros.
+            sums = sums.masked_fill(_dead_rows(mask_rows).unsqueeze(-1), 0.0)
+        out[:, :, start:stop] = sums.transpose(1, 2)
+    return out

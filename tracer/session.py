@@ -1,0 +1,374 @@
+"""`trace(pipe, path)`: attach to a pipeline, record one run per generation, detach cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fnmatch
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from analysis import store_format as fmt
+from tracer.adapters import adapter_for
+from tracer.adapters.base import Adapter, DenoiserCall, Generation, Layer
+from tracer.capture import attention_maps
+from tracer.spans import Span, SpanRequest, resolve_spans
+from tracer.store import create_run, open_store, write_variable
+from tracer.tap import AttentionCall, AttentionTap
+from tracer.writer import TraceWriter
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to record; validated against the model before any generation runs."""
+
+    spans: Mapping[str, SpanRequest] | None = None
+    layers: Sequence[str] | None = None
+    heads: Sequence[int] | None = None
+    steps: Sequence[int] | None = None
+    directions: Sequence[str] = fmt.DIRECTIONS
+    chunk_size: int = 256
+    keepbits: int | None = fmt.DEFAULT_KEEPBITS
+    max_pending_steps: int = 2
+    progress: bool = True
+
+
+def select_layers(layers: list[Layer], patterns: Sequence[str] | None) -> list[Layer]:
+    """The layers named by `patterns` (names, globs such as `single_*`, or a kind), in order."""
+    if patterns is None:
+        return layers
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    chosen = set()
+    for pattern in patterns:
+        hits = {
+            layer.name
+            for layer in layers
+            if pattern == layer.kind or fnmatch.fnmatchcase(layer.name, pattern)
+        }
+        if not hits:
+            names = [layer.name for layer in layers]
+            raise ValueError(
+                f"layer {pattern!r} matches no attention layer; the model has {len(names)}: "
+                f"{names[0]} … {names[-1]} (kinds 'double', 'single', or globs like "
+                f"'single_transformer_blocks.*')"
+            )
+        chosen |= hits
+    return [layer for layer in layers if layer.name in chosen]
+
+
+def _select_indices(what: str, values: Sequence[int] | None, size: int) -> list[int]:
+    if values is None:
+        return list(range(size))
+    values = [values] if isinstance(values, int) else list(values)
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < size]
+    if bad or not values:
+        raise ValueError(f"{what} {bad or values} out of range; this run has {what}s 0..{size - 1}")
+    return sorted(set(values))
+
+
+@dataclass
+class _Run:
+    """The state of the run being recorded by one pipeline call."""
+
+    generation: Generation
+    spans: list[Span]
+    name: str | None = None
+    group: zarr.Group | None = None
+    writer: TraceWriter | None = None
+    timesteps: np.ndarray | None = None
+    step_positions: dict[int, int] = field(default_factory=dict)  # step -> position in store
+    members: torch.Tensor | None = None
+    text_len: int = 0
+    grid: tuple[int, int] = (0, 0)
+    step: int = -1
+    calls_this_step: int = 0
+    recording: int | None = None  # store position of the step being recorded, if any
+    progress: Any = None
+
+
+class Recorder:
+    """Records every generation of one pipeline into the store at `path`, one run each."""
+
+    def __init__(self, pipe: Any, path: str, options: Options, adapter: Adapter | None = None):
+        self.pipe = pipe
+        self.path = str(path)
+        self.options = options
+        self.adapter = adapter or adapter_for(pipe)
+        self.runs: list[str] = []
+        all_layers = self.adapter.layers()
+        self.layers = select_layers(all_layers, options.layers)
+        self.layer_positions = {layer.name: i for i, layer in enumerate(self.layers)}
+        n_heads = self.layers[0].heads
+        self.heads = _select_indices("head", options.heads, n_heads)
+        self._head_index = None if len(self.heads) == n_heads else torch.tensor(self.heads)
+        unknown = sorted(set(options.directions) - set(fmt.DIRECTIONS))
+        if unknown or not options.directions:
+            raise ValueError(
+                f"directions {list(options.directions)} invalid; accepted: any of "
+                f"{list(fmt.DIRECTIONS)}"
+            )
+        fmt.check_keepbits(options.keepbits)
+        if not isinstance(options.chunk_size, int) or options.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {options.chunk_size!r}")
+        self._tap = AttentionTap(
+            {layer.name: layer.attention for layer in self.layers}, self._wants, self._capture
+        )
+        self._pipe_class: type | None = None
+        self._unwatch = None
+        self._run: _Run | None = None
+        open_store(self.path)
+
+    @property
+    def last_run(self) -> str | None:
+        """The group name of the latest run recorded."""
+        return self.runs[-1] if self.runs else None
+
+    # -- attach / detach -------------------------------------------------------------------
+    def attach(self) -> None:
+        """Start tracing every call of the pipeline."""
+        if getattr(self.pipe, "_attnscope_recorder", None) is not None:
+            raise RuntimeError(
+                "this pipeline is already being traced; detach the other trace first"
+            )
+        cls = type(self.pipe)
+        recorder = self
+
+        def __call__(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+            return recorder._generate(cls.__call__, pipe, args, kwargs)
+
+        # `pipe(...)` looks `__call__` up on the type, so the instance gets a private subclass
+        # (same name) for the duration of the trace; other instances are unaffected.
+        traced = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+        self._pipe_class = cls
+        self.pipe.__class__ = traced
+        self.pipe._attnscope_recorder = self
+        self._tap.attach()
+        self._unwatch = self.adapter.watch_denoiser(self._on_denoiser)
+
+    def detach(self) -> None:
+        """Stop tracing and restore the pipeline exactly as it was."""
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+        self._tap.detach()
+        if self._pipe_class is not None:
+            self.pipe.__class__ = self._pipe_class
+            self._pipe_class = None
+        self.pipe.__dict__.pop("_attnscope_recorder", None)
+
+    # -- one generation --------------------------------------------------------------------
+    def _generate(self, call: Any, pipe: Any, args: tuple, kwargs: dict) -> Any:
+        bound = inspect.signature(call).bind(pipe, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        arguments |= arguments.pop("kwargs", None) or {}
+        generation = self.adapter.generation(arguments)
+        spans = resolve_spans(self.options.spans, generation.text)
+        if not spans:
+            raise ValueError(
+                "no spans to record: the call gave no prompt text; name token ranges instead, "
+                "e.g. spans={'first8': (0, 8)}"
+            )
+        self._run = run = _Run(generation=generation, spans=spans)
+        try:
+            output = call(pipe, *args, **kwargs)
+            if run.group is None:
+                raise RuntimeError("the pipeline never called its denoiser: nothing was recorded")
+            run.writer.close()
+            image = self.adapter.image(output)
+            if image is not None:
+                write_variable(run.group, "image", fmt.image_variable(image))
+            run.group.attrs.update({fmt.STATUS: fmt.COMPLETE})
+            return output
+        except BaseException as error:
+            if run.group is not None:
+                with contextlib.suppress(Exception):
+                    run.writer.abort()
+                reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+                run.group.attrs.update({fmt.STATUS: fmt.failed(reason)})
+            raise
+        finally:
+            if run.progress is not None:
+                run.progress.close()
+            self._run = None
+
+    def _start_run(self, run: _Run, call: DenoiserCall) -> None:
+        timesteps, sigmas = self.adapter.schedule(call.timestep)
+        steps = _select_indices("step", self.options.steps, len(timesteps))
+        too_long = [s.name for s in run.spans if s.indices and max(s.indices) >= call.text_len]
+        if too_long:
+            raise ValueError(
+                f"spans {too_long} reach past the {call.text_len} text tokens the model attends"
+            )
+        coords = fmt.run_coords(
+            steps=steps,
+            timesteps=timesteps[steps],
+            sigmas=sigmas[steps],
+            layers=[layer.name for layer in self.layers],
+            layer_kinds=[layer.kind for layer in self.layers],
+            heads=self.heads,
+            spans=[span.name for span in run.spans],
+            grid=call.grid,
+        )
+        attrs = self._run_attrs(run, call, steps)
+        run.name, run.group = create_run(
+            self.path, coords, attrs, self.options.directions, self.options.keepbits
+        )
+        self.runs.append(run.name)
+        generation = run.generation
+        if generation.entity_masks is not None:
+            masks = fmt.entity_mask_variable(generation.entity_masks, generation.entity_names)
+            write_variable(run.group, "entity_mask", masks)
+        run.writer = TraceWriter(
+            run.group,
+            directions=list(self.options.directions),
+            n_layers=len(self.layers),
+            max_pending=self.options.max_pending_steps,
+        )
+        run.timesteps = timesteps
+        run.step_positions = {step: i for i, step in enumerate(steps)}
+        run.text_len, run.grid = call.text_len, call.grid
+        members = torch.zeros(len(run.spans), call.text_len, dtype=torch.bool)
+        for i, span in enumerate(run.spans):
+            members[i, list(span.indices)] = True
+        run.members = members
+        run.progress = tqdm(
+            total=len(steps),
+            desc=f"attnscope {run.name}",
+            unit="step",
+            disable=not self.options.progress,
+            leave=False,
+        )
+
+    def _run_attrs(self, run: _Run, call: DenoiserCall, steps: list[int]) -> dict[str, Any]:
+        options = self.options
+        return (
+            self.adapter.run_attrs()
+            | run.generation.attrs
+            | {
+                fmt.STATUS: fmt.RECORDING,
+                fmt.STEPS_COMPLETE: [],
+                fmt.SPANS: {span.name: list(span.indices) for span in run.spans},
+                fmt.SPAN_TOKENS: {span.name: list(span.tokens) for span in run.spans},
+                "entity_prompts": run.generation.attrs.get("entity_prompts", []),
+                "text_len": call.text_len,
+                "error_bound": fmt.relative_error_bound(options.keepbits),
+                "capture": {
+                    "directions": list(options.directions),
+                    "layers": [layer.name for layer in self.layers],
+                    "heads": self.heads,
+                    "steps": steps,
+                    "chunk_size": options.chunk_size,
+                    "keepbits": options.keepbits,
+                    "branch": "cond",
+                    "batch_index": 0,
+                },
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _on_denoiser(self, call: DenoiserCall) -> None:
+        run = self._run
+        if run is None:
+            return
+        if run.group is None:
+            self._start_run(run, call)
+        step = int(np.argmin(np.abs(run.timesteps - call.timestep)))
+        # With true CFG the denoiser runs twice per step, the conditional branch first.
+        run.calls_this_step = run.calls_this_step + 1 if step == run.step else 0
+        run.step = step
+        is_cond = run.calls_this_step == 0
+        run.recording = run.step_positions.get(step) if is_cond else None
+        if (call.text_len, call.grid) != (run.text_len, run.grid):
+            raise RuntimeError(
+                f"token layout changed during generation: {run.text_len} text tokens on a "
+                f"{run.grid} grid, then {call.text_len} on {call.grid}"
+            )
+        done = len(run.writer.steps_complete)
+        run.progress.update(done - run.progress.n)
+
+    def _wants(self, layer: str) -> bool:
+        run = self._run
+        return run is not None and run.recording is not None
+
+    def _capture(self, layer: str, call: AttentionCall) -> None:
+        run = self._run
+        query, key = call.query[0], call.key[0]
+        mask = call.mask
+        if mask is not None:
+            if mask.ndim == 4:
+                mask = mask[0]
+            if self._head_index is not None and mask.ndim == 3 and mask.shape[0] > 1:
+                mask = mask[self._head_index.to(mask.device)]
+        if self._head_index is not None:
+            index = self._head_index.to(query.device)
+            query, key = query[index], key[index]
+        n_image = run.grid[0] * run.grid[1]
+        if query.shape[1] != run.text_len + n_image:
+            raise RuntimeError(
+                f"{layer}: attention over {query.shape[1]} tokens, expected {run.text_len} text "
+                f"+ {n_image} image tokens"
+            )
+        maps = attention_maps(
+            query,
+            key,
+            mask=mask,
+            scale=call.scale,
+            text_len=run.text_len,
+            span_members=run.members,
+            directions=self.options.directions,
+            chunk_size=self.options.chunk_size,
+        )
+        run.writer.put(run.recording, self.layer_positions[layer], maps)
+
+
+@contextlib.contextmanager
+def trace(
+    pipe: Any,
+    path: str,
+    *,
+    spans: Mapping[str, SpanRequest] | None = None,
+    layers: Sequence[str] | None = None,
+    heads: Sequence[int] | None = None,
+    steps: Sequence[int] | None = None,
+    directions: Sequence[str] = fmt.DIRECTIONS,
+    chunk_size: int = 256,
+    keepbits: int | None = fmt.DEFAULT_KEEPBITS,
+    max_pending_steps: int = 2,
+    progress: bool = True,
+    adapter: Adapter | None = None,
+) -> Iterator[Recorder]:
+    """Trace every generation of `pipe` inside the block into the store at `path`.
+
+    Each call of the pipeline appends one run (`run-0000`, ...) to the store, creating it if
+    needed. `spans` maps names to a word of the prompt or a `(start, stop)` token range (default:
+    the prompt and each of its words); `layers` takes names, globs or a kind (`double`,
+    `single`); `heads` and `steps` take indices; `directions` any of `txt2img`, `img2txt`.
+    `keepbits=None` stores losslessly. The pipeline is restored on exit, even after an error.
+    """
+    options = Options(
+        spans=spans,
+        layers=layers,
+        heads=heads,
+        steps=steps,
+        directions=tuple(directions),
+        chunk_size=chunk_size,
+        keepbits=keepbits,
+        max_pending_steps=max_pending_steps,
+        progress=progress,
+    )
+    recorder = Recorder(pipe, path, options, adapter)
+    recorder.attach()
+    try:
+        yield recorder
+    finally:
+        recorder.detach()

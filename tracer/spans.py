@@ -1,0 +1,180 @@
+"""Spans: named groups of text tokens, resolved against the joint attention's text sequence."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+# What a user may ask for: a word or phrase of the prompt, or a raw [start, stop) token range.
+SpanRequest = str | tuple[int, int]
+
+_WORD = re.compile(r"\w+(?:['’]\w+)*")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One tokenized text inside the text sequence (the prompt, or an EliGen entity prompt)."""
+
+    name: str
+    text: str
+    first: int  # index of the segment's first token in the text sequence
+    tokens: tuple[str, ...]
+    offsets: tuple[tuple[int, int], ...]  # character range of each token in `text`
+    content: tuple[bool, ...]  # True for tokens of the text itself (not padding or specials)
+
+    def __post_init__(self) -> None:
+        if not len(self.tokens) == len(self.offsets) == len(self.content):
+            raise ValueError("tokens, offsets and content must have the same length")
+
+
+@dataclass(frozen=True)
+class TextTokens:
+    """The text part of the joint attention sequence, as segments laid end to end."""
+
+    segments: tuple[Segment, ...]
+    length: int  # text tokens in the attention sequence (the text_len of the capture)
+
+    def segment(self, name: str) -> Segment:
+        """The segment called `name`."""
+        for segment in self.segments:
+            if segment.name == name:
+                return segment
+        raise KeyError(name)
+
+    def token(self, index: int) -> str:
+        """The token string at `index` of the text sequence."""
+        for segment in self.segments:
+            if segment.first <= index < segment.first + len(segment.tokens):
+                return segment.tokens[index - segment.first]
+        return ""
+
+
+@dataclass(frozen=True)
+class Span:
+    """A resolved span: its token indices in the text sequence and their strings."""
+
+    name: str
+    indices: tuple[int, ...]
+    tokens: tuple[str, ...]
+
+
+def words(text: str) -> list[tuple[str, int, int]]:
+    """The words of `text` with their character ranges."""
+    return [(m.group(0), m.start(), m.end()) for m in _WORD.finditer(text)]
+
+
+def _content_indices(segment: Segment) -> list[int]:
+    return [segment.first + i for i, is_content in enumerate(segment.content) if is_content]
+
+
+def _phrase_indices(segment: Segment, phrase: str) -> list[int]:
+    """Tokens of `segment` overlapping any whole-word, case-insensitive match of `phrase`."""
+    pattern = re.compile(rf"(?<!\w){re.escape(phrase.strip())}(?!\w)", re.IGNORECASE)
+    ranges = [(m.start(), m.end()) for m in pattern.finditer(segment.text)]
+    return [
+        segment.first + i
+        for i, ((start, end), is_content) in enumerate(
+            zip(segment.offsets, segment.content, strict=True)
+        )
+        if is_content and any(start < stop and end > begin for begin, stop in ranges)
+    ]
+
+
+def _make_span(name: str, indices: Sequence[int], text: TextTokens) -> Span:
+    return Span(name, tuple(indices), tuple(text.token(i) for i in indices))
+
+
+def default_spans(text: TextTokens, prompt_segment: str = "prompt") -> list[Span]:
+    """One span per segment (its content tokens), then one per distinct word of the prompt."""
+    spans = [_make_span(s.name, _content_indices(s), text) for s in text.segments]
+    spans = [span for span in spans if span.indices]
+    taken = {span.name for span in spans}
+    try:
+        segment = text.segment(prompt_segment)
+    except KeyError:
+        return spans
+    for word, _, _ in words(segment.text):
+        name = word.lower()
+        if name in taken:
+            continue
+        indices = _phrase_indices(segment, word)
+        if indices:
+            spans.append(_make_span(name, indices, text))
+            taken.add(name)
+    return spans
+
+
+def resolve_spans(
+    requests: Mapping[str, SpanRequest] | None,
+    text: TextTokens,
+    prompt_segment: str = "prompt",
+) -> list[Span]:
+    """The spans of a run: the defaults when `requests` is None, else segments plus requests.
+
+    A string names the word(s) of the prompt it matches (through the tokenizer's offsets); a
+    `(start, stop)` pair is a raw token range of the text sequence, padding included.
+    """
+    if requests is None:
+        return default_spans(text, prompt_segment)
+    if not isinstance(requests, Mapping):
+        raise TypeError(
+            f"spans must map names to a word or (start, stop), got {type(requests).__name__}"
+        )
+    spans = [
+        _make_span(s.name, _content_indices(s), text)
+        for s in text.segments
+        if s.name not in requests and _content_indices(s)
+    ]
+    for name, request in requests.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"span names must be non-empty strings, got {name!r}")
+        spans.append(_make_span(name, _resolve_one(name, request, text, prompt_segment), text))
+    return spans
+
+
+def _resolve_one(
+    name: str, request: SpanRequest, text: TextTokens, prompt_segment: str
+) -> list[int]:
+    if isinstance(request, str):
+        segment = text.segment(prompt_segment)
+        indices = _phrase_indices(segment, request) if request.strip() else []
+        if not indices:
+            known = sorted({w.lower() for w, _, _ in words(segment.text)})
+            raise ValueError(
+                f"span {name!r}: {request!r} matches no word of the prompt {segment.text!r}; "
+                f"words it has: {known}"
+            )
+        return indices
+    if (
+        isinstance(request, tuple | list)
+        and len(request) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in request)
+    ):
+        start, stop = request
+        if not 0 <= start < stop <= text.length:
+            raise ValueError(
+                f"span {name!r}: token range ({start}, {stop}) is out of range; the text "
+                f"sequence has {text.length} tokens, so 0 <= start < stop <= {text.length}"
+            )
+        return list(range(start, stop))
+    raise ValueError(
+        f"span {name!r}: {request!r} is neither a word of the prompt (str) nor a token range "
+        f"(start, stop)"
+    )
+
+
+def parse_span_argument(argument: str) -> tuple[str, SpanRequest]:
+    """Parse a CLI span `NAME=WORDS`, `NAME=START:STOP`, `WORD` or `START:STOP`."""
+    name, sep, value = argument.partition("=")
+    if not sep:
+        name, value = argument, argument
+    name, value = name.strip(), value.strip()
+    if not name or not value:
+        raise ValueError(
+            f"bad span {argument!r}: expected NAME=WORDS, NAME=START:STOP, WORD or START:STOP"
+        )
+    match = re.fullmatch(r"(\d+):(\d+)", value)
+    if match:
+        return name, (int(match.group(1)), int(match.group(2)))
+    return name, value

@@ -1,0 +1,445 @@
+"""Stream traced attention maps into a run group, one durable step at a time.
+
+The tracer hands over, per (step, layer), one map per direction (`[H, S, Y*X]` float32, on the
+model's device). `TraceWriter` gets them off the device without stalling it, assembles a whole
+step on the host, and a background thread writes that step as one shard per direction. Only after
+those writes returned does it list the step in the run's `steps_complete` attribute, so a step
+that is listed is intact whatever happens next (kill -9 included): zarr's LocalStore writes every
+object, shards and `zarr.json` alike, to a temporary file and renames it over the target.
+
+Memory and backpressure: at most `max_pending` steps are accepted and not yet durable. Each owns
+one host buffer per direction (`[L, H, S, Y, X]` float32, pinned when CUDA is available) taken
+from a pool of `max_pending`, reused from step to step. `put()` for a new step waits while all of
+them are taken; it never drops a map and never lets memory grow.
+
+Threading contract:
+- Call `put()` from one thread (the generation loop). The writer assumes that one producer; it
+  is what lets `put()` tell a wait that would never end from a slow disk.
+- While the writer is open (until `close()` or `abort()` returned) its thread rewrites the run
+  group's attributes (`steps_complete`). Zarr writes `zarr.json` whole from the `Group` object's
+  in-memory attributes, so do not write run attributes from another thread meanwhile. Afterwards,
+  write them through the same `run` object (it holds the up-to-date `steps_complete`) or reopen
+  the group; a stale `Group` object would write the old list back.
+- On CUDA, the device-to-host copy is queued on the tensor's device's *current stream*, so maps
+  must be produced on that stream (as the tracer does) and not modified in place afterwards.
+"""
+
+from __future__ import annotations
+
+import operator
+import queue
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zarr
+
+from analysis import store_format as sf
+
+__all__ = ["TraceWriter", "WriterError"]
+
+
+class WriterError(RuntimeError):
+    """The background writer failed or was aborted; the message says why and at which step."""
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One step being assembled: its host buffers and which layers have arrived."""
+
+    step_pos: int
+    host: dict[str, torch.Tensor]  # direction -> [L, H, S, Y, X] float32
+    put_layers: set[int] = field(default_factory=set)  # handed to put(); foreground's count
+    filled: int = 0  # copied into `host`; touched by the worker thread only
+
+
+@dataclass(eq=False)
+class _Item:
+    """One put(): where its maps go, and what the worker must wait for or copy."""
+
+    slot: _Slot
+    layer_pos: int
+    cpu: dict[str, torch.Tensor]  # maps the worker still has to copy into slot.host
+    events: list[Any]  # torch.cuda.Event per device copy the worker must wait for
+
+
+_STOP = object()  # queue sentinel: no more items
+
+
+class TraceWriter:
+    """Writes the attention maps of one run, step by step, from a background thread.
+
+    `run` is the run group opened writable, with its attention arrays already laid down (the
+    skeleton from `store_format.run_skeleton`, written with `compute=False`). `directions` are
+    the variables to fill, `n_layers` the recorded layers per step (the arrays' `layer` size),
+    and `max_pending` how many whole steps may be buffered or in flight before `put()` blocks.
+    """
+
+    def __init__(
+        self,
+        run: zarr.Group,
+        *,
+        directions: Sequence[str],
+        n_layers: int,
+        max_pending: int = 2,
+    ) -> None:
+        directions = tuple(directions)
+        unknown = sorted(set(directions) - set(sf.DIRECTIONS))
+        if not directions or unknown or len(set(directions)) != len(directions):
+            raise ValueError(
+                f"directions must be a non-empty list of distinct names from "
+                f"{list(sf.DIRECTIONS)}, got {list(directions)}"
+            )
+        n_layers = operator.index(n_layers)
+        max_pending = operator.index(max_pending)
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        if run.read_only:
+            raise ValueError(f"run group {run.path!r} is open read-only; open it with mode='r+'")
+
+        arrays: dict[str, zarr.Array] = {}
+        with warnings.catch_warnings():
+            # Opening an array whose encoding holds BitRound warns that numcodecs codecs are not
+            # in the Zarr v3 spec; the format chose them knowingly (store_format.codecs).
+            warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
+            for name in directions:
+                if name not in run.array_keys():
+                    raise ValueError(
+                        f"run group {run.path!r} has no {name!r} array (arrays: "
+                        f"{sorted(run.array_keys())}); write the run skeleton first"
+                    )
+                arrays[name] = run[name]
+        shapes = {name: tuple(array.shape) for name, array in arrays.items()}
+        first = shapes[directions[0]]
+        if any(len(s) != len(sf.DIMS) for s in shapes.values()) or len(set(shapes.values())) > 1:
+            raise ValueError(
+                f"attention arrays must share one {len(sf.DIMS)}-d shape {sf.DIMS}, got {shapes}"
+            )
+        n_steps, layers_in_store, n_head, n_span, ny, nx = first
+        if layers_in_store != n_layers:
+            raise ValueError(
+                f"n_layers={n_layers} but the run's arrays hold {layers_in_store} layers"
+            )
+
+        self._run = run
+        self._arrays = arrays
+        self._directions = directions
+        self._n_steps = n_steps
+        self._n_layers = n_layers
+        self._max_pending = max_pending
+        self._map_shape = (n_head, n_span, ny * nx)
+        self._step_shape = (n_layers, n_head, n_span, ny, nx)
+        # Steps are listed by their coordinate value (the format's contract), read once here.
+        self._step_values = [int(v) for v in run["step"][:]]
+        if len(self._step_values) != n_steps:
+            raise ValueError(
+                f"the run's step coordinate has {len(self._step_values)} values but its arrays "
+                f"{n_steps} steps"
+            )
+        # Pinned host memory is what lets a device->host copy run asynchronously.
+        self._pin = torch.cuda.is_available()
+
+        self._cond = threading.Condition()
+        # Everything below is guarded by self._cond.
+        self._slots: dict[int, _Slot] = {}  # accepted steps not yet durable
+        self._free: list[dict[str, torch.Tensor]] = []  # host buffers ready for reuse
+        self._buffers_allocated = 0
+        self._seen: set[tuple[int, int]] = set()
+        self._listed: list[int] = [int(v) for v in run.attrs.get(sf.STEPS_COMPLETE, [])]
+        self._durable: list[int] = []  # positions made durable by this writer, in order
+        self._error: WriterError | None = None
+        self._closed = False  # no more put()
+        self._aborted = False
+        self._finished = False  # close() or abort() has returned once
+
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._work, name=f"attnscope-writer-{run.path}", daemon=True
+        )
+        self._thread.start()
+
+    # ----------------------------------------------------------------------------- foreground
+
+    @property
+    def steps_complete(self) -> list[int]:
+        """Step positions this writer has made durable so far, in the order they completed."""
+        with self._cond:
+            return list(self._durable)
+
+    def put(self, step_pos: int, layer_pos: int, maps: Mapping[str, torch.Tensor]) -> None:
+        """Hand over the maps of one (step, layer): `{direction: [H, S, Y*X] float32 tensor}`.
+
+        Returns once the maps are safe to forget: CUDA tensors have a device->host copy queued
+        on their current stream (never waited for here), CPU tensors are kept as they are (the
+        caller must not modify them afterwards). Blocks while `max_pending` steps are pending and
+        this is a new step. Raises ValueError on bad input and WriterError once the background
+        writer has failed or the writer was aborted.
+        """
+        self._raise_if_failed()
+        if self._closed:
+            raise RuntimeError("put() after close() or abort(): this TraceWriter is finished")
+        step_pos, layer_pos = self._check_position(step_pos, layer_pos)
+        tensors = self._check_maps(step_pos, layer_pos, maps)
+
+        with self._cond:
+            if (step_pos, layer_pos) in self._seen:
+                raise ValueError(
+                    f"maps of step position {step_pos}, layer position {layer_pos} were already "
+                    f"put; each (step, layer) is written once"
+                )
+            if self._step_values[step_pos] in self._listed:
+                raise ValueError(
+                    f"step {self._step_values[step_pos]} (position {step_pos}) is already listed "
+                    f"in the run's {sf.STEPS_COMPLETE}; it is not rewritten"
+                )
+            slot = self._slots.get(step_pos)
+            if slot is None:
+                slot = self._open_slot(step_pos)
+            self._seen.add((step_pos, layer_pos))
+            slot.put_layers.add(layer_pos)
+
+        cpu: dict[str, torch.Tensor] = {}
+        events: list[Any] = []
+        for name, tensor in tensors.items():
+            if tensor.is_cuda:
+                # Straight into the step's pinned buffer; the event tells the worker when the
+                # bytes are there, so this thread never waits for the GPU.
+                row = slot.host[name][layer_pos].view(self._map_shape)
+                row.copy_(tensor, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(tensor.device))
+                events.append(event)
+            elif tensor.device.type == "cpu":
+                cpu[name] = tensor
+            else:
+                # Other accelerators: no event API relied on here; a plain (blocking) copy.
+                cpu[name] = tensor.to("cpu")
+        self._queue.put(_Item(slot, layer_pos, cpu, events))
+
+    def close(self) -> None:
+        """Write everything pending, stop the worker, and raise WriterError if anything failed.
+
+        A step that never received all its layers is not written (it stays NaN and unlisted) and
+        makes close() raise, naming it. Calling close() again does nothing but raise the same
+        error, if there was one.
+        """
+        if not self._finished:
+            self._closed = True
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._finished = True
+            with self._cond:
+                incomplete = sorted(self._slots.values(), key=lambda s: s.step_pos)
+                if self._error is None and incomplete:
+                    missing = "; ".join(
+                        f"step {self._step_values[s.step_pos]} (position {s.step_pos}) lacks "
+                        f"layer positions "
+                        f"{sorted(set(range(self._n_layers)) - s.put_layers)}"
+                        for s in incomplete
+                    )
+                    self._error = WriterError(
+                        f"close() with steps that never received all {self._n_layers} layers; "
+                        f"they were not written: {missing}"
+                    )
+                self._slots.clear()
+        self._raise_if_failed(aborted_ok=True)
+
+    def abort(self, timeout: float = 10.0) -> None:
+        """Stop without writing further steps (generation failed); never hangs.
+
+        A step whose write is already under way finishes (and is listed if it succeeds); nothing
+        queued after it is written. Waits at most `timeout` seconds for the worker thread, which
+        is a daemon and is left to finish its current write on its own past that. A put()
+        blocked in another thread raises WriterError. Does not raise.
+        """
+        if self._finished:
+            return
+        with self._cond:
+            self._closed = True
+            self._aborted = True
+            self._cond.notify_all()
+        # Drop queued maps now (frees their memory) so the worker reaches the sentinel at once.
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        self._finished = True
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # ----------------------------------------------------------------------------- validation
+
+    def _check_position(self, step_pos: int, layer_pos: int) -> tuple[int, int]:
+        step_pos = operator.index(step_pos)
+        layer_pos = operator.index(layer_pos)
+        if not 0 <= step_pos < self._n_steps:
+            raise ValueError(f"step position {step_pos} out of range 0..{self._n_steps - 1}")
+        if not 0 <= layer_pos < self._n_layers:
+            raise ValueError(f"layer position {layer_pos} out of range 0..{self._n_layers - 1}")
+        return step_pos, layer_pos
+
+    def _check_maps(
+        self, step_pos: int, layer_pos: int, maps: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        where = f"step position {step_pos}, layer position {layer_pos}"
+        unknown = sorted(set(maps) - set(self._directions))
+        missing = [d for d in self._directions if d not in maps]
+        if unknown or missing:
+            raise ValueError(
+                f"maps at {where}: this writer records directions {list(self._directions)}; "
+                f"unknown: {unknown}, missing: {missing}"
+            )
+        out: dict[str, torch.Tensor] = {}
+        for name in self._directions:
+            tensor = maps[name]
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(
+                    f"{name!r} map at {where} must be a torch.Tensor, got {type(tensor).__name__}"
+                )
+            if tuple(tensor.shape) != self._map_shape:
+                h, s, yx = self._map_shape
+                raise ValueError(
+                    f"{name!r} map at {where}: expected shape [head, span, y*x] = "
+                    f"{list(self._map_shape)} (H={h}, S={s}, Y*X={yx}), found {list(tensor.shape)}"
+                )
+            if tensor.dtype != torch.float32:
+                raise ValueError(
+                    f"{name!r} map at {where}: expected dtype torch.float32, found {tensor.dtype}"
+                )
+            out[name] = tensor.detach()
+        return out
+
+    # ------------------------------------------------------------------------ slots and errors
+
+    def _open_slot(self, step_pos: int) -> _Slot:
+        """A slot for a new step, waiting (backpressure) until one is free. Holds self._cond."""
+        while len(self._slots) >= self._max_pending:
+            self._raise_if_failed_locked()
+            if all(len(s.put_layers) < self._n_layers for s in self._slots.values()):
+                # Nothing pending can ever complete without more put()s from this, the only
+                # producer thread: waiting would hang forever.
+                pending = sorted(self._step_values[p] for p in self._slots)
+                raise RuntimeError(
+                    f"put() for step {self._step_values[step_pos]} would wait forever: "
+                    f"max_pending={self._max_pending} steps {pending} are pending and none has "
+                    f"all {self._n_layers} layers; finish a step before starting another"
+                )
+            self._cond.wait()
+        self._raise_if_failed_locked()
+        if self._free:
+            host = self._free.pop()
+        else:
+            host = {
+                name: torch.empty(self._step_shape, dtype=torch.float32, pin_memory=self._pin)
+                for name in self._directions
+            }
+            self._buffers_allocated += 1
+        slot = _Slot(step_pos, host)
+        self._slots[step_pos] = slot
+        return slot
+
+    def _raise_if_failed(self, aborted_ok: bool = False) -> None:
+        with self._cond:
+            self._raise_if_failed_locked(aborted_ok)
+
+    def _raise_if_failed_locked(self, aborted_ok: bool = False) -> None:
+        if self._error is not None:
+            # A fresh exception per raise, chained to the worker's, so each traceback is honest.
+            raise WriterError(str(self._error)) from (self._error.__cause__ or self._error)
+        if self._aborted and not aborted_ok:
+            raise WriterError("the TraceWriter was aborted; no further maps are written")
+
+    def _fail(self, message: str, cause: BaseException) -> None:
+        error = WriterError(message)
+        error.__cause__ = cause
+        with self._cond:
+            if self._error is None:
+                self._error = error
+            self._cond.notify_all()
+
+    # --------------------------------------------------------------------------------- worker
+
+    def _work(self) -> None:
+        step_pos: int | None = None
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP or self._aborted:
+                    return
+                step_pos = item.slot.step_pos
+                self._absorb(item)
+                step_pos = None
+        except _Stop:
+            return  # the failure is recorded already, with its step and cause
+        except BaseException as exc:
+            where = (
+                f"step {self._step_values[step_pos]} (position {step_pos})"
+                if step_pos is not None
+                else "no particular step"
+            )
+            self._fail(
+                f"the background writer failed at {where}: {type(exc).__name__}: {exc}", exc
+            )
+
+    def _absorb(self, item: _Item) -> None:
+        """Bring one (step, layer) into its step's host buffer; write the step when whole."""
+        slot = item.slot
+        for event in item.events:
+            event.synchronize()  # waits on this thread only, not on the producer's stream
+        for name, tensor in item.cpu.items():
+            slot.host[name][item.layer_pos].view(self._map_shape).copy_(tensor)
+        slot.filled += 1
+        if slot.filled == self._n_layers:
+            self._write_step(slot)
+
+    def _write_step(self, slot: _Slot) -> None:
+        step_pos = slot.step_pos
+        value = self._step_values[step_pos]
+        for name in self._directions:
+            try:
+                # The buffer is exactly one shard: zarr encodes it whole and stores one object.
+                self._arrays[name][step_pos] = slot.host[name].numpy()
+            except Exception as exc:
+                self._fail(
+                    f"writing step {value} (position {step_pos}) of {name!r} failed: "
+                    f"{type(exc).__name__}: {exc}",
+                    exc,
+                )
+                raise _Stop from exc
+        with self._cond:
+            listed = [*self._listed, value]
+        try:
+            # Only after the data writes returned: a listed step is intact.
+            self._run.update_attributes({sf.STEPS_COMPLETE: listed})
+        except Exception as exc:
+            self._fail(
+                f"listing step {value} (position {step_pos}) in {sf.STEPS_COMPLETE} failed: "
+                f"{type(exc).__name__}: {exc}",
+                exc,
+            )
+            raise _Stop from exc
+        with self._cond:
+            self._listed = listed
+            self._durable.append(step_pos)
+            del self._slots[step_pos]
+            self._free.append(slot.host)
+            self._cond.notify_all()
+
+
+class _Stop(Exception):
+    """Raised inside the worker after it recorded its own failure, to end the thread."""
