@@ -392,9 +392,7 @@ class TraceWriter:
                 if step_pos is not None
                 else "no particular step"
             )
-            self._fail(
-                f"the background writer failed at {where}: {type(exc).__name__}: {exc}", exc
-            )
+            self._fail(f"the background writer failed at {where}: {type(exc).__name__}: {exc}", exc)
 
     def _absorb(self, item: _Item) -> None:
         """Bring one (step, layer) into its step's host buffer; write the step when whole."""
