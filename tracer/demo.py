@@ -1,6 +1,6 @@
 """A small random-weight FLUX pipeline, built offline from the real diffusers/transformers classes.
 
-Nothing here is downloaded: the tokenizers are trained in-process on a built-in English corpus and
+Nothing here is downloaded: the tokenizers are learnt in-process from a built-in English corpus and
 every model is constructed from a tiny config with weights drawn from a seeded RNG. The result is a
 genuine ``diffusers.FluxPipeline`` (same classes, same call path, same attention processors as
 FLUX.1), only small enough that a full generation takes a fraction of a second on a laptop CPU.
@@ -19,6 +19,7 @@ sizes.grid(96, 160)        # (6, 10) latent tokens, row-major after the text tok
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 from collections import Counter
@@ -100,21 +101,21 @@ The red chair is next to the table and the lamp.
 Photo of the moon over a quiet village, by the lake.
 """
 
-# Special tokens, in the id order the real models use relative to each other: T5 puts <pad>, </s>,
-# <unk> at ids 0, 1, 2 (the pipeline pads T5 input with id 0); CLIP's start/end markers are its
-# last two ids in the real vocabulary but only their identity matters to CLIPTextModel.
+# Special tokens where the real vocabularies have them: T5's <pad>, </s>, <unk> are ids 0, 1, 2
+# (FluxPipeline pads T5 input with id 0); CLIP's start/end markers are its last two ids.
 _T5_SPECIALS = ("<pad>", "</s>", "<unk>")
 _CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 _CLIP_MAX_LENGTH = 77  # FluxPipeline reads it from the CLIP tokenizer's model_max_length
 
 # The T5 side knows these characters even where the corpus lacks them, so ordinary prompts never
-# hit <unk>; anything else (accents, emoji) still tokenizes, as <unk>, like real T5 does.
+# hit <unk>; anything else (other scripts, emoji) still tokenizes, as <unk>, like real T5 does.
 _T5_ALPHABET = [
     *"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789",
     *".,;:!?'\"()[]{}-_/&%$#@*+=<>|~`^",
+    *"àáâäãåçèéêëìíîïñòóôöõùúûüýÿæœßÀÁÂÄÇÈÉÊËÎÏÑÒÓÔÖÙÚÛÜ",
 ]
 
-_CLIP_VOCAB_SIZE = 800
+_CLIP_VOCAB_SIZE = 800  # a cap; BPE stops earlier, once no pair occurs twice in the corpus
 
 # Tiny text encoders. Their widths feed the transformer's joint_attention_dim (T5) and
 # pooled_projection_dim (CLIP pooler output), as 4096 and 768 do in FLUX.1.
@@ -127,10 +128,11 @@ _PACK = 2
 _LATENT_CHANNELS = 16
 
 
-# The tokenizers library's own trainers (UnigramTrainer, BpeTrainer) break ties through Rust hash
-# maps seeded per process, so their vocabularies and ids change from run to run. Recorded traces
-# name token ids and strings, so the demo "trains" with the two small deterministic counters
-# below instead and hands the result to the real tokenizers models.
+# The tokenizers library's own trainers (UnigramTrainer, BpeTrainer) give a different vocabulary
+# order, hence different token ids (and for BPE a different merge order), in each process: they
+# break ties through randomly seeded hash maps. Recorded traces name token ids and strings, so the
+# demo learns its vocabularies with the two small deterministic counters below instead and hands
+# them to the real tokenizers models (Unigram, BPE) through T5Tokenizer and CLIPTokenizer.
 
 
 def _t5_segments(word: str) -> list[str]:
@@ -195,7 +197,7 @@ def _clip_vocab() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], .
     while len(symbols) + 2 < _CLIP_VOCAB_SIZE:
         pairs: Counter[tuple[str, str]] = Counter()
         for word, freq in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in itertools.pairwise(word):
                 pairs[pair] += freq
         if not pairs:
             break
@@ -224,7 +226,7 @@ def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
 
 
 def demo_t5_tokenizer(max_sequence_length: int = 32) -> T5Tokenizer:
-    """A T5 (fast, Unigram) tokenizer trained on DEMO_CORPUS: <pad>=0, </s>=1, <unk>=2.
+    """A T5 (fast, Unigram) tokenizer learnt from DEMO_CORPUS: <pad>=0, </s>=1, <unk>=2.
 
     ``model_max_length`` is set to ``max_sequence_length``, the demo's T5 text length.
     """
@@ -233,7 +235,7 @@ def demo_t5_tokenizer(max_sequence_length: int = 32) -> T5Tokenizer:
 
 
 def demo_clip_tokenizer() -> CLIPTokenizer:
-    """A CLIP (fast, byte-level BPE) tokenizer trained on DEMO_CORPUS; pads with <|endoftext|>."""
+    """A CLIP (fast, byte-level BPE) tokenizer learnt from DEMO_CORPUS; pads with <|endoftext|>."""
     vocab, merges = _clip_vocab()
     return CLIPTokenizer(
         vocab=dict(vocab),
