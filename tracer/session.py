@@ -288,7 +288,9 @@ class Recorder:
         run.step = step
         is_cond = run.calls_this_step == 0
         run.recording = run.step_positions.get(step) if is_cond else None
-        if (call.text_len, call.grid) != (run.text_len, run.grid):
+        # Only the recorded (conditional) branch must keep the layout: an unconditional one may
+        # lay its text out differently (DiffSynth EliGen puts entity prompts in the cond branch).
+        if is_cond and (call.text_len, call.grid) != (run.text_len, run.grid):
             raise RuntimeError(
                 f"token layout changed during generation: {run.text_len} text tokens on a "
                 f"{run.grid} grid, then {call.text_len} on {call.grid}"

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from tracer.adapters.base import Adapter, UnsupportedModelError
+from tracer.adapters.diffsynth_flux import DiffSynthFlux
 from tracer.adapters.diffusers_flux import DiffusersFlux
 
-ADAPTERS: list[type[Adapter]] = [DiffusersFlux]
+ADAPTERS: list[type[Adapter]] = [DiffusersFlux, DiffSynthFlux]
 
 
 def adapter_for(pipe: Any) -> Adapter:
