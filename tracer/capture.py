@@ -6,6 +6,7 @@ Pure torch, no I/O. See DESIGN.md, "Capture math", and docs/store-format.md for 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -49,31 +50,41 @@ def attention_maps(
     """
     wanted = _check_directions(directions)
     heads, n_tokens, _ = _check_qk(q, k)
-    if isinstance(text_len, bool) or not isinstance(text_len, int):
-        raise ValueError(f"text_len must be an int, got {type(text_len).__name__}")
+    text_len = _as_int("text_len", text_len)
+    chunk_size = _as_int("chunk_size", chunk_size)
     if not 0 < text_len < n_tokens:
         raise ValueError(
             f"text_len must be in [1, {n_tokens - 1}] for N = {n_tokens} tokens (at least one "
             f"text and one image token), got {text_len}"
         )
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
     _check_span_members(span_members, text_len)
     mask3 = _as_3d_mask(mask, heads, n_tokens)
 
-    # float32 copies once per call: the model's own q, k stay untouched; every chunk reads them.
-    q32 = q.to(torch.float32)
-    k32 = k.to(torch.float32)
-
     maps: dict[str, torch.Tensor] = {}
-    for direction in wanted:
-        compute = _txt2img if direction == "txt2img" else _img2txt
-        maps[direction] = compute(q32, k32, mask3, scale, text_len, span_members, chunk_size)
+    # Observation only: no autograd graph (it would keep every chunk's block alive).
+    with torch.no_grad():
+        # float32 copies once per call: the model's q, k stay untouched; every chunk reads them.
+        q32 = q.to(torch.float32)
+        k32 = k.to(torch.float32)
+        for direction in wanted:
+            compute = _txt2img if direction == "txt2img" else _img2txt
+            maps[direction] = compute(q32, k32, mask3, scale, text_len, span_members, chunk_size)
     return maps
 
 
 # --------------------------------------------------------------------------------------------
 # Validation
+
+
+def _as_int(name: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got a bool")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {type(value).__name__}") from None
 
 
 def _check_directions(directions: Sequence[str]) -> tuple[str, ...]:
@@ -139,17 +150,17 @@ def _as_3d_mask(mask: torch.Tensor | None, heads: int, n_tokens: int) -> torch.T
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise ValueError(f"mask must be bool or floating point, got {mask.dtype}")
     expected = (heads, n_tokens, n_tokens)
+    leading, trailing = mask.shape[:-3], mask.shape[-3:]
     try:
-        broadcast = torch.broadcast_shapes(mask.shape, expected)
+        broadcast = torch.broadcast_shapes(trailing, expected)
     except RuntimeError:
         broadcast = None
-    if broadcast != torch.Size(expected):
+    if any(size != 1 for size in leading) or broadcast != torch.Size(expected):
         raise ValueError(
             f"mask of shape {tuple(mask.shape)} does not broadcast to [H, N, N] = {list(expected)}"
         )
-    if mask.dim() > 3:
-        # Broadcasting to a 3-D shape guarantees the leading dims are all 1.
-        mask = mask.reshape(mask.shape[-3:])
+    if leading:
+        mask = mask.reshape(trailing)
     while mask.dim() < 3:
         mask = mask.unsqueeze(0)
     return mask
@@ -199,28 +210,36 @@ def _txt2img(
     k_t = k32.transpose(1, 2)
     for start in range(0, n_rows, chunk_size):
         chunk = rows[start : start + chunk_size]
-        probs = _probs(q32.index_select(1, chunk), k_t, _mask_rows(mask3, chunk), scale)
-        w = weights[:, start : start + chunk_size].expand(heads, -1, -1)
-        out.baddbmm_(w, probs[:, :, text_len:])
+        exps, inv_sums = _unnormalised_probs(
+            q32.index_select(1, chunk), k_t, _mask_rows(mask3, chunk), scale
+        )
+        # Folding each row's 1/sum into the [H, S, rows] span weights saves a pass over the block.
+        w = weights[:, start : start + chunk_size] * inv_sums.unsqueeze(1)
+        out.baddbmm_(w, exps[:, :, text_len:])
     return out
 
 
-def _probs(
+def _unnormalised_probs(
     q_rows: torch.Tensor, k_t: torch.Tensor, mask_rows: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """Softmax rows ``[H, rows, N]`` in float32; a fully masked row is all zeros."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``E [H, rows, N]`` and ``r [H, rows]`` with softmax = E * r; a fully masked row has r = 0.
+
+    Built in place in one ``[H, rows, N]`` float32 buffer, the only large allocation.
+    """
     if mask_rows is not None and mask_rows.dtype != torch.bool:
-        # Fused q·kᵀ·scale + mask, one pass over the [H, rows, N] block.
+        # Fused q·kᵀ·scale + mask in one pass over the block.
         logits = torch.baddbmm(mask_rows.to(torch.float32), q_rows, k_t, beta=1.0, alpha=scale)
     else:
         logits = torch.matmul(q_rows * scale, k_t)
         if mask_rows is not None:
             logits.masked_fill_(~mask_rows, _NEG_INF)
-    probs = torch.softmax(logits, dim=-1)
-    if mask_rows is not None:
-        # softmax of an all -inf row is NaN; the contract says zeros.
-        probs.masked_fill_(_dead_rows(mask_rows).unsqueeze(-1), 0.0)
-    return probs
+    row_max = logits.amax(dim=-1, keepdim=True)
+    # A fully masked row has max -inf: shifting by 0 instead keeps exp at 0 (not NaN), sum 0.
+    row_max.masked_fill_(row_max == _NEG_INF, 0.0)
+    exps = logits.sub_(row_max).exp_()
+    sums = exps.sum(dim=-1)
+    inv_sums = torch.where(sums > 0, sums.reciprocal(), 0.0)
+    return exps, inv_sums
 
 
 def _img2txt(
@@ -239,29 +258,33 @@ def _img2txt(
 
     # sum_{j in s} P[i, j] = (P @ V)[i, s] with V[j, s] = 1 if text key j is in span s: a fused
     # attention kernel computes it exactly, normalised over all keys, without the N x N map.
-    # The fused CPU/CUDA kernels want V as wide as q and k: pad V with zero columns, or, when
-    # there are more spans than head dims, pad q and k with zero dims (q·k is unchanged).
-    width = max(dim, n_spans)
+    # The fused kernels want 4-D inputs and V as wide as q and k (else torch falls back to the
+    # unfused one): pad V with zero columns or, when there are more spans than head dims, pad q
+    # and k with zero dims (q·k is unchanged), to a multiple of 8 for the CUDA kernels' alignment.
+    width = dim if n_spans <= dim else -(-n_spans // 8) * 8
     values = torch.zeros(n_tokens, width, dtype=torch.float32, device=span_members.device)
     values[:text_len, :n_spans] = span_members.t()
-    values = values.to(device, non_blocking=True).expand(heads, -1, -1)
+    values = values.to(device, non_blocking=True).expand(1, heads, -1, -1)
     if width > dim:
         q32 = F.pad(q32[:, text_len:], (0, width - dim))
         k32 = F.pad(k32, (0, width - dim))
         first = 0
     else:
         first = text_len
+    q4, k4 = q32.unsqueeze(0), k32.unsqueeze(0)
 
     out = torch.empty(heads, n_spans, n_image, dtype=torch.float32, device=device)
     for start in range(0, n_image, chunk_size):
         stop = min(start + chunk_size, n_image)
         mask_rows = _mask_rows(mask3, slice(text_len + start, text_len + stop))
-        attn_mask = mask_rows
-        if mask_rows is not None and mask_rows.dtype != torch.bool:
-            attn_mask = mask_rows.to(torch.float32)
+        attn_mask = None
+        if mask_rows is not None:
+            attn_mask = mask_rows.unsqueeze(0)
+            if attn_mask.dtype != torch.bool:
+                attn_mask = attn_mask.to(torch.float32)
         sums = F.scaled_dot_product_attention(
-            q32[:, first + start : first + stop], k32, values, attn_mask=attn_mask, scale=scale
-        )[:, :, :n_spans]
+            q4[:, :, first + start : first + stop], k4, values, attn_mask=attn_mask, scale=scale
+        )[0, :, :, :n_spans]
         if mask_rows is not None:
             # Kernels disagree on fully masked rows (NaN or 0); the contract says zeros.
             sums = sums.masked_fill(_dead_rows(mask_rows).unsqueeze(-1), 0.0)

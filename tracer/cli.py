@@ -72,7 +72,26 @@ def add_record_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     parser.add_argument("--revision", default=None, help="model revision (hub)")
-    parser.add_argument("--backend", choices=["auto", "diffusers"], default="auto")
+    parser.add_argument(
+        "--backend",
+        choices=["diffusers", "diffsynth"],
+        default="diffusers",
+        help="library that runs the model (diffsynth: DiffSynth-Studio FluxImagePipeline)",
+    )
+    parser.add_argument(
+        "--entity",
+        action="append",
+        default=None,
+        metavar="[NAME=]PROMPT",
+        help="an EliGen entity prompt (diffsynth, repeatable); its span is NAME or entityK",
+    )
+    parser.add_argument(
+        "--entity-mask",
+        action="append",
+        default=None,
+        metavar="PNG|LEFT,TOP,RIGHT,BOTTOM",
+        help="the entity's mask: an image (white inside) or a pixel box; one per --entity",
+    )
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--append", action="store_true", help="add a run to an existing store")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -81,6 +100,8 @@ def add_record_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype) -> Any:
+    if args.backend == "diffsynth":
+        return _load_diffsynth(args, device, dtype)
     if args.demo:
         from tracer.demo import demo_pipeline
 
@@ -92,6 +113,62 @@ def _load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype) ->
         args.model, torch_dtype=dtype, revision=args.revision, local_files_only=local
     )
     return pipe.to(device)
+
+
+def _load_diffsynth(args: argparse.Namespace, device: str, dtype: torch.dtype) -> Any:
+    if args.demo:
+        from tracer.demo_diffsynth import demo_diffsynth_pipeline
+
+        return demo_diffsynth_pipeline(seed=args.seed, device=device)
+    from diffsynth.pipelines.flux_image import FluxImagePipeline, ModelConfig
+
+    # FLUX.1's files as DiffSynth-Studio's own FLUX examples name them.
+    patterns = [
+        "flux1-dev.safetensors",
+        "text_encoder/model.safetensors",
+        "text_encoder_2/",
+        "ae.safetensors",
+    ]
+    configs = [ModelConfig(model_id=args.model, origin_file_pattern=p) for p in patterns]
+    return FluxImagePipeline.from_pretrained(
+        torch_dtype=dtype, device=device, model_configs=configs
+    )
+
+
+def _entities(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, Any]]:
+    """Entity names and the EliGen call arguments from --entity / --entity-mask."""
+    prompts, masks = args.entity or [], args.entity_mask or []
+    if not prompts and not masks:
+        return None, {}
+    if args.backend != "diffsynth":
+        raise SystemExit("attnscope record: --entity needs --backend diffsynth (EliGen)")
+    if len(prompts) != len(masks):
+        raise SystemExit(
+            f"attnscope record: {len(prompts)} --entity but {len(masks)} --entity-mask; "
+            f"give one mask per entity"
+        )
+    from PIL import Image
+
+    from tracer.demo_diffsynth import box_mask
+
+    names, texts, images = [], [], []
+    for k, (entity, mask) in enumerate(zip(prompts, masks, strict=True)):
+        name, sep, text = entity.partition("=")
+        names.append(name.strip() if sep else f"entity{k}")
+        texts.append(text.strip() if sep else entity)
+        if Path(mask).exists():
+            images.append(Image.open(mask).convert("RGB"))
+            continue
+        try:
+            left, top, right, bottom = (int(v) for v in mask.split(","))
+        except ValueError:
+            raise SystemExit(
+                f"attnscope record: --entity-mask {mask!r} is neither an image file nor a box "
+                f"LEFT,TOP,RIGHT,BOTTOM in pixels"
+            ) from None
+        images.append(box_mask(args.height, args.width, (left, top, right, bottom)))
+    call = {"eligen_entity_prompts": texts, "eligen_entity_masks": images}
+    return names, call
 
 
 def _check_out(args: argparse.Namespace) -> None:
@@ -107,6 +184,41 @@ def _check_out(args: argparse.Namespace) -> None:
     )
 
 
+def _call_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline call of a `record` command, in the backend's own argument names."""
+    if args.demo:
+        defaults = {"num_inference_steps": 4, "height": 128, "width": 128}
+        for key, value in defaults.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        if args.max_sequence_length is None:
+            args.max_sequence_length = 32
+    generator_seed = torch.Generator(device="cpu").manual_seed(args.seed)
+    call: dict[str, Any] = {
+        "prompt": args.prompt or "a photo of a cat sitting on a red chair",
+        "num_inference_steps": args.num_inference_steps,
+        "height": args.height,
+        "width": args.width,
+    }
+    if args.backend == "diffsynth":
+        call |= {
+            "negative_prompt": args.negative_prompt or "",
+            "cfg_scale": args.true_cfg_scale,
+            "embedded_guidance": args.guidance_scale,
+            "seed": args.seed,
+            "t5_sequence_length": args.max_sequence_length,
+        }
+    else:
+        call |= {
+            "negative_prompt": args.negative_prompt,
+            "true_cfg_scale": args.true_cfg_scale,
+            "guidance_scale": args.guidance_scale,
+            "generator": generator_seed,
+            "max_sequence_length": args.max_sequence_length,
+        }
+    return {key: value for key, value in call.items() if value is not None}
+
+
 def run_record(args: argparse.Namespace) -> int:
     """Load the pipeline, generate once under `tracer.trace`, report the run written."""
     from tracer import trace
@@ -117,36 +229,28 @@ def run_record(args: argparse.Namespace) -> int:
             spans = dict(parse_span_argument(item) for item in args.span)
         except ValueError as error:
             raise SystemExit(f"attnscope record: {error}") from None
+    call = _call_arguments(args)
+    entity_names, eligen = _entities(args)
     _check_out(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     default_dtype = "bfloat16" if device.startswith("cuda") else "float32"
     dtype = DTYPES[args.dtype or default_dtype]
     pipe = _load_pipeline(args, device, dtype)
-    call: dict[str, Any] = {
-        "prompt": args.prompt or "a photo of a cat sitting on a red chair",
-        "negative_prompt": args.negative_prompt,
-        "true_cfg_scale": args.true_cfg_scale,
-        "guidance_scale": args.guidance_scale,
-        "generator": torch.Generator(device="cpu").manual_seed(args.seed),
-    }
-    defaults = {"num_inference_steps": 4, "height": 128, "width": 128, "max_sequence_length": 32}
-    for key in ("num_inference_steps", "height", "width", "max_sequence_length"):
-        value = getattr(args, key)
-        if value is None and args.demo:
-            value = defaults[key]
-        if value is not None:
-            call[key] = value
-    with trace(
-        pipe,
-        args.out,
-        spans=spans,
-        layers=args.layers,
-        heads=args.heads,
-        steps=args.steps,
-        directions=args.directions,
-        chunk_size=args.chunk_size,
-        keepbits=None if args.lossless else args.keepbits,
-    ) as recorder:
-        pipe(**call)
+    try:
+        with trace(
+            pipe,
+            args.out,
+            spans=spans,
+            layers=args.layers,
+            heads=args.heads,
+            steps=args.steps,
+            directions=args.directions,
+            chunk_size=args.chunk_size,
+            keepbits=None if args.lossless else args.keepbits,
+            entity_names=entity_names,
+        ) as recorder:
+            pipe(**call, **eligen)
+    except (ValueError, fmt.FormatError) as error:
+        raise SystemExit(f"attnscope record: {error}") from None
     print(f"recorded {recorder.last_run} into {args.out}", file=sys.stderr)
     return 0

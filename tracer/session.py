@@ -97,11 +97,18 @@ class _Run:
 class Recorder:
     """Records every generation of one pipeline into the store at `path`, one run each."""
 
-    def __init__(self, pipe: Any, path: str, options: Options, adapter: Adapter | None = None):
+    def __init__(
+        self,
+        pipe: Any,
+        path: str,
+        options: Options,
+        adapter: Adapter | None = None,
+        entity_names: Sequence[str] | None = None,
+    ):
         self.pipe = pipe
         self.path = str(path)
         self.options = options
-        self.adapter = adapter or adapter_for(pipe)
+        self.adapter = adapter or adapter_for(pipe, entity_names)
         self.runs: list[str] = []
         all_layers = self.adapter.layers()
         self.layers = select_layers(all_layers, options.layers)
@@ -347,6 +354,7 @@ def trace(
     keepbits: int | None = fmt.DEFAULT_KEEPBITS,
     max_pending_steps: int = 2,
     progress: bool = True,
+    entity_names: Sequence[str] | None = None,
     adapter: Adapter | None = None,
 ) -> Iterator[Recorder]:
     """Trace every generation of `pipe` inside the block into the store at `path`.
@@ -355,7 +363,9 @@ def trace(
     needed. `spans` maps names to a word of the prompt or a `(start, stop)` token range (default:
     the prompt and each of its words); `layers` takes names, globs or a kind (`double`,
     `single`); `heads` and `steps` take indices; `directions` any of `txt2img`, `img2txt`.
-    `keepbits=None` stores losslessly. The pipeline is restored on exit, even after an error.
+    `keepbits=None` stores losslessly. `entity_names` names the spans of EliGen entity prompts
+    (DiffSynth; default `entity0`, `entity1`, ...). The pipeline is restored on exit, even after
+    an error.
     """
     options = Options(
         spans=spans,
@@ -368,7 +378,7 @@ def trace(
         max_pending_steps=max_pending_steps,
         progress=progress,
     )
-    recorder = Recorder(pipe, path, options, adapter)
+    recorder = Recorder(pipe, path, options, adapter, entity_names)
     recorder.attach()
     try:
         yield recorder

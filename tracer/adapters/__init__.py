@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from tracer.adapters.base import Adapter, UnsupportedModelError
@@ -11,11 +12,21 @@ from tracer.adapters.diffusers_flux import DiffusersFlux
 ADAPTERS: list[type[Adapter]] = [DiffusersFlux, DiffSynthFlux]
 
 
-def adapter_for(pipe: Any) -> Adapter:
-    """The adapter for `pipe`, or UnsupportedModelError naming the supported families."""
+def adapter_for(pipe: Any, entity_names: Sequence[str] | None = None) -> Adapter:
+    """The adapter for `pipe`, or UnsupportedModelError naming the supported families.
+
+    `entity_names` names EliGen entity spans, for the families that have entities.
+    """
     for adapter in ADAPTERS:
         if adapter.matches(pipe):
-            return adapter(pipe)
+            if entity_names is None:
+                return adapter(pipe)
+            if adapter is not DiffSynthFlux:
+                raise ValueError(
+                    f"entity_names {list(entity_names)} given, but a {adapter.backend} pipeline "
+                    f"has no EliGen entities; only diffsynth FluxImagePipeline runs have them"
+                )
+            return adapter(pipe, entity_names=entity_names)
     supported = ", ".join(f"{a.backend} ({a.__doc__.splitlines()[0]})" for a in ADAPTERS)
     raise UnsupportedModelError(
         f"attnscope can't trace a {type(pipe).__module__}.{type(pipe).__name__}; "
