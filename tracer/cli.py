@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from analysis import store_format as fmt
+from analysis.cli import CommandError
 from tracer.spans import parse_span_argument
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,7 +47,15 @@ def add_record_parser(subparsers: Any) -> argparse.ArgumentParser:
     source.add_argument("--model", help="local path or hub id of a FLUX pipeline")
     source.add_argument("--demo", action="store_true", help="a small random-weight FLUX (CPU)")
     parser.add_argument("--out", required=True, help="trace store to write (a .zarr path)")
-    parser.add_argument("--prompt", default=None, help="the prompt (demo default: a cat)")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", default=None, help="the prompt (demo default: a cat)")
+    prompts.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="a prompt sweep: one prompt per line, one run each (times --seeds); rerunning "
+        "the same command resumes it, skipping runs already complete",
+    )
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--true-cfg-scale", type=float, default=1.0)
     parser.add_argument("--guidance-scale", type=float, default=3.5)
@@ -54,6 +63,9 @@ def add_record_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=parse_indices, default=None, help="seeds of a sweep, e.g. 0,1,2 or 0:4"
+    )
     parser.add_argument("--max-sequence-length", type=int, default=None)
     parser.add_argument(
         "--span",
@@ -95,7 +107,7 @@ def add_record_parser(subparsers: Any) -> argparse.ArgumentParser:
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--append", action="store_true", help="add a run to an existing store")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    parser.set_defaults(run=run_record)
+    parser.set_defaults(func=run_record)
     return parser
 
 
@@ -141,10 +153,10 @@ def _entities(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, Any
     if not prompts and not masks:
         return None, {}
     if args.backend != "diffsynth":
-        raise SystemExit("attnscope record: --entity needs --backend diffsynth (EliGen)")
+        raise CommandError("record: --entity needs --backend diffsynth (EliGen)")
     if len(prompts) != len(masks):
-        raise SystemExit(
-            f"attnscope record: {len(prompts)} --entity but {len(masks)} --entity-mask; "
+        raise CommandError(
+            f"record: {len(prompts)} --entity but {len(masks)} --entity-mask; "
             f"give one mask per entity"
         )
     from PIL import Image
@@ -162,8 +174,8 @@ def _entities(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, Any
         try:
             left, top, right, bottom = (int(v) for v in mask.split(","))
         except ValueError:
-            raise SystemExit(
-                f"attnscope record: --entity-mask {mask!r} is neither an image file nor a box "
+            raise CommandError(
+                f"record: --entity-mask {mask!r} is neither an image file nor a box "
                 f"LEFT,TOP,RIGHT,BOTTOM in pixels"
             ) from None
         images.append(box_mask(args.height, args.width, (left, top, right, bottom)))
@@ -178,24 +190,32 @@ def _check_out(args: argparse.Namespace) -> None:
     if args.overwrite:
         shutil.rmtree(out) if out.is_dir() else out.unlink()
         return
-    raise SystemExit(
-        f"attnscope record: {out} already exists; pass --append to add a run to it or "
+    raise CommandError(
+        f"record: {out} already exists; pass --append to add a run to it or "
         f"--overwrite to replace it"
     )
 
 
-def _call_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The pipeline call of a `record` command, in the backend's own argument names."""
+def _apply_defaults(args: argparse.Namespace) -> None:
+    """Fill the sizes left unset: small ones for the demo, FLUX's 1024² otherwise."""
     if args.demo:
-        defaults = {"num_inference_steps": 4, "height": 128, "width": 128}
-        for key, value in defaults.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-        if args.max_sequence_length is None:
-            args.max_sequence_length = 32
-    generator_seed = torch.Generator(device="cpu").manual_seed(args.seed)
+        defaults = {
+            "num_inference_steps": 4,
+            "height": 128,
+            "width": 128,
+            "max_sequence_length": 32,
+        }
+    else:
+        defaults = {"height": 1024, "width": 1024}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def _call_arguments(args: argparse.Namespace, prompt: str, seed: int) -> dict[str, Any]:
+    """One pipeline call of a `record` command, in the backend's own argument names."""
     call: dict[str, Any] = {
-        "prompt": args.prompt or "a photo of a cat sitting on a red chair",
+        "prompt": prompt,
         "num_inference_steps": args.num_inference_steps,
         "height": args.height,
         "width": args.width,
@@ -205,7 +225,7 @@ def _call_arguments(args: argparse.Namespace) -> dict[str, Any]:
             "negative_prompt": args.negative_prompt or "",
             "cfg_scale": args.true_cfg_scale,
             "embedded_guidance": args.guidance_scale,
-            "seed": args.seed,
+            "seed": seed,
             "t5_sequence_length": args.max_sequence_length,
         }
     else:
@@ -213,14 +233,44 @@ def _call_arguments(args: argparse.Namespace) -> dict[str, Any]:
             "negative_prompt": args.negative_prompt,
             "true_cfg_scale": args.true_cfg_scale,
             "guidance_scale": args.guidance_scale,
-            "generator": generator_seed,
+            "generator": torch.Generator(device="cpu").manual_seed(seed),
             "max_sequence_length": args.max_sequence_length,
         }
     return {key: value for key, value in call.items() if value is not None}
 
 
+def _jobs(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """The (prompt, seed) generations a `record` command asks for, in order."""
+    if args.prompts is None:
+        return [(args.prompt or "a photo of a cat sitting on a red chair", args.seed)]
+    try:
+        lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise CommandError(f"record: can't read --prompts {args.prompts}: {error}") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise CommandError(f"record: --prompts {args.prompts} holds no prompt")
+    return [(prompt, seed) for prompt in prompts for seed in args.seeds or [args.seed]]
+
+
+def _complete_runs(path: str) -> set[tuple[str, int]]:
+    """(prompt, seed) of the runs already complete in the store at `path`, if there is one."""
+    import zarr
+
+    if not Path(path).exists():
+        return set()
+    root = zarr.open_group(path, mode="r")
+    fmt.check_version(dict(root.attrs), where=path)
+    done = set()
+    for _, run in root.groups():
+        attrs = dict(run.attrs)
+        if attrs.get(fmt.STATUS) == fmt.COMPLETE:
+            done.add((attrs.get("prompt"), attrs.get("seed")))
+    return done
+
+
 def run_record(args: argparse.Namespace) -> int:
-    """Load the pipeline, generate once under `tracer.trace`, report the run written."""
+    """Load the pipeline, generate each asked run under `tracer.trace`, report what was written."""
     from tracer import trace
 
     spans = None
@@ -228,10 +278,18 @@ def run_record(args: argparse.Namespace) -> int:
         try:
             spans = dict(parse_span_argument(item) for item in args.span)
         except ValueError as error:
-            raise SystemExit(f"attnscope record: {error}") from None
-    call = _call_arguments(args)
+            raise CommandError(f"record: {error}") from None
+    _apply_defaults(args)
+    jobs = _jobs(args)
     entity_names, eligen = _entities(args)
-    _check_out(args)
+    if args.prompts is None or args.overwrite:
+        _check_out(args)
+    done = _complete_runs(args.out)
+    todo = [job for job in jobs if job not in done]
+    if len(todo) < len(jobs):
+        print(f"skipping {len(jobs) - len(todo)} runs already complete", file=sys.stderr)
+    if not todo:
+        return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     default_dtype = "bfloat16" if device.startswith("cuda") else "float32"
     dtype = DTYPES[args.dtype or default_dtype]
@@ -249,8 +307,9 @@ def run_record(args: argparse.Namespace) -> int:
             keepbits=None if args.lossless else args.keepbits,
             entity_names=entity_names,
         ) as recorder:
-            pipe(**call, **eligen)
+            for prompt, seed in todo:
+                pipe(**_call_arguments(args, prompt, seed), **eligen)
+                print(f"recorded {recorder.last_run} into {args.out}", file=sys.stderr)
     except (ValueError, fmt.FormatError) as error:
-        raise SystemExit(f"attnscope record: {error}") from None
-    print(f"recorded {recorder.last_run} into {args.out}", file=sys.stderr)
+        raise CommandError(f"record: {error}") from None
     return 0

@@ -1,0 +1,116 @@
+"""`attnscope record`: the demo models, append/overwrite intent, prompt sweeps, clear errors."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from analysis.cli import main
+
+
+def record(*args: str) -> int:
+    return main(["record", "--demo", "--num-inference-steps", "2", *args])
+
+
+def runs(path) -> dict[str, xr.Dataset]:
+    tree = xr.open_datatree(path, engine="zarr", consolidated=False)
+    return {name: tree[name].to_dataset() for name in sorted(tree.children)}
+
+
+def test_demo_record_writes_a_complete_run(tmp_path):
+    out = tmp_path / "demo.zarr"
+    assert record("--out", str(out), "--span", "cat", "--span", "first4=0:4") == 0
+    ds = runs(out)["run-0000"]
+    assert ds.attrs["status"] == "complete"
+    assert ds.attrs["steps_complete"] == [0, 1]
+    assert list(ds.span.values) == ["prompt", "cat", "first4"]
+    assert ds.attrs["spans"]["first4"] == [0, 1, 2, 3]
+    assert not np.isnan(ds.txt2img.values).any()
+    assert ds.image.shape == (128, 128, 3)
+
+
+def test_existing_store_needs_append_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    assert record("--out", str(out)) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert record("--out", str(out)) == 1
+    assert "already exists; pass --append" in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert record("--out", str(out), "--append", "--prompt", "a dog") == 0
+    assert list(runs(out)) == ["run-0000", "run-0001"]
+    assert record("--out", str(out), "--overwrite", "--prompt", "a red chair") == 0
+    assert [ds.attrs["prompt"] for ds in runs(out).values()] == ["a red chair"]
+
+
+def test_prompt_sweep_resumes_skipping_complete_runs(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat on a chair\n# a comment\n\na red dog\n")
+    out = tmp_path / "sweep.zarr"
+    sweep = ("--out", str(out), "--prompts", str(prompts), "--seeds", "0,1", "--steps", "0")
+    assert record(*sweep) == 0
+    found = runs(out)
+    assert [(ds.attrs["prompt"], ds.attrs["seed"]) for ds in found.values()] == [
+        ("a cat on a chair", 0),
+        ("a cat on a chair", 1),
+        ("a red dog", 0),
+        ("a red dog", 1),
+    ]
+    # A run that did not complete is recorded again; complete ones are skipped.
+    zarr.open_group(out, path="run-0002", mode="r+").attrs["status"] = "failed: killed"
+    assert record(*sweep) == 0
+    assert "skipping 3 runs already complete" in capsys.readouterr().err
+    found = runs(out)
+    assert list(found) == [f"run-000{i}" for i in range(5)]
+    assert found["run-0004"].attrs["prompt"] == "a red dog"
+    assert found["run-0004"].attrs["seed"] == 0
+    assert record(*sweep) == 0
+    assert len(runs(out)) == 5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--span", "zebra"), "'zebra' matches no word of the prompt"),
+        (("--span", "x=5:900"), r"token range \(5, 900\) is out of range"),
+        (("--heads", "9"), r"head \[9\] out of range"),
+        (("--entity", "a cat", "--entity-mask", "0,0,8,8"), "--entity needs --backend diffsynth"),
+        (("--prompts", "/nonexistent/prompts.txt"), "can't read --prompts"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
+    out = tmp_path / "bad.zarr"
+    assert record("--out", str(out), *args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("attnscope: error: record: ")
+    assert re.search(message, err), err
+
+
+def test_diffsynth_demo_with_eligen_entities(tmp_path):
+    out = tmp_path / "eligen.zarr"
+    status = record(
+        "--backend",
+        "diffsynth",
+        "--out",
+        str(out),
+        "--prompt",
+        "a cat and a dog on a chair",
+        "--entity",
+        "kitten=a small cat",
+        "--entity-mask",
+        "0,0,64,128",
+        "--entity",
+        "a brown dog",
+        "--entity-mask",
+        "64,0,128,128",
+    )
+    assert status == 0
+    ds = runs(out)["run-0000"]
+    assert list(ds.entity.values) == ["kitten", "entity1"]
+    assert list(ds.span.values[:3]) == ["kitten", "entity1", "prompt"]
+    assert ds.entity_mask.sel(entity="kitten").values[:, :64].all()
+    assert not ds.entity_mask.sel(entity="kitten").values[:, 64:].any()
