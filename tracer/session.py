@@ -197,8 +197,11 @@ class Recorder:
             return output
         except BaseException as error:
             if run.group is not None:
+                # Keep every step captured whole before the error; drop the one in progress.
+                # An interrupt (Ctrl-C) stops at once instead.
+                stop = run.writer.close if isinstance(error, Exception) else run.writer.abort
                 with contextlib.suppress(Exception):
-                    run.writer.abort()
+                    stop()
                 reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
                 run.group.attrs.update({fmt.STATUS: fmt.failed(reason)})
             raise
@@ -312,6 +315,7 @@ class Recorder:
     def _capture(self, layer: str, call: AttentionCall) -> None:
         run = self._run
         query, key = call.query[0], call.key[0]
+        lse = None if call.lse is None else call.lse[0]  # the kernel's, when it gave one
         mask = call.mask
         if mask is not None:
             if mask.ndim == 4:
@@ -321,6 +325,7 @@ class Recorder:
         if self._head_index is not None:
             index = self._head_index.to(query.device)
             query, key = query[index], key[index]
+            lse = None if lse is None else lse[index.to(lse.device)]
         n_image = run.grid[0] * run.grid[1]
         if query.shape[1] != run.text_len + n_image:
             raise RuntimeError(
@@ -336,6 +341,7 @@ class Recorder:
             span_members=run.members,
             directions=self.options.directions,
             chunk_size=self.options.chunk_size,
+            lse=lse,
         )
         run.writer.put(run.recording, self.layer_positions[layer], maps)
 

@@ -1,0 +1,310 @@
+"""Open trace stores read-only: list runs, check the format version and partial runs.
+
+Paths may be local directories, fsspec URLs (`memory://`, `file://`, `s3://` with s3fs, ...), or
+an already built zarr `Store`. Opening reads metadata and the small coordinate arrays only; the
+attention maps stay in the store as dask arrays over its chunks until a reduction asks for them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.abc.store import Store
+from zarr.errors import ContainsArrayError, GroupNotFoundError, ZarrUserWarning
+from zarr.storage import FsspecStore, LocalStore
+
+from . import store_format as sf
+from .selection import SelectionError, describe_values
+
+# attnscope stores use numcodecs' bit rounding by design (docs/store-format.md); zarr warns about
+# it on every array it opens, locally and when dask ships arrays to workers. Silence only that.
+warnings.filterwarnings(
+    "ignore",
+    message="Numcodecs codecs are not in the Zarr version 3 specification",
+    category=ZarrUserWarning,
+)
+
+PathLike = str | os.PathLike | Store
+
+
+class PartialRunWarning(UserWarning):
+    """A run that is still recording, failed, or misses steps: only its complete steps are used."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the store says about one run, read from metadata only."""
+
+    name: str
+    status: str
+    steps: tuple[int, ...]
+    steps_complete: tuple[int, ...]
+    attrs: Mapping[str, Any]
+
+    @property
+    def steps_missing(self) -> tuple[int, ...]:
+        """Steps of the run's step coordinate that are not listed complete."""
+        done = set(self.steps_complete)
+        return tuple(s for s in self.steps if s not in done)
+
+    @property
+    def is_complete(self) -> bool:
+        """Whether the run finished and every step is durable."""
+        return self.status == sf.COMPLETE and not self.steps_missing
+
+
+def _where(path: PathLike) -> str:
+    return repr(path) if isinstance(path, Store) else str(path)
+
+
+def _store(path: PathLike, storage_options: Mapping[str, Any] | None) -> Store:
+    if isinstance(path, Store):
+        return path if path.read_only else path.with_read_only(True)
+    text = os.fspath(path)
+    if "://" in text:
+        return FsspecStore.from_url(text, read_only=True, storage_options=storage_options)
+    if storage_options:
+        raise ValueError(f"storage_options apply to fsspec URLs only, not to the path {text!r}")
+    if not os.path.exists(text):
+        raise FileNotFoundError(f"no trace store at {text!r}: the path does not exist")
+    return LocalStore(text, read_only=True)
+
+
+def open_store(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
+    """The root group of a trace store, opened read-only, with its format version checked.
+
+    Raises FormatError when `path` is no Zarr group or not an attnscope trace of a version this
+    code reads, and FileNotFoundError when a local path does not exist.
+    """
+    where = _where(path)
+    store = _store(path, storage_options)
+    try:
+        root = zarr.open_group(store, mode="r")
+    except (GroupNotFoundError, ContainsArrayError) as exc:
+        raise sf.FormatError(
+            f"{where} is not an attnscope trace: there is no Zarr group there ({exc})"
+        ) from None
+    sf.check_version(dict(root.attrs), where=where)
+    return root
+
+
+def _run_info(name: str, group: zarr.Group) -> RunInfo:
+    attrs = dict(group.attrs)
+    steps = tuple(int(s) for s in group["step"][:]) if "step" in group else ()
+    complete = tuple(int(s) for s in attrs.get(sf.STEPS_COMPLETE, []))
+    return RunInfo(
+        name=name,
+        status=str(attrs.get(sf.STATUS, "unknown")),
+        steps=steps,
+        steps_complete=complete,
+        attrs=attrs,
+    )
+
+
+def list_runs(
+    path: PathLike | zarr.Group, storage_options: Mapping[str, Any] | None = None
+) -> list[RunInfo]:
+    """The runs of a store in the order they were started, from metadata only."""
+    root = path if isinstance(path, zarr.Group) else open_store(path, storage_options)
+    runs = sorted(
+        ((sf.run_index(name), name, group) for name, group in root.groups()),
+        key=lambda item: (item[0] is None, item[0]),
+    )
+    infos = [_run_info(name, group) for index, name, group in runs if index is not None]
+    if not infos:
+        where = repr(root.store) if isinstance(path, zarr.Group) else _where(path)
+        others = [name for _, name, _ in runs]
+        raise sf.FormatError(
+            f"{where} holds no runs: no {sf.RUN_PREFIX}NNNN groups (groups found: "
+            f"{others or 'none'})"
+        )
+    return infos
+
+
+def _pick(infos: list[RunInfo], run: str | int | None, where: str) -> RunInfo:
+    if run is None:
+        return infos[-1]
+    if isinstance(run, (int, np.integer)) or (isinstance(run, str) and run.isdigit()):
+        name = sf.run_name(int(run))
+    else:
+        name = run
+    for info in infos:
+        if info.name == name:
+            return info
+    listing = ", ".join(f"{i.name} ({i.status})" for i in infos)
+    raise SelectionError(f"unknown run {run!r} in {where}; runs: {listing}")
+
+
+def _partial_message(info: RunInfo, where: str, complete_only: bool) -> str | None:
+    missing = info.steps_missing
+    if info.status == sf.COMPLETE and not missing:
+        return None
+    if sf.is_failed(info.status):
+        state = f"failed ({info.status})"
+    elif info.status == sf.RECORDING:
+        state = "is still recording"
+    else:
+        state = f"has status {info.status!r}"
+    head = f"{info.name} in {where} {state}"
+    if not missing:
+        return f"{head}; all its {len(info.steps)} steps are written"
+    if not complete_only:
+        return (
+            f"{head}: steps {describe_values(missing)} are not complete (unwritten maps read NaN)"
+        )
+    done = [s for s in info.steps if s in set(info.steps_complete)]
+    return (
+        f"{head}: steps {describe_values(missing)} are missing; using the {len(done)} complete "
+        f"steps {describe_values(done) or 'none'}"
+    )
+
+
+# Bytes of one dask chunk by default: large enough that a reduction over a FLUX run is a few
+# hundred tasks rather than tens of thousands, small enough that a laptop's threads each holding
+# a couple of chunks stay within a few hundred MB.
+CHUNK_BYTES = 32 * 2**20
+
+
+def _default_chunks(group: zarr.Group) -> dict[str, int]:
+    """Dask chunks of whole stored maps: one step and span, all heads, as many layers as fit."""
+    arrays = [group[name] for name in sf.DIRECTIONS if name in group]
+    if not arrays:
+        return {}
+    _, n_layer, n_head, _, ny, nx = arrays[0].shape
+    per_layer = n_head * ny * nx * arrays[0].dtype.itemsize
+    return {"step": 1, "layer": max(1, min(n_layer, CHUNK_BYTES // per_layer)), "span": 1}
+
+
+def open_trace(
+    path: PathLike,
+    run: str | int | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    chunks: Mapping[str, int] | None = None,
+    complete_only: bool = True,
+) -> xr.Dataset:
+    """One run of a trace store as a lazy, dask-backed `xarray.Dataset`.
+
+    `run` is a run name (`"run-0001"`) or index (`1`); by default the only or latest run. Only
+    metadata and coordinates are read. A partial or failed run warns (PartialRunWarning) naming
+    its missing steps and keeps only its complete ones (`complete_only=False` keeps them all,
+    NaN where unwritten). `chunks` overrides the dask chunks (default: one step and one span,
+    all heads and as many layers as fit in CHUNK_BYTES, a whole number of stored chunks; a
+    selection reads only the stored chunks it needs). `storage_options` go to fsspec for URLs.
+    """
+    where = _where(path)
+    root = open_store(path, storage_options)
+    info = _pick(list_runs(root), run, where)
+    message = _partial_message(info, where, complete_only)
+    if complete_only and info.steps and not set(info.steps) & set(info.steps_complete):
+        raise SelectionError(
+            f"{info.name} in {where} has no complete step yet (status {info.status!r}); "
+            f"open it with complete_only=False to see its unwritten (NaN) maps"
+        )
+    with warnings.catch_warnings():
+        if chunks is None:
+            chunks = _default_chunks(root[info.name])
+            # Our chunks hold whole stored chunks of the maps; xarray warns only because they
+            # split the tiny 1-D coordinates (timestep, layer_kind), which are loaded below.
+            warnings.filterwarnings("ignore", "The specified chunks separate", UserWarning)
+        ds = xr.open_zarr(root.store, group=info.name, consolidated=False, chunks=dict(chunks))
+    # The small non-index coordinates (timestep, sigma, layer_kind, branch) are metadata.
+    small = {name: var.compute() for name, var in ds.coords.items() if name not in ds.indexes}
+    ds = ds.assign_coords(small)
+    ds.attrs.update(run=info.name, store=where)
+    if message is not None:
+        warnings.warn(message, PartialRunWarning, stacklevel=2)
+        if complete_only and info.steps_missing:
+            done = set(info.steps_complete)
+            ds = ds.sel(step=[s for s in info.steps if s in done])
+    return ds
+
+
+def _stored(array: zarr.Array) -> tuple[int, int]:
+    """(bytes on disk, bytes of the chunks written once decoded) of one array."""
+    written = array.nchunks_initialized * int(np.prod(array.chunks)) * array.dtype.itemsize
+    return array.nbytes_stored(), written
+
+
+def trace_info(
+    path: PathLike,
+    run: str | int | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A JSON-able summary of a store and one run (default the latest), from metadata only.
+
+    Keys: `store`, `format`, `runs` (name, status, steps, steps_complete, prompt) and `run`:
+    its name, status, missing steps, prompt, spans with their token indices and strings, dims,
+    layer kinds, variables with their bytes on disk, bytes written and compression ratio, the
+    image and entity masks if present, the stated error bound and other attributes.
+    """
+    where = _where(path)
+    root = open_store(path, storage_options)
+    infos = list_runs(root)
+    info = _pick(infos, run, where)
+    group = root[info.name]
+    arrays = dict(group.arrays())
+    variables = {}
+    for name in sf.DIRECTIONS:
+        if name in arrays:
+            disk, written = _stored(arrays[name])
+            variables[name] = {
+                "dtype": str(arrays[name].dtype),
+                "shape": list(arrays[name].shape),
+                "bytes_on_disk": disk,
+                "bytes_written": written,
+                "compression_ratio": written / disk if disk else None,
+            }
+    dims = {}
+    for dim in sf.DIMS:
+        if dim in arrays:
+            dims[dim] = int(arrays[dim].shape[0])
+    kinds = [str(k) for k in arrays["layer_kind"][:]] if "layer_kind" in arrays else []
+    attrs = info.attrs
+    spans = attrs.get(sf.SPANS, {})
+    tokens = attrs.get(sf.SPAN_TOKENS, {})
+    span_names = [str(s) for s in arrays["span"][:]] if "span" in arrays else list(spans)
+    return {
+        "store": where,
+        "format": root.attrs[sf.FORMAT_ATTR],
+        "runs": [
+            {
+                "name": i.name,
+                "status": i.status,
+                "steps": len(i.steps),
+                "steps_complete": len(set(i.steps) & set(i.steps_complete)),
+                "prompt": i.attrs.get("prompt"),
+            }
+            for i in infos
+        ],
+        "run": {
+            "name": info.name,
+            "status": info.status,
+            "steps_missing": list(info.steps_missing),
+            "prompt": attrs.get("prompt"),
+            "spans": {
+                name: {"tokens": spans.get(name, []), "strings": tokens.get(name, [])}
+                for name in span_names
+            },
+            "dims": dims,
+            "layer_kinds": {kind: kinds.count(kind) for kind in sf.LAYER_KINDS if kind in kinds},
+            "steps": list(info.steps),
+            "variables": variables,
+            "image": list(arrays["image"].shape) if "image" in arrays else None,
+            "entities": ([str(e) for e in arrays["entity"][:]] if "entity_mask" in arrays else []),
+            "bytes_on_disk": sum(a.nbytes_stored() for a in arrays.values()),
+            "attrs": {
+                key: value
+                for key, value in attrs.items()
+                if key not in (sf.SPANS, sf.SPAN_TOKENS, sf.STEPS_COMPLETE)
+            },
+        },
+    }

@@ -1,0 +1,198 @@
+"""Synthetic trace stores written without the tracer, through the format module and zarr.
+
+The maps are known NumPy arrays, so tests compute their expected values from the same arrays
+with NumPy, independently of `analysis`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from analysis import store_format as sf
+
+DOUBLE = ("transformer_blocks.0", "transformer_blocks.1")
+SINGLE = tuple(f"single_transformer_blocks.{i}" for i in range(3))
+TOKENS = ["a", "cat", "on", "a", "mat", "."]
+
+
+@dataclass
+class Run:
+    """One run to write. `written`: steps whose maps are stored (default: `complete`)."""
+
+    steps: int = 4
+    layers: tuple[str, ...] = DOUBLE + SINGLE
+    heads: int = 3
+    spans: dict[str, list[int]] = field(
+        default_factory=lambda: {"prompt": [0, 1, 2, 3, 4, 5], "cat": [1], "mat": [4]}
+    )
+    grid: tuple[int, int] = (6, 10)
+    status: str = sf.COMPLETE
+    complete: list[int] | None = None
+    written: list[int] | None = None
+    directions: tuple[str, ...] = sf.DIRECTIONS
+    image_scale: int | None = 8
+    entities: dict[str, tuple[slice, slice] | np.ndarray] | None = None  # on the image
+    keepbits: int | None = None
+    prompt: str = "a cat on a mat."
+    seed: int = 0
+    scene: bool = False  # maps and image of a drawn scene (for the docs' pictures)
+
+
+def layer_kind(name: str) -> str:
+    return "single" if name.startswith("single_") else "double"
+
+
+def synthetic_maps(run: Run) -> np.ndarray:
+    """Positive maps (step, layer, head, span, y, x): per-head blobs that settle over steps."""
+    rng = np.random.default_rng(run.seed)
+    n_step, n_layer, n_span = run.steps, len(run.layers), len(run.spans)
+    ny, nx = run.grid
+    yy, xx = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
+    out = np.empty((n_step, n_layer, run.heads, n_span, ny, nx), dtype=np.float32)
+    final = rng.uniform([0, 0], [ny - 1, nx - 1], size=(n_layer, run.heads, n_span, 2))
+    start = rng.uniform([0, 0], [ny - 1, nx - 1], size=(n_layer, run.heads, n_span, 2))
+    width = rng.uniform(0.8, 2.5, size=(n_layer, run.heads, n_span))
+    for s in range(n_step):
+        w = s / max(n_step - 1, 1)
+        centre = (1 - w) * start + w * final
+        d2 = (yy - centre[..., 0, None, None]) ** 2 + (xx - centre[..., 1, None, None]) ** 2
+        blob = np.exp(-d2 / (2 * width[..., None, None] ** 2))
+        noise = rng.gamma(2.0, 0.05, size=blob.shape)
+        maps = blob + noise
+        out[s] = maps / maps.sum(axis=(-2, -1), keepdims=True)
+    return out
+
+
+def _scene_shapes(ny: int, nx: int) -> dict[str, np.ndarray]:
+    """Soft masks of the scene's cat (an ellipse) and mat (a band below it) on a ny × nx grid."""
+    yy, xx = np.meshgrid((np.arange(ny) + 0.5) / ny, (np.arange(nx) + 0.5) / nx, indexing="ij")
+    cat = ((yy - 0.48) / 0.2) ** 2 + ((xx - 0.38) / 0.15) ** 2 <= 1
+    mat = (yy > 0.7) & (yy < 0.9) & (xx > 0.12) & (xx < 0.88)
+    return {"cat": cat, "mat": mat}
+
+
+def scene_maps(run: Run) -> np.ndarray:
+    """Maps that find the scene's objects: sharp in the first heads, settling over the steps."""
+    rng = np.random.default_rng(run.seed)
+    ny, nx = run.grid
+    shapes = _scene_shapes(ny, nx)
+    yy, xx = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
+    out = np.empty((run.steps, len(run.layers), run.heads, len(run.spans), ny, nx), np.float32)
+    for k, span in enumerate(run.spans):
+        target = shapes.get(span, shapes["cat"] | shapes["mat"]).astype(np.float64)
+        for h in range(run.heads):
+            focus = 1.0 - h / max(run.heads - 1, 1)
+            for layer in range(len(run.layers)):
+                start = rng.uniform([0, 0], [ny, nx])
+                blob = np.exp(-((yy - start[0]) ** 2 + (xx - start[1]) ** 2) / (0.02 * ny * nx))
+                for step in range(run.steps):
+                    w = (step / max(run.steps - 1, 1)) ** 0.7
+                    found = w * focus * target + (1 - w) * 0.6 * blob
+                    noisy = found + 0.15 * rng.gamma(2.0, 0.5, size=(ny, nx)) * (1.2 - focus)
+                    out[step, layer, h, k] = noisy / noisy.sum()
+    return out
+
+
+def scene_image(run: Run) -> np.ndarray:
+    ny, nx = run.grid
+    h, w = ny * run.image_scale, nx * run.image_scale
+    yy = np.broadcast_to(np.linspace(0, 1, h)[:, None], (h, w))
+    image = np.stack([150 + 60 * yy, 190 + 30 * yy, 235 - 40 * yy], axis=-1)
+    big = _scene_shapes(h, w)
+    image[big["mat"]] = (170, 40, 50)
+    image[big["cat"]] = (230, 140, 40)
+    return image.astype(np.uint8)
+
+
+def synthetic_image(run: Run) -> np.ndarray:
+    ny, nx = run.grid
+    h, w = ny * run.image_scale, nx * run.image_scale
+    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    image = np.stack([yy * 200 + 30, xx * 180 + 40, (1 - yy) * 120 + 60], axis=-1)
+    return image.astype(np.uint8)
+
+
+def write_store(
+    path: str | Path, runs: list[Run], version: int = sf.FORMAT_VERSION
+) -> dict[str, dict[str, np.ndarray]]:
+    """Write `runs` into a new store at `path`; return each run's maps as stored (NaN unwritten)."""
+    path = str(path)
+    root = zarr.open_group(path, mode="w")
+    root.attrs[sf.FORMAT_ATTR] = version
+    expected: dict[str, dict[str, np.ndarray]] = {}
+    for index, run in enumerate(runs):
+        name = sf.run_name(index)
+        steps = list(range(run.steps))
+        complete = steps if run.complete is None else run.complete
+        written = complete if run.written is None else run.written
+        coords = sf.run_coords(
+            steps=steps,
+            timesteps=[1000.0 * (1 - s / run.steps) for s in steps],
+            sigmas=[1.0 - s / run.steps for s in steps],
+            layers=run.layers,
+            layer_kinds=[layer_kind(layer) for layer in run.layers],
+            heads=list(range(run.heads)),
+            spans=list(run.spans),
+            grid=run.grid,
+        )
+        ds, encoding = sf.run_skeleton(coords, {}, run.directions, run.keepbits)
+        if run.image_scale:
+            draw = scene_image if run.scene else synthetic_image
+            ds["image"] = sf.image_variable(draw(run))
+            encoding["image"] = sf.image_encoding()
+        if run.entities:
+            ny, nx = run.grid
+            masks = np.zeros((len(run.entities), ny * run.image_scale, nx * run.image_scale))
+            for i, where in enumerate(run.entities.values()):
+                masks[i][where] = 1
+            ds["entity_mask"] = sf.entity_mask_variable(masks, list(run.entities))
+            encoding["entity_mask"] = sf.image_encoding()
+        ds.to_zarr(path, group=name, encoding=encoding, compute=False, consolidated=False)
+        group = zarr.open_group(path, path=name, mode="r+")
+        expected[name] = {}
+        for offset, direction in enumerate(run.directions):
+            make = scene_maps if run.scene else synthetic_maps
+            maps = make(replace(run, seed=run.seed * 10 + offset + 1))
+            for step in written:
+                group[direction][step] = maps[step]
+            # The stored values, read back through zarr alone (bit rounding included).
+            expected[name][direction] = group[direction][...]
+        group.attrs.update(
+            {
+                sf.STATUS: run.status,
+                sf.STEPS_COMPLETE: complete,
+                sf.SPANS: run.spans,
+                sf.SPAN_TOKENS: {k: [TOKENS[i] for i in v] for k, v in run.spans.items()},
+                "prompt": run.prompt,
+                "seed": run.seed,
+                "model": "synthetic",
+                "error_bound": sf.relative_error_bound(run.keepbits),
+            }
+        )
+    return expected
+
+
+def open_plain(path: str | Path, run: str) -> xr.Dataset:
+    """A run opened with plain xarray, as the format page says any user can."""
+    return xr.open_zarr(str(path), group=run, consolidated=False)
+
+
+def demo_store(path: str | Path) -> None:
+    """The trace behind docs/analysis.md's pictures: a drawn cat on a mat, 8 heads, 10 steps."""
+    run = Run(
+        steps=10,
+        layers=("transformer_blocks.0", "transformer_blocks.1", *SINGLE),
+        heads=8,
+        grid=(32, 48),
+        image_scale=16,
+        scene=True,
+        keepbits=9,
+        seed=3,
+    )
+    cat = _scene_shapes(32 * 16, 48 * 16)["cat"]
+    write_store(path, [replace(run, entities={"cat": cat})])
