@@ -1,11 +1,17 @@
 """A small random-weight FLUX pipeline, built offline from the real diffusers/transformers classes.
 
-Nothing here is downloaded: the tokenizers are learnt in-process from a built-in English corpus and
-every model is constructed from a tiny config with weights drawn from a seeded RNG. The result is a
-genuine ``diffusers.FluxPipeline`` (same classes, same call path, same attention processors as
-FLUX.1), only small enough that a full generation takes a fraction of a second on a laptop CPU.
-Its images are noise-like, but its attention has the real FLUX geometry: text tokens first, then
-image tokens in row-major latent-grid order, in double-stream blocks followed by single-stream ones.
+Nothing here is downloaded: the tokenizers are trained in-process on a built-in English corpus by
+the ``tokenizers`` library's own trainers (``UnigramTrainer`` for the T5 side, ``BpeTrainer`` for
+the CLIP side), and every model is constructed from a tiny config with weights drawn from a seeded
+RNG. The result is a genuine ``diffusers.FluxPipeline`` (same classes, same call path, same
+attention processors as FLUX.1), only small enough that a full generation takes a fraction of a
+second on a laptop CPU. Its images are noise-like, but its attention has the real FLUX geometry:
+text tokens first, then image tokens in row-major latent-grid order, in double-stream blocks
+followed by single-stream ones.
+
+The tokenizers come out the same in every process (same pieces, same ids, same merges), so token
+ids in recorded traces mean the same thing everywhere: the trainers' dependence on their randomly
+seeded hash maps is taken out as ``_t5_vocab`` and ``_clip_vocab`` describe.
 
 ```python
 pipe = demo_pipeline(seed=0)
@@ -19,10 +25,7 @@ sizes.grid(96, 160)        # (6, 10) latent tokens, row-major after the text tok
 from __future__ import annotations
 
 import functools
-import itertools
-import math
-import re
-from collections import Counter
+import json
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +35,12 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
 )
-from tokenizers import pre_tokenizers
+from tokenizers import pre_tokenizers, trainers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
+    PreTrainedTokenizerBase,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -55,7 +59,9 @@ __all__ = [
 # Training text for both tokenizers: image-prompt English, so that the words prompts use most
 # become single tokens (as they are in the real CLIP and T5 vocabularies) while rarer words still
 # split into sub-word pieces. Some lines start with a capital letter because the T5 side, like the
-# real one, is case-sensitive.
+# real one, is case-sensitive. UnigramTrainer only takes a whole word as a candidate piece when the
+# corpus also shows it continued within a whitespace-delimited chunk ("red," "reddish"), so the
+# last lines give a few common prompt words ("on", "red", "the") such company.
 DEMO_CORPUS = """\
 a photo of a cat sitting on a red chair
 a photo of a dog sitting on a blue chair
@@ -99,13 +105,20 @@ a snowy forest at dawn with tall trees
 A cat on a chair. A dog on the floor. The sky is blue.
 The red chair is next to the table and the lamp.
 Photo of the moon over a quiet village, by the lake.
+a red, white and blue flag on a pole
+a cat on a chair, a dog on the floor, a bird on a branch
+one red rose in a glass vase, only one, on a wooden table
+there is a cat inside the house, then a dog comes into the room
+a kitten with a ball of wool, sitting on a table, photo taken from above
 """
 
 # Special tokens where the real vocabularies have them: T5's <pad>, </s>, <unk> are ids 0, 1, 2
-# (FluxPipeline pads T5 input with id 0); CLIP's start/end markers are its last two ids.
+# (FluxPipeline pads T5 input with id 0). CLIP's start/end markers get ids 0 and 1 here (the real
+# vocabulary has them last): the pipeline and CLIPTextModel read their ids from the tokenizer.
 _T5_SPECIALS = ("<pad>", "</s>", "<unk>")
 _CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 _CLIP_MAX_LENGTH = 77  # FluxPipeline reads it from the CLIP tokenizer's model_max_length
+_CLIP_END_OF_WORD = "</w>"  # CLIP's BPE marks a word's last symbol with this suffix
 
 # The T5 side knows these characters even where the corpus lacks them, so ordinary prompts never
 # hit <unk>; anything else (other scripts, emoji) still tokenizes, as <unk>, like real T5 does.
@@ -115,7 +128,15 @@ _T5_ALPHABET = [
     *"àáâäãåçèéêëìíîïñòóôöõùúûüýÿæœßÀÁÂÄÇÈÉÊËÎÏÑÒÓÔÖÙÚÛÜ",
 ]
 
-_CLIP_VOCAB_SIZE = 800  # a cap; BPE stops earlier, once no pair occurs twice in the corpus
+# Vocabulary caps. Neither is reached on DEMO_CORPUS: Unigram's EM keeps only pieces the corpus
+# supports, and BPE stops once no pair occurs twice (min_frequency=2).
+_T5_VOCAB_SIZE = 1000
+_CLIP_VOCAB_SIZE = 1000
+
+# UnigramTrainer's step between the scores of the characters it appends after EM (see _t5_vocab),
+# and the decimals its scores are rounded to, far coarser than EM's summation-order noise.
+_UNIGRAM_ADDED_CHAR_STEP = 1e-4
+_T5_SCORE_DECIMALS = 6
 
 # Tiny text encoders. Their widths feed the transformer's joint_attention_dim (T5) and
 # pooled_projection_dim (CLIP pooler output), as 4096 and 768 do in FLUX.1.
@@ -128,105 +149,80 @@ _PACK = 2
 _LATENT_CHANNELS = 16
 
 
-# The tokenizers library's own trainers (UnigramTrainer, BpeTrainer) give a different vocabulary
-# order, hence different token ids (and for BPE a different merge order), in each process: they
-# break ties through randomly seeded hash maps. Recorded traces name token ids and strings, so the
-# demo learns its vocabularies with the two small deterministic counters below instead and hands
-# them to the real tokenizers models (Unigram, BPE) through T5Tokenizer and CLIPTokenizer.
+def _train(tokenizer: PreTrainedTokenizerBase, trainer: trainers.Trainer) -> dict:
+    """The model JSON of ``tokenizer``'s backend after ``trainer`` trained it on DEMO_CORPUS.
 
-
-def _t5_segments(word: str) -> list[str]:
-    """A whitespace-delimited word as T5 pieces would start: letter runs, digits, punctuation.
-
-    The first segment carries the "▁" word-start marker, as after T5's Metaspace pre-tokenizer.
+    ``tokenizer`` is an empty instance of the target class: training through its own backend makes
+    the trainer see words exactly as the final tokenizer will (same normalizer, pre-tokenizer and
+    model options).
     """
-    parts = re.findall(r"[^\W\d_]+|\d|[^\w\s]|_", word)
-    return ["▁" + parts[0], *parts[1:]] if parts else []
+    backend = tokenizer.backend_tokenizer
+    backend.train_from_iterator(DEMO_CORPUS.splitlines(), trainer)
+    return json.loads(backend.to_str())["model"]
 
 
 @functools.cache
 def _t5_vocab() -> tuple[tuple[str, float], ...]:
-    """The T5-side Unigram vocabulary, counted from DEMO_CORPUS once per process.
+    """The T5-side Unigram vocabulary, trained on DEMO_CORPUS once per process, in canonical order.
 
-    Pieces: every corpus word (with its "▁"), every sub-string of up to 4 characters seen at
-    least twice, the "▁" marker and _T5_ALPHABET. Scores are log relative frequencies, so Viterbi
-    keeps known words whole and splits unknown ones into the likeliest known pieces.
+    UnigramTrainer's output varies between processes in two ways, both from its randomly seeded
+    hash maps, and both are taken out here. Characters it must keep but EM dropped (_T5_ALPHABET,
+    rare corpus characters) are appended at the model's lowest score plus 1e-4 per character, in
+    hash-set order: they all get the lowest score. EM sums over the words in hash-map order, so
+    scores differ in their last bits: they are rounded. Then the pieces are sorted by (-score,
+    piece) after the special tokens, which keep ids 0, 1, 2. (The pieces themselves, as a set,
+    were the same in every process tried.)
     """
-    counts: Counter[str] = Counter()
-    for word in DEMO_CORPUS.split():
-        for segment in _t5_segments(word):
-            counts[segment] += 1
-            # Shorter pieces, for words outside the corpus to split into.
-            for i in range(len(segment)):
-                for j in range(i + 1, min(i + 4, len(segment)) + 1):
-                    if j - i < len(segment):
-                        counts[segment[i:j]] += 1
-    whole = {seg for word in DEMO_CORPUS.split() for seg in _t5_segments(word)}
-    pieces = {p: c for p, c in counts.items() if c >= 2 or p in whole}
-    for char in ["▁", *_T5_ALPHABET]:
-        # Add-one smoothing: alphabet characters the corpus lacks still get a (low) score.
-        pieces[char] = pieces.get(char, 0) + 1
-    total = sum(pieces.values())
-    scored = sorted(
-        ((p, math.log(c / total)) for p, c in pieces.items()), key=lambda x: (-x[1], x[0])
+    trainer = trainers.UnigramTrainer(
+        vocab_size=_T5_VOCAB_SIZE,
+        special_tokens=list(_T5_SPECIALS),
+        unk_token="<unk>",
+        initial_alphabet=_T5_ALPHABET,
+        show_progress=False,
     )
-    return tuple((special, 0.0) for special in _T5_SPECIALS) + tuple(scored)
+    vocab = _train(T5Tokenizer(extra_ids=0), trainer)["vocab"]
+    specials, pieces = vocab[: len(_T5_SPECIALS)], vocab[len(_T5_SPECIALS) :]
+    lowest = min(score for _, score in pieces)
+    # Above every appended character's score: one step per character the trainer may append.
+    appended_below = lowest + _UNIGRAM_ADDED_CHAR_STEP * len(set(_T5_ALPHABET).union(DEMO_CORPUS))
+
+    def canonical(piece: str, score: float) -> float:
+        if len(piece) == 1 and score < appended_below:
+            score = lowest  # a character the trainer appended after EM
+        return round(score, _T5_SCORE_DECIMALS)
+
+    scored = sorted(
+        ((piece, canonical(piece, score)) for piece, score in pieces), key=lambda x: (-x[1], x[0])
+    )
+    return tuple((piece, score) for piece, score in specials) + tuple(scored)
 
 
 @functools.cache
 def _clip_vocab() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
-    """The CLIP-side byte-level BPE (vocab, merges), learnt from DEMO_CORPUS once per process.
+    """The CLIP-side byte-level BPE (vocab, merges), trained on DEMO_CORPUS once per process.
 
-    Plain BPE: repeatedly merge the most frequent adjacent pair (ties: the smallest pair), until
-    no pair occurs twice or the vocabulary is full. Layout as in CLIP: the 256 byte symbols, the
-    same with the "</w>" end-of-word suffix, the merged symbols in merge order, then the specials.
+    BpeTrainer breaks ties between equally frequent pairs by symbol id, and numbers the
+    end-of-word symbols ("a</w>") as it meets them in a randomly seeded hash map, so its merge
+    order, not only its ids, would vary between processes. Listing those symbols, sorted, among
+    the trainer's special tokens (which it numbers first, in order) fixes every id and hence the
+    merge order. Layout: the two markers, the 256 byte symbols with "</w>", the 256 plain byte
+    symbols (sorted, from initial_alphabet), then the merged symbols in merge order.
     """
-    # Words exactly as CLIPTokenizer will see them: its normalizer and pre-tokenizer, taken from an
-    # empty instance, yield lower-cased byte-level word strings.
-    backend = CLIPTokenizer().backend_tokenizer
-    words: Counter[tuple[str, ...]] = Counter()
-    for line in DEMO_CORPUS.splitlines():
-        for word, _ in backend.pre_tokenizer.pre_tokenize_str(
-            backend.normalizer.normalize_str(line)
-        ):
-            words[(*word[:-1], word[-1] + "</w>")] += 1
-
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    symbols = alphabet + [char + "</w>" for char in alphabet]
-    merges: list[tuple[str, str]] = []
-    while len(symbols) + 2 < _CLIP_VOCAB_SIZE:
-        pairs: Counter[tuple[str, str]] = Counter()
-        for word, freq in words.items():
-            for pair in itertools.pairwise(word):
-                pairs[pair] += freq
-        if not pairs:
-            break
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        if pairs[best] < 2:
-            break
-        merges.append(best)
-        symbols.append(best[0] + best[1])
-        words = Counter({_merge(word, best): freq for word, freq in words.items()})
-    vocab = {symbol: i for i, symbol in enumerate([*symbols, _CLIP_BOS, _CLIP_EOS])}
-    return tuple(vocab.items()), tuple(merges)
-
-
-def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    """``word`` with every non-overlapping occurrence of ``pair`` fused, left to right."""
-    out: list[str] = []
-    i = 0
-    while i < len(word):
-        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-            out.append(word[i] + word[i + 1])
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return tuple(out)
+    trainer = trainers.BpeTrainer(
+        vocab_size=_CLIP_VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=[_CLIP_BOS, _CLIP_EOS, *(char + _CLIP_END_OF_WORD for char in alphabet)],
+        initial_alphabet=alphabet,
+        end_of_word_suffix=_CLIP_END_OF_WORD,
+        show_progress=False,
+    )
+    model = _train(CLIPTokenizer(), trainer)
+    return tuple(model["vocab"].items()), tuple((a, b) for a, b in model["merges"])
 
 
 def demo_t5_tokenizer(max_sequence_length: int = 32) -> T5Tokenizer:
-    """A T5 (fast, Unigram) tokenizer learnt from DEMO_CORPUS: <pad>=0, </s>=1, <unk>=2.
+    """A T5 (fast, Unigram) tokenizer trained on DEMO_CORPUS: <pad>=0, </s>=1, <unk>=2.
 
     ``model_max_length`` is set to ``max_sequence_length``, the demo's T5 text length.
     """
@@ -235,7 +231,7 @@ def demo_t5_tokenizer(max_sequence_length: int = 32) -> T5Tokenizer:
 
 
 def demo_clip_tokenizer() -> CLIPTokenizer:
-    """A CLIP (fast, byte-level BPE) tokenizer learnt from DEMO_CORPUS; pads with <|endoftext|>."""
+    """A CLIP (fast, byte-level BPE) tokenizer trained on DEMO_CORPUS; pads with <|endoftext|>."""
     vocab, merges = _clip_vocab()
     return CLIPTokenizer(
         vocab=dict(vocab),

@@ -21,6 +21,7 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
+from tracer import demo
 from tracer.demo import (
     DEMO_SIZES,
     demo_clip_tokenizer,
@@ -164,8 +165,19 @@ def _tokenizers_digest() -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def test_retraining_gives_the_same_tokenizers():
+    # The tokenizers library's trainers seed their hash maps randomly on every run, in one process
+    # too: on their own, three trainings give three different vocabularies (ids, merge order).
+    digest = _tokenizers_digest()
+    for _ in range(3):
+        demo._t5_vocab.cache_clear()
+        demo._clip_vocab.cache_clear()
+        assert _tokenizers_digest() == digest
+
+
 def test_tokenizers_are_the_same_in_every_process():
-    # Token ids end up in recorded traces: another process (another hash seed) must agree.
+    # Token ids end up in recorded traces: another process (other hash seeds, Python's and the
+    # trainers' own) must agree.
     code = "import test_demo; print(test_demo._tokenizers_digest())"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     path = [str(REPO), str(Path(__file__).parent), env.get("PYTHONPATH", "")]
