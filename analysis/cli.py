@@ -1,6 +1,7 @@
-"""The `attnscope` command: info, heatmap, heads, steps (and record, from the tracer).
+"""The `attnscope` command: info, heatmap, heads, steps, verify (and record, from the tracer).
 
     attnscope info cat.zarr
+    attnscope verify cat.zarr
     attnscope heatmap cat.zarr --span cat --head 3 --reduce mean --over step,layer -o cat.png
     attnscope heads cat.zarr --span cat --layer transformer_blocks.10 -o heads.png
     attnscope steps cat.zarr --span cat --layer 'single:*' --gif -o steps.png
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -54,10 +56,73 @@ def _storage_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+@contextlib.contextmanager
+def _opening(store: str) -> Iterator[None]:
+    """Say `cannot open STORE: ...` for what a bad path or URL raises while it is opened."""
+    try:
+        yield
+    except (SelectionError, sf.FormatError):
+        raise
+    except (ValueError, ImportError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise CommandError(f"cannot open {store!r}: {type(exc).__name__}: {exc}") from None
+
+
 def _open(args: argparse.Namespace) -> xr.Dataset:
-    return open_trace(
-        args.store, args.run, storage_options=_storage_options(args.storage_option) or None
-    )
+    with _opening(args.store):
+        return open_trace(
+            args.store, args.run, storage_options=_storage_options(args.storage_option) or None
+        )
+
+
+def _output(text: str, *, gif: bool = False) -> Path:
+    """The figure path the user named, checked before any work: type, folder, not a store."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(text)
+    kinds = ["gif"] if gif else sorted(FigureCanvasBase.get_supported_filetypes())
+    suffix = path.suffix.lower().lstrip(".")
+    if not text or path.is_dir():
+        raise CommandError(f"output {text!r} is a folder; name a file, e.g. figure.png")
+    if suffix not in kinds:
+        raise CommandError(
+            f"output {text!r}: cannot write {suffix or 'a file without extension'!r}; "
+            f"use one of {', '.join(kinds)}"
+        )
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise CommandError(f"output {text!r}: the folder {parent} does not exist")
+    for folder in (parent, *parent.parents):
+        if (folder / "zarr.json").is_file():
+            raise CommandError(
+                f"output {text!r} is inside the Zarr store {folder}; analysis never writes "
+                f"into a trace store"
+            )
+    return path
+
+
+def _check_style(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    if args.cmap not in matplotlib.colormaps:
+        raise CommandError(
+            f"unknown colormap {args.cmap!r}; e.g. magma, viridis, rocket, mako, gray "
+            f"(any matplotlib colormap)"
+        )
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _variable(ds: xr.Dataset, args: argparse.Namespace) -> xr.DataArray:
@@ -108,9 +173,11 @@ def _scheduler(address: str | None, timeout: float) -> Iterator[None]:
         raise CommandError(
             f"--scheduler needs dask.distributed, which is not installed: {DISTRIBUTED_HINT}"
         ) from None
+    if not address.strip():
+        raise CommandError("--scheduler needs an address, e.g. tcp://10.0.0.5:8786")
     try:
         client = Client(address, timeout=timeout)
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, ValueError) as exc:
         raise CommandError(f"cannot reach the dask scheduler at {address}: {exc}") from None
     with client:
         yield
@@ -137,7 +204,7 @@ def _done(*paths: Path) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _opening(args.store):
         warnings.simplefilter("ignore", PartialRunWarning)
         info = trace_info(
             args.store, args.run, storage_options=_storage_options(args.storage_option) or None
@@ -223,6 +290,8 @@ def _size(n: float) -> str:
 
 
 def _heatmap(args: argparse.Namespace) -> None:
+    out = _output(args.output)
+    _check_style(args)
     ds = _open(args)
     da = _selection(ds, args)
     if args.over is None:
@@ -233,7 +302,6 @@ def _heatmap(args: argparse.Namespace) -> None:
         over = [d for d in named if not (d in da.coords and d not in da.dims)]
     m = reduce(da, over, args.reduce)
     title = describe(m, {d: f"{args.reduce} of {da.sizes[d]}" for d in over})
-    out = Path(args.output)
     with _progress(args):
         if args.overlay:
             if "image" not in ds:
@@ -245,6 +313,8 @@ def _heatmap(args: argparse.Namespace) -> None:
 
 
 def _heads(args: argparse.Namespace) -> None:
+    out = _output(args.output)
+    _check_style(args)
     da = _selection(_open(args), args)
     if "head" not in da.dims or da.sizes["head"] < 2:
         raise SelectionError("heads compares heads: select at least two (--head 0,3,5 or none)")
@@ -252,7 +322,6 @@ def _heads(args: argparse.Namespace) -> None:
     sim = head_similarity(da, args.metric)
     with _progress(args):
         maps, sim = dask.compute(maps, sim)
-    out = Path(args.output)
     sim_path = _sibling(out, "-similarity")
     grid(maps, col="head", path=out, col_wrap=args.col_wrap, title=describe(maps, reduced))
     similarity_matrix(sim, sim_path)
@@ -271,6 +340,11 @@ def _reference(text: str) -> str | int:
 
 
 def _steps(args: argparse.Namespace) -> None:
+    out = _output(args.output)
+    gif = None
+    if args.gif:
+        gif = _sibling(out, "", ".gif") if args.gif is True else _output(args.gif, gif=True)
+    _check_style(args)
     da = _selection(_open(args), args)
     if "step" not in da.dims or da.sizes["step"] < 2:
         raise SelectionError("steps compares steps: select at least two (--step 0:10 or none)")
@@ -278,17 +352,52 @@ def _steps(args: argparse.Namespace) -> None:
     drift = step_drift(da, args.metric, args.reference)
     with _progress(args):
         maps, drift = dask.compute(maps, drift)
-    out = Path(args.output)
     drift_path = _sibling(out, "-drift")
     title = describe(maps, reduced)
     grid(maps, col="step", path=out, col_wrap=args.col_wrap, title=title)
     drift_curve(drift, drift_path)
     written = [out, drift_path]
-    if args.gif:
-        gif = _sibling(out, "", ".gif") if args.gif is True else Path(args.gif)
+    if gif is not None:
         animate(maps, gif, fps=args.fps, title=title, progress=not args.quiet)
         written.append(gif)
     _done(*written)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import format_report, verify
+
+    with _opening(args.store):
+        report = verify(args.store, storage_options=_storage_options(args.storage_option) or None)
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
+    if report.ok:
+        return 0
+    errors = len(report.errors)
+    print(
+        f"attnscope: error: {report.store} failed verification: {errors} "
+        f"error{'s' * (errors != 1)} (listed above)",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _add_verify(subparsers: argparse._SubParsersAction) -> None:
+    verify = subparsers.add_parser(
+        "verify",
+        help="decode every chunk of every run and check the metadata (exit 1 if damaged)",
+        description="Check a trace store: its metadata against the format, every chunk of every "
+        "run decoded (checksums included), every step listed complete present. Exits 1 when "
+        "anything is damaged or inconsistent; partial runs and stray temporary files are notes.",
+    )
+    verify.add_argument("store", help="trace store: a path or an fsspec URL")
+    verify.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec storage option for URLs (repeatable)",
+    )
+    verify.add_argument("--json", action="store_true", help="print the findings as JSON")
+    verify.set_defaults(func=_verify)
 
 
 def _record_unavailable(reason: str) -> Callable[[argparse.Namespace], None]:
@@ -342,7 +451,7 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     )
     store.add_argument(
         "--scheduler-timeout",
-        type=float,
+        type=_positive(float),
         default=30.0,
         metavar="SECONDS",
         help="how long to try reaching the scheduler (default 30)",
@@ -395,7 +504,9 @@ def build_parser(load_record: bool = False) -> argparse.ArgumentParser:
     heads.add_argument(
         "--metric", choices=SIMILARITIES, default="correlation", help="head similarity metric"
     )
-    heads.add_argument("--col-wrap", type=int, default=6, help="panels per row (default 6)")
+    heads.add_argument(
+        "--col-wrap", type=_positive(int), default=6, help="panels per row (default 6)"
+    )
     heads.set_defaults(func=_heads)
 
     steps = sub.add_parser(
@@ -408,7 +519,9 @@ def build_parser(load_record: bool = False) -> argparse.ArgumentParser:
         default="final",
         help="compare each step with: final, previous, or a step number (default: final)",
     )
-    steps.add_argument("--col-wrap", type=int, default=7, help="panels per row (default 7)")
+    steps.add_argument(
+        "--col-wrap", type=_positive(int), default=7, help="panels per row (default 7)"
+    )
     steps.add_argument(
         "--gif",
         nargs="?",
@@ -416,9 +529,10 @@ def build_parser(load_record: bool = False) -> argparse.ArgumentParser:
         metavar="PATH",
         help="also write an animation over steps (default path: OUTPUT with .gif)",
     )
-    steps.add_argument("--fps", type=float, default=4.0, help="GIF frames per second")
+    steps.add_argument("--fps", type=_positive(float), default=4.0, help="GIF frames per second")
     steps.set_defaults(func=_steps)
 
+    _add_verify(sub)
     _add_record(sub, load_record)
     return parser
 
@@ -445,7 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 getattr(args, "scheduler", None), getattr(args, "scheduler_timeout", 0)
             ):
                 status = args.func(args)
-        except (CommandError, SelectionError, sf.FormatError, FileNotFoundError) as exc:
+        except (CommandError, SelectionError, sf.FormatError, OSError) as exc:
+            # OSError: a missing store, a figure that cannot be written (permission, full disk).
             print(f"attnscope: error: {exc}", file=sys.stderr)
             return 1
     return status if isinstance(status, int) else 0

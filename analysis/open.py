@@ -7,12 +7,15 @@ attention maps stay in the store as dask arrays over its chunks until a reductio
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import dask.array as da
+import dask.base
 import numpy as np
 import xarray as xr
 import zarr
@@ -21,6 +24,7 @@ from zarr.errors import ContainsArrayError, GroupNotFoundError, ZarrUserWarning
 from zarr.storage import FsspecStore, LocalStore
 
 from . import store_format as sf
+from . import trust
 from .selection import SelectionError, describe_values
 
 # attnscope stores use numcodecs' bit rounding by design (docs/store-format.md); zarr warns about
@@ -30,6 +34,19 @@ warnings.filterwarnings(
     message="Numcodecs codecs are not in the Zarr version 3 specification",
     category=ZarrUserWarning,
 )
+# A write killed mid-way leaves zarr's temporary `*.partial` file next to the object, a recorder
+# killed at once an empty `run-NNNN` folder: no nodes, readers skip them, `attnscope verify`
+# reports them. zarr warns on every listing: silence that.
+_PARTIAL_FILE = r"Object at .* is not recognized as a component of a Zarr hierarchy"
+warnings.filterwarnings("ignore", message=_PARTIAL_FILE, category=ZarrUserWarning)
+
+
+@contextlib.contextmanager
+def _quiet_partial_files() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_PARTIAL_FILE, category=ZarrUserWarning)
+        yield
+
 
 PathLike = str | os.PathLike | Store
 
@@ -85,8 +102,10 @@ def open_store(path: PathLike, storage_options: Mapping[str, Any] | None = None)
     """
     where = _where(path)
     store = _store(path, storage_options)
+    # Untrusted metadata is checked as plain JSON before zarr builds anything from it.
+    trust.check_root(store, where)
     try:
-        root = zarr.open_group(store, mode="r")
+        root = zarr.open_group(store, mode="r", zarr_format=3, use_consolidated=False)
     except (GroupNotFoundError, ContainsArrayError) as exc:
         raise sf.FormatError(
             f"{where} is not an attnscope trace: there is no Zarr group there ({exc})"
@@ -95,9 +114,15 @@ def open_store(path: PathLike, storage_options: Mapping[str, Any] | None = None)
     return root
 
 
-def _run_info(name: str, group: zarr.Group) -> RunInfo:
+def _small(group: zarr.Group, name: str, where: str) -> np.ndarray:
+    """A small coordinate array read whole; a damaged chunk raises CorruptChunkError naming it."""
+    array = group[name]
+    return trust.CheckedArray(array, f"{group.path}/{name} in {where}")[...]
+
+
+def _run_info(name: str, group: zarr.Group, where: str) -> RunInfo:
     attrs = dict(group.attrs)
-    steps = tuple(int(s) for s in group["step"][:]) if "step" in group else ()
+    steps = tuple(int(s) for s in _small(group, "step", where)) if "step" in group else ()
     complete = tuple(int(s) for s in attrs.get(sf.STEPS_COMPLETE, []))
     return RunInfo(
         name=name,
@@ -112,18 +137,34 @@ def list_runs(
     path: PathLike | zarr.Group, storage_options: Mapping[str, Any] | None = None
 ) -> list[RunInfo]:
     """The runs of a store in the order they were started, from metadata only."""
-    root = path if isinstance(path, zarr.Group) else open_store(path, storage_options)
-    runs = sorted(
-        ((sf.run_index(name), name, group) for name, group in root.groups()),
-        key=lambda item: (item[0] is None, item[0]),
-    )
-    infos = [_run_info(name, group) for index, name, group in runs if index is not None]
+    if isinstance(path, zarr.Group):
+        return _list_runs(path, repr(path.store))
+    return _list_runs(open_store(path, storage_options), _where(path))
+
+
+def _list_runs(root: zarr.Group, where: str) -> list[RunInfo]:
+    # Runs are found by listing, and each one's metadata is checked as plain JSON before zarr
+    # parses it; other children are never parsed at all.
+    prefix = f"{root.path}/" if root.path else ""
+    entries = trust.list_dir(root.store, prefix)
+    infos = []
+    for name in sorted((e for e in entries if sf.run_index(e) is not None), key=sf.run_index):
+        meta = trust.read_json(root.store, f"{prefix}{name}/zarr.json", where)
+        if meta is None:
+            continue  # a run name claimed by a recorder that never wrote it: not a run
+        # Only the run's attributes and step coordinate are read here: check those first.
+        trust.check_run(root.store, f"{prefix}{name}", where, arrays=["step"], meta=meta)
+        with _quiet_partial_files():
+            infos.append(_run_info(name, root[name], where))
     if not infos:
-        where = repr(root.store) if isinstance(path, zarr.Group) else _where(path)
-        others = [name for _, name, _ in runs]
+        nodes = [
+            e
+            for e in entries
+            if not e.endswith(".partial") and trust.exists(root.store, f"{prefix}{e}/zarr.json")
+        ]
         raise sf.FormatError(
             f"{where} holds no runs: no {sf.RUN_PREFIX}NNNN groups (groups found: "
-            f"{others or 'none'})"
+            f"{nodes or 'none'})"
         )
     return infos
 
@@ -201,30 +242,150 @@ def open_trace(
     """
     where = _where(path)
     root = open_store(path, storage_options)
-    info = _pick(list_runs(root), run, where)
+    info = _pick(_list_runs(root, where), run, where)
+    arrays = trust.check_run(root.store, info.name, where)
     message = _partial_message(info, where, complete_only)
     if complete_only and info.steps and not set(info.steps) & set(info.steps_complete):
         raise SelectionError(
             f"{info.name} in {where} has no complete step yet (status {info.status!r}); "
             f"open it with complete_only=False to see its unwritten (NaN) maps"
         )
+    missing = [name for name in (*sf.DIMS, "branch") if name not in arrays]
+    if missing or not any(name in arrays for name in sf.DIRECTIONS):
+        raise sf.FormatError(
+            f"{info.name} in {where} (status {info.status!r}) lacks arrays the format requires "
+            f"({', '.join(missing) or 'txt2img or img2txt'}): its recording stopped while the "
+            f"run was being laid down, before any map was written"
+        )
+    group = root[info.name]
     with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_PARTIAL_FILE, category=ZarrUserWarning)
         if chunks is None:
-            chunks = _default_chunks(root[info.name])
+            chunks = _default_chunks(group)
             # Our chunks hold whole stored chunks of the maps; xarray warns only because they
             # split the tiny 1-D coordinates (timestep, layer_kind), which are loaded below.
             warnings.filterwarnings("ignore", "The specified chunks separate", UserWarning)
-        ds = xr.open_zarr(root.store, group=info.name, consolidated=False, chunks=dict(chunks))
-    # The small non-index coordinates (timestep, sigma, layer_kind, branch) are metadata.
-    small = {name: var.compute() for name, var in ds.coords.items() if name not in ds.indexes}
+        try:
+            ds = xr.open_zarr(
+                root.store,
+                group=info.name,
+                consolidated=False,
+                chunks=dict(chunks),
+                zarr_format=3,
+            )
+            # The small non-index coordinates (timestep, sigma, layer_kind, branch) are metadata.
+            small = {
+                name: var.compute() for name, var in ds.coords.items() if name not in ds.indexes
+            }
+        except Exception:
+            # Name the damaged coordinate chunk, if that is what failed.
+            _diagnose(group, arrays, info.name, where)
+            raise
     ds = ds.assign_coords(small)
+    _check_coords(ds, info, where)
+    ds, dropped = _checked_variables(ds, group, info, where)
     ds.attrs.update(run=info.name, store=where)
+    if dropped:
+        extra = f"; its {' and '.join(dropped)} was never written"
+        message = (message or f"{info.name} in {where} has status {info.status!r}") + extra
     if message is not None:
         warnings.warn(message, PartialRunWarning, stacklevel=2)
         if complete_only and info.steps_missing:
             done = set(info.steps_complete)
             ds = ds.sel(step=[s for s in info.steps if s in done])
     return ds
+
+
+def _check_coords(ds: xr.Dataset, info: RunInfo, where: str) -> None:
+    """Refuse coordinates that disagree with the run's attributes (a damaged coordinate chunk)."""
+    problems = [
+        dim
+        for dim in ("y", "x")
+        if dim in ds.coords and not np.array_equal(ds[dim].values, np.arange(ds.sizes[dim]))
+    ]
+    capture = info.attrs.get("capture")
+    if isinstance(capture, dict):
+        for key, dim in (("steps", "step"), ("layers", "layer"), ("heads", "head")):
+            if key in capture and dim in ds.coords:
+                values = [v.item() if isinstance(v, np.generic) else v for v in ds[dim].values]
+                if values != list(capture[key]):
+                    problems.append(dim)
+    if set(info.steps_complete) - set(info.steps):
+        problems.append("step")
+    spans = info.attrs.get(sf.SPANS)
+    if isinstance(spans, dict) and "span" in ds.coords and set(spans) != set(ds.span.values):
+        problems.append("span")
+    if problems:
+        raise sf.FormatError(
+            f"{info.name} in {where}: coordinates {problems} disagree with the run's attributes "
+            f"(capture settings, spans, the latent grid): the store is damaged; "
+            f"`attnscope verify` says where"
+        )
+
+
+def _diagnose(group: zarr.Group, arrays: Mapping[str, Any], run: str, where: str) -> None:
+    """Raise CorruptChunkError for the first small array of `group` that cannot be decoded."""
+    for name, meta in arrays.items():
+        if len(meta["shape"]) > 1:
+            continue
+        label = f"{run}/{name} in {where}"
+        trust.CheckedArray(group[name], label, dims=meta["dims"])[...]
+
+
+def _checked_variables(
+    ds: xr.Dataset, group: zarr.Group, info: RunInfo, where: str
+) -> tuple[xr.Dataset, list[str]]:
+    """Read every data variable through trust.CheckedArray; drop what was never written.
+
+    The image and entity masks are written whole, at the end and the start of a run: when a
+    run that is not complete lacks their object they are dropped (never drawn as zeros); when a
+    complete run lacks it, reading it raises.
+    """
+    labels = {
+        dim: [v.item() if isinstance(v, np.generic) else v for v in ds[dim].values]
+        for dim in ("step", "layer", "head", "span")
+        if dim in ds.coords
+    }
+    done = set(info.steps_complete)
+    listed = [i for i, step in enumerate(info.steps) if step in done]
+    replaced, dropped = {}, []
+    for name, var in ds.data_vars.items():
+        if not isinstance(var.data, da.Array) or name not in group:
+            continue
+        array = group[name]
+        if var.dtype != array.dtype or var.shape != array.shape:
+            continue  # xarray decoded it (never for this format's variables): leave it be
+        label = f"{info.name}/{name} in {where}"
+        missing = None
+        if name not in sf.DIRECTIONS and array.nchunks_initialized < array.nchunks:
+            if not info.is_complete:
+                dropped.append(str(name))
+                continue
+            missing = (
+                f"{label}: the run is complete but the object "
+                f"{trust.object_key(array, (0,) * array.ndim)} holding its {name} is missing; "
+                f"the store is damaged"
+            )
+        checked = trust.CheckedArray(
+            array,
+            label,
+            listed=listed if name in sf.DIRECTIONS else (),
+            labels=labels,
+            dims=[str(d) for d in var.dims],
+            missing=missing,
+        )
+        token = dask.base.tokenize(where, info.name, name, var.data.chunks, listed, missing)
+        data = da.from_array(
+            checked,
+            chunks=var.data.chunks,
+            name=f"attnscope-{name}-{token}",
+            asarray=False,
+            fancy=False,
+            meta=np.empty((0,) * var.ndim, dtype=var.dtype),
+        )
+        replaced[name] = var.copy(data=data)
+    ds = ds.drop_vars(dropped).assign(replaced)
+    return ds, dropped
 
 
 def _stored(array: zarr.Array) -> tuple[int, int]:
@@ -248,10 +409,12 @@ def trace_info(
     """
     where = _where(path)
     root = open_store(path, storage_options)
-    infos = list_runs(root)
+    infos = _list_runs(root, where)
     info = _pick(infos, run, where)
+    trust.check_run(root.store, info.name, where)
     group = root[info.name]
-    arrays = dict(group.arrays())
+    with _quiet_partial_files():
+        arrays = dict(group.arrays())
     variables = {}
     for name in sf.DIRECTIONS:
         if name in arrays:
@@ -267,11 +430,11 @@ def trace_info(
     for dim in sf.DIMS:
         if dim in arrays:
             dims[dim] = int(arrays[dim].shape[0])
-    kinds = [str(k) for k in arrays["layer_kind"][:]] if "layer_kind" in arrays else []
+    kinds = [str(k) for k in _small(group, "layer_kind", where)] if "layer_kind" in arrays else []
     attrs = info.attrs
     spans = attrs.get(sf.SPANS, {})
     tokens = attrs.get(sf.SPAN_TOKENS, {})
-    span_names = [str(s) for s in arrays["span"][:]] if "span" in arrays else list(spans)
+    span_names = [str(s) for s in _small(group, "span", where)] if "span" in arrays else list(spans)
     return {
         "store": where,
         "format": root.attrs[sf.FORMAT_ATTR],
@@ -299,7 +462,9 @@ def trace_info(
             "steps": list(info.steps),
             "variables": variables,
             "image": list(arrays["image"].shape) if "image" in arrays else None,
-            "entities": ([str(e) for e in arrays["entity"][:]] if "entity_mask" in arrays else []),
+            "entities": (
+                [str(e) for e in _small(group, "entity", where)] if "entity_mask" in arrays else []
+            ),
             "bytes_on_disk": sum(a.nbytes_stored() for a in arrays.values()),
             "attrs": {
                 key: value

@@ -236,7 +236,15 @@ def run_skeleton(
     }
     dataset = xr.Dataset(data_vars, coords=dict(coords), attrs=dict(attrs))
     encoding = {name: attention_encoding(shape, keepbits) for name in directions}
+    encoding |= {name: checksum_encoding() for name in dataset.coords}
     return dataset, encoding
+
+
+def checksum_encoding() -> dict[str, Any]:
+    """Zarr encoding of a coordinate: a CRC32C only, so a flipped byte never reads back silently."""
+    from zarr.codecs import Crc32cCodec
+
+    return {"compressors": [Crc32cCodec()]}
 
 
 def image_encoding() -> dict[str, Any]:

@@ -6,8 +6,9 @@ Pure torch, no I/O. See DESIGN.md, "Capture math", and docs/store-format.md for 
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ __all__ = ["DIRECTIONS", "attention_maps"]
 DIRECTIONS: tuple[str, ...] = ("txt2img", "img2txt")
 
 _NEG_INF = float("-inf")
+
+# Below this many flops a call's capture runs on one CPU thread (see _cpu_threads_for).
+_SMALL_WORK_FLOPS = 2e8
 
 
 def attention_maps(
@@ -29,6 +33,7 @@ def attention_maps(
     span_members: torch.Tensor,
     directions: Sequence[str] = DIRECTIONS,
     chunk_size: int = 256,
+    lse: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Text/image attention maps of one batch element of a joint attention.
 
@@ -44,6 +49,11 @@ def attention_maps(
 
     A query row that the mask forbids entirely contributes zeros. ``chunk_size`` queries are
     processed at a time, which bounds the extra memory to about ``H * chunk_size * N`` floats.
+
+    ``lse``: optional float ``[H, N]``, each query row's natural log-sum-exp over all keys of
+    ``q·kᵀ·scale + mask``, as the model's attention kernel computed it (see ``tracer.tap``).
+    Given, ``img2txt`` is ``exp(logit - lse)`` summed over the span keys, computed for those key
+    columns only, instead of a second pass of attention over all keys.
 
     Keep ``span_members`` on the CPU (it is fixed for a run): it is then checked and turned into
     weights without waiting for the accelerator.
@@ -61,17 +71,60 @@ def attention_maps(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
     _check_span_members(span_members, text_len)
     mask3 = _as_3d_mask(mask, heads, n_tokens)
+    if lse is not None:
+        _check_lse(lse, q)
 
     maps: dict[str, torch.Tensor] = {}
+    n_rows = int(span_members.any(dim=0).sum())  # text queries (txt2img) = span keys (img2txt)
+    n_image = n_tokens - text_len
+    work = (
+        2
+        * heads
+        * q.shape[-1]
+        * (
+            ("txt2img" in wanted) * n_rows * n_tokens
+            + ("img2txt" in wanted) * n_image * (n_rows if lse is not None else 2 * n_tokens)
+        )
+    )
     # Observation only: no autograd graph (it would keep every chunk's block alive).
-    with torch.no_grad():
+    with torch.no_grad(), _cpu_threads_for(work, q.device):
         # float32 copies once per call: the model's q, k stay untouched; every chunk reads them.
         q32 = q.to(torch.float32)
         k32 = k.to(torch.float32)
         for direction in wanted:
-            compute = _txt2img if direction == "txt2img" else _img2txt
-            maps[direction] = compute(q32, k32, mask3, scale, text_len, span_members, chunk_size)
+            if direction == "txt2img":
+                maps[direction] = _txt2img(
+                    q32, k32, mask3, scale, text_len, span_members, chunk_size
+                )
+            elif lse is not None:
+                maps[direction] = _img2txt_from_lse(
+                    q32, k32, mask3, scale, text_len, span_members, chunk_size, lse
+                )
+            else:
+                maps[direction] = _img2txt(
+                    q32, k32, mask3, scale, text_len, span_members, chunk_size
+                )
     return maps
+
+
+@contextlib.contextmanager
+def _cpu_threads_for(flops: float, device: torch.device) -> Iterator[None]:
+    """One intra-op thread for a small capture on the CPU, the current number otherwise.
+
+    With the kernel's lse, a call's capture is a few dozen small ops (some MFLOP each). Spread
+    over OpenMP threads, each op ends at a barrier that waits for every thread, and when other
+    processes share the cores that wait costs more than the op: on 2 shared cores, a FLUX-sized
+    call took 85 ms on 2 threads and 8 ms on one.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or flops >= _SMALL_WORK_FLOPS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,6 +192,16 @@ def _check_span_members(span_members: torch.Tensor, text_len: int) -> None:
     empty = (~span_members.any(dim=1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"span(s) at index {empty} of span_members select no text token")
+
+
+def _check_lse(lse: torch.Tensor, q: torch.Tensor) -> None:
+    if not isinstance(lse, torch.Tensor) or not lse.is_floating_point():
+        raise ValueError(f"lse must be None or a floating-point torch.Tensor, got {lse!r:.80}")
+    if tuple(lse.shape) != tuple(q.shape[:2]) or lse.device != q.device:
+        raise ValueError(
+            f"lse must be [H, N] = {list(q.shape[:2])} on {q.device}, got {list(lse.shape)} on "
+            f"{lse.device}"
+        )
 
 
 def _as_3d_mask(mask: torch.Tensor | None, heads: int, n_tokens: int) -> torch.Tensor | None:
@@ -289,4 +352,52 @@ def _img2txt(
             # Kernels disagree on fully masked rows (NaN or 0); the contract says zeros.
             sums = sums.masked_fill(_dead_rows(mask_rows).unsqueeze(-1), 0.0)
         out[:, :, start:stop] = sums.transpose(1, 2)
+    return out
+
+
+def _img2txt_from_lse(
+    q32: torch.Tensor,
+    k32: torch.Tensor,
+    mask3: torch.Tensor | None,
+    scale: float,
+    text_len: int,
+    span_members: torch.Tensor,
+    chunk_size: int,
+    lse: torch.Tensor,
+) -> torch.Tensor:
+    heads, n_tokens, _ = q32.shape
+    device = q32.device
+    n_image = n_tokens - text_len
+    # sum_{j in s} P[i, j] = sum_{j in s} exp(q_i·k_j·scale + mask_ij - lse_i): only the text keys
+    # of some span are needed, with lse_i, the kernel's normaliser over all keys.
+    keys = span_members.any(dim=0).nonzero().flatten()
+    weights = span_members[:, keys].t().to(torch.float32)  # [K, S]: key j counts for span s
+    keys = keys.to(device, non_blocking=True)
+    weights = weights.to(device, non_blocking=True)
+    k_t = k32.index_select(1, keys).transpose(1, 2).contiguous()  # [H, D, K]
+    lse_image = lse[:, text_len:].to(torch.float32).unsqueeze(-1)  # [H, n_image, 1]
+    if mask3 is not None and mask3.shape[2] > 1:
+        mask3 = mask3.index_select(2, keys)
+
+    n_keys, n_spans = weights.shape
+    # Blocks are [H, rows, K] (and [H, rows, S]), not [H, rows, N]: as many rows as keep a block
+    # within the H * chunk_size * N floats the other paths use, in few large (fast) steps.
+    rows_per_block = max(chunk_size, chunk_size * n_tokens // max(n_keys, n_spans))
+    out = torch.empty(heads, n_spans, n_image, dtype=torch.float32, device=device)
+    for start in range(0, n_image, rows_per_block):
+        stop = min(start + rows_per_block, n_image)
+        mask_rows = _mask_rows(mask3, slice(text_len + start, text_len + stop))
+        q_rows = q32[:, text_len + start : text_len + stop]
+        if mask_rows is not None and mask_rows.dtype != torch.bool:
+            logits = torch.baddbmm(mask_rows.to(torch.float32), q_rows, k_t, alpha=scale)
+        else:
+            logits = torch.matmul(q_rows, k_t).mul_(scale)
+            if mask_rows is not None:
+                logits.masked_fill_(~mask_rows, _NEG_INF)
+        probs = logits.sub_(lse_image[:, start:stop]).exp_()
+        if mask_rows is not None:
+            # A row the mask forbids entirely has logits -inf (and the CPU kernel's lse 0): exp
+            # gives 0 there, but a kernel's lse of -inf would give NaN; the contract says zeros.
+            probs.nan_to_num_(nan=0.0)
+        out[:, :, start:stop] = torch.matmul(probs, weights).transpose(1, 2)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +18,9 @@ from tracer.spans import parse_span_argument
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+MAX_INDICES = 100_000  # more heads, steps or seeds than any run has: a typo, not a request
+
+
 def parse_indices(text: str) -> list[int]:
     """`0,3,5`, `10:20` (stop excluded) or a mix such as `0,4:8` as a list of ints."""
     values: list[int] = []
@@ -24,12 +28,35 @@ def parse_indices(text: str) -> list[int]:
         part = part.strip()
         start, sep, stop = part.partition(":")
         try:
-            values += list(range(int(start), int(stop))) if sep else [int(part)]
+            span = range(int(start), int(stop)) if sep else range(int(part), int(part) + 1)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"bad index list {text!r}: expected integers and START:STOP ranges, e.g. 0,3,8:12"
             ) from None
+        if len(values) + len(span) > MAX_INDICES:
+            raise argparse.ArgumentTypeError(
+                f"index list {text[:80]!r} names more than {MAX_INDICES} values"
+            )
+        values += span
     return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _pixels(text: str) -> int:
+    """An image side in pixels: at least one FLUX latent token (16 pixels)."""
+    value = _positive(text)
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"expected at least 16 pixels, got {text!r}")
+    return value
 
 
 def _names(text: str) -> list[str]:
@@ -59,14 +86,14 @@ def add_record_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--true-cfg-scale", type=float, default=1.0)
     parser.add_argument("--guidance-scale", type=float, default=3.5)
-    parser.add_argument("--num-inference-steps", "--num-steps", type=int, default=None)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--num-inference-steps", "--num-steps", type=_positive, default=None)
+    parser.add_argument("--height", type=_pixels, default=None)
+    parser.add_argument("--width", type=_pixels, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--seeds", type=parse_indices, default=None, help="seeds of a sweep, e.g. 0,1,2 or 0:4"
     )
-    parser.add_argument("--max-sequence-length", type=int, default=None)
+    parser.add_argument("--max-sequence-length", type=_positive, default=None)
     parser.add_argument(
         "--span",
         action="append",
@@ -183,17 +210,46 @@ def _entities(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, Any
     return names, call
 
 
-def _check_out(args: argparse.Namespace) -> None:
+def _is_trace_store(path: Path) -> bool:
+    """Whether `path` is a folder holding an attnscope trace store's root."""
+    try:
+        metadata = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(metadata, dict) and fmt.FORMAT_ATTR in (metadata.get("attributes") or {})
+
+
+def _check_out(args: argparse.Namespace) -> bool:
+    """Make sure writing to --out is what the user asked for; True if this created the folder.
+
+    Without --append, the store is created here, exclusively: an existing path (or one another
+    recorder creates at the same moment) is refused unless --overwrite, which replaces attnscope
+    trace stores only, never another folder or file.
+    """
     out = Path(args.out)
-    if not out.exists() or args.append:
-        return
-    if args.overwrite:
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-        return
-    raise CommandError(
-        f"record: {out} already exists; pass --append to add a run to it or "
-        f"--overwrite to replace it"
-    )
+    if args.append:
+        return False  # the tracer itself refuses anything that is not a trace store
+    if out.exists() or out.is_symlink():
+        if not args.overwrite:
+            raise CommandError(
+                f"record: {out} already exists; pass --append to add a run to it or "
+                f"--overwrite to replace it"
+            )
+        if out.is_symlink() or not _is_trace_store(out):
+            raise CommandError(
+                f"record: --overwrite replaces attnscope trace stores only, and {out} is not "
+                f"one (no zarr.json with {fmt.FORMAT_ATTR!r}); remove it yourself if you mean it"
+            )
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True)
+    except FileExistsError:
+        raise CommandError(
+            f"record: {out} was just created by another command; pass --append to add a run to it"
+        ) from None
+    except OSError as error:
+        raise CommandError(f"record: cannot create {out}: {error}") from None
+    return True
 
 
 def _apply_defaults(args: argparse.Namespace) -> None:
@@ -257,9 +313,9 @@ def _complete_runs(path: str) -> set[tuple[str, int]]:
     """(prompt, seed) of the runs already complete in the store at `path`, if there is one."""
     import zarr
 
-    if not Path(path).exists():
-        return set()
-    root = zarr.open_group(path, mode="r")
+    if not (Path(path) / "zarr.json").is_file():
+        return set()  # nothing recorded yet (or not a store: the tracer refuses to write there)
+    root = zarr.open_group(path, mode="r", zarr_format=3)
     fmt.check_version(dict(root.attrs), where=path)
     done = set()
     for _, run in root.groups():
@@ -271,8 +327,6 @@ def _complete_runs(path: str) -> set[tuple[str, int]]:
 
 def run_record(args: argparse.Namespace) -> int:
     """Load the pipeline, generate each asked run under `tracer.trace`, report what was written."""
-    from tracer import trace
-
     spans = None
     if args.span:
         try:
@@ -282,18 +336,47 @@ def run_record(args: argparse.Namespace) -> int:
     _apply_defaults(args)
     jobs = _jobs(args)
     entity_names, eligen = _entities(args)
+    created = False
     if args.prompts is None or args.overwrite:
-        _check_out(args)
+        created = _check_out(args)
+    try:
+        _record(args, jobs, spans, entity_names, eligen)
+    finally:
+        out = Path(args.out)
+        if (
+            created
+            and out.is_dir()
+            and not any(fmt.run_index(p.name) is not None for p in out.iterdir())
+        ):
+            shutil.rmtree(out)  # this command made it and recorded nothing: leave nothing behind
+    return 0
+
+
+def _record(
+    args: argparse.Namespace,
+    jobs: list[tuple[str, int]],
+    spans: dict[str, Any] | None,
+    entity_names: list[str] | None,
+    eligen: dict[str, Any],
+) -> None:
+    from tracer import trace
+    from tracer.writer import WriterError
+
     done = _complete_runs(args.out)
     todo = [job for job in jobs if job not in done]
     if len(todo) < len(jobs):
         print(f"skipping {len(jobs) - len(todo)} runs already complete", file=sys.stderr)
     if not todo:
-        return 0
+        return
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     default_dtype = "bfloat16" if device.startswith("cuda") else "float32"
     dtype = DTYPES[args.dtype or default_dtype]
-    pipe = _load_pipeline(args, device, dtype)
+    try:
+        pipe = _load_pipeline(args, device, dtype)
+    except (OSError, ValueError, RuntimeError, ImportError) as error:
+        source = "the demo pipeline" if args.demo else repr(args.model)
+        raise CommandError(f"record: cannot load {source} on {device}: {error}") from None
+    recorder = None
     try:
         with trace(
             pipe,
@@ -312,4 +395,12 @@ def run_record(args: argparse.Namespace) -> int:
                 print(f"recorded {recorder.last_run} into {args.out}", file=sys.stderr)
     except (ValueError, fmt.FormatError) as error:
         raise CommandError(f"record: {error}") from None
-    return 0
+    except (WriterError, OSError) as error:
+        # A full disk, a quota, a read-only or vanished store: stop with the cause.
+        run = recorder.last_run if recorder is not None else None
+        kept = f"; every step written before is kept (last run started: {run})" if run else ""
+        notes = "".join(f"; {note}" for note in getattr(error, "__notes__", []))
+        raise CommandError(
+            f"record: writing the trace to {args.out} failed, generation stopped: "
+            f"{type(error).__name__}: {error}{kept}{notes}"
+        ) from None

@@ -199,11 +199,22 @@ class Recorder:
             if run.group is not None:
                 # Keep every step captured whole before the error; drop the one in progress.
                 # An interrupt (Ctrl-C) stops at once instead.
-                stop = run.writer.close if isinstance(error, Exception) else run.writer.abort
-                with contextlib.suppress(Exception):
-                    stop()
+                if run.writer is not None:
+                    stop = run.writer.close if isinstance(error, Exception) else run.writer.abort
+                    with contextlib.suppress(Exception):
+                        stop()
                 reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
-                run.group.attrs.update({fmt.STATUS: fmt.failed(reason)})
+                try:
+                    run.group.attrs.update({fmt.STATUS: fmt.failed(reason)})
+                except Exception as status_error:
+                    # A full or read-only disk: the run stays `recording` (read as partial); the
+                    # error that stopped the generation is the one to report, not this one.
+                    if hasattr(error, "add_note"):
+                        error.add_note(
+                            f"attnscope could not mark {run.name} failed either "
+                            f"({type(status_error).__name__}: {status_error}); it reads as "
+                            f"partial"
+                        )
             raise
         finally:
             if run.progress is not None:

@@ -1,9 +1,21 @@
-"""Creating trace stores and run groups (the writer fills them step by step)."""
+"""Creating trace stores and run groups (the writer fills them step by step).
+
+Several recorders may append to one store at once (processes on one machine, one folder): on a
+local path both the store's creation and each run's name are claimed exclusively, so each gets
+its own run and neither rewrites the other's objects. The root's `zarr.json` is created whole,
+format attribute included, with one exclusive link (never rewritten afterwards); a run name is
+claimed by creating its folder (`mkdir` fails if another recorder made it first). Store URLs
+(fsspec) get the same retry on a taken name but no exclusive claim.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,8 +26,54 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 from analysis import store_format as fmt
 
 
+def _local(path: str) -> Path | None:
+    """The folder of a local store path; None for a URL."""
+    return None if "://" in str(path) else Path(path)
+
+
+def _create_root(folder: Path) -> None:
+    """Create the store's root group, format attribute included, unless it exists: exclusive."""
+    if folder.exists() and not folder.is_dir():
+        raise fmt.FormatError(f"{folder} is a file, not a trace store; choose another path")
+    target = folder / "zarr.json"
+    if target.exists():
+        return
+    if folder.exists():
+        entries = [e.name for e in folder.iterdir() if not e.name.endswith(".partial")]
+        if entries and not target.exists():
+            raise fmt.FormatError(
+                f"{folder} is a folder that is not a trace store (no zarr.json; it holds "
+                f"{', '.join(sorted(entries)[:5])}{', ...' if len(entries) > 5 else ''}); "
+                f"attnscope will not write into it. Choose another path."
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "attributes": {fmt.FORMAT_ATTR: fmt.FORMAT_VERSION},
+        "zarr_format": 3,
+        "node_type": "group",
+    }
+    temporary = folder / f"zarr.{uuid.uuid4().hex}.partial"
+    temporary.write_text(json.dumps(metadata, indent=2))
+    try:
+        os.link(temporary, target)  # atomic and exclusive: another recorder may have won
+    except FileExistsError:
+        pass
+    except OSError:
+        # A file system without hard links: an exclusive create, never clobbering another's.
+        try:
+            with open(target, "x", encoding="utf-8") as file:
+                file.write(temporary.read_text())
+        except FileExistsError:
+            pass
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def open_store(path: str) -> zarr.Group:
     """The root group of the trace store at `path`, created if missing; never a foreign store."""
+    folder = _local(path)
+    if folder is not None:
+        _create_root(folder)
     root = zarr.open_group(path, mode="a", zarr_format=3)
     attrs = dict(root.attrs)
     if fmt.FORMAT_ATTR in attrs:
@@ -45,9 +103,16 @@ def create_run(
     """Lay down a new run group (metadata and coordinates) and return its name and group."""
     dataset, encoding = fmt.run_skeleton(coords, attrs, directions, keepbits)
     root = open_store(path)
+    folder = _local(path)
     index = _next_index(root)
     while True:
         name = fmt.run_name(index)
+        if folder is not None:
+            try:
+                (folder / name).mkdir()  # the claim: fails if another recorder took the name
+            except FileExistsError:
+                index += 1
+                continue
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
@@ -86,6 +151,6 @@ def _put_array(run: zarr.Group, name: str, values: np.ndarray, dims: Sequence[st
         dtype=str if is_text else values.dtype,
         chunks=values.shape,
         dimension_names=list(dims),
-        **({} if is_text else fmt.image_encoding()),
+        **(fmt.checksum_encoding() if is_text else fmt.image_encoding()),
     )
     array[...] = values

@@ -5,17 +5,25 @@ wrapped forward runs and the recorder wants that call, a TorchFunctionMode watch
 module's `scaled_dot_product_attention` call: it runs the call exactly as the model made it, then
 hands the same q, k, mask and scale to the recorder. The model's own kernels, inputs and order are
 untouched, so its output is bit-for-bit what it was.
+
+Where the kernel torch picks for that call also computes each query's log-sum-exp over all keys
+(CPU flash attention; CUDA flash and memory-efficient attention), the call is made through that
+same kernel's aten op, which returns the log-sum-exp beside the output: the output is the same
+tensor SDPA would have returned, and the recorder gets the normaliser of every softmax row for
+free instead of recomputing it. Any other call (math or cuDNN kernel, dropout, causal, GQA,
+autograd) runs exactly as the model made it, with no log-sum-exp.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
 
 _SDPA = F.scaled_dot_product_attention
@@ -30,6 +38,11 @@ _SDPA_PARAMS = (
     "enable_gqa",
 )
 
+# Whether to fetch the log-sum-exp from the model's own attention kernel where it can (see the
+# module docstring). False always runs the model's call as made and leaves the recorder to
+# recompute the normalisers: for debugging and for benchmarks comparing the two paths.
+FETCH_LSE = True
+
 
 class TapError(RuntimeError):
     """An attention could not be traced (no SDPA call seen, or one attnscope can't read)."""
@@ -37,12 +50,18 @@ class TapError(RuntimeError):
 
 @dataclass(frozen=True)
 class AttentionCall:
-    """The inputs of one SDPA call: q, k as [B, H, N, D], the mask as the model passed it."""
+    """The inputs of one SDPA call: q, k as [B, H, N, D], the mask as the model passed it.
+
+    `lse`, when the kernel gave it, is float32 [B, H, N]: for each query row, the natural
+    log-sum-exp over all keys of q·kᵀ·scale + mask, as the kernel computed it (0 for a row the
+    mask forbids entirely).
+    """
 
     query: torch.Tensor
     key: torch.Tensor
     mask: torch.Tensor | None
     scale: float
+    lse: torch.Tensor | None = None
 
 
 def _read_call(args: Sequence[Any], kwargs: dict[str, Any]) -> AttentionCall:
@@ -60,21 +79,109 @@ def _read_call(args: Sequence[Any], kwargs: dict[str, Any]) -> AttentionCall:
     return AttentionCall(query=query, key=key, mask=bound.get("attn_mask"), scale=scale)
 
 
-class _FirstSdpa(TorchFunctionMode):
-    """Runs every torch call unchanged and reports the first SDPA call's inputs."""
+def _lse_kernel(bound: dict[str, Any]) -> str | None:
+    """Which log-sum-exp-returning kernel SDPA would run for this call, if one: cpu_flash,
+    cuda_flash or cuda_efficient; None when the call must run as made."""
+    query, key, value = bound["query"], bound["key"], bound["value"]
+    mask = bound.get("attn_mask")
+    dropout = bound.get("dropout_p", 0.0)
+    causal = bound.get("is_causal", False)
+    gqa = bound.get("enable_gqa", False)
+    tensors = [t for t in (query, key, value, mask) if t is not None]
+    if (
+        dropout
+        or causal
+        or gqa
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    ):
+        return None
+    try:
+        choice = SDPBackend(
+            torch._fused_sdp_choice(
+                query, key, value, mask, dropout, causal, scale=bound.get("scale"), enable_gqa=gqa
+            )
+        )
+    except (RuntimeError, IndexError, ValueError):
+        return None  # a call SDPA refuses: let the model's own call raise its own error
+    if query.device.type == "cpu":
+        return "cpu_flash" if choice == SDPBackend.FLASH_ATTENTION else None
+    if query.device.type != "cuda" or mask is not None:
+        # SDPA pads CUDA masks for the efficient kernel; not replicated here.
+        return None
+    if choice == SDPBackend.FLASH_ATTENTION and query.shape[-1] % 8 == 0:
+        return "cuda_flash"  # a head dim SDPA would pad is left alone
+    if choice == SDPBackend.EFFICIENT_ATTENTION:
+        return "cuda_efficient"
+    return None  # cuDNN decides its kernel by whether the lse is asked for: not touched
 
-    def __init__(self, on_call: Callable[[AttentionCall], None]) -> None:
+
+def _run_with_lse(kernel: str, bound: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output SDPA would return for this call, and its float32 log-sum-exp [B, H, N].
+
+    Each branch is what `torch.nn.functional.scaled_dot_product_attention` itself does for that
+    kernel (aten/src/ATen/native/transformers/attention.cpp), keeping the kernel's lse.
+    """
+    query, key, value = bound["query"], bound["key"], bound["value"]
+    scale = bound.get("scale")
+    if kernel == "cpu_flash":
+        mask = bound.get("attn_mask")
+        if mask is not None and mask.dtype == torch.bool:
+            # SDPA's convert_boolean_attn_mask: True = may attend -> 0, False -> -inf.
+            zero = torch.zeros((), dtype=query.dtype, device=mask.device)
+            mask = torch.where(mask.logical_not(), -math.inf, zero)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=mask, scale=scale
+        )
+        return out, lse
+    if kernel == "cuda_flash":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            query, key, value, 0.0, False, False, scale=scale
+        )[:2]
+        return out, lse
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key, value, None, True, 0.0, False, scale=scale
+    )[:2]
+    return out, lse[..., : query.shape[-2]]  # rows are padded to a multiple of 32
+
+
+class _FirstSdpa(TorchFunctionMode):
+    """Runs every torch call unchanged and reports the first SDPA call's inputs (and lse)."""
+
+    def __init__(
+        self, on_call: Callable[[AttentionCall], None], checked: dict[tuple, bool]
+    ) -> None:
         super().__init__()
         self.on_call = on_call
+        self.checked = checked
         self.seen = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         # Only the first call is the joint attention; later ones (IP-adapter tokens) are not.
-        if func is _SDPA and not self.seen:
-            self.seen = True
-            self.on_call(_read_call(args, kwargs))
+        if func is not _SDPA or self.seen:
+            return func(*args, **kwargs)
+        self.seen = True
+        call = _read_call(args, kwargs)
+        bound = dict(zip(_SDPA_PARAMS, args, strict=False)) | kwargs
+        kernel = _lse_kernel(bound) if FETCH_LSE else None
+        signature = None
+        if kernel is not None and kernel != "cpu_flash":
+            # Accelerator kernels are checked once per call signature against SDPA itself (one
+            # extra attention per run); a mismatch turns the lse path off for that signature.
+            q = bound["query"]
+            signature = (kernel, q.device, q.dtype, tuple(q.shape), tuple(bound["key"].shape))
+            if self.checked.get(signature) is False:
+                kernel = None
+        if kernel is None:
+            out, lse = func(*args, **kwargs), None
+        else:
+            out, lse = _run_with_lse(kernel, bound)
+            if signature is not None and signature not in self.checked:
+                reference = func(*args, **kwargs)
+                self.checked[signature] = torch.equal(out, reference)
+                if not self.checked[signature]:
+                    out, lse = reference, None
+        self.on_call(replace(call, lse=lse))
         return out
 
 
@@ -91,6 +198,7 @@ class AttentionTap:
         self.wants = wants
         self.on_call = on_call
         self._restore: list[tuple[torch.nn.Module, Any]] = []
+        self._checked: dict[tuple, bool] = {}  # lse kernels checked against SDPA (accelerators)
 
     def attach(self) -> None:
         """Wrap every module's forward (idempotent)."""
@@ -114,7 +222,7 @@ class AttentionTap:
         def traced_forward(*args: Any, **kwargs: Any) -> Any:
             if not self.wants(name):
                 return forward(*args, **kwargs)
-            mode = _FirstSdpa(lambda call: self.on_call(name, call))
+            mode = _FirstSdpa(lambda call: self.on_call(name, call), self._checked)
             with mode:
                 out = forward(*args, **kwargs)
             if not mode.seen:

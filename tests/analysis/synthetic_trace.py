@@ -145,6 +145,7 @@ def write_store(
             draw = scene_image if run.scene else synthetic_image
             ds["image"] = sf.image_variable(draw(run))
             encoding["image"] = sf.image_encoding()
+            encoding["rgb"] = sf.checksum_encoding()
         if run.entities:
             ny, nx = run.grid
             masks = np.zeros((len(run.entities), ny * run.image_scale, nx * run.image_scale))
@@ -152,6 +153,7 @@ def write_store(
                 masks[i][where] = 1
             ds["entity_mask"] = sf.entity_mask_variable(masks, list(run.entities))
             encoding["entity_mask"] = sf.image_encoding()
+            encoding["entity"] = sf.checksum_encoding()
         ds.to_zarr(path, group=name, encoding=encoding, compute=False, consolidated=False)
         group = zarr.open_group(path, path=name, mode="r+")
         expected[name] = {}

@@ -20,7 +20,7 @@ STEPS, LAYERS, HEADS, SPANS, GRID = 45, 24, 24, 4, (64, 64)  # FLUX-sized maps
 DISTINCT = 3  # steps written through zarr; the others are byte copies of their shards
 
 CHILD = """
-import json, resource, sys
+import json, sys
 import dask
 dask.config.set(scheduler="threads", num_workers=2)
 import analysis
@@ -28,7 +28,9 @@ ds = analysis.open_trace(sys.argv[1])
 m = ds.txt2img.mean(["step", "layer", "head", "span"])
 fig = analysis.heatmap(m, path=sys.argv[2])
 drawn = fig.axes[0].collections[0].get_array()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+# VmHWM, not ru_maxrss: a child inherits its parent's ru_maxrss (a torch-laden test worker).
+status = open("/proc/self/status").read()
+peak = int(status.split("VmHWM:")[1].split()[0]) * 1024  # kB
 print(json.dumps({"peak": peak, "drawn": drawn.tolist()}))
 """
 

@@ -1,0 +1,576 @@
+"""What a reader may believe of a store it did not write: metadata checked first, reads after.
+
+A trace store may come from anywhere (a colleague, a bucket, a download). Opening one must run no
+code and allocate nothing its metadata claims, and a damaged one must fail loudly rather than be
+plotted. Two layers do that:
+
+Before zarr, xarray or dask act on a node, `check_root` and `check_run` read its `zarr.json` as
+plain JSON (at most MAX_METADATA_BYTES of it; no pickle, no eval) and refuse with a FormatError
+naming the node:
+
+- Zarr v2 nodes (`.zgroup`, `.zarray` where no zarr.json is): traces are Zarr v3, and v2's object
+  codecs unpickle (readers open Zarr v3 only, so a v2 node is never decoded either way);
+- a codec outside ALLOWED_CODECS (the format's own and the standard lossless Zarr v3 ones; no
+  pickle, no value-changing filter but the format's bit rounding), a storage transformer, a data
+  type outside ALLOWED_DATA_TYPES;
+- shapes that are not lists of non-negative integers, a dim longer than MAX_LENGTH, an array of
+  more than MAX_ELEMENTS values or MAX_CHUNKS chunks, chunk shapes that are not positive or hold
+  more than MAX_CHUNK_ELEMENTS (MAX_SHARD_ELEMENTS for a shard);
+- variables of the format with the wrong dims or data type, dims whose sizes disagree between
+  arrays, CF attributes that would rescale or reinterpret values when decoded (`scale_factor`, ...);
+- run attributes of the wrong type (`status`, `steps_complete`, `spans`, `span_tokens`).
+
+After opening, `CheckedArray` sits between dask and each zarr array: a stored chunk that cannot be
+read or decoded (a CRC32C mismatch, a truncated object) raises CorruptChunkError naming the run,
+the variable, the chunk (its index and labels) and the object holding it; a step the run lists
+complete that reads back as unwritten (NaN: its object lost, emptied or missing a chunk) raises
+too. Both subclass FormatError, so the CLI reports them as errors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import store_format as sf
+
+# Limits far above any real trace (FLUX at 2048², 50 steps, 57 layers, 100 spans fits with room)
+# and far below what would exhaust a laptop before anything was read.
+MAX_METADATA_BYTES = 16 * 2**20  # one zarr.json
+MAX_LENGTH = 2**20  # one dim
+MAX_ELEMENTS = 2**40  # one array (dask and numpy never allocate it whole; a sanity bound)
+MAX_CHUNKS = 2**24  # one array's chunks (dask builds a task per chunk)
+MAX_CHUNK_ELEMENTS = 2**28  # one chunk, decoded in one piece
+MAX_SHARD_ELEMENTS = 2**32  # one shard (its index and a whole-shard write)
+MAX_STRING_BYTES = 2**16  # one fixed-length string element
+MAX_NDIM = 32
+
+ALLOWED_CODECS = frozenset(
+    {
+        "bytes",
+        "blosc",
+        "zstd",
+        "gzip",
+        "crc32c",
+        "transpose",
+        "sharding_indexed",
+        "vlen-utf8",
+        "vlen-bytes",
+        "numcodecs.bitround",
+    }
+)
+_INTS = frozenset({"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"})
+_FLOATS = frozenset({"float16", "float32", "float64"})
+_STRINGS = frozenset({"string", "fixed_length_utf32"})
+ALLOWED_DATA_TYPES = _INTS | _FLOATS | _STRINGS | {"bool"}
+
+# Attributes xarray would act on when decoding: a store of this format never carries them.
+CF_TRANSFORMS = frozenset(
+    {"scale_factor", "add_offset", "_Unsigned", "missing_value", "units", "calendar", "dtype"}
+)
+
+# The format's variables: their dims and the data types they may have.
+KNOWN = {
+    **{name: (sf.DIMS, frozenset({"float32"})) for name in sf.DIRECTIONS},
+    "step": (("step",), _INTS),
+    "timestep": (("step",), _FLOATS),
+    "sigma": (("step",), _FLOATS),
+    "layer": (("layer",), _STRINGS),
+    "layer_kind": (("layer",), _STRINGS),
+    "head": (("head",), _INTS),
+    "span": (("span",), _STRINGS),
+    "y": (("y",), _INTS),
+    "x": (("x",), _INTS),
+    "branch": ((), _STRINGS),
+    "image": (sf.IMAGE_DIMS, frozenset({"uint8"})),
+    "rgb": (("rgb",), _STRINGS),
+    "entity_mask": (sf.ENTITY_MASK_DIMS, frozenset({"uint8"})),
+    "entity": (("entity",), _STRINGS),
+}
+
+
+class CorruptChunkError(sf.FormatError):
+    """A stored chunk that cannot be read or decoded, or a listed step whose data is lost."""
+
+
+# ---------------------------------------------------------------------------------- raw access
+
+
+def _sync(coroutine: Any) -> Any:
+    from zarr.core.sync import sync
+
+    return sync(coroutine)
+
+
+def read_json(store: Any, key: str, where: str) -> Any | None:
+    """The JSON document at `key` (None when absent), refused when too large or not JSON."""
+    from zarr.abc.store import RangeByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+
+    buffer = _sync(
+        store.get(
+            key,
+            prototype=default_buffer_prototype(),
+            byte_range=RangeByteRequest(0, MAX_METADATA_BYTES + 1),
+        )
+    )
+    if buffer is None:
+        return None
+    raw = buffer.to_bytes()
+    if len(raw) > MAX_METADATA_BYTES:
+        raise sf.FormatError(
+            f"{where}: {key} is larger than {MAX_METADATA_BYTES // 2**20} MiB; a trace's "
+            f"metadata never is. Refusing to parse it."
+        )
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise sf.FormatError(
+            f"{where}: {key} is not valid JSON ({type(exc).__name__}: {exc}); the object is "
+            f"damaged or truncated"
+        ) from None
+
+
+def list_dir(store: Any, prefix: str) -> list[str]:
+    """The names directly under `prefix` (files and folders), sorted."""
+    from zarr.core.sync import _collect_aiterator
+
+    return sorted(_sync(_collect_aiterator(store.list_dir(prefix))))
+
+
+def list_prefix(store: Any, prefix: str) -> list[str]:
+    """Every key under `prefix` (relative to the store's root)."""
+    from zarr.core.sync import _collect_aiterator
+
+    return list(_sync(_collect_aiterator(store.list_prefix(prefix))))
+
+
+def exists(store: Any, key: str) -> bool:
+    """Whether the store holds an object at `key`."""
+    return bool(_sync(store.exists(key)))
+
+
+# ------------------------------------------------------------------------------ metadata checks
+
+
+def _refuse(where: str, node: str, problem: str) -> sf.FormatError:
+    return sf.FormatError(f"{where}: {node} {problem}; refusing to open it (untrusted metadata)")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(v) for v in value)
+
+
+def _check_v2(store: Any, prefix: str, where: str) -> None:
+    for name in (".zgroup", ".zarray", ".zattrs"):
+        if exists(store, f"{prefix}{name}"):
+            raise sf.FormatError(
+                f"{where}: {prefix or 'the root '}holds Zarr v2 metadata ({prefix}{name}); "
+                f"attnscope traces are Zarr v3 (zarr.json) and v2 nodes are not opened"
+            )
+
+
+def _check_group_node(meta: Any, where: str, node: str) -> dict[str, Any]:
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3:
+        raise _refuse(where, node, "is not Zarr v3 metadata (zarr_format is not 3)")
+    if meta.get("node_type") != "group":
+        raise _refuse(where, node, f"is a {meta.get('node_type')!r} node, not a group")
+    attrs = meta.get("attributes", {})
+    if not isinstance(attrs, dict):
+        raise _refuse(where, node, "has attributes that are not a JSON object")
+    return attrs
+
+
+def check_root(store: Any, where: str) -> dict[str, Any]:
+    """The root group's attributes, its metadata checked; FormatError when it is not a v3 group."""
+    meta = read_json(store, "zarr.json", where)
+    if meta is None:
+        _check_v2(store, "", where)
+        raise sf.FormatError(
+            f"{where} is not an attnscope trace: there is no Zarr group there (no zarr.json)"
+        )
+    if isinstance(meta, dict) and meta.get("node_type") == "array":
+        raise sf.FormatError(
+            f"{where} is not an attnscope trace: there is no Zarr group there (its root is an "
+            f"array)"
+        )
+    # Consolidated metadata, if any, is never used: members are read from their own zarr.json.
+    return _check_group_node(meta, where, "the store's root")
+
+
+def check_run_attrs(attrs: Mapping[str, Any], where: str, node: str) -> None:
+    """The run attributes other code relies on have the types the format says."""
+    status = attrs.get(sf.STATUS, "")
+    if not isinstance(status, str) or len(status) > 10_000:
+        raise _refuse(where, node, f"has a {sf.STATUS!r} attribute that is not a short string")
+    steps = attrs.get(sf.STEPS_COMPLETE, [])
+    if not _int_list(steps) or len(steps) > MAX_LENGTH:
+        raise _refuse(
+            where, node, f"has a {sf.STEPS_COMPLETE!r} attribute that is not a list of ints"
+        )
+    spans = attrs.get(sf.SPANS, {})
+    if not isinstance(spans, dict) or not all(_int_list(v) for v in spans.values()):
+        raise _refuse(where, node, f"has a {sf.SPANS!r} attribute that is not name -> list of ints")
+    tokens = attrs.get(sf.SPAN_TOKENS, {})
+    if not isinstance(tokens, dict) or not all(
+        isinstance(v, list) and all(isinstance(t, str) for t in v) for v in tokens.values()
+    ):
+        raise _refuse(
+            where, node, f"has a {sf.SPAN_TOKENS!r} attribute that is not name -> list of strings"
+        )
+
+
+def _data_type(meta: dict[str, Any], where: str, node: str) -> str:
+    dtype = meta.get("data_type")
+    config: Any = {}
+    if isinstance(dtype, dict):
+        dtype, config = dtype.get("name"), dtype.get("configuration", {})
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DATA_TYPES:
+        raise _refuse(
+            where,
+            node,
+            f"has data type {meta.get('data_type')!r}, not one of "
+            f"{sorted(ALLOWED_DATA_TYPES)} (object and pickled types are never read)",
+        )
+    if dtype == "fixed_length_utf32":
+        length = config.get("length_bytes") if isinstance(config, dict) else None
+        if not _is_int(length) or not 0 < length <= MAX_STRING_BYTES:
+            raise _refuse(where, node, f"has fixed-length strings of {length!r} bytes")
+    return dtype
+
+
+def _check_shape(shape: Any, where: str, node: str, what: str = "shape") -> list[int]:
+    if not _int_list(shape) or len(shape) > MAX_NDIM:
+        raise _refuse(where, node, f"has a {what} {shape!r} that is not a list of integers")
+    if any(n < 0 for n in shape):
+        raise _refuse(where, node, f"has a negative size in its {what} {shape}")
+    if any(n > MAX_LENGTH for n in shape):
+        raise _refuse(where, node, f"has a {what} {shape} with a dim longer than {MAX_LENGTH}")
+    return shape
+
+
+def _check_chunk_shape(chunks: Any, ndim: int, limit: int, where: str, node: str) -> list[int]:
+    if not _int_list(chunks) or len(chunks) != ndim or any(c < 1 for c in chunks):
+        raise _refuse(where, node, f"has chunk shape {chunks!r}: not {ndim} positive integers")
+    if math.prod(chunks) > limit:
+        raise _refuse(where, node, f"has chunks of {math.prod(chunks)} values (limit {limit})")
+    return chunks
+
+
+def _n_chunks(shape: Sequence[int], chunks: Sequence[int]) -> int:
+    return math.prod(-(-n // c) for n, c in zip(shape, chunks, strict=True))
+
+
+def _check_codecs(codecs: Any, ndim: int, shape: Sequence[int], where: str, node: str) -> None:
+    if not isinstance(codecs, list) or not codecs:
+        raise _refuse(where, node, "has no codec list")
+    for codec in codecs:
+        name = codec.get("name") if isinstance(codec, dict) else codec
+        if not isinstance(name, str) or name not in ALLOWED_CODECS:
+            raise _refuse(
+                where,
+                node,
+                f"uses codec {name!r}, not one of {sorted(ALLOWED_CODECS)} "
+                f"(no pickling or value-changing codecs are decoded)",
+            )
+        config = codec.get("configuration", {}) if isinstance(codec, dict) else {}
+        if not isinstance(config, dict):
+            raise _refuse(where, node, f"has a {name!r} codec whose configuration is no object")
+        if name == "sharding_indexed":
+            inner = _check_chunk_shape(
+                config.get("chunk_shape"), ndim, MAX_CHUNK_ELEMENTS, where, node
+            )
+            if _n_chunks(shape, inner) > MAX_CHUNKS:
+                raise _refuse(where, node, f"has more than {MAX_CHUNKS} chunks")
+            _check_codecs(config.get("codecs"), ndim, shape, where, node)
+            _check_codecs(config.get("index_codecs"), ndim, shape, where, node)
+
+
+def check_array(meta: Any, where: str, node: str) -> dict[str, Any]:
+    """Check one array's metadata; return {dims, shape, dtype, attributes} when it is sane."""
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3:
+        raise _refuse(where, node, "is not Zarr v3 metadata (zarr_format is not 3)")
+    if meta.get("node_type") != "array":
+        raise _refuse(where, node, f"is a {meta.get('node_type')!r} node, not an array")
+    shape = _check_shape(meta.get("shape"), where, node)
+    ndim = len(shape)
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise _refuse(where, node, f"has shape {shape}: more than {MAX_ELEMENTS} values")
+    dtype = _data_type(meta, where, node)
+    grid = meta.get("chunk_grid")
+    if not isinstance(grid, dict) or grid.get("name") != "regular":
+        raise _refuse(where, node, f"has chunk grid {grid!r}, not a regular one")
+    config = grid.get("configuration")
+    chunks = config.get("chunk_shape") if isinstance(config, dict) else None
+    sharded = any(
+        isinstance(c, dict) and c.get("name") == "sharding_indexed"
+        for c in meta.get("codecs") or []
+    )
+    limit = MAX_SHARD_ELEMENTS if sharded else MAX_CHUNK_ELEMENTS
+    chunks = _check_chunk_shape(chunks, ndim, limit, where, node)
+    if _n_chunks(shape, chunks) > MAX_CHUNKS:
+        raise _refuse(where, node, f"has more than {MAX_CHUNKS} chunks")
+    encoding = meta.get("chunk_key_encoding", {"name": "default"})
+    if not isinstance(encoding, dict) or encoding.get("name") not in ("default", "v2"):
+        raise _refuse(where, node, f"has chunk key encoding {encoding!r}")
+    _check_codecs(meta.get("codecs"), ndim, shape, where, node)
+    if meta.get("storage_transformers"):
+        raise _refuse(where, node, "uses storage transformers")
+    dims = meta.get("dimension_names", [] if ndim == 0 else None)
+    if (
+        not isinstance(dims, list)
+        or len(dims) != ndim
+        or not all(isinstance(d, str) and d for d in dims)
+    ):
+        raise _refuse(where, node, f"has dimension names {dims!r}, not {ndim} names")
+    attrs = meta.get("attributes", {})
+    if not isinstance(attrs, dict):
+        raise _refuse(where, node, "has attributes that are not a JSON object")
+    transforms = sorted(CF_TRANSFORMS & set(attrs))
+    if transforms:
+        raise _refuse(where, node, f"has attributes {transforms} that would change its values")
+    return {"dims": tuple(dims), "shape": tuple(shape), "dtype": dtype, "attributes": attrs}
+
+
+def _check_known(name: str, info: Mapping[str, Any], where: str, node: str) -> None:
+    if name not in KNOWN:
+        return
+    dims, dtypes = KNOWN[name]
+    if info["dims"] != dims:
+        raise _refuse(where, node, f"has dims {list(info['dims'])}; the format says {list(dims)}")
+    if info["dtype"] not in dtypes:
+        raise _refuse(
+            where, node, f"has data type {info['dtype']!r}; the format says one of {sorted(dtypes)}"
+        )
+    if name == "rgb" and info["shape"] != (3,):
+        raise _refuse(where, node, f"has {info['shape']} values; the format says 3 (r, g, b)")
+
+
+def check_run(
+    store: Any,
+    name: str,
+    where: str,
+    arrays: Sequence[str] | None = None,
+    meta: Any = None,
+) -> dict:
+    """Check one run group's metadata and that of its arrays (all, or only `arrays`).
+
+    `meta` is the run's zarr.json when already read. Returns {array name: checked info}.
+    Raises FormatError naming the first problem.
+    """
+    node = f"run {name}"
+    if meta is None:
+        meta = read_json(store, f"{name}/zarr.json", where)
+    if meta is None:
+        _check_v2(store, f"{name}/", where)
+        raise sf.FormatError(f"{where}: {name} has no zarr.json; it is not a run group")
+    attrs = _check_group_node(meta, where, node)
+    check_run_attrs(attrs, where, node)
+    names = list_dir(store, f"{name}/") if arrays is None else list(arrays)
+    checked: dict[str, dict[str, Any]] = {}
+    for child in names:
+        if child == "zarr.json" or child.endswith(".partial"):
+            continue
+        child_node = f"{name}/{child}"
+        child_meta = read_json(store, f"{child_node}/zarr.json", where)
+        if child_meta is None:
+            # Zarr v3 readers never open a v2 node; refuse one anyway, it has no place here.
+            _check_v2(store, f"{child_node}/", where)
+            continue  # a folder with no metadata (left by an interrupted write): not a node
+        if isinstance(child_meta, dict) and child_meta.get("node_type") == "group":
+            _check_group_node(child_meta, where, child_node)
+            continue
+        info = check_array(child_meta, where, child_node)
+        _check_known(child, info, where, child_node)
+        checked[child] = info
+    sizes: dict[str, tuple[int, str]] = {}
+    for array_name, info in checked.items():
+        for dim, size in zip(info["dims"], info["shape"], strict=True):
+            if dim in sizes and sizes[dim][0] != size:
+                other = sizes[dim][1]
+                raise _refuse(
+                    where,
+                    f"{name}/{array_name}",
+                    f"has {size} values along {dim!r} but {name}/{other} has {sizes[dim][0]}",
+                )
+            sizes.setdefault(dim, (size, array_name))
+    return checked
+
+
+# ---------------------------------------------------------------------------------- checked reads
+
+
+def _region(key: Any, shape: Sequence[int]) -> tuple[list[slice], list[bool]] | None:
+    """The region a basic index covers (slices per dim) and which dims it drops (an int).
+
+    None for anything but ints, slices and Ellipsis (then no region is inferred).
+    """
+    key = key if isinstance(key, tuple) else (key,)
+    if sum(k is Ellipsis for k in key) > 1:
+        return None
+    region: list[slice] = []
+    dropped: list[bool] = []
+    for k in key:
+        if k is Ellipsis:
+            fill = len(shape) - (len(key) - 1)
+            region += [slice(None)] * fill
+            dropped += [False] * fill
+        elif isinstance(k, slice):
+            region.append(k)
+            dropped.append(False)
+        elif isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+            if len(region) >= len(shape):
+                return None
+            index = int(k) % shape[len(region)] if shape[len(region)] else int(k)
+            region.append(slice(index, index + 1))
+            dropped.append(True)
+        else:
+            return None
+    if len(region) > len(shape):
+        return None
+    region += [slice(None)] * (len(shape) - len(region))
+    dropped += [False] * (len(shape) - len(dropped))
+    return [slice(*s.indices(n)) for s, n in zip(region, shape, strict=True)], dropped
+
+
+class CheckedArray:
+    """A zarr array as dask reads it: failures name their chunk, lost listed steps raise.
+
+    `label` names the variable (`run-0000/txt2img in cat.zarr`); `listed` holds the positions
+    along the first dim (steps) that the run lists complete, whose values are never NaN;
+    `labels` maps dims to coordinate labels used in messages; `missing`, when set, is the message
+    of every read (an object the run needs is not in the store).
+    """
+
+    def __init__(
+        self,
+        array: Any,
+        label: str,
+        *,
+        listed: Sequence[int] = (),
+        labels: Mapping[str, Sequence[Any]] | None = None,
+        dims: Sequence[str] = (),
+        missing: str | None = None,
+    ) -> None:
+        self.array = array
+        self.label = label
+        self.listed = frozenset(int(p) for p in listed)
+        self.labels = {k: list(v) for k, v in (labels or {}).items()}
+        self.dims = tuple(dims)
+        self.missing = missing
+        self.shape = tuple(array.shape)
+        self.dtype = array.dtype
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if self.missing is not None:
+            raise CorruptChunkError(self.missing)
+        found = _region(key, self.shape)
+        region = found[0] if found else [slice(0, n) for n in self.shape]
+        try:
+            out = np.asarray(self.array[key])
+        except Exception as exc:
+            raise CorruptChunkError(self._failure(region, exc)) from exc
+        if self.listed and found and out.dtype.kind == "f" and self.ndim:
+            rows = range(*region[0].indices(self.shape[0]))
+            step_dropped = found[1][0]
+            for i, row in enumerate(rows):
+                if row in self.listed:
+                    values = out if step_dropped else out[i]
+                    if np.isnan(values).any():
+                        raise CorruptChunkError(self._lost(region, row))
+        return out
+
+    # -- messages ------------------------------------------------------------------------------
+    def chunk_grid(self) -> tuple[int, ...]:
+        return tuple(self.array.chunks)
+
+    def chunks_in(self, region: Sequence[slice]) -> Iterator[tuple[int, ...]]:
+        """Indices of the stored chunks a region touches."""
+        ranges = [
+            range(s.start // c, -(-s.stop // c)) if s.stop > s.start else range(0)
+            for s, c in zip(region, self.chunk_grid(), strict=True)
+        ]
+        return itertools.product(*ranges)
+
+    def describe(self, index: Sequence[int]) -> str:
+        """`stored chunk (2, 0, 0, 1, 0, 0) [step 2, layer ..., span 'cat'] in object ...`."""
+        chunks = self.chunk_grid()
+        named = []
+        for dim, i, c in zip(self.dims, index, chunks, strict=False):
+            labels = self.labels.get(dim)
+            if labels is not None and c == 1 and i < len(labels):
+                label = labels[i]
+                named.append(f"{dim} {label!r}" if isinstance(label, str) else f"{dim} {label}")
+        where = f" [{', '.join(named)}]" if named else ""
+        return f"stored chunk {tuple(index)}{where} in object {object_key(self.array, index)}"
+
+    def read_chunk(self, index: Sequence[int]) -> np.ndarray:
+        region = tuple(
+            slice(i * c, min((i + 1) * c, n))
+            for i, c, n in zip(index, self.chunk_grid(), self.shape, strict=True)
+        )
+        return np.asarray(self.array[region])
+
+    def _failure(self, region: Sequence[slice], exc: Exception) -> str:
+        bad = []
+        for index in itertools.islice(self.chunks_in(region), 4096):
+            try:
+                self.read_chunk(index)
+            except Exception as chunk_exc:
+                bad.append((index, chunk_exc))
+                if len(bad) > 3:
+                    break
+        if not bad:
+            bad = [(next(iter(self.chunks_in(region)), ()), exc)]
+        index, cause = bad[0]
+        more = f" (and {len(bad) - 1} more chunks nearby)" if len(bad) > 1 else ""
+        return (
+            f"{self.label}: {self.describe(index)} cannot be read or decoded "
+            f"({type(cause).__name__}: {short_reason(cause)}){more}; the store is damaged, nothing "
+            f"from it is drawn. `attnscope verify` lists every damaged chunk."
+        )
+
+    def _lost(self, region: Sequence[slice], row: int) -> str:
+        first = [slice(row, row + 1), *region[1:]]
+        index = next(iter(self.chunks_in(first)))
+        for candidate in self.chunks_in(first):  # pinpoint: a few small reads, on error only
+            try:
+                if np.isnan(self.read_chunk(candidate)).any():
+                    index = candidate
+                    break
+            except Exception:
+                index = candidate
+                break
+        step = self.labels.get(self.dims[0], [])[row] if self.dims else row
+        return (
+            f"{self.label}: step {step} is listed complete but its {self.describe(index)} "
+            f"reads as never written (NaN): the object is missing, empty or lost chunks; the "
+            f"store is damaged, nothing from it is drawn. `attnscope verify` lists every damaged "
+            f"chunk."
+        )
+
+
+def object_key(array: Any, index: Sequence[int]) -> str:
+    """The store key of the object holding stored chunk `index` (its shard when sharded)."""
+    shards = getattr(array, "shards", None)
+    coords = tuple(index)
+    if shards is not None:
+        coords = tuple(i * c // s for i, c, s in zip(index, array.chunks, shards, strict=True))
+    key = array.metadata.encode_chunk_key(coords)
+    return f"{array.path}/{key}" if array.path else key
+
+
+def short_reason(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most `limit` characters."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,448 @@
+"""`attnscope verify STORE`: decode every stored chunk and check every run's metadata.
+
+A store is checked as a stranger's would be: the metadata first, as plain JSON, against the
+format and sane limits (`analysis.trust`), before any array is opened; then every chunk of every
+array of every run is read and decoded (each chunk carries a CRC32C, each shard index its own), and
+every step a run lists complete must hold data. The metadata must agree with itself: the format
+version, each variable's dims, the coordinates with the run's attributes (`steps_complete`,
+`spans`, `span_tokens`, `capture`), the status with the steps listed.
+
+Findings are errors (the store is damaged or inconsistent: something a reader would show wrongly
+or fail on) or notes (what a crash leaves and readers handle: a partial or failed run, stray
+`*.partial` temporary files, an interrupted run creation). `verify` never writes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+from . import store_format as sf
+from . import trust
+from .open import PathLike, _store, _where
+from .selection import describe_values
+
+BLOCK_BYTES = 64 * 2**20  # decoded bytes read at once; a damaged block is re-read chunk by chunk
+MAX_FINDINGS_PER_ARRAY = 20
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing verify found: `level` is `error` or `note`; `where` names the run or array."""
+
+    level: str
+    where: str
+    message: str
+
+
+@dataclass
+class Report:
+    """What `verify` checked and found."""
+
+    store: str
+    findings: list[Finding] = field(default_factory=list)
+    runs: int = 0
+    arrays: int = 0
+    chunks: int = 0
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def notes(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "note"]
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is damaged or inconsistent (notes allowed)."""
+        return not self.errors
+
+    def error(self, where: str, message: str) -> None:
+        self.findings.append(Finding("error", where, message))
+
+    def note(self, where: str, message: str) -> None:
+        self.findings.append(Finding("note", where, message))
+
+    def summary(self) -> str:
+        errors, notes = len(self.errors), len(self.notes)
+        return (
+            f"checked {self.runs} runs, {self.arrays} arrays, {self.chunks} chunks: "
+            f"{errors} error{'s' * (errors != 1)}, {notes} note{'s' * (notes != 1)}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "ok": self.ok,
+            "runs": self.runs,
+            "arrays": self.arrays,
+            "chunks": self.chunks,
+            "findings": [f.__dict__ for f in self.findings],
+        }
+
+
+def verify(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> Report:
+    """Check every run, variable and chunk of the store at `path`; never writes.
+
+    Raises FileNotFoundError when a local path does not exist; everything else is a finding.
+    """
+    where = _where(path)
+    store = _store(path, storage_options)
+    report = Report(store=where)
+    try:
+        attrs = trust.check_root(store, where)
+        sf.check_version(attrs, where=where)
+    except sf.FormatError as exc:
+        report.error("store", str(exc))
+        return report
+    keys = set(trust.list_prefix(store, ""))
+    partials = sorted(k for k in keys if k.endswith(".partial"))
+    for key in partials[:MAX_FINDINGS_PER_ARRAY]:
+        report.note("store", f"stray temporary file {key} left by an interrupted write")
+    if len(partials) > MAX_FINDINGS_PER_ARRAY:
+        report.note("store", f"... and {len(partials) - MAX_FINDINGS_PER_ARRAY} more")
+    runs = []
+    for entry in trust.list_dir(store, ""):
+        if entry == "zarr.json" or entry.endswith(".partial"):
+            continue
+        if sf.run_index(entry) is not None:
+            if trust.exists(store, f"{entry}/zarr.json"):
+                runs.append(entry)
+            else:
+                report.note(
+                    entry,
+                    "a folder without zarr.json: a run whose creation was interrupted before "
+                    "its metadata was written; readers ignore it",
+                )
+        else:
+            report.note("store", f"{entry} is not part of the format; readers ignore it")
+    if not runs:
+        report.error("store", f"{where} holds no runs (no {sf.RUN_PREFIX}NNNN groups)")
+    for name in runs:
+        _verify_run(store, name, where, keys, report)
+    return report
+
+
+# ------------------------------------------------------------------------------------ one run
+
+
+def _verify_run(store: Any, name: str, where: str, keys: set[str], report: Report) -> None:
+    report.runs += 1
+    try:
+        arrays = trust.check_run(store, name, where)
+    except sf.FormatError as exc:
+        report.error(name, str(exc))
+        return
+    group = zarr.open_group(store, path=name, mode="r", zarr_format=3, use_consolidated=False)
+    attrs = dict(group.attrs)
+    status = attrs.get(sf.STATUS)
+    complete = status == sf.COMPLETE
+    if status is None:
+        report.error(name, f"has no {sf.STATUS!r} attribute")
+    elif not (status in (sf.RECORDING, sf.COMPLETE) or sf.is_failed(status)):
+        report.error(name, f"has status {status!r}, not recording, complete or failed: <reason>")
+    partial = [s for s in (*sf.DIMS, "branch") if s not in arrays]
+    if partial or not any(d in arrays for d in sf.DIRECTIONS):
+        missing = ", ".join(partial) or "txt2img or img2txt"
+        if complete:
+            report.error(name, f"is complete but lacks arrays the format requires: {missing}")
+        else:
+            report.note(
+                name,
+                f"({status}) lacks {missing}: its recording stopped while the run was being "
+                f"laid down; it holds no maps",
+            )
+        # Its data is still decoded below, for what there is.
+
+    coords: dict[str, np.ndarray] = {}
+    for coord in [a for a, info in arrays.items() if len(info["shape"]) <= 1]:
+        values = _read_small(group, name, coord, arrays[coord], report, complete, where)
+        if values is not None:
+            coords[coord] = values
+    _check_metadata(name, attrs, arrays, coords, group, report)
+
+    steps = [int(s) for s in coords.get("step", [])]
+    listed = set(int(s) for s in attrs.get(sf.STEPS_COMPLETE, []))
+    labels = {
+        dim: [v.item() if isinstance(v, np.generic) else v for v in coords[dim]]
+        for dim in ("step", "layer", "head", "span")
+        if dim in coords
+    }
+    for array_name, info in arrays.items():
+        if len(info["shape"]) <= 1:
+            continue
+        positions = (
+            {i for i, s in enumerate(steps) if s in listed} if array_name in sf.DIRECTIONS else None
+        )
+        _verify_array(
+            keys, group, name, array_name, info, positions, labels, complete, where, report
+        )
+
+    if status is not None and not complete:
+        missing = [s for s in steps if s not in listed]
+        state = "still recording or was killed" if status == sf.RECORDING else status
+        done = [s for s in steps if s in listed]
+        report.note(
+            name,
+            f"is partial ({state}): steps {describe_values(missing) or 'none'} are not complete; "
+            f"readers use the {len(done)} complete steps {describe_values(done) or '(none)'}",
+        )
+
+
+def _read_small(
+    group: zarr.Group,
+    run: str,
+    name: str,
+    info: Mapping[str, Any],
+    report: Report,
+    complete: bool,
+    where: str,
+) -> np.ndarray | None:
+    """Read a coordinate (a 0-d or 1-d array) whole, reporting a missing or damaged object."""
+    report.arrays += 1
+    array = group[name]
+    checked = trust.CheckedArray(array, f"{run}/{name} in {where}", dims=info["dims"])
+    report.chunks += array.nchunks
+    if array.nchunks_initialized < array.nchunks and math.prod(info["shape"]) > 0:
+        message = f"{run}/{name}: its data object is missing (it reads as fill values)"
+        (report.error if complete else report.note)(f"{run}/{name}", message)
+        return None
+    try:
+        return np.asarray(checked[...])
+    except trust.CorruptChunkError as exc:
+        report.error(f"{run}/{name}", str(exc))
+        return None
+
+
+def _blocks(shape: Sequence[int], chunks: Sequence[int], shards: Sequence[int] | None, itemsize):
+    """Regions to read, aligned to chunks: whole shards, narrowed until under BLOCK_BYTES."""
+    block = list(shards or chunks)
+    for dim in range(len(block)):
+        if math.prod(block) * itemsize <= BLOCK_BYTES:
+            break
+        block[dim] = chunks[dim]
+    ranges = [range(0, n, b) for n, b in zip(shape, block, strict=True)]
+    for start in itertools.product(*ranges):
+        yield tuple(slice(s, min(s + b, n)) for s, b, n in zip(start, block, shape, strict=True))
+
+
+def _verify_array(
+    present: set[str],
+    group: zarr.Group,
+    run: str,
+    name: str,
+    info: Mapping[str, Any],
+    listed: set[int] | None,
+    labels: Mapping[str, Sequence[Any]],
+    complete: bool,
+    where: str,
+    report: Report,
+) -> None:
+    """Decode every chunk of one array; listed steps of an attention variable must hold data."""
+    report.arrays += 1
+    label = f"{run}/{name}"
+    array = group[name]
+    checked = trust.CheckedArray(array, f"{label} in {where}", labels=labels, dims=info["dims"])
+    findings = 0
+
+    def found(level: str, message: str) -> None:
+        nonlocal findings
+        findings += 1
+        if findings <= MAX_FINDINGS_PER_ARRAY:
+            (report.error if level == "error" else report.note)(label, message)
+
+    for region in _blocks(array.shape, array.chunks, array.shards, array.dtype.itemsize):
+        indices = list(checked.chunks_in(region))
+        report.chunks += len(indices)
+        step = region[0].start if name in sf.DIRECTIONS else None
+        must_hold = listed is None or step in listed  # other arrays: always
+        objects = {trust.object_key(array, i) for i in indices}
+        absent = sorted(k for k in objects if k not in present)
+        if absent:
+            if name in sf.DIRECTIONS:
+                if must_hold:
+                    found(
+                        "error",
+                        f"step {labels['step'][step]} is listed complete but its "
+                        f"object {absent[0]} is missing",
+                    )
+                continue  # an unlisted step never written: nothing to check
+            message = f"object {absent[0]} is missing (its {name} reads as fill values)"
+            found("error" if complete else "note", message)
+            continue
+        try:
+            values = np.asarray(array[region])
+        except Exception:
+            values = None
+        if values is not None and not (must_hold and values.dtype.kind == "f"):
+            continue
+        if values is not None and not np.isnan(values).any():
+            continue
+        # Something is wrong in this block: name every chunk that is.
+        failures: list[tuple[tuple[int, ...], Exception]] = []
+        lost: list[tuple[int, ...]] = []
+        for index in indices:
+            try:
+                chunk = checked.read_chunk(index)
+            except Exception as exc:
+                failures.append((index, exc))
+                continue
+            if must_hold and chunk.dtype.kind == "f" and np.isnan(chunk).any():
+                lost.append(index)
+        suffix = "" if must_hold else "; its step is not listed complete, readers ignore it"
+        level = "error" if must_hold else "note"
+        if failures and len(failures) == len(indices) > 1:
+            index, exc = failures[0]
+            found(
+                level,
+                f"every one of the {len(indices)} chunks in object {trust.object_key(array, index)}"
+                f" fails to decode ({type(exc).__name__}: {trust.short_reason(exc)}): the object "
+                f"is truncated or overwritten{suffix}",
+            )
+            failures = []
+        for index, exc in failures:
+            found(
+                level,
+                f"{checked.describe(index)} cannot be decoded ({type(exc).__name__}: "
+                f"{trust.short_reason(exc)}){suffix}",
+            )
+        for index in lost:
+            found(
+                "error",
+                f"step {labels['step'][index[0]]} is listed complete but "
+                f"{checked.describe(index)} reads as never written (NaN): the object is empty "
+                f"or lost the chunk",
+            )
+    if findings > MAX_FINDINGS_PER_ARRAY:
+        report.error(label, f"... and {findings - MAX_FINDINGS_PER_ARRAY} more findings")
+
+
+# ------------------------------------------------------------------------------- metadata
+
+
+def _check_metadata(
+    run: str,
+    attrs: Mapping[str, Any],
+    arrays: Mapping[str, Mapping[str, Any]],
+    coords: Mapping[str, np.ndarray],
+    group: zarr.Group,
+    report: Report,
+) -> None:
+    """The run's attributes agree with its coordinates and variables."""
+
+    def error(message: str) -> None:
+        report.error(run, message)
+
+    steps = [int(s) for s in coords.get("step", [])]
+    listed = [int(s) for s in attrs.get(sf.STEPS_COMPLETE, [])]
+    for dim in ("step", "layer", "head", "span"):
+        if dim in coords and len(set(coords[dim].tolist())) != len(coords[dim]):
+            error(f"coordinate {dim!r} repeats values: {describe_values(coords[dim])}")
+    if len(set(listed)) != len(listed):
+        error(f"{sf.STEPS_COMPLETE} repeats steps: {listed}")
+    if "step" in coords:
+        unknown = sorted(set(listed) - set(steps))
+        if unknown:
+            error(f"{sf.STEPS_COMPLETE} lists steps {unknown} that the step coordinate lacks")
+        if attrs.get(sf.STATUS) == sf.COMPLETE and set(listed) != set(steps):
+            missing = [s for s in steps if s not in set(listed)]
+            error(f"is complete but steps {describe_values(missing)} are not listed complete")
+    for dim in ("y", "x"):
+        if dim in coords and not np.array_equal(coords[dim], np.arange(len(coords[dim]))):
+            error(f"coordinate {dim!r} is not 0..{len(coords[dim]) - 1}")
+    if "layer_kind" in coords:
+        bad = sorted(set(map(str, coords["layer_kind"])) - set(sf.LAYER_KINDS))
+        if bad:
+            error(f"layer_kind holds {bad}, not {list(sf.LAYER_KINDS)}")
+    if "branch" in coords and str(coords["branch"]) not in sf.BRANCHES:
+        error(f"branch is {coords['branch']!r}, not one of {list(sf.BRANCHES)}")
+    if "rgb" in coords and [str(c) for c in coords["rgb"]] != ["r", "g", "b"]:
+        error(f"coordinate rgb is {list(coords['rgb'])}, not ['r', 'g', 'b']")
+    for dim in ("timestep", "sigma"):
+        if dim in coords and not np.isfinite(coords[dim].astype(np.float64)).all():
+            error(f"coordinate {dim!r} holds non-finite values")
+
+    spans = attrs.get(sf.SPANS)
+    names = [str(s) for s in coords.get("span", [])]
+    if "span" in coords and spans is not None and set(spans) != set(names):
+        error(f"{sf.SPANS} names {sorted(spans)} but the span coordinate holds {names}")
+    tokens = attrs.get(sf.SPAN_TOKENS)
+    if spans is not None and tokens is not None:
+        for span, indices in spans.items():
+            if span in tokens and len(tokens[span]) != len(indices):
+                error(
+                    f"span {span!r}: {len(indices)} token indices but "
+                    f"{len(tokens[span])} token strings"
+                )
+    text_len = attrs.get("text_len")
+    if isinstance(text_len, int) and spans:
+        past = sorted(s for s, idx in spans.items() if idx and max(idx) >= text_len)
+        if past or any(min(idx, default=0) < 0 for idx in spans.values()):
+            error(f"spans {past} reach outside the {text_len} text tokens")
+    if "entity" in coords and names:
+        strangers = sorted(set(map(str, coords["entity"])) - set(names))
+        if strangers:
+            error(f"entities {strangers} have no span")
+
+    capture = attrs.get("capture")
+    if isinstance(capture, dict):
+        directions = capture.get("directions")
+        present = [d for d in sf.DIRECTIONS if d in arrays]
+        if isinstance(directions, list):
+            extra = sorted(set(present) - set(directions))
+            if extra:
+                error(f"holds {extra} but its capture settings record only {directions}")
+            lacking = sorted(set(directions) - set(present))
+            if lacking and attrs.get(sf.STATUS) == sf.COMPLETE:
+                error(f"capture settings record {lacking} but the run lacks them")
+        for key, dim in (("layers", "layer"), ("heads", "head"), ("steps", "step")):
+            if key in capture and dim in coords:
+                stored = [v.item() if isinstance(v, np.generic) else v for v in coords[dim]]
+                if list(capture[key]) != stored:
+                    error(
+                        f"coordinate {dim!r} ({describe_values(stored)}) disagrees with the "
+                        f"capture settings ({describe_values(capture[key])})"
+                    )
+        keepbits = capture.get("keepbits", "absent")
+        if keepbits != "absent":
+            bound = attrs.get("error_bound")
+            try:
+                expected = sf.relative_error_bound(sf.check_keepbits(keepbits))
+            except ValueError:
+                error(f"capture keepbits {keepbits!r} is not an integer in 1..23 or null")
+            else:
+                if bound is not None and bound != expected:
+                    error(f"error_bound {bound} does not match keepbits {keepbits} ({expected})")
+                for direction in present:
+                    stored_bits = _keepbits(group[direction])
+                    if stored_bits != keepbits:
+                        error(
+                            f"{direction} is stored with keepbits {stored_bits} but the capture "
+                            f"settings say {keepbits}"
+                        )
+
+
+def _keepbits(array: zarr.Array) -> int | None:
+    """The bit-rounding keepbits of an array's filters (None when lossless)."""
+    for codec in array.metadata.to_dict().get("codecs", []):
+        inner = codec.get("configuration", {}).get("codecs", []) if isinstance(codec, dict) else []
+        for c in [codec, *inner]:
+            if isinstance(c, dict) and c.get("name") == "numcodecs.bitround":
+                return c.get("configuration", {}).get("keepbits")
+    return None
+
+
+def format_report(report: Report) -> str:
+    """The report as the CLI prints it."""
+    lines = [f"verify {report.store}"]
+    for finding in report.findings:
+        lines.append(f"  {finding.level:<5}  {finding.where}: {finding.message}")
+    lines.append(("ok: " if report.ok else "FAILED: ") + report.summary())
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""Reading speed of the analysis side, on a synthetic store written by the real writer.
+
+The store has FLUX.1-dev's shape (28 steps, 19 + 38 blocks, 24 heads, a 64×64 grid) with seven
+spans of `txt2img`: 4.4 GB of float32 maps once decoded, stored with the default error bound.
+Its values are random attention-like probabilities (log-normal, about 1/4096 on average), so they
+compress about as real maps do. Measured, each in a fresh interpreter:
+- the mean heatmap over all steps, layers and heads of every span (the whole store decoded once):
+  time, decoded MB/s and peak RSS;
+- the CLI from a cold start (new interpreter, imports included, page cache warm) to the PNG of one
+  map (one step, layer, head and span), and to the mean map of one span over everything.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import log, median, peak_rss
+
+WORDS = ("a", "cat", "on", "red", "chair", "photo")
+
+
+def write_store(
+    path: str,
+    steps: int = 28,
+    double: int = 19,
+    single: int = 38,
+    heads: int = 24,
+    grid: tuple[int, int] = (64, 64),
+) -> dict[str, Any]:
+    """Write the synthetic run with tracer.store + tracer.writer. Fresh interpreter."""
+    import numpy as np
+    import torch
+
+    from analysis import store_format as fmt
+    from tracer.store import create_run
+    from tracer.writer import TraceWriter
+
+    layers = [f"transformer_blocks.{i}" for i in range(double)]
+    layers += [f"single_transformer_blocks.{i}" for i in range(single)]
+    spans = {"prompt": list(range(len(WORDS)))} | {w: [i] for i, w in enumerate(WORDS)}
+    coords = fmt.run_coords(
+        steps=list(range(steps)),
+        timesteps=np.linspace(1000, 1000 / steps, steps),
+        sigmas=np.linspace(1, 1 / steps, steps),
+        layers=layers,
+        layer_kinds=["double"] * double + ["single"] * single,
+        heads=list(range(heads)),
+        spans=list(spans),
+        grid=grid,
+    )
+    attrs = {
+        fmt.STATUS: fmt.RECORDING,
+        fmt.STEPS_COMPLETE: [],
+        fmt.SPANS: spans,
+        fmt.SPAN_TOKENS: {name: [WORDS[i] for i in idx] for name, idx in spans.items()},
+        "prompt": " ".join(WORDS),
+        "text_len": 512,
+        "error_bound": fmt.relative_error_bound(fmt.DEFAULT_KEEPBITS),
+    }
+    name, group = create_run(path, coords, attrs, ["txt2img"], fmt.DEFAULT_KEEPBITS)
+    n_pixels = grid[0] * grid[1]
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(len(layers), heads, len(spans), n_pixels, generator=generator)
+    base = base.mul_(1.5).exp_().div_(n_pixels * float(np.exp(1.5**2 / 2)))
+    writer = TraceWriter(group, directions=["txt2img"], n_layers=len(layers))
+    start = time.perf_counter()
+    for step in range(steps):
+        maps = base * (1.0 + 0.01 * step)  # a new tensor per step: put() keeps what it is given
+        for layer in range(len(layers)):
+            writer.put(step, layer, {"txt2img": maps[layer]})
+    writer.close()
+    seconds = time.perf_counter() - start
+    group.attrs.update({fmt.STATUS: fmt.COMPLETE})
+    decoded = steps * base.numel() * 4
+    stored = sum(p.stat().st_size for p in (Path(path) / name / "txt2img").rglob("*"))
+    log(f"synthetic store: {decoded / 1e9:.2f} GB decoded, written in {seconds:.1f} s")
+    return {
+        "shape": [steps, len(layers), heads, len(spans), *grid],
+        "decoded_bytes": decoded,
+        "stored_bytes": stored,
+        "write_seconds": seconds,
+        "peak_rss": peak_rss(),
+    }
+
+
+def mean_heatmap(path: str, png: str) -> dict[str, Any]:
+    """The mean over step, layer and head of every span, then one span drawn. Fresh interpreter.
+
+    Then, for scale, the same bytes decoded by plain zarr, one step shard per task on as many
+    threads as cores, and summed with NumPy: what the codecs alone cost on this machine.
+    """
+    start = time.perf_counter()
+    import analysis
+
+    ds = analysis.open_trace(path)
+    opened = time.perf_counter()
+    mean = ds.txt2img.mean(["step", "layer", "head"]).compute()
+    computed = time.perf_counter()
+    analysis.heatmap(mean.sel(span="prompt"), path=png)
+    drawn = time.perf_counter()
+    peak = peak_rss()
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import zarr
+
+    array = zarr.open_group(path, path=ds.attrs["run"], mode="r")["txt2img"]
+
+    def step_sum(step: int) -> np.ndarray:
+        return array[step].sum(axis=(0, 1), dtype=np.float64)
+
+    decode = time.perf_counter()
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        sum(pool.map(step_sum, range(array.shape[0])))
+    decode = time.perf_counter() - decode
+    return {
+        "decoded_bytes": int(ds.txt2img.nbytes),
+        "open_seconds": opened - start,
+        "compute_seconds": computed - opened,
+        "draw_seconds": drawn - computed,
+        "peak_rss": peak,
+        "zarr_decode_seconds": decode,
+    }
+
+
+def cli(args: list[str]) -> dict[str, Any]:
+    """Wall time and peak RSS of one `attnscope` command in a new interpreter."""
+    command = [sys.executable, "-m", "analysis", *args]
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{stderr}")
+    return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024}
+
+
+def cli_figures(path: str, workdir: str, repeats: int) -> dict[str, Any]:
+    one = [
+        "heatmap", path, "--span", "cat", "--step", "0", "--layer", "transformer_blocks.0",
+        "--head", "0", "-q", "-o", f"{workdir}/one.png",
+    ]  # fmt: skip
+    span = ["heatmap", path, "--span", "cat", "-q", "-o", f"{workdir}/span.png"]
+    runs = [cli(one) for _ in range(repeats)]
+    whole = cli(span)
+    floor = [cli(["--help"]) for _ in range(repeats)]
+    return {
+        "help_seconds": median([r["seconds"] for r in floor]),
+        "one_map_seconds": median([r["seconds"] for r in runs]),
+        "one_map_runs": [r["seconds"] for r in runs],
+        "one_map_peak_rss": max(r["peak_rss"] for r in runs),
+        "span_mean_seconds": whole["seconds"],
+        "span_mean_peak_rss": whole["peak_rss"],
+        "commands": {
+            name: "attnscope " + " ".join(args).replace(path, "STORE").replace(workdir, ".")
+            for name, args in (("one_map", one), ("span_mean", span))
+        },
+    }

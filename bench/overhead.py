@@ -1,0 +1,140 @@
+"""Wall time of a whole generation, untraced and under each recorder, in one process.
+
+Other people's jobs share the cores, so the load drifts by a factor of two or three within
+minutes. Each measurement is therefore a *pair*: one untraced generation next to one recorded
+generation, in alternating order, and its ratio is their quotient; figures are medians over
+pairs. Pairs of the different recorders are interleaved. Process CPU time (all threads) is kept
+beside wall time: it shows work that was added, where wall time also shows work that ran alone.
+On CUDA, the peak device memory of each variant is measured here too
+(`torch.cuda.max_memory_allocated`, reset before each run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.common import Geometry, build_pipeline, du, log, median, scratch
+from bench.variants import VARIANTS
+
+
+def _schedule(pairs: dict[str, int]) -> list[str]:
+    """Recorders in round-robin order, each as many times as its pairs."""
+    order, left = [], dict(pairs)
+    while any(left.values()):
+        for name in pairs:
+            if left[name]:
+                order.append(name)
+                left[name] -= 1
+    return order
+
+
+def measure(geometry: dict[str, Any], pairs: dict[str, int]) -> dict[str, Any]:
+    """Run in a fresh interpreter (bench.common.isolated). `pairs`: recorder -> pair count."""
+    import torch
+
+    geo = Geometry(**geometry)
+    pipe = build_pipeline(geo)
+
+    def run(name: str, workdir: Path) -> dict[str, Any]:
+        gc.collect()
+        if geo.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        wall, cpu = time.perf_counter(), time.process_time()
+        recorded = VARIANTS[name](pipe, geo, workdir)
+        recorded |= {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+        if geo.device == "cuda":
+            recorded["cuda_peak"] = torch.cuda.max_memory_allocated()
+        recorded["bytes"] = du(workdir)
+        return recorded
+
+    with scratch("warmup") as workdir:  # first-call costs (allocator, kernels) out of pair 1
+        log(f"{geo.name}: warm-up generation {run('untraced', workdir)['wall']:.1f} s")
+
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in ("untraced", *pairs)}
+    ratios: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in pairs}
+    outputs: dict[str, dict[str, Any]] = {}
+    for index, name in enumerate(_schedule(pairs)):
+        order = ("untraced", name) if index % 2 == 0 else (name, "untraced")
+        got = {}
+        for variant in order:
+            with scratch(variant) as workdir:
+                got[variant] = run(variant, workdir)
+            samples[variant].append(got[variant])
+        outputs[name] = got[name]
+        for clock in ("wall", "cpu"):
+            ratios[name][clock].append(got[name][clock] / got["untraced"][clock])
+        log(
+            f"{geo.name} pair {index + 1}: {name} {got[name]['wall']:.2f} s / untraced "
+            f"{got['untraced']['wall']:.2f} s = {ratios[name]['wall'][-1]:.3f}"
+        )
+
+    breakdown = None
+    if "attnscope" in pairs:
+        with scratch("breakdown") as workdir, _timing_parts() as parts:
+            total = run("attnscope", workdir)["wall"]
+        breakdown = {"wall": total, **parts}
+
+    def medians(name: str, key: str) -> float:
+        return median([s[key] for s in samples[name]])
+
+    return {
+        "geometry": geometry,
+        "pairs": pairs,
+        "median_wall": {name: medians(name, "wall") for name in samples},
+        "median_cpu": {name: medians(name, "cpu") for name in samples},
+        "ratio": {name: median(r["wall"]) for name, r in ratios.items()},
+        "cpu_ratio": {name: median(r["cpu"]) for name, r in ratios.items()},
+        "ratios": ratios,
+        "outputs": outputs,
+        "breakdown": breakdown,
+        "cuda_peak": {
+            name: max(s["cuda_peak"] for s in runs)
+            for name, runs in samples.items()
+            if runs and "cuda_peak" in runs[0]
+        },
+    }
+
+
+@contextlib.contextmanager
+def _timing_parts() -> Iterator[dict[str, float]]:
+    """Seconds spent in the tracer's parts during one traced generation (wrapped functions).
+
+    `start_run` (creating the run group), `capture` (the capture math, on the generation's
+    thread), `writer_put`, and `writer_step` (compressing and writing a step, on the writer's
+    thread, in parallel with the generation).
+    """
+    import tracer.session as session
+    import tracer.writer as writer
+
+    parts: dict[str, float] = {}
+    targets = [
+        (session.Recorder, "_start_run", "start_run"),
+        (session, "attention_maps", "capture"),
+        (writer.TraceWriter, "put", "writer_put"),
+        (writer.TraceWriter, "_write_step", "writer_step"),
+    ]
+    originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]
+
+    def timed(function: Any, key: str) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                parts[key] = parts.get(key, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    for (owner, attr, key), (_, _, function) in zip(targets, originals, strict=True):
+        setattr(owner, attr, timed(function, key))
+    try:
+        yield parts
+    finally:
+        for owner, attr, function in originals:
+            setattr(owner, attr, function)

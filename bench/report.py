@@ -1,0 +1,407 @@
+"""docs/benchmarks.md from the results of `python -m bench` (see bench/__main__.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.common import GEOMETRIES, Geometry, median
+from bench.variants import LABELS, describe
+
+TARGETS = {
+    "overhead_cpu": 1.15,
+    "overhead_gpu": 1.10,
+    "extra_memory": 0.10,
+    "analysis_mb_s": 300.0,
+    "analysis_rss": 1e9,
+    "first_heatmap_s": 3.0,
+}
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB" if abs(n) >= 2**20 else f"{n / 2**10:,.0f} KiB"
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def _ok(good: bool) -> str:
+    return "met" if good else "**missed**"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _geo(result: dict[str, Any]) -> Geometry:
+    return Geometry(**result["geometry"])
+
+
+# ------------------------------------------------------------------------------- sections
+
+
+def _header(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    mode = " (quick subset)" if r["quick"] else ""
+    rows = [
+        ["CPU", f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads"],
+        ["memory", f"{m['memory_gib']} GiB"],
+        ["GPU", m.get("gpu", "none")],
+        ["OS, Python", f"{m['os']}, Python {m['python']}"],
+        [
+            "libraries",
+            ", ".join(
+                f"{name} {m[name]}"
+                for name in ("torch", "diffusers", "transformers", "zarr", "numcodecs", "dask")
+            )
+            + f", attention-map-diffusers {m['attention-map-diffusers']}",
+        ],
+        ["load average at start", " / ".join(str(x) for x in m.get("load_average", []))],
+    ]
+    return "\n\n".join(
+        [
+            "# Benchmarks",
+            f"Written by `{r['command']}` (`make bench`) on {r['date']}{mode}, in "
+            f"{r['total_seconds'] / 60:.1f} min. Do not edit by hand: rerun the command. The "
+            "cores are shared with other jobs, so every figure is a ratio or size measured in "
+            "the same run as its baseline, and a median over several measurements (see *How it "
+            "is measured* at the end).",
+            "## Machine",
+            _table(["", ""], rows),
+        ]
+    )
+
+
+def _summary(r: dict[str, Any]) -> str:
+    main = "quick" if r["quick"] else "flux-cpu"
+    rows = []
+    over = r["overhead"][main]
+    ratio = over["ratio"]["attnscope"]
+    rows.append(
+        [
+            f"tracing overhead, traced / untraced wall time, CPU {main} geometry",
+            f"≤ {TARGETS['overhead_cpu']:.2f}" + (" (for flux-cpu)" if r["quick"] else ""),
+            f"{ratio:.3f}",
+            "n/a in --quick" if r["quick"] else _ok(ratio <= TARGETS["overhead_cpu"]),
+        ]
+    )
+    gpu = r["overhead"].get("flux-dev-gpu")
+    if gpu:
+        g = gpu["ratio"]["attnscope"]
+        rows.append(
+            [
+                "tracing overhead, FLUX.1-dev shape on GPU",
+                f"≤ {TARGETS['overhead_gpu']:.2f}",
+                f"{g:.3f}",
+                _ok(g <= TARGETS["overhead_gpu"]),
+            ]
+        )
+        peaks = gpu.get("cuda_peak", {})
+        if "untraced" in peaks and "attnscope" in peaks:
+            extra = peaks["attnscope"] / peaks["untraced"] - 1
+            rows.append(
+                [
+                    "extra peak GPU memory (max_memory_allocated), FLUX.1-dev shape",
+                    f"≤ {TARGETS['extra_memory']:.0%}",
+                    f"{extra:+.1%}",
+                    _ok(extra <= TARGETS["extra_memory"]),
+                ]
+            )
+    else:
+        reason = r["skipped"].get("flux-dev-gpu", "not run")
+        rows.append(
+            [
+                "tracing overhead, FLUX.1-dev shape on an H100",
+                f"≤ {TARGETS['overhead_gpu']:.2f}",
+                f"not measured: {reason}",
+                "—",
+            ]
+        )
+    mem = memory_summary(r)
+    extra = mem["attnscope"]["extra_fraction"]
+    rows.append(
+        [
+            f"extra peak host RSS over the untraced run, {main} geometry (mmap threshold fixed)",
+            f"≤ {TARGETS['extra_memory']:.0%}",
+            f"{extra:+.1%} ({_mib(mem['attnscope']['extra'])})",
+            _ok(extra <= TARGETS["extra_memory"]),
+        ]
+    )
+    growth = growth_summary(r)
+    rows.append(
+        [
+            f"extra peak RSS at 2 → 8 steps ({r['growth']['geometry']['name']})",
+            "does not grow",
+            f"{_mib(growth[2])} → {_mib(growth[8])}",
+            _ok(growth[8] - growth[2] <= max(0.02 * growth["peak"], 16 * 2**20)),
+        ]
+    )
+    store = r["store"][main]
+    for name, d in store["directions"].items():
+        rows.append(
+            [
+                f"store, {name}: bytes per value (ratio vs float32), max relative error",
+                f"error ≤ bound {store['error_bound']:.2e}",
+                f"{d['bytes_per_value']:.2f} B ({d['ratio']:.2f}×), {d['max_relative_error']:.2e}",
+                _ok(d["max_relative_error"] <= store["error_bound"]),
+            ]
+        )
+    a = r["analysis"]
+    rate = a["mean"]["decoded_bytes"] / a["mean"]["compute_seconds"] / 1e6
+    rows.append(
+        [
+            f"analysis: mean heatmap of a {_size(a['mean']['decoded_bytes'])} store, decoded MB/s",
+            f"≥ {TARGETS['analysis_mb_s']:.0f} MB/s",
+            f"{rate:,.0f} MB/s",
+            _ok(rate >= TARGETS["analysis_mb_s"]),
+        ]
+    )
+    rows.append(
+        [
+            "analysis: its peak RSS",
+            "≤ 1 GB",
+            _size(a["mean"]["peak_rss"]),
+            _ok(a["mean"]["peak_rss"] <= TARGETS["analysis_rss"]),
+        ]
+    )
+    first = a["cli"]["one_map_seconds"]
+    rows.append(
+        [
+            "time to first heatmap, cold CLI start, one map",
+            f"≤ {TARGETS['first_heatmap_s']:.0f} s",
+            f"{first:.2f} s",
+            _ok(first <= TARGETS["first_heatmap_s"]),
+        ]
+    )
+    return "## Summary against the targets\n\n" + _table(["figure", "target", "measured", ""], rows)
+
+
+def _overhead(r: dict[str, Any]) -> str:
+    parts = ["## Tracing overhead"]
+    for name, res in r["overhead"].items():
+        geo = _geo(res)
+        rows = []
+        for variant in res["median_wall"]:
+            out = res["outputs"].get(variant, {})
+            ratio = res["ratio"].get(variant)
+            walls = res["ratios"].get(variant, {}).get("wall", [])
+            rows.append(
+                [
+                    LABELS[variant],
+                    f"{res['median_wall'][variant]:.2f} s",
+                    "1" if ratio is None else f"**{ratio:.3f}**",
+                    "" if not walls else ", ".join(f"{x:.2f}" for x in walls),
+                    "" if ratio is None else f"{res['cpu_ratio'][variant]:.3f}",
+                    _size(out["bytes"]) if out.get("bytes") else "—",
+                    (
+                        _mib(res["cuda_peak"][variant])
+                        if variant in res.get("cuda_peak", {})
+                        else describe(variant, geo)
+                    ),
+                ]
+            )
+        last = "peak GPU memory" if res.get("cuda_peak") else "what it records"
+        parts += [
+            f"### {name}: {geo.describe()}",
+            _table(
+                [
+                    "variant",
+                    "median wall time",
+                    "ratio (median)",
+                    "ratio per pair",
+                    "CPU-time ratio",
+                    "written per generation",
+                    last,
+                ],
+                rows,
+            ),
+        ]
+        amd = res["outputs"].get("amd")
+        if amd:
+            parts.append(
+                f"attention-map-diffusers installed its processor on {amd['processors_installed']}"
+                f" attention modules and returned maps for {len(amd['layers_with_maps'])} of "
+                f"them ({amd['records']} records): "
+                + ", ".join(f"`{x}`" for x in amd["layers_with_maps"])
+                + "."
+            )
+    return "\n\n".join(parts)
+
+
+def memory_summary(r: dict[str, Any], allocator: str = "fixed") -> dict[str, dict[str, Any]]:
+    """Per variant: median peak RSS over its processes, extra over untraced, every peak."""
+    main = "quick" if r["quick"] else "flux-cpu"
+    peaks: dict[str, list[int]] = {}
+    for run in r["memory"][main]:
+        if run["allocator"] == allocator:
+            peaks.setdefault(run["variant"], []).append(run["peak"])
+    if not peaks:
+        return {}
+    base = median(peaks["untraced"])
+    return {
+        v: {
+            "peak": median(p),
+            "peaks": p,
+            "extra": median(p) - base,
+            "extra_fraction": (median(p) - base) / base,
+        }
+        for v, p in peaks.items()
+    }
+
+
+def growth_summary(r: dict[str, Any]) -> dict[Any, float]:
+    """Extra peak RSS of attnscope (median over processes) at 2 and 8 steps, and the peak."""
+    peaks: dict[tuple[str, int], list[int]] = {}
+    for x in r["growth"]["runs"]:
+        peaks.setdefault((x["variant"], x["steps"]), []).append(x["peak"])
+    m = {key: median(p) for key, p in peaks.items()}
+    return {
+        2: m[("attnscope", 2)] - m[("untraced", 2)],
+        8: m[("attnscope", 8)] - m[("untraced", 8)],
+        "peak": m[("untraced", 8)],
+        "medians": m,
+    }
+
+
+def _memory(r: dict[str, Any]) -> str:
+    main = "quick" if r["quick"] else "flux-cpu"
+    geo = GEOMETRIES[main]
+
+    def rows(allocator: str) -> list[list[str]]:
+        return [
+            [
+                LABELS[v],
+                _mib(m["peak"]),
+                "—" if v == "untraced" else f"{_mib(m['extra'])} ({m['extra_fraction']:+.1%})",
+                ", ".join(_mib(p) for p in m["peaks"]),
+            ]
+            for v, m in memory_summary(r, allocator).items()
+        ]
+
+    growth = growth_summary(r)
+    growth_geo = Geometry(**r["growth"]["geometry"])
+    growth_rows = [
+        [
+            f"{steps} steps",
+            _mib(growth["medians"][("untraced", steps)]),
+            _mib(growth["medians"][("attnscope", steps)]),
+            _mib(growth[steps]),
+        ]
+        for steps in (2, 8)
+    ]
+    header = ["variant", "peak RSS", "extra over untraced", "each process"]
+    parts = [
+        "## Peak memory",
+        f"Peak host RSS of one generation, one fresh process per run, {main} geometry "
+        f"({geo.describe()}), glibc's mmap threshold fixed at 1 MiB (why: *How it is "
+        "measured*):",
+        _table(header, rows("fixed")),
+    ]
+    default = rows("default")
+    if default:
+        parts += [
+            "The same with glibc's default (sliding) mmap threshold, two processes each, "
+            "medians; each process's peak shows how far apart identical runs land:",
+            _table(header, default),
+        ]
+    parts += [
+        f"Growth with the number of steps on {growth_geo.name} ({growth_geo.describe()}: "
+        "the same token layout, maps and tracer buffers as the FLUX geometry, on narrower "
+        "heads), mmap threshold fixed:",
+        _table(["", "untraced", "attnscope", "extra"], growth_rows),
+    ]
+    return "\n\n".join(parts)
+
+
+def _store(r: dict[str, Any]) -> str:
+    parts = ["## Store size and error"]
+    for name, s in r["store"].items():
+        geo = _geo(s)
+        rows = [
+            [
+                f"`{d}`",
+                "×".join(str(x) for x in v["shape"]),
+                _size(v["bytes"]),
+                f"{v['bytes_per_value']:.3f} B",
+                f"{v['ratio']:.2f}×",
+                f"{v['lossless_bytes_per_value']:.3f} B ({v['lossless_ratio']:.2f}×)",
+                f"{v['max_relative_error']:.3e}",
+            ]
+            for d, v in s["directions"].items()
+        ]
+        parts += [
+            f"{name} geometry ({geo.describe()}), default spans; keepbits {s['keepbits']}, "
+            f"stated bound {s['error_bound']:.3e}:",
+            _table(
+                [
+                    "variable",
+                    "shape (step, layer, head, span, y, x)",
+                    "on disk",
+                    "per value",
+                    "ratio vs float32",
+                    "lossless: per value (ratio)",
+                    "max relative error",
+                ],
+                rows,
+            ),
+        ]
+    return "\n\n".join(parts)
+
+
+def _analysis(r: dict[str, Any]) -> str:
+    a = r["analysis"]
+    w, m, c = a["write"], a["mean"], a["cli"]
+    rate = m["decoded_bytes"] / m["compute_seconds"] / 1e6
+    rows = [
+        ["synthetic store (step, layer, head, span, y, x)", "×".join(str(x) for x in w["shape"])],
+        ["decoded / on disk", f"{_size(w['decoded_bytes'])} / {_size(w['stored_bytes'])}"],
+        [
+            "written by the real writer in",
+            f"{w['write_seconds']:.1f} s "
+            f"({w['decoded_bytes'] / w['write_seconds'] / 1e6:,.0f} MB/s decoded)",
+        ],
+        [
+            "mean over step, layer, head of every span (`ds.txt2img.mean([...]).compute()`)",
+            f"{m['compute_seconds']:.1f} s = **{rate:,.0f} MB/s** decoded",
+        ],
+        ["drawing one span's heatmap from it", f"{m['draw_seconds']:.2f} s"],
+        ["peak RSS of that process (imports included)", _size(m["peak_rss"])],
+        [
+            "cold CLI, one map (one step, layer, head, span)",
+            f"**{c['one_map_seconds']:.2f} s** (runs: "
+            + ", ".join(f"{x:.2f}" for x in c["one_map_runs"])
+            + f"), peak RSS {_size(c['one_map_peak_rss'])}",
+        ],
+        [
+            "cold CLI, one span's mean over every step, layer and head",
+            f"{c['span_mean_seconds']:.2f} s, peak RSS {_size(c['span_mean_peak_rss'])}",
+        ],
+    ]
+    return "\n\n".join(
+        [
+            "## Analysis speed",
+            _table(["", ""], rows),
+            f"Commands: `{c['commands']['one_map']}` and `{c['commands']['span_mean']}`.",
+        ]
+    )
+
+
+def render(r: dict[str, Any]) -> str:
+    from bench.notes import limits, method
+
+    sections = [
+        _header(r),
+        _summary(r),
+        _overhead(r),
+        _memory(r),
+        _store(r),
+        _analysis(r),
+        limits(r),
+        method(r),
+    ]
+    return "\n\n".join(sections).rstrip() + "\n"

@@ -1,0 +1,105 @@
+"""The ways one generation is run: untraced, traced by attnscope, and by the two baselines.
+
+Each variant runs one whole generation (recording and saving included) with its output under
+`workdir`, and returns what it recorded. Importing this module imports no torch (the report uses
+its labels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.common import Geometry, generate
+
+Variant = Callable[[Any, Geometry, Path, int | None], dict[str, Any]]
+
+
+def untraced(pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None) -> dict[str, Any]:
+    generate(pipe, geo, steps)
+    return {}
+
+
+def attnscope(pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None) -> dict[str, Any]:
+    """Every layer, head and step, both directions, the default spans, compressed on disk."""
+    import tracer
+
+    with tracer.trace(pipe, workdir / "trace.zarr", progress=False):
+        generate(pipe, geo, steps)
+    return {"path": str(workdir / "trace.zarr")}
+
+
+@contextlib.contextmanager
+def _recomputing() -> Iterator[None]:
+    import tracer.tap
+
+    previous = tracer.tap.FETCH_LSE
+    tracer.tap.FETCH_LSE = False
+    try:
+        yield
+    finally:
+        tracer.tap.FETCH_LSE = previous
+
+
+def attnscope_recompute(
+    pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None
+) -> dict[str, Any]:
+    """attnscope without the kernel's log-sum-exp: img2txt reruns attention over all keys."""
+    with _recomputing():
+        return attnscope(pipe, geo, workdir, steps)
+
+
+def seed(pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None) -> dict[str, Any]:
+    from bench.baselines import seed_method
+
+    with seed_method(pipe, workdir / "seed", geo.text_len):
+        generate(pipe, geo, steps)
+    return {"path": str(workdir / "seed")}
+
+
+def amd(pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None) -> dict[str, Any]:
+    from bench.baselines import attention_map_diffusers
+
+    out = workdir / "amd"
+    recorded = attention_map_diffusers(pipe, out, lambda: generate(pipe, geo, steps))
+    return {"path": str(out), **recorded}
+
+
+VARIANTS: dict[str, Variant] = {
+    "untraced": untraced,
+    "attnscope": attnscope,
+    "attnscope-recompute": attnscope_recompute,
+    "seed": seed,
+    "amd": amd,
+}
+
+LABELS = {
+    "untraced": "untraced",
+    "attnscope": "attnscope",
+    "attnscope-recompute": "attnscope, lse recomputed (old path)",
+    "seed": "seed method",
+    "amd": "attention-map-diffusers",
+}
+
+
+def describe(name: str, geo: Geometry) -> str:
+    """What the variant records on `geo`, for the report."""
+    layers = geo.num_layers + geo.num_single_layers
+    return {
+        "untraced": "nothing",
+        "attnscope": (
+            f"all {layers} layers, all heads and steps, txt2img + img2txt for the default spans "
+            "(prompt + each word), Zarr with bit-rounding + zstd"
+        ),
+        "attnscope-recompute": "same as attnscope",
+        "seed": (
+            f"all {layers} layers, heads and steps: the whole text-rows × image-columns block and "
+            "the image-rows × text-columns block of every map, per token, .npy"
+        ),
+        "amd": (
+            f"image->text and text->image, all heads and timesteps, per token, .pt; its FLUX "
+            f"processor records the double-stream blocks only ({geo.num_layers} of {layers})"
+        ),
+    }[name]

@@ -1,0 +1,391 @@
+"""The log-sum-exp path: the tap fetches each row's normaliser from the model's own kernel, and
+img2txt is computed from it for the span keys only. Each path is forced here and must give the
+model's output bit for bit and the same maps as the float64 definition."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+import tracer  # noqa: E402
+import tracer.capture as capture  # noqa: E402
+import tracer.tap as tap  # noqa: E402
+from tracer.capture import attention_maps  # noqa: E402
+from tracer.demo import demo_pipeline  # noqa: E402
+
+NEG_INF = float("-inf")
+TEXT_LEN = 32
+
+
+def reference(q, k, mask, scale, text_len, members):
+    """float64 softmax of the whole map (q, k: [H, N, D]; mask broadcastable to [H, N, N])."""
+    logits = torch.einsum("hid,hjd->hij", q.double(), k.double()) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, NEG_INF) if mask.dtype == torch.bool else logits + mask
+    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    probs = torch.softmax(logits, dim=-1).masked_fill(dead, 0.0)
+    w = members.double()
+    txt2img = torch.einsum(
+        "si,hip->hsp", w / w.sum(1, keepdim=True), probs[:, :text_len, text_len:]
+    )
+    img2txt = torch.einsum("sj,hpj->hsp", w, probs[:, text_len:, :text_len])
+    return {"txt2img": txt2img, "img2txt": img2txt}
+
+
+def exact_lse(q, k, mask, scale):
+    """float64 log-sum-exp of every query row, 0 for a fully masked row (as the CPU kernel)."""
+    logits = torch.einsum("hid,hjd->hij", q.double(), k.double()) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, NEG_INF) if mask.dtype == torch.bool else logits + mask
+    lse = torch.logsumexp(logits, dim=-1)
+    return lse.masked_fill(torch.isneginf(lse), 0.0)
+
+
+def members_for(gen, n_spans, text_len):
+    members = torch.rand(n_spans, text_len, generator=gen) < 0.3
+    members[torch.arange(n_spans), torch.randint(0, text_len, (n_spans,), generator=gen)] = True
+    return members
+
+
+def make_mask(kind, gen, heads, n, dtype=torch.float32):
+    """A mask as a model passes it to SDPA, with two query rows forbidden entirely."""
+    if kind == "none":
+        return None
+    shape = {"bool [N, N]": (n, n), "bool [1, 1, N, N]": (1, 1, n, n)}.get(kind, (1, heads, n, n))
+    allowed = torch.rand(shape, generator=gen) < 0.7
+    allowed[..., [3, n - 2], :] = False
+    if kind.startswith("bool"):
+        return allowed
+    bias = torch.randn(shape, generator=gen)
+    return torch.where(allowed, bias, NEG_INF).to(dtype)
+
+
+def squeeze_mask(mask):
+    return None if mask is None else mask.reshape(mask.shape[-3:] if mask.dim() > 2 else mask.shape)
+
+
+def assert_maps_close(got, want, rtol=1e-5):
+    for name, expected in want.items():
+        assert not got[name].isnan().any(), name
+        torch.testing.assert_close(got[name].double(), expected, atol=1e-6, rtol=rtol)
+
+
+# --------------------------------------------------------------------------------------------
+# capture: img2txt from a given lse
+
+
+@pytest.mark.parametrize("kind", ["none", "bool [N, N]", "bool [1, 1, N, N]", "float [1, H, N, N]"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 256])
+def test_img2txt_from_exact_lse_matches_float64(kind, chunk_size):
+    gen = torch.Generator().manual_seed(1)
+    heads, dim, text_len, n_image = 3, 16, 11, 29
+    n = text_len + n_image
+    q = torch.randn(heads, n, dim, generator=gen)
+    k = torch.randn(heads, n, dim, generator=gen)
+    members = members_for(gen, 4, text_len)
+    mask = squeeze_mask(make_mask(kind, gen, heads, n))
+    lse = exact_lse(q, k, mask, 0.3).float()
+    got = attention_maps(
+        q, k, mask=mask, scale=0.3, text_len=text_len, span_members=members,
+        chunk_size=chunk_size, lse=lse,
+    )  # fmt: skip
+    assert_maps_close(got, reference(q, k, mask, 0.3, text_len, members))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_img2txt_from_the_cpu_kernels_lse_matches_float64(dtype):
+    gen = torch.Generator().manual_seed(2)
+    heads, dim, text_len, n_image = 4, 64, 64, 96
+    n = text_len + n_image
+    q = torch.randn(1, heads, n, dim, generator=gen).to(dtype)
+    k = torch.randn(1, heads, n, dim, generator=gen).to(dtype)
+    members = members_for(gen, 5, text_len)
+    _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, scale=0.125)
+    assert lse.dtype == torch.float32
+    got = attention_maps(
+        q[0], k[0], mask=None, scale=0.125, text_len=text_len, span_members=members, lse=lse[0]
+    )
+    # The maps are as exact as the kernel's lse: torch's CPU kernel computes bf16/fp16 rows with
+    # a fast exp (about 2e-5 relative), float32 ones to float32 rounding.
+    rtol = 1e-5 if dtype == torch.float32 else 1e-4
+    assert_maps_close(got, reference(q[0], k[0], None, 0.125, text_len, members), rtol=rtol)
+
+
+def test_lse_of_minus_infinity_for_a_dead_row_gives_zeros():
+    # Kernels other than the CPU one may report -inf for a fully masked row.
+    gen = torch.Generator().manual_seed(3)
+    heads, dim, text_len, n_image = 2, 8, 5, 9
+    n = text_len + n_image
+    q = torch.randn(heads, n, dim, generator=gen)
+    k = torch.randn(heads, n, dim, generator=gen)
+    members = members_for(gen, 2, text_len)
+    mask = torch.ones(n, n, dtype=torch.bool)
+    mask[text_len + 4] = False
+    lse = exact_lse(q, k, mask, 0.5).float()
+    lse[:, text_len + 4] = NEG_INF
+    got = attention_maps(
+        q, k, mask=mask, scale=0.5, text_len=text_len, span_members=members, lse=lse
+    )
+    assert torch.equal(got["img2txt"][:, :, 4], torch.zeros(heads, 2))
+    assert_maps_close(got, reference(q, k, mask, 0.5, text_len, members))
+
+
+@pytest.mark.parametrize("lse_shape", [(2, 20), (3, 19), (3,)])
+def test_lse_of_the_wrong_shape_is_refused(lse_shape):
+    q = torch.randn(3, 20, 8)
+    with pytest.raises(ValueError, match="lse must be"):
+        attention_maps(
+            q, q, mask=None, scale=0.3, text_len=5, span_members=torch.ones(1, 5, dtype=bool),
+            lse=torch.zeros(lse_shape),
+        )  # fmt: skip
+
+
+def _allocation_sizes(prof) -> list[int]:
+    """Bytes of every single CPU allocation the profiler saw (as in test_capture)."""
+    try:
+        from torch._C._profiler import _EventType
+
+        roots = prof.profiler.kineto_results.experimental_event_tree()
+    except (ImportError, AttributeError) as exc:  # private API; skip rather than lie
+        pytest.skip(f"profiler event tree unavailable: {exc}")
+    sizes, stack = [], list(roots)
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.alloc_size > 0:
+            sizes.append(node.extra_fields.alloc_size)
+    return sizes
+
+
+def test_lse_path_memory_stays_within_the_chunk_bound():
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(4)
+    heads, dim, text_len, n_image, chunk = 2, 8, 64, 960, 16
+    n = text_len + n_image
+    q = torch.randn(heads, n, dim, generator=gen)
+    k = torch.randn(heads, n, dim, generator=gen)
+    members = torch.ones(3, text_len, dtype=torch.bool)  # every text key: K = text_len
+    lse = exact_lse(q, k, None, 0.3).float()
+    block = heads * chunk * n * 4  # the bound the other paths keep
+    output = heads * 3 * n_image * 4
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        attention_maps(
+            q, k, mask=None, scale=0.3, text_len=text_len, span_members=members,
+            directions=["img2txt"], chunk_size=chunk, lse=lse,
+        )  # fmt: skip
+    sizes = _allocation_sizes(prof)
+    assert max(sizes) <= max(1.5 * block, output)
+
+
+def test_small_captures_run_on_one_thread_and_restore_the_count(monkeypatch):
+    seen = []
+    real = capture._img2txt_from_lse
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return real(*args)
+
+    monkeypatch.setattr(capture, "_img2txt_from_lse", spy)
+    before = torch.get_num_threads()
+    q = torch.randn(2, 30, 8)
+    attention_maps(
+        q, q, mask=None, scale=0.3, text_len=6, span_members=torch.ones(1, 6, dtype=bool),
+        lse=exact_lse(q, q, None, 0.3).float(),
+    )  # fmt: skip
+    assert seen == [1]
+    assert torch.get_num_threads() == before
+
+
+# --------------------------------------------------------------------------------------------
+# tap: the model's call through the kernel that returns the lse
+
+
+class Attention(torch.nn.Module):
+    """Calls SDPA the way diffusers does: q, k, v [B, H, N, D], optional mask."""
+
+    def __init__(self, mask=None, scale=None):
+        super().__init__()
+        self.mask, self.scale = mask, scale
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=self.scale)
+
+
+def tapped(module, q, k, v):
+    calls = []
+    tap_ = tap.AttentionTap({"a": module}, lambda name: True, lambda n, c: calls.append(c))
+    tap_.attach()
+    try:
+        out = module(q, k, v)
+    finally:
+        tap_.detach()
+    assert len(calls) == 1
+    return out, calls[0]
+
+
+MASKS = ["none", "bool [N, N]", "bool [1, 1, N, N]", "float [1, H, N, N]"]
+
+
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("scale", [None, 0.2])
+def test_cpu_flash_call_is_bit_identical_and_gives_the_lse(kind, dtype, scale):
+    gen = torch.Generator().manual_seed(5)
+    heads, n, dim = 3, 45, 16
+    q, k, v = (torch.randn(2, heads, n, dim, generator=gen).to(dtype) for _ in range(3))
+    mask = make_mask(kind, gen, heads, n, dtype)
+    module = Attention(mask, scale)
+    with torch.no_grad():
+        expected = module(q, k, v)
+        assert tap._lse_kernel({"query": q, "key": k, "value": v, "attn_mask": mask}) == (
+            "cpu_flash"
+        )
+        out, call = tapped(module, q, k, v)
+    assert torch.equal(out, expected)
+    assert call.lse is not None and call.lse.shape == (2, heads, n)
+    s = dim**-0.5 if scale is None else scale
+    m = squeeze_mask(mask)
+    live = torch.isfinite(exact_lse(q[0], k[0], m, s)) & (exact_lse(q[0], k[0], m, s) != 0)
+    torch.testing.assert_close(
+        call.lse[0].double()[live], exact_lse(q[0], k[0], m, s)[live], atol=2e-2, rtol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["FETCH_LSE off", "math kernel asked", "3-d mask (math kernel)", "autograd", "dropout"],
+)  # fmt: skip
+def test_other_calls_run_as_made_without_lse(how, monkeypatch):
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 30, 8, generator=gen) for _ in range(3))
+    mask = torch.randn(2, 30, 30, generator=gen) if how.startswith("3-d") else None
+    module = Attention(mask)
+    if how == "FETCH_LSE off":
+        monkeypatch.setattr(tap, "FETCH_LSE", False)
+    if how == "autograd":
+        q.requires_grad_(True)
+    if how == "dropout":
+        module.forward = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+        assert tap._lse_kernel({"query": q, "key": k, "value": v, "dropout_p": 0.5}) is None
+        return
+    context = sdpa_kernel(SDPBackend.MATH) if how == "math kernel asked" else torch.no_grad()
+    grad = torch.enable_grad() if how == "autograd" else torch.no_grad()
+    with context, grad:
+        expected = module(q, k, v)
+        out, call = tapped(module, q, k, v)
+    assert torch.equal(out, expected)
+    assert call.lse is None
+
+
+def test_a_call_sdpa_refuses_raises_its_own_error():
+    q = torch.randn(1, 2, 30, 8)
+    module = Attention(torch.ones(30, dtype=torch.bool))  # 1-d masks: SDPA refuses them
+    with pytest.raises(IndexError), torch.no_grad():
+        tapped(module, q, q, q)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION"])
+def test_cuda_kernels_are_bit_identical_and_give_the_lse(backend):
+    gen = torch.Generator().manual_seed(7)
+    heads, n, dim, text_len = 4, 300, 64, 44
+    q, k, v = (
+        torch.randn(1, heads, n, dim, generator=gen).to("cuda", torch.bfloat16) for _ in range(3)
+    )
+    module = Attention()
+    with sdpa_kernel(getattr(SDPBackend, backend)), torch.no_grad():
+        expected = module(q, k, v)
+        out, call = tapped(module, q, k, v)
+    assert torch.equal(out, expected)
+    assert call.lse is not None and call.lse.shape == (1, heads, n)
+    members = members_for(torch.Generator().manual_seed(0), 3, text_len)
+    got = attention_maps(
+        q[0], k[0], mask=None, scale=dim**-0.5, text_len=text_len, span_members=members,
+        lse=call.lse[0],
+    )  # fmt: skip
+    want = reference(q[0].cpu(), k[0].cpu(), None, dim**-0.5, text_len, members)
+    for name, expected_map in want.items():
+        torch.testing.assert_close(got[name].cpu().double(), expected_map, atol=1e-5, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# end to end: each path through a real FLUX pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return demo_pipeline(seed=0, max_sequence_length=TEXT_LEN)
+
+
+def generate(pipe):
+    return pipe(
+        "a cat on a red chair",
+        num_inference_steps=2,
+        height=96,
+        width=160,
+        max_sequence_length=TEXT_LEN,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    ).images
+
+
+PATHS = ["lse from the kernel", "FETCH_LSE off", "math kernel"]
+
+
+@pytest.fixture(scope="module")
+def runs(pipe, tmp_path_factory):
+    """Per path: (untraced output, traced output, the store's maps, lse kernels used, bound)."""
+    import xarray as xr
+
+    results = {}
+    for path_name in PATHS:
+        fetched = []
+        real = tap._run_with_lse
+
+        def spy(kernel, bound, real=real, fetched=fetched):
+            fetched.append(kernel)
+            return real(kernel, bound)
+
+        store = tmp_path_factory.mktemp("lse") / "t.zarr"
+        previous = tap.FETCH_LSE
+        math_only = path_name == "math kernel"
+        with sdpa_kernel(SDPBackend.MATH) if math_only else torch.no_grad():
+            plain = generate(pipe)
+            tap._run_with_lse = spy
+            tap.FETCH_LSE = path_name != "FETCH_LSE off"
+            try:
+                with tracer.trace(pipe, store, progress=False) as rec:
+                    traced = generate(pipe)
+            finally:
+                tap._run_with_lse = real
+                tap.FETCH_LSE = previous
+        ds = xr.open_zarr(store, group=rec.last_run, consolidated=False)
+        maps = {name: ds[name].values for name in ("txt2img", "img2txt")}
+        results[path_name] = (plain, traced, maps, fetched, ds.attrs["error_bound"])
+    return results
+
+
+@pytest.mark.parametrize("path_name", PATHS)
+def test_each_path_leaves_the_output_bit_for_bit_unchanged(runs, path_name):
+    plain, traced, _, fetched, _ = runs[path_name]
+    assert np.array_equal(traced, plain)
+    expected = ["cpu_flash"] * 2 * 5 if path_name == "lse from the kernel" else []
+    assert fetched == expected
+
+
+@pytest.mark.parametrize("path_name", PATHS[1:])
+def test_each_path_stores_the_same_maps(runs, path_name):
+    reference_maps, bound = runs["lse from the kernel"][2], runs["lse from the kernel"][4]
+    maps = runs[path_name][2]
+    for name, values in maps.items():
+        # Both are exact up to float32 rounding; bit rounding may then differ by one kept bit.
+        np.testing.assert_allclose(values, reference_maps[name], rtol=2 * bound + 1e-5, atol=1e-7)
+        assert math.isfinite(float(values.sum()))
