@@ -45,6 +45,15 @@ def _overhead(r: dict[str, Any], main: str) -> str:
         "in all, beside the generation on the other core, of which the last step's write is "
         "waited for at the end (a step is durable when the call returns).",
     ]
+    if b:
+        added = b.get("capture", 0.0) + b.get("start_run", 0.0)
+        walls = over["ratios"]["attnscope"]["wall"]
+        text.append(
+            f"The work that cannot overlap the model (capture and run creation) is {added:.2f} s, "
+            f"{added / untraced:.1%} of the untraced time; the pairs' ratios ranged "
+            f"{min(walls):.2f} to {max(walls):.2f} with the load of other jobs on the cores, and "
+            f"the CPU-time ratio, less sensitive to it, is {over['cpu_ratio']['attnscope']:.3f}."
+        )
     recompute = over["ratio"].get("attnscope-recompute")
     if recompute is not None:
         text.append(

@@ -138,7 +138,6 @@ def test_select_on_a_dataarray_never_fails_but_with_a_selection_error(step, head
 @SETTINGS
 @given(text=hostile)
 def test_record_list_and_span_parsers_raise_only_their_own_errors(text):
-    pytest.importorskip("torch")
     from tracer.cli import MAX_INDICES, parse_indices
     from tracer.spans import parse_span_argument
 
@@ -256,7 +255,7 @@ def record_argv(draw, out: Path):
 
 @pytest.fixture
 def no_model(monkeypatch):
-    tracer_cli = pytest.importorskip("tracer.cli")
+    import tracer.cli as tracer_cli
 
     def load(*args, **kwargs):
         raise Loaded
@@ -316,7 +315,6 @@ def test_record_arguments_fail_clearly_and_never_touch_what_they_must_not(
 def test_record_refuses_bad_numbers_and_foreign_paths_with_the_real_demo(
     extra, status, message, capsys, tmp_path
 ):
-    pytest.importorskip("torch")
     before = {p: snapshot(p) if p.is_dir() else p.read_bytes() for p in (NOT_A_STORE, A_FILE)}
     argv = ["record", "--demo", "--num-inference-steps", "1", "--out", str(tmp_path / "x.zarr")]
     got, err = run([*argv, *extra], capsys)

@@ -6,13 +6,12 @@ import math
 import types
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from profiling import allocation_sizes
 
-torch = pytest.importorskip("torch")
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from tracer.capture import attention_maps  # noqa: E402
+from tracer.capture import attention_maps
 
 NEG_INF = float("-inf")
 ATOL, RTOL = 1e-6, 1e-5
@@ -421,23 +420,6 @@ def test_bad_arguments_raise_value_error(overrides: dict, message: str) -> None:
 # Memory
 
 
-def _allocation_sizes(prof) -> list[int]:
-    """Bytes of every single CPU allocation the profiler saw."""
-    try:
-        from torch._C._profiler import _EventType
-
-        roots = prof.profiler.kineto_results.experimental_event_tree()
-    except (ImportError, AttributeError) as exc:  # private API; skip rather than lie
-        pytest.skip(f"profiler event tree unavailable: {exc}")
-    sizes, stack = [], list(roots)
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and node.extra_fields.alloc_size > 0:
-            sizes.append(node.extra_fields.alloc_size)
-    return sizes
-
-
 @pytest.mark.parametrize("mask_kind", ["none", "bool [N, N]", "float [1, N, N]"])
 def test_memory_is_bounded_by_the_chunk(mask_kind: str) -> None:
     from torch.profiler import ProfilerActivity, profile
@@ -456,11 +438,11 @@ def test_memory_is_bounded_by_the_chunk(mask_kind: str) -> None:
     # The measurement itself must see a materialised map.
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         torch.softmax(q @ k.transpose(1, 2), dim=-1)
-    assert max(_allocation_sizes(prof)) >= full
+    assert max(allocation_sizes(prof)) >= full
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         attention_maps(
             q, k, mask=mask, scale=0.3, text_len=text_len, span_members=members, chunk_size=chunk
         )
-    largest = max(_allocation_sizes(prof))
+    largest = max(allocation_sizes(prof))
     assert largest <= 1.5 * block, f"largest allocation {largest} B > 1.5 x {block} B"

@@ -12,9 +12,6 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-
-pytest.importorskip("diffsynth")
-
 from diffsynth.pipelines.flux_image import FluxImagePipeline, model_fn_flux_image
 
 import tracer

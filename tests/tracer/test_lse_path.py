@@ -8,17 +8,16 @@ import math
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from profiling import allocation_sizes
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-torch = pytest.importorskip("torch")
-
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-
-import tracer  # noqa: E402
-import tracer.capture as capture  # noqa: E402
-import tracer.tap as tap  # noqa: E402
-from tracer.capture import attention_maps  # noqa: E402
-from tracer.demo import demo_pipeline  # noqa: E402
+import tracer
+import tracer.capture as capture
+import tracer.tap as tap
+from tracer.capture import attention_maps
+from tracer.demo import demo_pipeline
 
 NEG_INF = float("-inf")
 TEXT_LEN = 32
@@ -147,23 +146,6 @@ def test_lse_of_the_wrong_shape_is_refused(lse_shape):
         )  # fmt: skip
 
 
-def _allocation_sizes(prof) -> list[int]:
-    """Bytes of every single CPU allocation the profiler saw (as in test_capture)."""
-    try:
-        from torch._C._profiler import _EventType
-
-        roots = prof.profiler.kineto_results.experimental_event_tree()
-    except (ImportError, AttributeError) as exc:  # private API; skip rather than lie
-        pytest.skip(f"profiler event tree unavailable: {exc}")
-    sizes, stack = [], list(roots)
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and node.extra_fields.alloc_size > 0:
-            sizes.append(node.extra_fields.alloc_size)
-    return sizes
-
-
 def test_lse_path_memory_stays_within_the_chunk_bound():
     from torch.profiler import ProfilerActivity, profile
 
@@ -181,7 +163,7 @@ def test_lse_path_memory_stays_within_the_chunk_bound():
             q, k, mask=None, scale=0.3, text_len=text_len, span_members=members,
             directions=["img2txt"], chunk_size=chunk, lse=lse,
         )  # fmt: skip
-    sizes = _allocation_sizes(prof)
+    sizes = allocation_sizes(prof)
     assert max(sizes) <= max(1.5 * block, output)
 
 
