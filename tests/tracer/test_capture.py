@@ -9,11 +9,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from profiling import allocation_sizes
+from references import NEG_INF, allocation_sizes, reference
 
 from tracer.capture import attention_maps
 
-NEG_INF = float("-inf")
 ATOL, RTOL = 1e-6, 1e-5
 
 MASK_KINDS = (
@@ -31,32 +30,6 @@ MASK_KINDS = (
 
 # --------------------------------------------------------------------------------------------
 # Reference and input builders
-
-
-def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    text_len: int,
-    members: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """The definitions, literally: float64 softmax of the whole N x N map, then slice."""
-    logits = torch.einsum("hid,hjd->hij", q.double(), k.double()) * scale
-    if mask is not None:
-        m = mask
-        while m.dim() > 3:
-            m = m[0]
-        is_bool = m.dtype == torch.bool
-        logits = logits.masked_fill(~m, NEG_INF) if is_bool else logits + m.double()
-    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
-    probs = torch.softmax(logits, dim=-1).masked_fill(dead, 0.0)
-    w = members.double()
-    txt2img = torch.einsum(
-        "si,hip->hsp", w / w.sum(1, keepdim=True), probs[:, :text_len, text_len:]
-    )
-    img2txt = torch.einsum("sj,hpj->hsp", w, probs[:, text_len:, :text_len])
-    return {"txt2img": txt2img, "img2txt": img2txt}
 
 
 def make_members(gen: torch.Generator, n_spans: int, text_len: int, density: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from profiling import allocation_sizes
+from references import NEG_INF, allocation_sizes, reference
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tracer
@@ -19,23 +19,7 @@ import tracer.tap as tap
 from tracer.capture import attention_maps
 from tracer.demo import demo_pipeline
 
-NEG_INF = float("-inf")
 TEXT_LEN = 32
-
-
-def reference(q, k, mask, scale, text_len, members):
-    """float64 softmax of the whole map (q, k: [H, N, D]; mask broadcastable to [H, N, N])."""
-    logits = torch.einsum("hid,hjd->hij", q.double(), k.double()) * scale
-    if mask is not None:
-        logits = logits.masked_fill(~mask, NEG_INF) if mask.dtype == torch.bool else logits + mask
-    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
-    probs = torch.softmax(logits, dim=-1).masked_fill(dead, 0.0)
-    w = members.double()
-    txt2img = torch.einsum(
-        "si,hip->hsp", w / w.sum(1, keepdim=True), probs[:, :text_len, text_len:]
-    )
-    img2txt = torch.einsum("sj,hpj->hsp", w, probs[:, text_len:, :text_len])
-    return {"txt2img": txt2img, "img2txt": img2txt}
 
 
 def exact_lse(q, k, mask, scale):

@@ -1,0 +1,51 @@
+"""Independent references for the capture tests: float64 maps, and single allocations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+NEG_INF = float("-inf")
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    text_len: int,
+    members: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The definitions, literally: float64 softmax of the whole N x N map, then slice."""
+    logits = torch.einsum("hid,hjd->hij", q.double(), k.double()) * scale
+    if mask is not None:
+        m = mask
+        while m.dim() > 3:
+            m = m[0]
+        is_bool = m.dtype == torch.bool
+        logits = logits.masked_fill(~m, NEG_INF) if is_bool else logits + m.double()
+    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    probs = torch.softmax(logits, dim=-1).masked_fill(dead, 0.0)
+    w = members.double()
+    txt2img = torch.einsum(
+        "si,hip->hsp", w / w.sum(1, keepdim=True), probs[:, :text_len, text_len:]
+    )
+    img2txt = torch.einsum("sj,hpj->hsp", w, probs[:, text_len:, :text_len])
+    return {"txt2img": txt2img, "img2txt": img2txt}
+
+
+def allocation_sizes(prof) -> list[int]:
+    """Bytes of every single CPU allocation the profiler saw."""
+    try:
+        from torch._C._profiler import _EventType
+
+        roots = prof.profiler.kineto_results.experimental_event_tree()
+    except (ImportError, AttributeError) as exc:  # private API; skip rather than lie
+        pytest.skip(f"profiler event tree unavailable: {exc}")
+    sizes, stack = [], list(roots)
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.alloc_size > 0:
+            sizes.append(node.extra_fields.alloc_size)
+    return sizes
