@@ -250,11 +250,17 @@ def open_trace(
             f"{info.name} in {where} has no complete step yet (status {info.status!r}); "
             f"open it with complete_only=False to see its unwritten (NaN) maps"
         )
-    missing = [name for name in (*sf.DIMS, "branch") if name not in arrays]
-    if missing or not any(name in arrays for name in sf.DIRECTIONS):
+    # The directions the run was asked to record (all of them when the attribute is absent):
+    # xarray lays arrays down in no fixed order, so one may exist while another never came.
+    capture = info.attrs.get("capture")
+    asked = capture.get("directions") if isinstance(capture, dict) else None
+    directions = [d for d in sf.DIRECTIONS if d in (asked or sf.DIRECTIONS)]
+    required = (*sf.DIMS, "branch", *directions) if asked else (*sf.DIMS, "branch")
+    missing = [name for name in required if name not in arrays]
+    if missing or not any(name in arrays for name in directions):
         raise sf.FormatError(
             f"{info.name} in {where} (status {info.status!r}) lacks arrays the format requires "
-            f"({', '.join(missing) or 'txt2img or img2txt'}): its recording stopped while the "
+            f"({', '.join(missing) or ' or '.join(directions)}): its recording stopped while the "
             f"run was being laid down, before any map was written"
         )
     group = root[info.name]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 import xarray as xr
+import zarr
 from diffusers import FluxPipeline
 
+import analysis
 import tracer
 from tracer.demo import demo_pipeline
 
@@ -247,3 +251,16 @@ def test_bad_options_are_refused_at_attach(pipe, tmp_path, kwargs, message):
     ):
         pass
     assert type(pipe) is FluxPipeline
+
+
+def test_a_run_missing_one_asked_direction_reads_as_being_laid_down(pipe, tmp_path):
+    # xarray lays a run's arrays down in no fixed order: a kill can leave img2txt but no txt2img.
+    path = tmp_path / "half.zarr"
+    with tracer.trace(pipe, path, progress=False) as rec:
+        generate(pipe, steps=2)
+    shutil.rmtree(path / rec.last_run / "txt2img")
+    zarr.open_group(path, path=rec.last_run, mode="r+").attrs.update(
+        {"status": "recording", "steps_complete": []}
+    )
+    with pytest.raises(analysis.FormatError, match=r"\(txt2img\).*being laid down"):
+        analysis.open_trace(path, complete_only=False)
