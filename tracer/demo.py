@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import (
@@ -310,6 +311,26 @@ def _rope_axes(head_dim: int) -> tuple[int, int, int]:
     return head_dim - yx, yx // 2, yx // 2
 
 
+def demo_t5_config(tokenizer: Any, **overrides: Any) -> T5Config:
+    """A tiny T5 v1.1 encoder config (the family FLUX uses) for `tokenizer`'s vocabulary."""
+    return T5Config(
+        vocab_size=len(tokenizer),
+        d_model=_T5_D_MODEL,
+        d_kv=8,
+        d_ff=2 * _T5_D_MODEL,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+
+
 def demo_pipeline(
     *,
     seed: int = 0,
@@ -366,23 +387,7 @@ def demo_pipeline(
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=_T5_D_MODEL,
-                d_kv=8,
-                d_ff=2 * _T5_D_MODEL,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=32,
-                feed_forward_proj="gated-gelu",  # T5 v1.1, the family FLUX uses
-                dropout_rate=0.0,
-                pad_token_id=tokenizer_2.pad_token_id,
-                eos_token_id=tokenizer_2.eos_token_id,
-                decoder_start_token_id=tokenizer_2.pad_token_id,
-            )
-        )
+        text_encoder_2 = T5EncoderModel(demo_t5_config(tokenizer_2))
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=_LATENT_CHANNELS * _PACK * _PACK,

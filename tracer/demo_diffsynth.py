@@ -25,6 +25,8 @@ image = pipe("a cat and a dog", height=96, width=128, num_inference_steps=3, see
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from diffsynth.models.flux_dit import (
@@ -40,9 +42,9 @@ from diffsynth.models.flux_vae import FluxVAEDecoder, ResnetBlock, UpSampler, VA
 from diffsynth.models.general_modules import TimestepEmbeddings
 from diffsynth.pipelines.flux_image import FluxImagePipeline
 from PIL import Image
-from transformers import T5Config, T5EncoderModel
+from transformers import T5EncoderModel
 
-from tracer.demo import _rope_axes, demo_clip_tokenizer, demo_t5_tokenizer
+from tracer.demo import _rope_axes, demo_clip_tokenizer, demo_t5_config, demo_t5_tokenizer
 
 __all__ = ["DEMO_T5_LENGTH", "box_mask", "demo_diffsynth_pipeline"]
 
@@ -116,24 +118,8 @@ def _small_vae_decoder() -> FluxVAEDecoder:
     return vae
 
 
-def _small_t5(vocab_size: int, pad_id: int, eos_id: int) -> FluxTextEncoderT5:
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=_TEXT_WIDTH,
-        d_kv=8,
-        d_ff=2 * _TEXT_WIDTH,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",  # T5 v1.1, as in FluxTextEncoderT5's own config
-        dropout_rate=0.0,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-        decoder_start_token_id=pad_id,
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
+def _small_t5(tokenizer: Any) -> FluxTextEncoderT5:
+    config = demo_t5_config(tokenizer, is_encoder_decoder=False, use_cache=False)
     # FluxTextEncoderT5.__init__ only builds T5-XXL's config and hands it to T5EncoderModel; doing
     # that step with a small config gives a real FluxTextEncoderT5 (its forward, returning the
     # last hidden state, is what the pipeline calls).
@@ -175,9 +161,7 @@ def demo_diffsynth_pipeline(
             num_encoder_layers=2,
             encoder_intermediate_size=2 * _TEXT_WIDTH,
         )
-        text_encoder_2 = _small_t5(
-            len(tokenizer_2), tokenizer_2.pad_token_id, tokenizer_2.eos_token_id
-        )
+        text_encoder_2 = _small_t5(tokenizer_2)
         dit = _small_dit(
             num_blocks=num_blocks,
             num_single_blocks=num_single_blocks,
