@@ -7,10 +7,9 @@ attention maps stay in the store as dask arrays over its chunks until a reductio
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,33 +19,13 @@ import numpy as np
 import xarray as xr
 import zarr
 from zarr.abc.store import Store
-from zarr.errors import ContainsArrayError, GroupNotFoundError, ZarrUserWarning
+from zarr.errors import ContainsArrayError, GroupNotFoundError
 from zarr.storage import FsspecStore, LocalStore
 
 from . import store_format as sf
 from . import trust
+from .consistency import run_findings
 from .selection import SelectionError, describe_values
-
-# attnscope stores use numcodecs' bit rounding by design (docs/store-format.md); zarr warns about
-# it on every array it opens, locally and when dask ships arrays to workers. Silence only that.
-warnings.filterwarnings(
-    "ignore",
-    message="Numcodecs codecs are not in the Zarr version 3 specification",
-    category=ZarrUserWarning,
-)
-# A write killed mid-way leaves zarr's temporary `*.partial` file next to the object, a recorder
-# killed at once an empty `run-NNNN` folder: no nodes, readers skip them, `attnscope verify`
-# reports them. zarr warns on every listing: silence that.
-_PARTIAL_FILE = r"Object at .* is not recognized as a component of a Zarr hierarchy"
-warnings.filterwarnings("ignore", message=_PARTIAL_FILE, category=ZarrUserWarning)
-
-
-@contextlib.contextmanager
-def _quiet_partial_files() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_PARTIAL_FILE, category=ZarrUserWarning)
-        yield
-
 
 PathLike = str | os.PathLike | Store
 
@@ -77,11 +56,13 @@ class RunInfo:
         return self.status == sf.COMPLETE and not self.steps_missing
 
 
-def _where(path: PathLike) -> str:
+def location(path: PathLike) -> str:
+    """How messages name the store at `path`."""
     return repr(path) if isinstance(path, Store) else str(path)
 
 
-def _store(path: PathLike, storage_options: Mapping[str, Any] | None) -> Store:
+def read_only_store(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> Store:
+    """The zarr store at a path, URL or store, read-only; FileNotFoundError for no local path."""
     if isinstance(path, Store):
         return path if path.read_only else path.with_read_only(True)
     text = os.fspath(path)
@@ -100,8 +81,8 @@ def open_store(path: PathLike, storage_options: Mapping[str, Any] | None = None)
     Raises FormatError when `path` is no Zarr group or not an attnscope trace of a version this
     code reads, and FileNotFoundError when a local path does not exist.
     """
-    where = _where(path)
-    store = _store(path, storage_options)
+    where = location(path)
+    store = read_only_store(path, storage_options)
     # Untrusted metadata is checked as plain JSON before zarr builds anything from it.
     trust.check_root(store, where)
     try:
@@ -139,7 +120,7 @@ def list_runs(
     """The runs of a store in the order they were started, from metadata only."""
     if isinstance(path, zarr.Group):
         return _list_runs(path, repr(path.store))
-    return _list_runs(open_store(path, storage_options), _where(path))
+    return _list_runs(open_store(path, storage_options), location(path))
 
 
 def _list_runs(root: zarr.Group, where: str) -> list[RunInfo]:
@@ -154,7 +135,7 @@ def _list_runs(root: zarr.Group, where: str) -> list[RunInfo]:
             continue  # a run name claimed by a recorder that never wrote it: not a run
         # Only the run's attributes and step coordinate are read here: check those first.
         trust.check_run(root.store, f"{prefix}{name}", where, arrays=["step"], meta=meta)
-        with _quiet_partial_files():
+        with sf.quiet_zarr():
             infos.append(_run_info(name, root[name], where))
     if not infos:
         nodes = [
@@ -240,7 +221,7 @@ def open_trace(
     all heads and as many layers as fit in CHUNK_BYTES, a whole number of stored chunks; a
     selection reads only the stored chunks it needs). `storage_options` go to fsspec for URLs.
     """
-    where = _where(path)
+    where = location(path)
     root = open_store(path, storage_options)
     info = _pick(_list_runs(root, where), run, where)
     arrays = trust.check_run(root.store, info.name, where)
@@ -250,22 +231,9 @@ def open_trace(
             f"{info.name} in {where} has no complete step yet (status {info.status!r}); "
             f"open it with complete_only=False to see its unwritten (NaN) maps"
         )
-    # The directions the run was asked to record (all of them when the attribute is absent):
-    # xarray lays arrays down in no fixed order, so one may exist while another never came.
-    capture = info.attrs.get("capture")
-    asked = capture.get("directions") if isinstance(capture, dict) else None
-    directions = [d for d in sf.DIRECTIONS if d in (asked or sf.DIRECTIONS)]
-    required = (*sf.DIMS, "branch", *directions) if asked else (*sf.DIMS, "branch")
-    missing = [name for name in required if name not in arrays]
-    if missing or not any(name in arrays for name in directions):
-        raise sf.FormatError(
-            f"{info.name} in {where} (status {info.status!r}) lacks arrays the format requires "
-            f"({', '.join(missing) or ' or '.join(directions)}): its recording stopped while the "
-            f"run was being laid down, before any map was written"
-        )
     group = root[info.name]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_PARTIAL_FILE, category=ZarrUserWarning)
+    _refuse_inconsistent(group, info, arrays, where)
+    with sf.quiet_zarr():
         if chunks is None:
             chunks = _default_chunks(group)
             # Our chunks hold whole stored chunks of the maps; xarray warns only because they
@@ -288,7 +256,6 @@ def open_trace(
             _diagnose(group, arrays, info.name, where)
             raise
     ds = ds.assign_coords(small)
-    _check_coords(ds, info, where)
     ds, dropped = _checked_variables(ds, group, info, where)
     ds.attrs.update(run=info.name, store=where)
     if dropped:
@@ -302,31 +269,25 @@ def open_trace(
     return ds
 
 
-def _check_coords(ds: xr.Dataset, info: RunInfo, where: str) -> None:
-    """Refuse coordinates that disagree with the run's attributes (a damaged coordinate chunk)."""
-    problems = [
-        dim
-        for dim in ("y", "x")
-        if dim in ds.coords and not np.array_equal(ds[dim].values, np.arange(ds.sizes[dim]))
-    ]
-    capture = info.attrs.get("capture")
-    if isinstance(capture, dict):
-        for key, dim in (("steps", "step"), ("layers", "layer"), ("heads", "head")):
-            if key in capture and dim in ds.coords:
-                values = [v.item() if isinstance(v, np.generic) else v for v in ds[dim].values]
-                if values != list(capture[key]):
-                    problems.append(dim)
-    if set(info.steps_complete) - set(info.steps):
-        problems.append("step")
-    spans = info.attrs.get(sf.SPANS)
-    if isinstance(spans, dict) and "span" in ds.coords and set(spans) != set(ds.span.values):
-        problems.append("span")
-    if problems:
-        raise sf.FormatError(
-            f"{info.name} in {where}: coordinates {problems} disagree with the run's attributes "
-            f"(capture settings, spans, the latent grid): the store is damaged; "
-            f"`attnscope verify` says where"
-        )
+def _refuse_inconsistent(
+    group: zarr.Group, info: RunInfo, arrays: Mapping[str, Any], where: str
+) -> None:
+    """Raise FormatError for the first finding of `run_findings` that stops a reader."""
+    coords = {}
+    for name, meta in arrays.items():
+        if len(meta["shape"]) <= 1 and group[name].nchunks_initialized == group[name].nchunks:
+            label = f"{info.name}/{name} in {where}"
+            coords[name] = np.asarray(
+                trust.CheckedArray(group[name], label, dims=meta["dims"])[...]
+            )
+    keepbits = {d: sf.keepbits_of(group[d]) for d in sf.DIRECTIONS if d in arrays}
+    for finding in run_findings(info.name, info.attrs, arrays, coords, keepbits):
+        if finding.blocks_reading:
+            damaged = ": the store is damaged" if finding.level == "error" else ""
+            raise sf.FormatError(
+                f"{info.name} in {where} {finding.message}{damaged}; `attnscope verify` lists "
+                f"every problem"
+            )
 
 
 def _diagnose(group: zarr.Group, arrays: Mapping[str, Any], run: str, where: str) -> None:
@@ -413,13 +374,13 @@ def trace_info(
     layer kinds, variables with their bytes on disk, bytes written and compression ratio, the
     image and entity masks if present, the stated error bound and other attributes.
     """
-    where = _where(path)
+    where = location(path)
     root = open_store(path, storage_options)
     infos = _list_runs(root, where)
     info = _pick(infos, run, where)
     trust.check_run(root.store, info.name, where)
     group = root[info.name]
-    with _quiet_partial_files():
+    with sf.quiet_zarr():
         arrays = dict(group.arrays())
     variables = {}
     for name in sf.DIRECTIONS:

@@ -1,4 +1,4 @@
-"""The selection syntax shared by the CLI and the API.
+"""The selection syntax: one grammar for every verb (record included), the CLI and the API.
 
 A selector picks labels along one dim of a trace. From Python it is a label, a list of labels, a
 `slice` of labels, or a string in the CLI's syntax; on the CLI it is always that string:
@@ -9,12 +9,15 @@ A selector picks labels along one dim of a trace. From Python it is a label, a l
 - a range of numeric labels `a:b`, inclusive at both ends like xarray's label slices, either
   end optional (`10:20`, `:5`, `20:`), or `a:b:k` for every k-th label in it (`::2`);
 - a glob over names: `single_transformer_blocks.*`, `*.1?`;
-- for layers, `KIND:GLOB` with KIND a layer kind (`double`, `single`): `single:*` is every
-  single-stream block, `double:1?` the two-stream blocks 10..19 (the glob matches the block's
+- for layers, a kind (`double`, `single`): every block of that kind; `KIND:GLOB`: `single:*` is
+  every single-stream block, `double:1?` the two-stream blocks 10..19 (the glob matches the block's
   number or its whole name);
 - `*` or `all`: every label.
 
-Every unknown label raises `SelectionError` naming what the run has.
+Every unknown label raises `SelectionError` naming what the run has; a number or a range that
+reaches outside the labels is refused (`head 2:9` on heads 0..3), never cut short. Ranges are
+inclusive because they select labels, as `.sel(step=slice(0, 10))` does: `record --steps 0:10`
+records the same steps that `heatmap --step 0:10` later shows.
 """
 
 from __future__ import annotations
@@ -27,16 +30,14 @@ from typing import Any, TypeVar
 import numpy as np
 import xarray as xr
 
+from .errors import SelectionError
+
 T = TypeVar("T", xr.DataArray, xr.Dataset)
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")
 
 REDUCTIONS = ("mean", "max", "min", "sum", "std", "median")
-
-
-class SelectionError(ValueError):
-    """A selection that names labels, dims, runs or options the trace does not have."""
 
 
 def describe_values(values: Iterable[Any], limit: int = 400) -> str:
@@ -92,9 +93,18 @@ def _parse_number(dim: str, text: str, labels: Sequence[Any]) -> int:
         ) from None
 
 
+def _outside(dim: str, item: Any, labels: Sequence[Any]) -> SelectionError:
+    return SelectionError(
+        f"{dim} {item!r} is out of range: {dim} must be in {min(labels)}..{max(labels)} "
+        f"(this trace has {dim} {describe_values(labels)})"
+    )
+
+
 def _numeric_item(dim: str, item: str, labels: Sequence[Any]) -> list[Any]:
     if ":" not in item:
         value = _parse_number(dim, item, labels)
+        if labels and not min(labels) <= value <= max(labels):
+            raise _outside(dim, value, labels)
         if value not in labels:
             raise _unknown(dim, value, labels)
         return [value]
@@ -105,6 +115,9 @@ def _numeric_item(dim: str, item: str, labels: Sequence[Any]) -> list[Any]:
     stride = rest[0] if rest else None
     if stride is not None and stride <= 0:
         raise SelectionError(f"bad {dim} range {item!r}: the stride must be positive")
+    # A range reaching past either end is refused, never cut short: one rule with single labels.
+    if labels and any(v is not None and not min(labels) <= v <= max(labels) for v in (lo, hi)):
+        raise _outside(dim, item, labels)
     picked = [v for v in labels if (lo is None or v >= lo) and (hi is None or v <= hi)]
     picked = picked[:: stride or 1]
     if not picked:
@@ -117,6 +130,8 @@ def _name_item(
 ) -> list[Any]:
     if item in labels:
         return [item]
+    if kinds and item in set(kinds.values()):
+        return [name for name in labels if kinds[name] == item]  # a bare kind: `single`
     pattern, pool = item, list(labels)
     if kinds is not None and ":" in item:
         kind, _, pattern = item.partition(":")
@@ -175,6 +190,30 @@ def parse_selector(
         picked.extend(v for v in found if v not in picked)
     one_label = len(items) == 1 and ":" not in text and not _GLOB_CHARS.search(text)
     return picked[0] if one_label else picked
+
+
+def pick(
+    dim: str, selector: Any, labels: Sequence[Any], kinds: Mapping[str, str] | None = None
+) -> list[Any]:
+    """The labels of `dim` that `selector` picks from `labels`, always as a list in their order.
+
+    What `resolve` does on a trace, for labels known before there is one (the tracer picks the
+    layers, heads and steps to record with it). A list may mix selector strings and labels.
+    """
+    items = [selector] if isinstance(selector, (str, int, np.integer)) else list(selector)
+    if not items:
+        raise SelectionError(f"empty {dim} selection; there are {dim} {describe_values(labels)}")
+    chosen: set[Any] = set()
+    for item in items:
+        if isinstance(item, str):
+            found = parse_selector(dim, item, labels, kinds)
+            chosen.update(found if isinstance(found, list) else [found])
+        elif isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+            raise SelectionError(f"{dim} {item!r} is neither a label nor a selector string")
+        else:
+            _numeric_item(dim, str(int(item)), labels)
+            chosen.add(int(item))
+    return [label for label in labels if label in chosen]
 
 
 def _check_labels(dim: str, wanted: Iterable[Any], labels: Sequence[Any]) -> None:

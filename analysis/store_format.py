@@ -18,13 +18,17 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import xarray as xr
+
+from .errors import FormatError, UsageError
 
 FORMAT_VERSION = 1
 FORMAT_ATTR = "attnscope_format"
@@ -36,26 +40,74 @@ ENTITY_MASK_DIMS = ("entity", "image_y", "image_x")
 LAYER_KINDS = ("double", "single")
 BRANCHES = ("cond", "uncond")
 
+# Zarr v3 data types by kind, as `zarr.json` names them.
+INT_TYPES = frozenset({"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"})
+FLOAT_TYPES = frozenset({"float16", "float32", "float64"})
+STRING_TYPES = frozenset({"string", "fixed_length_utf32"})
+
+# Every variable and coordinate of a run: its dims and the data types it may have.
+VARIABLES: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
+    **{name: (DIMS, frozenset({"float32"})) for name in DIRECTIONS},
+    "step": (("step",), INT_TYPES),
+    "timestep": (("step",), FLOAT_TYPES),
+    "sigma": (("step",), FLOAT_TYPES),
+    "layer": (("layer",), STRING_TYPES),
+    "layer_kind": (("layer",), STRING_TYPES),
+    "head": (("head",), INT_TYPES),
+    "span": (("span",), STRING_TYPES),
+    "y": (("y",), INT_TYPES),
+    "x": (("x",), INT_TYPES),
+    "branch": ((), STRING_TYPES),
+    "image": (IMAGE_DIMS, frozenset({"uint8"})),
+    "rgb": (("rgb",), STRING_TYPES),
+    "entity_mask": (ENTITY_MASK_DIMS, frozenset({"uint8"})),
+    "entity": (("entity",), STRING_TYPES),
+}
+
 # Run status values (run attribute "status"); a failure reads "failed: <reason>".
 RECORDING = "recording"
 COMPLETE = "complete"
 FAILED_PREFIX = "failed: "
 
-# Run attribute keys other tools rely on.
+# Run attribute keys: the tracer writes them, readers rely on them; nowhere else spells them.
 STATUS = "status"
 STEPS_COMPLETE = "steps_complete"
 SPANS = "spans"
 SPAN_TOKENS = "span_tokens"
+TEXT_LEN = "text_len"  # text tokens of the joint sequence (they come first)
+ERROR_BOUND = "error_bound"  # largest relative error of a stored map value (0.0: lossless)
+CAPTURE = "capture"  # what was asked to be recorded: a `Capture` as a dict
+CREATED = "created"  # ISO 8601 UTC time the run was laid down
+ENTITY_PROMPTS = "entity_prompts"  # EliGen entity prompts, in entity order
+PROMPT = "prompt"
+SEED = "seed"
+NUM_STEPS = "num_inference_steps"
+GUIDANCE = "guidance_scale"
+MODEL = "model"  # model id or path, or the class of a model built in code
+PIPELINE = "pipeline"  # the pipeline's class name
+BACKEND = "backend"  # the library that ran it: diffusers or diffsynth
+LSE_USED = "lse_used"  # traced calls by where their normalisers came from: kernel, recompute
+
+# Keys of the `capture` attribute.
+DIRECTIONS_KEY = "directions"
+LAYERS = "layers"
+HEADS = "heads"
+STEPS = "steps"
+CHUNK_SIZE = "chunk_size"
+KEEPBITS = "keepbits"
+LSE = "lse"  # where img2txt's softmax normalisers came from: one of LSE_SOURCES
+BRANCH = "branch"
+BATCH_INDEX = "batch_index"
+
+# `kernel`: the model's attention kernel returned them where it could (others recomputed);
+# `recompute`: always recomputed by attnscope.
+LSE_SOURCES = ("kernel", "recompute")
 
 RUN_PREFIX = "run-"
 _RUN_NAME = re.compile(r"^run-(\d{4,})$")
 
 # Mantissa bits kept by the bit-rounding filter: relative error <= 2**-(keepbits + 1).
 DEFAULT_KEEPBITS = 9
-
-
-class FormatError(ValueError):
-    """A store that is not an attnscope trace, or one of a format version this code can't read."""
 
 
 def run_name(index: int) -> str:
@@ -83,7 +135,7 @@ def check_keepbits(keepbits: int | None) -> int | None:
     if keepbits is None:
         return None
     if isinstance(keepbits, bool) or not isinstance(keepbits, int) or not 1 <= keepbits <= 23:
-        raise ValueError(
+        raise UsageError(
             f"keepbits must be an integer in 1..23 (float32 mantissa bits kept) or None for "
             f"lossless, got {keepbits!r}"
         )
@@ -106,6 +158,18 @@ def check_version(root_attrs: Mapping[str, Any], where: str = "store") -> int:
     return version
 
 
+def check_directions(directions: Sequence[str] | str) -> tuple[str, ...]:
+    """Validate which maps to record: a non-empty selection of DIRECTIONS, each named once."""
+    wanted = (directions,) if isinstance(directions, str) else tuple(directions)
+    unknown = [d for d in wanted if d not in DIRECTIONS]
+    if unknown or not wanted or len(set(wanted)) != len(wanted):
+        raise UsageError(
+            f"directions must name each of {list(DIRECTIONS)} at most once, and at least one; "
+            f"got {list(wanted)}" + (f" ({unknown} unknown)" if unknown else "")
+        )
+    return wanted
+
+
 def is_failed(status: str) -> bool:
     """Whether a run status says the run failed."""
     return status.startswith(FAILED_PREFIX)
@@ -114,6 +178,85 @@ def is_failed(status: str) -> bool:
 def failed(reason: str) -> str:
     """The status string of a run that failed for `reason`."""
     return f"{FAILED_PREFIX}{reason}"
+
+
+@contextlib.contextmanager
+def quiet_zarr() -> Iterator[None]:
+    """Silence, for the block only, what zarr says of every attnscope store it touches.
+
+    The format's bit rounding is a numcodecs codec, which zarr warns is outside the Zarr v3 spec
+    on every array it opens; a write killed mid-way leaves zarr's temporary `*.partial` file next
+    to an object, which zarr warns about on every listing (readers skip it, `verify` notes it).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+        warnings.filterwarnings(
+            "ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy"
+        )
+        yield
+
+
+@dataclass(frozen=True)
+class Capture:
+    """The run attribute `capture`: what the tracer was asked to record, and how."""
+
+    directions: tuple[str, ...]
+    layers: tuple[str, ...]
+    heads: tuple[int, ...]
+    steps: tuple[int, ...]
+    chunk_size: int
+    keepbits: int | None
+    lse: str = "kernel"
+    branch: str = "cond"
+    batch_index: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The attribute's JSON value."""
+        return {key: list(v) if isinstance(v, tuple) else v for key, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> Capture:
+        """Read the attribute back; FormatError naming the first field that is not valid."""
+        if not isinstance(value, Mapping):
+            raise FormatError(f"the {CAPTURE!r} attribute is not an object: {value!r:.80}")
+        fields = {}
+        for name, kind in (
+            (DIRECTIONS_KEY, str),
+            (LAYERS, str),
+            (HEADS, int),
+            (STEPS, int),
+        ):
+            items = value.get(name)
+            if not isinstance(items, list) or not all(isinstance(v, kind) for v in items):
+                raise FormatError(
+                    f"capture {name!r} is not a list of {kind.__name__}: {items!r:.80}"
+                )
+            fields[name] = tuple(items)
+        try:
+            keepbits = check_keepbits(value.get(KEEPBITS))
+        except UsageError as exc:
+            raise FormatError(f"capture {KEEPBITS!r}: {exc}") from None
+        return cls(
+            **fields,
+            chunk_size=int(value.get(CHUNK_SIZE, 0)),
+            keepbits=keepbits,
+            lse=str(value.get(LSE, "kernel")),
+            branch=str(value.get(BRANCH, "cond")),
+            batch_index=int(value.get(BATCH_INDEX, 0)),
+        )
+
+
+def keepbits_of(array: Any) -> int | None:
+    """The bit rounding a zarr array's codecs apply (None: lossless): the inverse of `codecs`."""
+    from zarr.codecs.numcodecs import BitRound
+
+    pending = list(array.metadata.codecs)
+    while pending:
+        codec = pending.pop()
+        if isinstance(codec, BitRound):
+            return int(codec.codec_config["keepbits"])
+        pending.extend(getattr(codec, "codecs", ()))
+    return None
 
 
 def _strings(values: Sequence[str]) -> np.ndarray:
@@ -178,8 +321,7 @@ def codecs(keepbits: int | None) -> dict[str, Any]:
     if keepbits is not None:
         from zarr.codecs.numcodecs import BitRound
 
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
+        with quiet_zarr():
             filters = [BitRound(keepbits=keepbits)]
     return {
         "filters": filters,
@@ -216,11 +358,7 @@ def run_skeleton(
     """
     import dask.array as da
 
-    unknown = sorted(set(directions) - set(DIRECTIONS))
-    if unknown or not directions:
-        raise ValueError(
-            f"directions must be a non-empty subset of {list(DIRECTIONS)}, got {list(directions)}"
-        )
+    directions = check_directions(directions)
     sizes = {
         "step": len(coords["step"]),
         "layer": len(coords["layer"]),

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from . import store_format as sf
+from .errors import CorruptChunkError
 
 # Limits far above any real trace (FLUX at 2048², 50 steps, 57 layers, 100 spans fits with room)
 # and far below what would exhaust a laptop before anything was read.
@@ -64,39 +65,12 @@ ALLOWED_CODECS = frozenset(
         "numcodecs.bitround",
     }
 )
-_INTS = frozenset({"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"})
-_FLOATS = frozenset({"float16", "float32", "float64"})
-_STRINGS = frozenset({"string", "fixed_length_utf32"})
-ALLOWED_DATA_TYPES = _INTS | _FLOATS | _STRINGS | {"bool"}
+ALLOWED_DATA_TYPES = sf.INT_TYPES | sf.FLOAT_TYPES | sf.STRING_TYPES | {"bool"}
 
 # Attributes xarray would act on when decoding: a store of this format never carries them.
 CF_TRANSFORMS = frozenset(
     {"scale_factor", "add_offset", "_Unsigned", "missing_value", "units", "calendar", "dtype"}
 )
-
-# The format's variables: their dims and the data types they may have.
-KNOWN = {
-    **{name: (sf.DIMS, frozenset({"float32"})) for name in sf.DIRECTIONS},
-    "step": (("step",), _INTS),
-    "timestep": (("step",), _FLOATS),
-    "sigma": (("step",), _FLOATS),
-    "layer": (("layer",), _STRINGS),
-    "layer_kind": (("layer",), _STRINGS),
-    "head": (("head",), _INTS),
-    "span": (("span",), _STRINGS),
-    "y": (("y",), _INTS),
-    "x": (("x",), _INTS),
-    "branch": ((), _STRINGS),
-    "image": (sf.IMAGE_DIMS, frozenset({"uint8"})),
-    "rgb": (("rgb",), _STRINGS),
-    "entity_mask": (sf.ENTITY_MASK_DIMS, frozenset({"uint8"})),
-    "entity": (("entity",), _STRINGS),
-}
-
-
-class CorruptChunkError(sf.FormatError):
-    """A stored chunk that cannot be read or decoded, or a listed step whose data is lost."""
-
 
 # ---------------------------------------------------------------------------------- raw access
 
@@ -136,18 +110,18 @@ def read_json(store: Any, key: str, where: str) -> Any | None:
         ) from None
 
 
+async def _collect(keys: Any) -> list[str]:
+    return [key async for key in keys]
+
+
 def list_dir(store: Any, prefix: str) -> list[str]:
     """The names directly under `prefix` (files and folders), sorted."""
-    from zarr.core.sync import _collect_aiterator
-
-    return sorted(_sync(_collect_aiterator(store.list_dir(prefix))))
+    return sorted(_sync(_collect(store.list_dir(prefix))))
 
 
 def list_prefix(store: Any, prefix: str) -> list[str]:
     """Every key under `prefix` (relative to the store's root)."""
-    from zarr.core.sync import _collect_aiterator
-
-    return list(_sync(_collect_aiterator(store.list_prefix(prefix))))
+    return list(_sync(_collect(store.list_prefix(prefix))))
 
 
 def exists(store: Any, key: str) -> bool:
@@ -342,9 +316,9 @@ def check_array(meta: Any, where: str, node: str) -> dict[str, Any]:
 
 
 def _check_known(name: str, info: Mapping[str, Any], where: str, node: str) -> None:
-    if name not in KNOWN:
+    if name not in sf.VARIABLES:
         return
-    dims, dtypes = KNOWN[name]
+    dims, dtypes = sf.VARIABLES[name]
     if info["dims"] != dims:
         raise _refuse(where, node, f"has dims {list(info['dims'])}; the format says {list(dims)}")
     if info["dtype"] not in dtypes:

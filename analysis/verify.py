@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,20 +25,12 @@ import zarr
 
 from . import store_format as sf
 from . import trust
-from .open import PathLike, _store, _where
+from .consistency import Finding, run_findings
+from .open import PathLike, location, read_only_store
 from .selection import describe_values
 
 BLOCK_BYTES = 64 * 2**20  # decoded bytes read at once; a damaged block is re-read chunk by chunk
 MAX_FINDINGS_PER_ARRAY = 20
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One thing verify found: `level` is `error` or `note`; `where` names the run or array."""
-
-    level: str
-    where: str
-    message: str
 
 
 @dataclass
@@ -65,7 +57,7 @@ class Report:
         return not self.errors
 
     def error(self, where: str, message: str) -> None:
-        self.findings.append(Finding("error", where, message))
+        self.findings.append(Finding("error", where, message, blocks_reading=True))
 
     def note(self, where: str, message: str) -> None:
         self.findings.append(Finding("note", where, message))
@@ -84,7 +76,7 @@ class Report:
             "runs": self.runs,
             "arrays": self.arrays,
             "chunks": self.chunks,
-            "findings": [f.__dict__ for f in self.findings],
+            "findings": [asdict(f) for f in self.findings],
         }
 
 
@@ -93,8 +85,8 @@ def verify(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> 
 
     Raises FileNotFoundError when a local path does not exist; everything else is a finding.
     """
-    where = _where(path)
-    store = _store(path, storage_options)
+    where = location(path)
+    store = read_only_store(path, storage_options)
     report = Report(store=where)
     try:
         attrs = trust.check_root(store, where)
@@ -144,29 +136,13 @@ def _verify_run(store: Any, name: str, where: str, keys: set[str], report: Repor
     attrs = dict(group.attrs)
     status = attrs.get(sf.STATUS)
     complete = status == sf.COMPLETE
-    if status is None:
-        report.error(name, f"has no {sf.STATUS!r} attribute")
-    elif not (status in (sf.RECORDING, sf.COMPLETE) or sf.is_failed(status)):
-        report.error(name, f"has status {status!r}, not recording, complete or failed: <reason>")
-    partial = [s for s in (*sf.DIMS, "branch") if s not in arrays]
-    if partial or not any(d in arrays for d in sf.DIRECTIONS):
-        missing = ", ".join(partial) or "txt2img or img2txt"
-        if complete:
-            report.error(name, f"is complete but lacks arrays the format requires: {missing}")
-        else:
-            report.note(
-                name,
-                f"({status}) lacks {missing}: its recording stopped while the run was being "
-                f"laid down; it holds no maps",
-            )
-        # Its data is still decoded below, for what there is.
-
     coords: dict[str, np.ndarray] = {}
     for coord in [a for a, info in arrays.items() if len(info["shape"]) <= 1]:
         values = _read_small(group, name, coord, arrays[coord], report, complete, where)
         if values is not None:
             coords[coord] = values
-    _check_metadata(name, attrs, arrays, coords, group, report)
+    keepbits = {d: sf.keepbits_of(group[d]) for d in sf.DIRECTIONS if d in arrays}
+    report.findings += run_findings(name, attrs, arrays, coords, keepbits)
 
     steps = [int(s) for s in coords.get("step", [])]
     listed = set(int(s) for s in attrs.get(sf.STEPS_COMPLETE, []))
@@ -325,118 +301,6 @@ def _verify_array(
 
 
 # ------------------------------------------------------------------------------- metadata
-
-
-def _check_metadata(
-    run: str,
-    attrs: Mapping[str, Any],
-    arrays: Mapping[str, Mapping[str, Any]],
-    coords: Mapping[str, np.ndarray],
-    group: zarr.Group,
-    report: Report,
-) -> None:
-    """The run's attributes agree with its coordinates and variables."""
-
-    def error(message: str) -> None:
-        report.error(run, message)
-
-    steps = [int(s) for s in coords.get("step", [])]
-    listed = [int(s) for s in attrs.get(sf.STEPS_COMPLETE, [])]
-    for dim in ("step", "layer", "head", "span"):
-        if dim in coords and len(set(coords[dim].tolist())) != len(coords[dim]):
-            error(f"coordinate {dim!r} repeats values: {describe_values(coords[dim])}")
-    if len(set(listed)) != len(listed):
-        error(f"{sf.STEPS_COMPLETE} repeats steps: {listed}")
-    if "step" in coords:
-        unknown = sorted(set(listed) - set(steps))
-        if unknown:
-            error(f"{sf.STEPS_COMPLETE} lists steps {unknown} that the step coordinate lacks")
-        if attrs.get(sf.STATUS) == sf.COMPLETE and set(listed) != set(steps):
-            missing = [s for s in steps if s not in set(listed)]
-            error(f"is complete but steps {describe_values(missing)} are not listed complete")
-    for dim in ("y", "x"):
-        if dim in coords and not np.array_equal(coords[dim], np.arange(len(coords[dim]))):
-            error(f"coordinate {dim!r} is not 0..{len(coords[dim]) - 1}")
-    if "layer_kind" in coords:
-        bad = sorted(set(map(str, coords["layer_kind"])) - set(sf.LAYER_KINDS))
-        if bad:
-            error(f"layer_kind holds {bad}, not {list(sf.LAYER_KINDS)}")
-    if "branch" in coords and str(coords["branch"]) not in sf.BRANCHES:
-        error(f"branch is {coords['branch']!r}, not one of {list(sf.BRANCHES)}")
-    if "rgb" in coords and [str(c) for c in coords["rgb"]] != ["r", "g", "b"]:
-        error(f"coordinate rgb is {list(coords['rgb'])}, not ['r', 'g', 'b']")
-    for dim in ("timestep", "sigma"):
-        if dim in coords and not np.isfinite(coords[dim].astype(np.float64)).all():
-            error(f"coordinate {dim!r} holds non-finite values")
-
-    spans = attrs.get(sf.SPANS)
-    names = [str(s) for s in coords.get("span", [])]
-    if "span" in coords and spans is not None and set(spans) != set(names):
-        error(f"{sf.SPANS} names {sorted(spans)} but the span coordinate holds {names}")
-    tokens = attrs.get(sf.SPAN_TOKENS)
-    if spans is not None and tokens is not None:
-        for span, indices in spans.items():
-            if span in tokens and len(tokens[span]) != len(indices):
-                error(
-                    f"span {span!r}: {len(indices)} token indices but "
-                    f"{len(tokens[span])} token strings"
-                )
-    text_len = attrs.get("text_len")
-    if isinstance(text_len, int) and spans:
-        past = sorted(s for s, idx in spans.items() if idx and max(idx) >= text_len)
-        if past or any(min(idx, default=0) < 0 for idx in spans.values()):
-            error(f"spans {past} reach outside the {text_len} text tokens")
-    if "entity" in coords and names:
-        strangers = sorted(set(map(str, coords["entity"])) - set(names))
-        if strangers:
-            error(f"entities {strangers} have no span")
-
-    capture = attrs.get("capture")
-    if isinstance(capture, dict):
-        directions = capture.get("directions")
-        present = [d for d in sf.DIRECTIONS if d in arrays]
-        if isinstance(directions, list):
-            extra = sorted(set(present) - set(directions))
-            if extra:
-                error(f"holds {extra} but its capture settings record only {directions}")
-            lacking = sorted(set(directions) - set(present))
-            if lacking and attrs.get(sf.STATUS) == sf.COMPLETE:
-                error(f"capture settings record {lacking} but the run lacks them")
-        for key, dim in (("layers", "layer"), ("heads", "head"), ("steps", "step")):
-            if key in capture and dim in coords:
-                stored = [v.item() if isinstance(v, np.generic) else v for v in coords[dim]]
-                if list(capture[key]) != stored:
-                    error(
-                        f"coordinate {dim!r} ({describe_values(stored)}) disagrees with the "
-                        f"capture settings ({describe_values(capture[key])})"
-                    )
-        keepbits = capture.get("keepbits", "absent")
-        if keepbits != "absent":
-            bound = attrs.get("error_bound")
-            try:
-                expected = sf.relative_error_bound(sf.check_keepbits(keepbits))
-            except ValueError:
-                error(f"capture keepbits {keepbits!r} is not an integer in 1..23 or null")
-            else:
-                if bound is not None and bound != expected:
-                    error(f"error_bound {bound} does not match keepbits {keepbits} ({expected})")
-                for direction in present:
-                    stored_bits = _keepbits(group[direction])
-                    if stored_bits != keepbits:
-                        error(
-                            f"{direction} is stored with keepbits {stored_bits} but the capture "
-                            f"settings say {keepbits}"
-                        )
-
-
-def _keepbits(array: zarr.Array) -> int | None:
-    """The bit-rounding keepbits of an array's filters (None when lossless)."""
-    for codec in array.metadata.to_dict().get("codecs", []):
-        inner = codec.get("configuration", {}).get("codecs", []) if isinstance(codec, dict) else []
-        for c in [codec, *inner]:
-            if isinstance(c, dict) and c.get("name") == "numcodecs.bitround":
-                return c.get("configuration", {}).get("keepbits")
-    return None
 
 
 def format_report(report: Report) -> str:

@@ -64,7 +64,7 @@ def _overhead(r: dict[str, Any], main: str) -> str:
             "log-sum-exp (CPU flash; CUDA flash and memory-efficient), so the output is the same "
             "tensor and img2txt is `exp(q·kᵀ·scale + mask − lse)` over the span keys only. The "
             "math kernel, cuDNN, dropout, causal, GQA and autograd calls fall back to the old "
-            "path (`tracer.tap.FETCH_LSE = False` forces it)."
+            "path (`tracer.trace(..., lse='recompute')` forces it)."
         )
     if r["overhead"].get("quick") and main != "quick":
         q = r["overhead"]["quick"]

@@ -7,8 +7,7 @@ its labels).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,33 +21,22 @@ def untraced(pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None) 
     return {}
 
 
-def attnscope(pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None) -> dict[str, Any]:
+def attnscope(
+    pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None, lse: str = "kernel"
+) -> dict[str, Any]:
     """Every layer, head and step, both directions, the default spans, compressed on disk."""
     import tracer
 
-    with tracer.trace(pipe, workdir / "trace.zarr", progress=False):
+    with tracer.trace(pipe, workdir / "trace.zarr", progress=False, lse=lse):
         generate(pipe, geo, steps)
     return {"path": str(workdir / "trace.zarr")}
-
-
-@contextlib.contextmanager
-def _recomputing() -> Iterator[None]:
-    import tracer.tap
-
-    previous = tracer.tap.FETCH_LSE
-    tracer.tap.FETCH_LSE = False
-    try:
-        yield
-    finally:
-        tracer.tap.FETCH_LSE = previous
 
 
 def attnscope_recompute(
     pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None
 ) -> dict[str, Any]:
     """attnscope without the kernel's log-sum-exp: img2txt reruns attention over all keys."""
-    with _recomputing():
-        return attnscope(pipe, geo, workdir, steps)
+    return attnscope(pipe, geo, workdir, steps, lse="recompute")
 
 
 def seed(pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None) -> dict[str, Any]:

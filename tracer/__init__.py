@@ -1,5 +1,24 @@
 """attnscope's GPU half: attach to a pipeline, record exact attention slices to a Zarr store."""
 
+from analysis.errors import (
+    AttnscopeError,
+    FormatError,
+    SpanError,
+    TapError,
+    UnsupportedModelError,
+    UsageError,
+    WriterError,
+)
 from tracer.session import Recorder, trace
 
-__all__ = ["Recorder", "trace"]
+__all__ = [
+    "AttnscopeError",
+    "FormatError",
+    "Recorder",
+    "SpanError",
+    "TapError",
+    "UnsupportedModelError",
+    "UsageError",
+    "WriterError",
+    "trace",
+]

@@ -1,7 +1,7 @@
 """Capture math: exact text/image attention maps of one joint-attention call.
 
-Pure torch, no I/O. See DESIGN.md, "Capture math", and docs/store-format.md for the definitions of
-``txt2img`` and ``img2txt``.
+Pure torch, no I/O. See docs/architecture.md ("Capture math") for what it guarantees and
+docs/store-format.md for the definitions of ``txt2img`` and ``img2txt``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DIRECTIONS", "attention_maps"]
+from analysis.store_format import DIRECTIONS, check_directions
 
-DIRECTIONS: tuple[str, ...] = ("txt2img", "img2txt")
+__all__ = ["attention_maps"]
 
 _NEG_INF = float("-inf")
 
@@ -58,7 +58,7 @@ def attention_maps(
     Keep ``span_members`` on the CPU (it is fixed for a run): it is then checked and turned into
     weights without waiting for the accelerator.
     """
-    wanted = _check_directions(directions)
+    wanted = check_directions(directions)
     heads, n_tokens, _ = _check_qk(q, k)
     text_len = _as_int("text_len", text_len)
     chunk_size = _as_int("chunk_size", chunk_size)
@@ -138,18 +138,6 @@ def _as_int(name: str, value: object) -> int:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise ValueError(f"{name} must be an int, got {type(value).__name__}") from None
-
-
-def _check_directions(directions: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(directions, str):
-        directions = (directions,)
-    wanted = tuple(dict.fromkeys(directions))
-    unknown = [d for d in wanted if d not in DIRECTIONS]
-    if unknown:
-        raise ValueError(f"unknown direction(s) {unknown}; expected any of {list(DIRECTIONS)}")
-    if not wanted:
-        raise ValueError(f"directions is empty; expected at least one of {list(DIRECTIONS)}")
-    return wanted
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -12,63 +11,29 @@ from typing import Any
 import torch
 
 from analysis import store_format as fmt
-from analysis.cli import CommandError
+from analysis.cli.args import integers, names, positive
+from analysis.errors import AttnscopeError, UsageError, WriterError
 from tracer.spans import parse_span_argument
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-MAX_INDICES = 100_000  # more heads, steps or seeds than any run has: a typo, not a request
-
-
-def parse_indices(text: str) -> list[int]:
-    """`0,3,5`, `10:20` (stop excluded) or a mix such as `0,4:8` as a list of ints."""
-    values: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        start, sep, stop = part.partition(":")
-        try:
-            span = range(int(start), int(stop)) if sep else range(int(part), int(part) + 1)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"bad index list {text!r}: expected integers and START:STOP ranges, e.g. 0,3,8:12"
-            ) from None
-        if len(values) + len(span) > MAX_INDICES:
-            raise argparse.ArgumentTypeError(
-                f"index list {text[:80]!r} names more than {MAX_INDICES} values"
-            )
-        values += span
-    return values
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _pixels(text: str) -> int:
     """An image side in pixels: at least one FLUX latent token (16 pixels)."""
-    value = _positive(text)
+    value = positive(int)(text)
     if value < 16:
         raise argparse.ArgumentTypeError(f"expected at least 16 pixels, got {text!r}")
     return value
 
 
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def add_record_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any, verb: str, help: str) -> None:
     """Add the `record` verb to the `attnscope` command line."""
     parser = subparsers.add_parser(
-        "record",
-        help="generate an image and record its attention into a trace store",
-        description="Run a FLUX pipeline once and record every traced attention into STORE.",
+        verb,
+        help=help,
+        description="Run a FLUX pipeline and record every traced attention into a store. "
+        "--layers, --heads and --steps take the selection syntax of every verb: names, lists "
+        "(0,3,5), inclusive ranges (0:7), globs, a layer kind (single) or KIND:GLOB.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="local path or hub id of a FLUX pipeline")
@@ -86,14 +51,14 @@ def add_record_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--true-cfg-scale", type=float, default=1.0)
     parser.add_argument("--guidance-scale", type=float, default=3.5)
-    parser.add_argument("--num-inference-steps", "--num-steps", type=_positive, default=None)
+    parser.add_argument("--num-inference-steps", "--num-steps", type=positive(int), default=None)
     parser.add_argument("--height", type=_pixels, default=None)
     parser.add_argument("--width", type=_pixels, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--seeds", type=parse_indices, default=None, help="seeds of a sweep, e.g. 0,1,2 or 0:4"
+        "--seeds", type=integers, default=None, help="seeds of a sweep, e.g. 0,1,2 or 0:3"
     )
-    parser.add_argument("--max-sequence-length", type=_positive, default=None)
+    parser.add_argument("--max-sequence-length", type=positive(int), default=None)
     parser.add_argument(
         "--span",
         action="append",
@@ -101,10 +66,10 @@ def add_record_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="NAME=WORDS|NAME=START:STOP",
         help="a span to record (repeatable); default: the prompt and each of its words",
     )
-    parser.add_argument("--layers", type=_names, default=None, help="names, globs or a kind")
-    parser.add_argument("--heads", type=parse_indices, default=None, help="e.g. 0,3,5 or 0:8")
-    parser.add_argument("--steps", type=parse_indices, default=None, help="steps to record")
-    parser.add_argument("--directions", type=_names, default=list(fmt.DIRECTIONS))
+    parser.add_argument("--layers", default=None, help="e.g. single, transformer_blocks.*")
+    parser.add_argument("--heads", default=None, help="e.g. 3, 0,3,5 or 0:7 (inclusive)")
+    parser.add_argument("--steps", default=None, help="steps to record, e.g. 0,10:20")
+    parser.add_argument("--directions", type=names, default=list(fmt.DIRECTIONS))
     parser.add_argument("--keepbits", type=int, default=fmt.DEFAULT_KEEPBITS)
     parser.add_argument("--lossless", action="store_true", help="store without bit rounding")
     parser.add_argument("--chunk-size", type=int, default=256, help="queries per capture chunk")
@@ -135,7 +100,6 @@ def add_record_parser(subparsers: Any) -> argparse.ArgumentParser:
     existing.add_argument("--append", action="store_true", help="add a run to an existing store")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing store")
     parser.set_defaults(func=run_record)
-    return parser
 
 
 def _load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype) -> Any:
@@ -180,15 +144,15 @@ def _entities(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, Any
     if not prompts and not masks:
         return None, {}
     if args.backend != "diffsynth":
-        raise CommandError("record: --entity needs --backend diffsynth (EliGen)")
+        raise UsageError("record: --entity needs --backend diffsynth (EliGen)")
     if len(prompts) != len(masks):
-        raise CommandError(
+        raise UsageError(
             f"record: {len(prompts)} --entity but {len(masks)} --entity-mask; "
             f"give one mask per entity"
         )
     from PIL import Image
 
-    from tracer.demo_diffsynth import box_mask
+    from tracer.adapters.diffsynth_flux import box_mask
 
     names, texts, images = [], [], []
     for k, (entity, mask) in enumerate(zip(prompts, masks, strict=True)):
@@ -201,7 +165,7 @@ def _entities(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, Any
         try:
             left, top, right, bottom = (int(v) for v in mask.split(","))
         except ValueError:
-            raise CommandError(
+            raise UsageError(
                 f"record: --entity-mask {mask!r} is neither an image file nor a box "
                 f"LEFT,TOP,RIGHT,BOTTOM in pixels"
             ) from None
@@ -211,12 +175,16 @@ def _entities(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, Any
 
 
 def _is_trace_store(path: Path) -> bool:
-    """Whether `path` is a folder holding an attnscope trace store's root."""
+    """Whether `path` is an attnscope trace store (of any format version)."""
+    from analysis.open import open_store
+
     try:
-        metadata = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+        open_store(str(path))
+    except fmt.FormatError as error:
+        return "format version" in str(error)
     except (OSError, ValueError):
         return False
-    return isinstance(metadata, dict) and fmt.FORMAT_ATTR in (metadata.get("attributes") or {})
+    return True
 
 
 def _check_out(args: argparse.Namespace) -> bool:
@@ -231,12 +199,12 @@ def _check_out(args: argparse.Namespace) -> bool:
         return False  # the tracer itself refuses anything that is not a trace store
     if out.exists() or out.is_symlink():
         if not args.overwrite:
-            raise CommandError(
+            raise UsageError(
                 f"record: {out} already exists; pass --append to add a run to it or "
                 f"--overwrite to replace it"
             )
         if out.is_symlink() or not _is_trace_store(out):
-            raise CommandError(
+            raise UsageError(
                 f"record: --overwrite replaces attnscope trace stores only, and {out} is not "
                 f"one (no zarr.json with {fmt.FORMAT_ATTR!r}); remove it yourself if you mean it"
             )
@@ -244,11 +212,11 @@ def _check_out(args: argparse.Namespace) -> bool:
     try:
         out.mkdir(parents=True)
     except FileExistsError:
-        raise CommandError(
+        raise UsageError(
             f"record: {out} was just created by another command; pass --append to add a run to it"
         ) from None
     except OSError as error:
-        raise CommandError(f"record: cannot create {out}: {error}") from None
+        raise UsageError(f"record: cannot create {out}: {error}") from None
     return True
 
 
@@ -302,27 +270,26 @@ def _jobs(args: argparse.Namespace) -> list[tuple[str, int]]:
     try:
         lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
     except OSError as error:
-        raise CommandError(f"record: can't read --prompts {args.prompts}: {error}") from None
+        raise UsageError(f"record: can't read --prompts {args.prompts}: {error}") from None
     prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     if not prompts:
-        raise CommandError(f"record: --prompts {args.prompts} holds no prompt")
+        raise UsageError(f"record: --prompts {args.prompts} holds no prompt")
     return [(prompt, seed) for prompt in prompts for seed in args.seeds or [args.seed]]
 
 
 def _complete_runs(path: str) -> set[tuple[str, int]]:
     """(prompt, seed) of the runs already complete in the store at `path`, if there is one."""
-    import zarr
+    from analysis.open import list_runs
 
-    if not (Path(path) / "zarr.json").is_file():
+    if not (Path(path) / "zarr.json").exists():
         return set()  # nothing recorded yet (or not a store: the tracer refuses to write there)
-    root = zarr.open_group(path, mode="r", zarr_format=3)
-    fmt.check_version(dict(root.attrs), where=path)
-    done = set()
-    for _, run in root.groups():
-        attrs = dict(run.attrs)
-        if attrs.get(fmt.STATUS) == fmt.COMPLETE:
-            done.add((attrs.get("prompt"), attrs.get("seed")))
-    return done
+    try:
+        runs = list_runs(path)
+    except fmt.FormatError as error:
+        if "holds no runs" in str(error):
+            return set()
+        raise
+    return {(run.attrs.get(fmt.PROMPT), run.attrs.get(fmt.SEED)) for run in runs if run.is_complete}
 
 
 def run_record(args: argparse.Namespace) -> int:
@@ -332,7 +299,7 @@ def run_record(args: argparse.Namespace) -> int:
         try:
             spans = dict(parse_span_argument(item) for item in args.span)
         except ValueError as error:
-            raise CommandError(f"record: {error}") from None
+            raise UsageError(f"record: {error}") from None
     _apply_defaults(args)
     jobs = _jobs(args)
     entity_names, eligen = _entities(args)
@@ -341,6 +308,10 @@ def run_record(args: argparse.Namespace) -> int:
         created = _check_out(args)
     try:
         _record(args, jobs, spans, entity_names, eligen)
+    except AttnscopeError as error:
+        if not str(error).startswith("record: "):
+            error.args = (f"record: {error}", *error.args[1:])  # say which verb refused
+        raise
     finally:
         out = Path(args.out)
         if (
@@ -360,7 +331,6 @@ def _record(
     eligen: dict[str, Any],
 ) -> None:
     from tracer import trace
-    from tracer.writer import WriterError
 
     done = _complete_runs(args.out)
     todo = [job for job in jobs if job not in done]
@@ -375,7 +345,7 @@ def _record(
         pipe = _load_pipeline(args, device, dtype)
     except (OSError, ValueError, RuntimeError, ImportError) as error:
         source = "the demo pipeline" if args.demo else repr(args.model)
-        raise CommandError(f"record: cannot load {source} on {device}: {error}") from None
+        raise UsageError(f"record: cannot load {source} on {device}: {error}") from None
     recorder = None
     try:
         with trace(
@@ -393,14 +363,17 @@ def _record(
             for prompt, seed in todo:
                 pipe(**_call_arguments(args, prompt, seed), **eligen)
                 print(f"recorded {recorder.last_run} into {args.out}", file=sys.stderr)
-    except (ValueError, fmt.FormatError) as error:
-        raise CommandError(f"record: {error}") from None
     except (WriterError, OSError) as error:
         # A full disk, a quota, a read-only or vanished store: stop with the cause.
         run = recorder.last_run if recorder is not None else None
         kept = f"; every step written before is kept (last run started: {run})" if run else ""
         notes = "".join(f"; {note}" for note in getattr(error, "__notes__", []))
-        raise CommandError(
+        raise WriterError(
             f"record: writing the trace to {args.out} failed, generation stopped: "
             f"{type(error).__name__}: {error}{kept}{notes}"
         ) from None
+    except AttnscopeError:
+        raise
+    except ValueError as error:
+        # The pipeline's own check of its arguments (a prompt too long, a size it can't make).
+        raise UsageError(f"record: the pipeline refused the call: {error}") from None

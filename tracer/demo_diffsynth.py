@@ -16,6 +16,8 @@ whose models are instances of DiffSynth's own FLUX classes at toy sizes:
 - the tokenizers of :mod:`tracer.demo`, trained in-process (T5 fast Unigram, CLIP byte BPE).
 
 ```python
+from tracer.adapters.diffsynth_flux import box_mask
+
 pipe = demo_diffsynth_pipeline(seed=0)
 image = pipe("a cat and a dog", height=96, width=128, num_inference_steps=3, seed=0,
              t5_sequence_length=DEMO_T5_LENGTH, eligen_entity_prompts=["a cat"],
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from diffsynth.models.flux_dit import (
     AdaLayerNormContinuous,
@@ -41,12 +42,11 @@ from diffsynth.models.flux_text_encoder_t5 import FluxTextEncoderT5
 from diffsynth.models.flux_vae import FluxVAEDecoder, ResnetBlock, UpSampler, VAEAttentionBlock
 from diffsynth.models.general_modules import TimestepEmbeddings
 from diffsynth.pipelines.flux_image import FluxImagePipeline
-from PIL import Image
 from transformers import T5EncoderModel
 
 from tracer.demo import _rope_axes, demo_clip_tokenizer, demo_t5_config, demo_t5_tokenizer
 
-__all__ = ["DEMO_T5_LENGTH", "box_mask", "demo_diffsynth_pipeline"]
+__all__ = ["DEMO_T5_LENGTH", "demo_diffsynth_pipeline"]
 
 # T5 tokens per prompt (DiffSynth's `t5_sequence_length` call argument; 512 for FLUX.1).
 DEMO_T5_LENGTH = 16
@@ -183,14 +183,3 @@ def demo_diffsynth_pipeline(
         # Freshly built modules are in training mode; DiffSynth's loader returns eval models.
         setattr(pipe, name, model.eval().requires_grad_(False).to(device=device, dtype=dtype))
     return pipe
-
-
-def box_mask(height: int, width: int, box: tuple[int, int, int, int]) -> Image.Image:
-    """An EliGen entity mask as DiffSynth takes it: an RGB image, white inside ``box``.
-
-    ``box`` is ``(left, top, right, bottom)`` in pixels, right and bottom excluded.
-    """
-    left, top, right, bottom = box
-    pixels = np.zeros((height, width, 3), dtype=np.uint8)
-    pixels[top:bottom, left:right] = 255
-    return Image.fromarray(pixels)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fnmatch
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ import zarr
 from tqdm.auto import tqdm
 
 from analysis import store_format as fmt
+from analysis.errors import TapError, UnsupportedModelError, UsageError
+from analysis.selection import pick
 from tracer.adapters import adapter_for
 from tracer.adapters.base import Adapter, DenoiserCall, Generation, Layer
 from tracer.capture import attention_maps
@@ -30,48 +31,31 @@ class Options:
     """What to record; validated against the model before any generation runs."""
 
     spans: Mapping[str, SpanRequest] | None = None
-    layers: Sequence[str] | None = None
-    heads: Sequence[int] | None = None
-    steps: Sequence[int] | None = None
+    layers: Selector | None = None
+    heads: Selector | None = None
+    steps: Selector | None = None
     directions: Sequence[str] = fmt.DIRECTIONS
     chunk_size: int = 256
     keepbits: int | None = fmt.DEFAULT_KEEPBITS
+    lse: str = "kernel"
     max_pending_steps: int = 2
     progress: bool = True
 
 
-def select_layers(layers: list[Layer], patterns: Sequence[str] | None) -> list[Layer]:
-    """The layers named by `patterns` (names, globs such as `single_*`, or a kind), in order."""
-    if patterns is None:
+Selector = str | int | Sequence[str | int]
+
+
+def select_layers(layers: list[Layer], selector: Selector | None) -> list[Layer]:
+    """The layers a selector names (names, globs, a kind, `KIND:GLOB`; see analysis.selection)."""
+    if selector is None:
         return layers
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    chosen = set()
-    for pattern in patterns:
-        hits = {
-            layer.name
-            for layer in layers
-            if pattern == layer.kind or fnmatch.fnmatchcase(layer.name, pattern)
-        }
-        if not hits:
-            names = [layer.name for layer in layers]
-            raise ValueError(
-                f"layer {pattern!r} matches no attention layer; the model has {len(names)}: "
-                f"{names[0]} … {names[-1]} (kinds 'double', 'single', or globs like "
-                f"'single_transformer_blocks.*')"
-            )
-        chosen |= hits
+    names = [layer.name for layer in layers]
+    chosen = set(pick("layer", selector, names, {layer.name: layer.kind for layer in layers}))
     return [layer for layer in layers if layer.name in chosen]
 
 
-def _select_indices(what: str, values: Sequence[int] | None, size: int) -> list[int]:
-    if values is None:
-        return list(range(size))
-    values = [values] if isinstance(values, int) else list(values)
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < size]
-    if bad or not values:
-        raise ValueError(f"{what} {bad or values} out of range; this run has {what}s 0..{size - 1}")
-    return sorted(set(values))
+def _select_indices(dim: str, selector: Selector | None, size: int) -> list[int]:
+    return list(range(size)) if selector is None else pick(dim, selector, list(range(size)))
 
 
 @dataclass
@@ -92,6 +76,7 @@ class _Run:
     calls_this_step: int = 0
     recording: int | None = None  # store position of the step being recorded, if any
     progress: Any = None
+    lse_calls_before: dict[str, int] = field(default_factory=dict)
 
 
 class Recorder:
@@ -116,17 +101,17 @@ class Recorder:
         n_heads = self.layers[0].heads
         self.heads = _select_indices("head", options.heads, n_heads)
         self._head_index = None if len(self.heads) == n_heads else torch.tensor(self.heads)
-        unknown = sorted(set(options.directions) - set(fmt.DIRECTIONS))
-        if unknown or not options.directions:
-            raise ValueError(
-                f"directions {list(options.directions)} invalid; accepted: any of "
-                f"{list(fmt.DIRECTIONS)}"
-            )
+        fmt.check_directions(options.directions)
         fmt.check_keepbits(options.keepbits)
         if not isinstance(options.chunk_size, int) or options.chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {options.chunk_size!r}")
+            raise UsageError(f"chunk_size must be a positive integer, got {options.chunk_size!r}")
+        if options.lse not in fmt.LSE_SOURCES:
+            raise UsageError(f"lse must be one of {list(fmt.LSE_SOURCES)}, got {options.lse!r}")
         self._tap = AttentionTap(
-            {layer.name: layer.attention for layer in self.layers}, self._wants, self._capture
+            {layer.name: layer.attention for layer in self.layers},
+            self._wants,
+            self._capture,
+            fetch_lse=options.lse == "kernel",
         )
         self._pipe_class: type | None = None
         self._unwatch = None
@@ -142,9 +127,7 @@ class Recorder:
     def attach(self) -> None:
         """Start tracing every call of the pipeline."""
         if getattr(self.pipe, "_attnscope_recorder", None) is not None:
-            raise RuntimeError(
-                "this pipeline is already being traced; detach the other trace first"
-            )
+            raise UsageError("this pipeline is already being traced; detach the other trace first")
         cls = type(self.pipe)
         recorder = self
 
@@ -180,20 +163,22 @@ class Recorder:
         generation = self.adapter.generation(arguments)
         spans = resolve_spans(self.options.spans, generation.text)
         if not spans:
-            raise ValueError(
+            raise UsageError(
                 "no spans to record: the call gave no prompt text; name token ranges instead, "
                 "e.g. spans={'first8': (0, 8)}"
             )
-        self._run = run = _Run(generation=generation, spans=spans)
+        self._run = run = _Run(
+            generation=generation, spans=spans, lse_calls_before=dict(self._tap.lse_calls)
+        )
         try:
             output = call(pipe, *args, **kwargs)
             if run.group is None:
-                raise RuntimeError("the pipeline never called its denoiser: nothing was recorded")
+                raise TapError("the pipeline never called its denoiser: nothing was recorded")
             run.writer.close()
             image = self.adapter.image(output)
             if image is not None:
                 write_variable(run.group, "image", fmt.image_variable(image))
-            run.group.attrs.update({fmt.STATUS: fmt.COMPLETE})
+            run.group.attrs.update({fmt.STATUS: fmt.COMPLETE, fmt.LSE_USED: self._lse_used(run)})
             return output
         except BaseException as error:
             if run.group is not None:
@@ -203,9 +188,19 @@ class Recorder:
                     stop = run.writer.close if isinstance(error, Exception) else run.writer.abort
                     with contextlib.suppress(Exception):
                         stop()
-                reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+                if isinstance(error, KeyboardInterrupt):
+                    reason = f"interrupted at step {run.step}"
+                    kept = run.writer.steps_complete if run.writer is not None else []
+                    error.add_note(
+                        f"{run.name} in {self.path} is marked failed: {reason}; the "
+                        f"{len(kept)} steps complete before it are kept"
+                    )
+                else:
+                    reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
                 try:
-                    run.group.attrs.update({fmt.STATUS: fmt.failed(reason)})
+                    run.group.attrs.update(
+                        {fmt.STATUS: fmt.failed(reason), fmt.LSE_USED: self._lse_used(run)}
+                    )
                 except Exception as status_error:
                     # A full or read-only disk: the run stays `recording` (read as partial); the
                     # error that stopped the generation is the one to report, not this one.
@@ -221,12 +216,17 @@ class Recorder:
                 run.progress.close()
             self._run = None
 
+    def _lse_used(self, run: _Run) -> dict[str, int]:
+        """Traced attention calls of this run whose normalisers came from the kernel, or not."""
+        now = self._tap.lse_calls
+        return {source: now[source] - run.lse_calls_before[source] for source in now}
+
     def _start_run(self, run: _Run, call: DenoiserCall) -> None:
         timesteps, sigmas = self.adapter.schedule(call.timestep)
         steps = _select_indices("step", self.options.steps, len(timesteps))
         too_long = [s.name for s in run.spans if s.indices and max(s.indices) >= call.text_len]
         if too_long:
-            raise ValueError(
+            raise UsageError(
                 f"spans {too_long} reach past the {call.text_len} text tokens the model attends"
             )
         coords = fmt.run_coords(
@@ -279,20 +279,19 @@ class Recorder:
                 fmt.STEPS_COMPLETE: [],
                 fmt.SPANS: {span.name: list(span.indices) for span in run.spans},
                 fmt.SPAN_TOKENS: {span.name: list(span.tokens) for span in run.spans},
-                "entity_prompts": run.generation.attrs.get("entity_prompts", []),
-                "text_len": call.text_len,
-                "error_bound": fmt.relative_error_bound(options.keepbits),
-                "capture": {
-                    "directions": list(options.directions),
-                    "layers": [layer.name for layer in self.layers],
-                    "heads": self.heads,
-                    "steps": steps,
-                    "chunk_size": options.chunk_size,
-                    "keepbits": options.keepbits,
-                    "branch": "cond",
-                    "batch_index": 0,
-                },
-                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                fmt.ENTITY_PROMPTS: run.generation.attrs.get(fmt.ENTITY_PROMPTS, []),
+                fmt.TEXT_LEN: call.text_len,
+                fmt.ERROR_BOUND: fmt.relative_error_bound(options.keepbits),
+                fmt.CAPTURE: fmt.Capture(
+                    directions=tuple(options.directions),
+                    layers=tuple(layer.name for layer in self.layers),
+                    heads=tuple(self.heads),
+                    steps=tuple(steps),
+                    chunk_size=options.chunk_size,
+                    keepbits=options.keepbits,
+                    lse=options.lse,
+                ).to_dict(),
+                fmt.CREATED: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             }
         )
 
@@ -312,7 +311,7 @@ class Recorder:
         # Only the recorded (conditional) branch must keep the layout: an unconditional one may
         # lay its text out differently (DiffSynth EliGen puts entity prompts in the cond branch).
         if is_cond and (call.text_len, call.grid) != (run.text_len, run.grid):
-            raise RuntimeError(
+            raise UnsupportedModelError(
                 f"token layout changed during generation: {run.text_len} text tokens on a "
                 f"{run.grid} grid, then {call.text_len} on {call.grid}"
             )
@@ -339,7 +338,7 @@ class Recorder:
             lse = None if lse is None else lse[index.to(lse.device)]
         n_image = run.grid[0] * run.grid[1]
         if query.shape[1] != run.text_len + n_image:
-            raise RuntimeError(
+            raise TapError(
                 f"{layer}: attention over {query.shape[1]} tokens, expected {run.text_len} text "
                 f"+ {n_image} image tokens"
             )
@@ -363,14 +362,15 @@ def trace(
     path: str,
     *,
     spans: Mapping[str, SpanRequest] | None = None,
-    layers: Sequence[str] | None = None,
-    heads: Sequence[int] | None = None,
-    steps: Sequence[int] | None = None,
+    layers: Selector | None = None,
+    heads: Selector | None = None,
+    steps: Selector | None = None,
     directions: Sequence[str] = fmt.DIRECTIONS,
     chunk_size: int = 256,
     keepbits: int | None = fmt.DEFAULT_KEEPBITS,
     max_pending_steps: int = 2,
     progress: bool = True,
+    lse: str = "kernel",
     entity_names: Sequence[str] | None = None,
     adapter: Adapter | None = None,
 ) -> Iterator[Recorder]:
@@ -378,11 +378,12 @@ def trace(
 
     Each call of the pipeline appends one run (`run-0000`, ...) to the store, creating it if
     needed. `spans` maps names to a word of the prompt or a `(start, stop)` token range (default:
-    the prompt and each of its words); `layers` takes names, globs or a kind (`double`,
-    `single`); `heads` and `steps` take indices; `directions` any of `txt2img`, `img2txt`.
-    `keepbits=None` stores losslessly. `entity_names` names the spans of EliGen entity prompts
-    (DiffSynth; default `entity0`, `entity1`, ...). The pipeline is restored on exit, even after
-    an error.
+    the prompt and each of its words); `layers`, `heads` and `steps` take labels or selector
+    strings of `analysis.selection` (`"single"`, `"0:3"`, `[0, 5]`); `directions` any of
+    `txt2img`, `img2txt`. `keepbits=None` stores losslessly. `lse="recompute"` recomputes
+    img2txt's normalisers instead of taking them from the model's attention kernel.
+    `entity_names` names the spans of EliGen entity prompts (DiffSynth; default `entity0`,
+    `entity1`, ...). The pipeline is restored on exit, even after an error.
     """
     options = Options(
         spans=spans,
@@ -394,6 +395,7 @@ def trace(
         keepbits=keepbits,
         max_pending_steps=max_pending_steps,
         progress=progress,
+        lse=lse,
     )
     recorder = Recorder(pipe, path, options, adapter, entity_names)
     recorder.attach()

@@ -6,6 +6,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from analysis.errors import SpanError
+
 # What a user may ask for: a word or phrase of the prompt, or a raw [start, stop) token range.
 SpanRequest = str | tuple[int, int]
 
@@ -25,7 +27,7 @@ class Segment:
 
     def __post_init__(self) -> None:
         if not len(self.tokens) == len(self.offsets) == len(self.content):
-            raise ValueError("tokens, offsets and content must have the same length")
+            raise SpanError("tokens, offsets and content must have the same length")
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def resolve_spans(
     if requests is None:
         return default_spans(text, prompt_segment)
     if not isinstance(requests, Mapping):
-        raise TypeError(
+        raise SpanError(
             f"spans must map names to a word or (start, stop), got {type(requests).__name__}"
         )
     spans = [
@@ -128,7 +130,7 @@ def resolve_spans(
     ]
     for name, request in requests.items():
         if not isinstance(name, str) or not name:
-            raise ValueError(f"span names must be non-empty strings, got {name!r}")
+            raise SpanError(f"span names must be non-empty strings, got {name!r}")
         spans.append(_make_span(name, _resolve_one(name, request, text, prompt_segment), text))
     return spans
 
@@ -141,7 +143,7 @@ def _resolve_one(
         indices = _phrase_indices(segment, request) if request.strip() else []
         if not indices:
             known = sorted({w.lower() for w, _, _ in words(segment.text)})
-            raise ValueError(
+            raise SpanError(
                 f"span {name!r}: {request!r} matches no word of the prompt {segment.text!r}; "
                 f"words it has: {known}"
             )
@@ -153,12 +155,12 @@ def _resolve_one(
     ):
         start, stop = request
         if not 0 <= start < stop <= text.length:
-            raise ValueError(
+            raise SpanError(
                 f"span {name!r}: token range ({start}, {stop}) is out of range; the text "
                 f"sequence has {text.length} tokens, so 0 <= start < stop <= {text.length}"
             )
         return list(range(start, stop))
-    raise ValueError(
+    raise SpanError(
         f"span {name!r}: {request!r} is neither a word of the prompt (str) nor a token range "
         f"(start, stop)"
     )
@@ -171,7 +173,7 @@ def parse_span_argument(argument: str) -> tuple[str, SpanRequest]:
         name, value = argument, argument
     name, value = name.strip(), value.strip()
     if not name or not value:
-        raise ValueError(
+        raise SpanError(
             f"bad span {argument!r}: expected NAME=WORDS, NAME=START:STOP, WORD or START:STOP"
         )
     match = re.fullmatch(r"(\d+):(\d+)", value)

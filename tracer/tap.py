@@ -1,7 +1,9 @@
 """Seeing q, k and the mask of an attention without editing the model.
 
-Each traced attention module gets its `forward` wrapped (per instance, restored on detach). While a
-wrapped forward runs and the recorder wants that call, a TorchFunctionMode watches for the
+Each traced attention module gets a `diffusers.hooks.ModelHook` in its `HookRegistry`, the
+mechanism diffusers' own hooks (group offloading, caches, layer skipping) use, so they compose:
+hooks added before or during a trace keep running, and detaching removes only attnscope's. While
+the hooked forward runs and the recorder wants that call, a TorchFunctionMode watches for the
 module's `scaled_dot_product_attention` call: it runs the call exactly as the model made it, then
 hands the same q, k, mask and scale to the recorder. The model's own kernels, inputs and order are
 untouched, so its output is bit-for-bit what it was.
@@ -10,8 +12,9 @@ Where the kernel torch picks for that call also computes each query's log-sum-ex
 (CPU flash attention; CUDA flash and memory-efficient attention), the call is made through that
 same kernel's aten op, which returns the log-sum-exp beside the output: the output is the same
 tensor SDPA would have returned, and the recorder gets the normaliser of every softmax row for
-free instead of recomputing it. Any other call (math or cuDNN kernel, dropout, causal, GQA,
-autograd) runs exactly as the model made it, with no log-sum-exp.
+free instead of recomputing it (`fetch_lse=False` always recomputes). Any other call (math or
+cuDNN kernel, dropout, causal, GQA, autograd) runs exactly as the model made it, with no
+log-sum-exp.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
 from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
+
+from analysis.errors import TapError
 
 _SDPA = F.scaled_dot_product_attention
 _SDPA_PARAMS = (
@@ -37,15 +43,6 @@ _SDPA_PARAMS = (
     "scale",
     "enable_gqa",
 )
-
-# Whether to fetch the log-sum-exp from the model's own attention kernel where it can (see the
-# module docstring). False always runs the model's call as made and leaves the recorder to
-# recompute the normalisers: for debugging and for benchmarks comparing the two paths.
-FETCH_LSE = True
-
-
-class TapError(RuntimeError):
-    """An attention could not be traced (no SDPA call seen, or one attnscope can't read)."""
 
 
 @dataclass(frozen=True)
@@ -148,12 +145,17 @@ class _FirstSdpa(TorchFunctionMode):
     """Runs every torch call unchanged and reports the first SDPA call's inputs (and lse)."""
 
     def __init__(
-        self, on_call: Callable[[AttentionCall], None], checked: dict[tuple, bool]
+        self,
+        on_call: Callable[[AttentionCall], None],
+        checked: dict[tuple, bool],
+        fetch_lse: bool,
     ) -> None:
         super().__init__()
         self.on_call = on_call
         self.checked = checked
+        self.fetch_lse = fetch_lse
         self.seen = False
+        self.lse_from_kernel = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -163,7 +165,7 @@ class _FirstSdpa(TorchFunctionMode):
         self.seen = True
         call = _read_call(args, kwargs)
         bound = dict(zip(_SDPA_PARAMS, args, strict=False)) | kwargs
-        kernel = _lse_kernel(bound) if FETCH_LSE else None
+        kernel = _lse_kernel(bound) if self.fetch_lse else None
         signature = None
         if kernel is not None and kernel != "cpu_flash":
             # Accelerator kernels are checked once per call signature against SDPA itself (one
@@ -181,56 +183,88 @@ class _FirstSdpa(TorchFunctionMode):
                 self.checked[signature] = torch.equal(out, reference)
                 if not self.checked[signature]:
                     out, lse = reference, None
+        self.lse_from_kernel = lse is not None
         self.on_call(replace(call, lse=lse))
         return out
 
 
+HOOK_NAME = "attnscope.tap"
+
+
+class _TapHook(ModelHook):
+    """The tap on one attention module, as a hook of the module's diffusers HookRegistry."""
+
+    def __init__(self, tap: AttentionTap, name: str) -> None:
+        super().__init__()
+        self.tap = tap
+        self.name = name
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        tap = self.tap
+        if not tap.wants(self.name):
+            return forward(*args, **kwargs)
+        mode = _FirstSdpa(lambda call: tap.on_call(self.name, call), tap._checked, tap.fetch_lse)
+        with mode:
+            out = forward(*args, **kwargs)
+        if not mode.seen:
+            raise TapError(
+                f"{self.name}: saw no torch scaled_dot_product_attention call in this attention. "
+                f"attnscope reads q and k there; set the model's attention backend to "
+                f"PyTorch's native SDPA (diffusers: set_attention_backend('native'))"
+            )
+        if mode.lse_from_kernel:
+            tap.lse_calls["kernel"] += 1
+        else:
+            tap.lse_calls["recompute"] += 1
+        return out
+
+
 class AttentionTap:
-    """Wraps the forward of the named attention modules so their SDPA inputs can be read."""
+    """Hooks the named attention modules so their SDPA inputs can be read.
+
+    `fetch_lse` takes each row's log-sum-exp from the model's own kernel where it can;
+    `lse_calls` counts the calls whose normalisers came from the kernel and those left to
+    recompute.
+    """
 
     def __init__(
         self,
         modules: dict[str, torch.nn.Module],
         wants: Callable[[str], bool],
         on_call: Callable[[str, AttentionCall], None],
+        *,
+        fetch_lse: bool = True,
     ) -> None:
         self.modules = modules
         self.wants = wants
         self.on_call = on_call
-        self._restore: list[tuple[torch.nn.Module, Any]] = []
+        self.fetch_lse = fetch_lse
+        self.lse_calls = {"kernel": 0, "recompute": 0}
+        self._attached: list[tuple[torch.nn.Module, bool]] = []  # (module, registry was ours)
         self._checked: dict[tuple, bool] = {}  # lse kernels checked against SDPA (accelerators)
 
     def attach(self) -> None:
-        """Wrap every module's forward (idempotent)."""
-        if self._restore:
+        """Register the tap's hook on every module (idempotent)."""
+        if self._attached:
             return
         for name, module in self.modules.items():
-            previous = module.__dict__.get("forward")
-            module.forward = self._wrap(name, module.forward)
-            self._restore.append((module, previous))
+            ours = not hasattr(module, "_diffusers_hook")
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            registry.register_hook(_TapHook(self, name), HOOK_NAME)
+            self._attached.append((module, ours))
 
     def detach(self) -> None:
-        """Restore every module's forward exactly as it was."""
-        while self._restore:
-            module, previous = self._restore.pop()
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
-
-    def _wrap(self, name: str, forward: Callable[..., Any]) -> Callable[..., Any]:
-        def traced_forward(*args: Any, **kwargs: Any) -> Any:
-            if not self.wants(name):
-                return forward(*args, **kwargs)
-            mode = _FirstSdpa(lambda call: self.on_call(name, call), self._checked)
-            with mode:
-                out = forward(*args, **kwargs)
-            if not mode.seen:
-                raise TapError(
-                    f"{name}: saw no torch scaled_dot_product_attention call in this attention. "
-                    f"attnscope reads q and k there; set the model's attention backend to "
-                    f"PyTorch's native SDPA (diffusers: set_attention_backend('native'))"
-                )
-            return out
-
-        return traced_forward
+        """Remove the tap's hooks; the modules' other hooks stay as they are."""
+        while self._attached:
+            module, ours = self._attached.pop()
+            registry = module._diffusers_hook
+            registry.remove_hook(HOOK_NAME, recurse=False)
+            if ours and not registry.hooks:
+                # Nothing else was hooked here meanwhile: leave the module as it was found.
+                del module._diffusers_hook
+                if (
+                    getattr(module.__dict__.get("forward"), "__func__", None)
+                    is type(module).forward
+                ):
+                    del module.forward

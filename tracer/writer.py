@@ -38,12 +38,9 @@ import torch
 import zarr
 
 from analysis import store_format as sf
+from analysis.errors import WriterError
 
 __all__ = ["TraceWriter", "WriterError"]
-
-
-class WriterError(RuntimeError):
-    """The background writer failed or was aborted; the message says why and at which step."""
 
 
 @dataclass(eq=False)
@@ -86,13 +83,7 @@ class TraceWriter:
         n_layers: int,
         max_pending: int = 2,
     ) -> None:
-        directions = tuple(directions)
-        unknown = sorted(set(directions) - set(sf.DIRECTIONS))
-        if not directions or unknown or len(set(directions)) != len(directions):
-            raise ValueError(
-                f"directions must be a non-empty list of distinct names from "
-                f"{list(sf.DIRECTIONS)}, got {list(directions)}"
-            )
+        directions = sf.check_directions(directions)
         n_layers = operator.index(n_layers)
         max_pending = operator.index(max_pending)
         if n_layers < 1:

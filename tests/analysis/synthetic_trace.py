@@ -42,6 +42,11 @@ class Run:
     seed: int = 0
     scene: bool = False  # maps and image of a drawn scene (for the docs' pictures)
 
+    def __post_init__(self) -> None:
+        # As in the tracer's stores, every entity is also a span (EliGen entity prompts are).
+        extra = {name: [2] for name in self.entities or {} if name not in self.spans}
+        self.spans = {**self.spans, **extra}
+
 
 def layer_kind(name: str) -> str:
     return "single" if name.startswith("single_") else "double"

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from synthetic_trace import Run
 
-import analysis.cli
+import analysis.cli.figures
 from analysis import store_format as sf
 from analysis.cli import main
 
@@ -63,13 +63,13 @@ def captured(monkeypatch):
     calls: dict[str, list] = {}
 
     def spy(name):
-        real = getattr(analysis.cli, name)
+        real = getattr(analysis.cli.figures, name)
 
         def wrapper(*args, **kwargs):
             calls.setdefault(name, []).append((args, kwargs))
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(analysis.cli, name, wrapper)
+        monkeypatch.setattr(analysis.cli.figures, name, wrapper)
 
     for name in ("heatmap", "overlay", "grid", "similarity_matrix", "drift_curve", "animate"):
         spy(name)
@@ -154,7 +154,7 @@ def test_an_unknown_span_exits_non_zero_listing_the_spans(store, tmp_path, capsy
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
-        (["heatmap", "--head", "9"], ["unknown head 9", "0..2"]),
+        (["heatmap", "--head", "9"], ["head 9 is out of range: head must be in 0..2"]),
         (["heatmap", "--layer", "single:9"], ["matches nothing", "single_transformer_blocks.0..2"]),
         (["heatmap", "--over", "step"], ["still has layer (5), head (3)"]),
         (["heatmap", "--run", "run-0004"], ["unknown run 'run-0004'", "run-0000 (complete)"]),
@@ -166,17 +166,17 @@ def test_bad_selections_exit_non_zero_naming_what_exists(store, tmp_path, capsys
     path, _ = store
     verb, *rest = argv
     status, _, err = run_cli(capsys, verb, path, "--span", "cat", *rest, "-o", tmp_path / "x.png")
-    assert status == 1
+    assert status == 2
     for word in words:
         assert word in err
 
 
 def test_bad_stores_exit_non_zero(make_store, tmp_path, capsys):
     status, _, err = run_cli(capsys, "info", tmp_path / "nothing.zarr")
-    assert status == 1 and "does not exist" in err
+    assert status == 2 and "does not exist" in err
     path, _ = make_store(Run(), version=99)
     status, _, err = run_cli(capsys, "info", path)
-    assert status == 1 and "format version 99" in err
+    assert status == 2 and "format version 99" in err
 
 
 def test_a_partial_run_warns_on_stderr_and_draws_its_complete_steps(make_store, tmp_path, capsys):
@@ -199,15 +199,15 @@ def test_urls_and_storage_options(store, tmp_path, capsys):
     finally:
         fs.rm(name, recursive=True)
     status, _, err = run_cli(capsys, "info", path, "--storage-option", "oops")
-    assert status == 1 and "KEY=VALUE" in err
+    assert status == 2 and "KEY=VALUE" in err
 
 
 def test_record_without_the_tracer_says_how_to_install_it(monkeypatch, capsys):
     # A None entry makes `import tracer.cli` raise ImportError, as on a machine without torch.
     monkeypatch.setitem(sys.modules, "tracer.cli", None)
     status, _, err = run_cli(capsys, "record", "--demo", "--out", "x.zarr")
-    assert status == 1
-    assert "pip install 'attnscope[tracer]'" in err
+    assert status == 2
+    assert "pip install -e '.[tracer]'" in err
 
 
 def test_help_lists_every_verb(capsys):

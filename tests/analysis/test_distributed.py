@@ -72,6 +72,6 @@ def test_an_unreachable_scheduler_is_an_error(store, tmp_path, capsys):
     path, _ = store
     argv = ["heatmap", str(path), "--span", "cat", "-o", str(tmp_path / "x.png")]
     status = main([*argv, "--scheduler", "tcp://127.0.0.1:9", "--scheduler-timeout", "0.5"])
-    assert status == 1
+    assert status == 2
     assert "cannot reach the dask scheduler at tcp://127.0.0.1:9" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()

@@ -59,7 +59,7 @@ def test_the_cli_draws_every_figure_without_torch(make_store, no_torch, tmp_path
 
     record = python(no_torch, "-m", "analysis", "record", "--demo", "--out", "x.zarr", cwd=tmp_path)
     assert record.returncode != 0
-    assert "pip install 'attnscope[tracer]'" in record.stderr
+    assert "pip install -e '.[tracer]'" in record.stderr
     assert not (tmp_path / "x.zarr").exists()
 
 

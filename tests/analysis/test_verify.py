@@ -115,7 +115,7 @@ def test_a_damaged_chunk_is_never_plotted(clean, tmp_path, capsys):
 
     figure = tmp_path / "cat.png"
     argv = ["heatmap", str(clean), "--run", "0", "--span", "cat", "-o", str(figure), "-q"]
-    assert main(argv) == 1
+    assert main(argv) == 2  # a damaged store: a user-facing error
     err = capsys.readouterr().err
     assert err.startswith("attnscope: error: run-0000/txt2img in ") and "stored chunk (2, " in err
     assert "Traceback" not in err

@@ -379,8 +379,11 @@ def _call(**overrides):
             {"span_members": torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)},
             r"span\(s\) at index \[1\].*no text token",
         ),
-        ({"directions": ("txt2img", "img2img")}, r"unknown direction.*'img2img'"),
-        ({"directions": ()}, r"directions is empty"),
+        (
+            {"directions": ("txt2img", "img2img")},
+            r"directions must name each of .*\['img2img'\] unknown",
+        ),
+        ({"directions": ()}, r"at least one; got \[\]"),
         ({"chunk_size": 0}, r"chunk_size must be a positive int"),
     ],
 )

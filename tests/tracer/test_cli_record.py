@@ -37,7 +37,7 @@ def test_existing_store_needs_append_or_overwrite(tmp_path, capsys):
     out = tmp_path / "s.zarr"
     assert record("--out", str(out)) == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    assert record("--out", str(out)) == 1
+    assert record("--out", str(out)) == 2
     assert "already exists; pass --append" in capsys.readouterr().err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert record("--out", str(out), "--append", "--prompt", "a dog") == 0
@@ -76,14 +76,14 @@ def test_prompt_sweep_resumes_skipping_complete_runs(tmp_path, capsys):
     [
         (("--span", "zebra"), "'zebra' matches no word of the prompt"),
         (("--span", "x=5:900"), r"token range \(5, 900\) is out of range"),
-        (("--heads", "9"), r"head \[9\] out of range"),
+        (("--heads", "9"), r"head 9 is out of range: head must be in 0\.\.3"),
         (("--entity", "a cat", "--entity-mask", "0,0,8,8"), "--entity needs --backend diffsynth"),
         (("--prompts", "/nonexistent/prompts.txt"), "can't read --prompts"),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
     out = tmp_path / "bad.zarr"
-    assert record("--out", str(out), *args) == 1
+    assert record("--out", str(out), *args) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.startswith("attnscope: error: record: ")

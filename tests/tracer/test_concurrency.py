@@ -114,7 +114,7 @@ def test_a_second_new_store_at_the_same_path_is_refused(server, references, tmp_
     first = server.start(record(store, "--prompt", CAT), hook=RUN_METADATA, root=store)
     assert first.paused
     second = server.start(record(store, "--prompt", DOG))
-    assert second.rc == 1
+    assert second.rc == 2
     assert "already exists; pass --append to add a run to it or --overwrite" in second.output
     assert "Traceback" not in second.output
     assert first.resume().rc == 0, first.output

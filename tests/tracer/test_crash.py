@@ -233,7 +233,7 @@ def test_a_full_disk_stops_the_generation_with_a_clear_error(server, tmp_path):
     # while the small zarr.json documents (the run's metadata, its status) still fit.
     store = tmp_path / "full.zarr"
     child = server.start(record(store, steps=12), fsize=20_000, count_steps=True)
-    assert child.rc == 1, child.output
+    assert child.rc == 2, child.output
     assert_no_traceback(child.output)
     errors = [line for line in child.output.splitlines() if line.startswith("attnscope: error:")]
     assert len(errors) == 1, child.output
@@ -251,7 +251,7 @@ def test_a_permission_error_mid_run_keeps_the_steps_before_it(server, reference,
     store = tmp_path / "denied.zarr"
     hook = {"key": "run-0000/txt2img/c/1/0/0/0/0/0", "mode": "fail", "errno": "EACCES"}
     child = server.start(record(store), hook=hook, root=store)
-    assert child.rc == 1, child.output
+    assert child.rc == 2, child.output
     assert_no_traceback(child.output)
     assert re.search(r"error: record: writing the trace .*Permission denied", child.output)
     attrs, ds = plain_run(store)
@@ -267,7 +267,7 @@ def test_no_space_while_laying_down_the_run_is_a_clear_error(server, tmp_path):
     store = tmp_path / "nospace.zarr"
     hook = {"key": "run-0000/txt2img/zarr.json", "mode": "fail", "errno": "ENOSPC"}
     child = server.start(record(store), hook=hook, root=store)
-    assert child.rc == 1, child.output
+    assert child.rc == 2, child.output
     assert_no_traceback(child.output)
     assert re.search(r"attnscope: error: record: .*No space left on device", child.output)
 

@@ -16,8 +16,8 @@ from diffsynth.pipelines.flux_image import FluxImagePipeline, model_fn_flux_imag
 
 import tracer
 from tracer.adapters import UnsupportedModelError, adapter_for
-from tracer.adapters.diffsynth_flux import DiffSynthFlux
-from tracer.demo_diffsynth import DEMO_T5_LENGTH, box_mask, demo_diffsynth_pipeline
+from tracer.adapters.diffsynth_flux import DiffSynthFlux, box_mask
+from tracer.demo_diffsynth import DEMO_T5_LENGTH, demo_diffsynth_pipeline
 
 L = DEMO_T5_LENGTH  # T5 tokens per prompt
 HEIGHT, WIDTH = 96, 128  # a non-square 6 x 8 token grid

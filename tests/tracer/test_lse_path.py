@@ -185,9 +185,11 @@ class Attention(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=self.scale)
 
 
-def tapped(module, q, k, v):
+def tapped(module, q, k, v, fetch_lse=True):
     calls = []
-    tap_ = tap.AttentionTap({"a": module}, lambda name: True, lambda n, c: calls.append(c))
+    tap_ = tap.AttentionTap(
+        {"a": module}, lambda name: True, lambda n, c: calls.append(c), fetch_lse=fetch_lse
+    )
     tap_.attach()
     try:
         out = module(q, k, v)
@@ -227,15 +229,13 @@ def test_cpu_flash_call_is_bit_identical_and_gives_the_lse(kind, dtype, scale):
 
 @pytest.mark.parametrize(
     "how",
-    ["FETCH_LSE off", "math kernel asked", "3-d mask (math kernel)", "autograd", "dropout"],
+    ["lse=recompute", "math kernel asked", "3-d mask (math kernel)", "autograd", "dropout"],
 )  # fmt: skip
 def test_other_calls_run_as_made_without_lse(how, monkeypatch):
     gen = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(1, 2, 30, 8, generator=gen) for _ in range(3))
     mask = torch.randn(2, 30, 30, generator=gen) if how.startswith("3-d") else None
     module = Attention(mask)
-    if how == "FETCH_LSE off":
-        monkeypatch.setattr(tap, "FETCH_LSE", False)
     if how == "autograd":
         q.requires_grad_(True)
     if how == "dropout":
@@ -246,7 +246,7 @@ def test_other_calls_run_as_made_without_lse(how, monkeypatch):
     grad = torch.enable_grad() if how == "autograd" else torch.no_grad()
     with context, grad:
         expected = module(q, k, v)
-        out, call = tapped(module, q, k, v)
+        out, call = tapped(module, q, k, v, fetch_lse=how != "lse=recompute")
     assert torch.equal(out, expected)
     assert call.lse is None
 
@@ -303,7 +303,7 @@ def generate(pipe):
     ).images
 
 
-PATHS = ["lse from the kernel", "FETCH_LSE off", "math kernel"]
+PATHS = ["lse from the kernel", "lse=recompute", "math kernel"]
 
 
 @pytest.fixture(scope="module")
@@ -321,18 +321,16 @@ def runs(pipe, tmp_path_factory):
             return real(kernel, bound)
 
         store = tmp_path_factory.mktemp("lse") / "t.zarr"
-        previous = tap.FETCH_LSE
         math_only = path_name == "math kernel"
         with sdpa_kernel(SDPBackend.MATH) if math_only else torch.no_grad():
             plain = generate(pipe)
             tap._run_with_lse = spy
-            tap.FETCH_LSE = path_name != "FETCH_LSE off"
+            lse = "recompute" if path_name == "lse=recompute" else "kernel"
             try:
-                with tracer.trace(pipe, store, progress=False) as rec:
+                with tracer.trace(pipe, store, progress=False, lse=lse) as rec:
                     traced = generate(pipe)
             finally:
                 tap._run_with_lse = real
-                tap.FETCH_LSE = previous
         ds = xr.open_zarr(store, group=rec.last_run, consolidated=False)
         maps = {name: ds[name].values for name in ("txt2img", "img2txt")}
         results[path_name] = (plain, traced, maps, fetched, ds.attrs["error_bound"])

@@ -58,7 +58,7 @@ class SdpaLog:
 
 
 def reference_maps(q, k, mask, scale, spans, text_len):
-    """float64 softmax over all keys, then the txt2img / img2txt definitions of DESIGN.md."""
+    """float64 softmax over all keys, then txt2img, img2txt as docs/store-format.md has them."""
     q, k = q[0].double(), k[0].double()
     logits = torch.einsum("hnd,hmd->hnm", q, k) * scale
     if mask is not None:
@@ -237,9 +237,10 @@ def test_bad_spans_fail_before_generation(pipe, tmp_path, spans, message):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"layers": ["blocks.99"]}, "matches no attention layer"),
-        ({"heads": [4]}, r"head \[4\] out of range"),
-        ({"directions": ["sideways"]}, "accepted: any of"),
+        ({"layers": ["blocks.99"]}, "unknown layer 'blocks.99'; this trace has layer"),
+        ({"heads": [4]}, r"head 4 is out of range: head must be in 0\.\.3"),
+        ({"heads": "2:9"}, r"head '2:9' is out of range: head must be in 0\.\.3"),
+        ({"directions": ["sideways"]}, r"directions must name each of .*\['sideways'\] unknown"),
         ({"keepbits": 40}, "keepbits must be an integer in 1..23"),
         ({"chunk_size": 0}, "chunk_size must be a positive integer"),
     ],

@@ -652,9 +652,9 @@ def test_put_after_step_durable_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"directions": ["txt2img", "attn"]}, "directions must be"),
-        ({"directions": []}, "directions must be"),
-        ({"directions": ["txt2img", "txt2img"]}, "directions must be"),
+        ({"directions": ["txt2img", "attn"]}, "directions must name each of"),
+        ({"directions": []}, "directions must name each of"),
+        ({"directions": ["txt2img", "txt2img"]}, "directions must name each of"),
         ({"n_layers": 4}, "n_layers=4 but the run's arrays hold 3 layers"),
         ({"max_pending": 0}, "max_pending must be >= 1"),
     ],

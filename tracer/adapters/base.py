@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from analysis.errors import UnsupportedModelError
 from tracer.spans import TextTokens
 
 
@@ -40,10 +42,6 @@ class DenoiserCall:
     timestep: float  # in the scheduler's units (the values of `scheduler.timesteps`)
     text_len: int
     grid: tuple[int, int]  # latent token grid (rows, cols), row-major after the text tokens
-
-
-class UnsupportedModelError(TypeError):
-    """The pipeline is not of a model family attnscope can trace."""
 
 
 class Adapter(ABC):
@@ -122,3 +120,28 @@ def library_versions(*names: str) -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
+
+
+def first_of(value: Any) -> Any:
+    """The first element of a list or tuple argument (a batch of prompts), else the value."""
+    if isinstance(value, list | tuple):
+        return value[0] if value else None
+    return value
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as plain JSON types (what a run attribute can hold); other objects as strings."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def token_grid(img_ids: torch.Tensor) -> tuple[int, int]:
+    """The (rows, cols) latent grid of FLUX image ids, checked to be row-major and complete."""
+    ids = img_ids.reshape(-1, img_ids.shape[-1])[:, 1:3].round().long().cpu()
+    rows, cols = int(ids[:, 0].max()) + 1, int(ids[:, 1].max()) + 1
+    expected = torch.arange(rows * cols)
+    if ids.shape[0] != rows * cols or not torch.equal(ids[:, 0] * cols + ids[:, 1], expected):
+        raise UnsupportedModelError(
+            f"image tokens are not a complete row-major {rows}x{cols} grid "
+            f"({ids.shape[0]} image ids); attnscope can't place them on a map"
+        )
+    return rows, cols

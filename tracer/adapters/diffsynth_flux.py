@@ -16,7 +16,6 @@ step index (``progress_id``) from the call.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -24,17 +23,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from analysis.errors import UsageError
 from tracer.adapters.base import (
     Adapter,
     DenoiserCall,
     Generation,
     Layer,
     UnsupportedModelError,
+    first_of,
     image_to_uint8,
+    jsonable,
     library_versions,
+    token_grid,
 )
-from tracer.adapters.diffusers_flux import token_grid
-from tracer.spans import Segment, TextTokens
+from tracer.adapters.text import t5_segment
+from tracer.spans import TextTokens
 
 # Call arguments whose feature changes the token layout in a way attnscope can't map yet.
 _UNSUPPORTED_ARGUMENTS = {
@@ -56,50 +59,21 @@ _SUPPORTED = (
 _MISSING = object()
 
 
-def _first(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return value[0] if value else None
-    return value
-
-
 def _round_up(value: int, factor: int) -> int:
     return math.ceil(value / factor) * factor
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
+def box_mask(height: int, width: int, box: tuple[int, int, int, int]) -> Any:
+    """An EliGen entity mask as DiffSynth takes it: an RGB image, white inside ``box``.
 
+    ``box`` is ``(left, top, right, bottom)`` in pixels, right and bottom excluded.
+    """
+    from PIL import Image
 
-def t5_segment(tokenizer: Any, name: str, text: str, first: int, length: int) -> Segment:
-    """One prompt as DiffSynth tokenizes it for T5 (padded to `length`), placed at `first`."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise TypeError(
-            f"attnscope finds words through the tokenizer's offsets, which needs a fast "
-            f"tokenizer; tokenizer_2 is {type(tokenizer).__name__}"
-        )
-    # The call FluxImageUnit_PromptEmbedder / _EntityControl make, plus offsets and specials.
-    encoded = tokenizer(
-        text,
-        padding="max_length",
-        max_length=length,
-        truncation=True,
-        return_offsets_mapping=True,
-        return_special_tokens_mask=True,
-    )
-    content = tuple(
-        bool(keep) and not special
-        for keep, special in zip(
-            encoded["attention_mask"], encoded["special_tokens_mask"], strict=True
-        )
-    )
-    return Segment(
-        name=name,
-        text=text,
-        first=first,
-        tokens=tuple(tokenizer.convert_ids_to_tokens(encoded["input_ids"])),
-        offsets=tuple((int(s), int(e)) for s, e in encoded["offset_mapping"]),
-        content=content,
-    )
+    left, top, right, bottom = box
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[top:bottom, left:right] = 255
+    return Image.fromarray(pixels)
 
 
 def applied_entity_mask(mask: Any, height: int, width: int) -> np.ndarray:
@@ -113,7 +87,7 @@ def applied_entity_mask(mask: Any, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
     if not hasattr(mask, "resize"):
-        raise TypeError(
+        raise UsageError(
             f"EliGen entity masks are PIL images (DiffSynth resizes them), got "
             f"{type(mask).__name__}"
         )
@@ -190,7 +164,7 @@ class DiffSynthFlux(Adapter):
     def generation(self, arguments: Mapping[str, Any]) -> Generation:
         pipe = self.pipe
         self._check_features(arguments)
-        prompt = _first(arguments.get("prompt"))
+        prompt = first_of(arguments.get("prompt"))
         length = int(arguments.get("t5_sequence_length") or 512)
         height = _round_up(int(arguments.get("height") or 1024), pipe.height_division_factor)
         width = _round_up(int(arguments.get("width") or 1024), pipe.width_division_factor)
@@ -255,7 +229,7 @@ class DiffSynthFlux(Adapter):
             return [], []
         prompts, masks = list(prompts), list(masks)
         if not all(isinstance(p, str) for p in prompts):
-            raise TypeError("eligen_entity_prompts must be a list of strings")
+            raise UsageError("eligen_entity_prompts must be a list of strings")
         if len(prompts) != len(masks):
             raise ValueError(
                 f"EliGen needs one mask per entity prompt: got {len(prompts)} prompts and "
@@ -301,13 +275,13 @@ class DiffSynthFlux(Adapter):
     ) -> DenoiserCall:
         latents, prompt_emb = inputs.get("latents"), inputs.get("prompt_emb")
         if latents is None or prompt_emb is None:
-            raise RuntimeError(
+            raise UnsupportedModelError(
                 "DiffSynth's model_fn was called without latents or prompt_emb; attnscope reads "
                 "the token layout from them"
             )
         odd = [name for name in _UNSUPPORTED_MODEL_INPUTS if inputs.get(name) is not None]
         if odd or inputs.get("tiled"):
-            raise RuntimeError(
+            raise UnsupportedModelError(
                 f"attnscope can't map this DiffSynth FLUX call's tokens "
                 f"({', '.join(odd) or 'tiled'}); supported: {_SUPPORTED}"
             )
@@ -324,7 +298,7 @@ class DiffSynthFlux(Adapter):
             if key not in grids:
                 grids[key] = token_grid(image_ids)
             if grids[key] != (rows, cols):
-                raise RuntimeError(
+                raise UnsupportedModelError(
                     f"image ids describe a {grids[key]} grid but the latents a {(rows, cols)} one"
                 )
         return DenoiserCall(timestep=self._timestep(inputs), text_len=text_len, grid=(rows, cols))
@@ -351,7 +325,7 @@ class DiffSynthFlux(Adapter):
 
     def image(self, output: Any) -> np.ndarray | None:
         # FluxImagePipeline returns one PIL image.
-        return image_to_uint8(_first(output))
+        return image_to_uint8(first_of(output))
 
     def run_attrs(self) -> dict[str, Any]:
         pipe, dit = self.pipe, self.dit
@@ -362,7 +336,7 @@ class DiffSynthFlux(Adapter):
             "model": f"{type(dit).__module__}.{type(dit).__name__}",
             "model_revision": library_versions("diffsynth").get("diffsynth", ""),
             "scheduler": type(scheduler).__name__,
-            "scheduler_config": _jsonable(
+            "scheduler_config": jsonable(
                 {"set_timesteps": getattr(set_timesteps, "__name__", str(set_timesteps))}
             ),
             "transformer_config": {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,37 +13,18 @@ from tracer.adapters.base import (
     DenoiserCall,
     Generation,
     Layer,
+    first_of,
     image_to_uint8,
+    jsonable,
     library_versions,
     seed_of,
+    token_grid,
 )
-from tracer.spans import Segment, TextTokens
+from tracer.adapters.text import t5_segment
+from tracer.spans import TextTokens
 
 # FluxPipeline hands the transformer `timestep / 1000`.
 _TIMESTEP_SCALE = 1000.0
-
-
-def _first(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return value[0] if value else None
-    return value
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def token_grid(img_ids: torch.Tensor) -> tuple[int, int]:
-    """The (rows, cols) latent grid of FLUX image ids, checked to be row-major and complete."""
-    ids = img_ids.reshape(-1, img_ids.shape[-1])[:, 1:3].round().long().cpu()
-    rows, cols = int(ids[:, 0].max()) + 1, int(ids[:, 1].max()) + 1
-    expected = torch.arange(rows * cols)
-    if ids.shape[0] != rows * cols or not torch.equal(ids[:, 0] * cols + ids[:, 1], expected):
-        raise ValueError(
-            f"image tokens are not a complete row-major {rows}x{cols} grid "
-            f"({ids.shape[0]} image ids); attnscope can't place them on a map"
-        )
-    return rows, cols
 
 
 class DiffusersFlux(Adapter):
@@ -77,15 +57,15 @@ class DiffusersFlux(Adapter):
 
     def generation(self, arguments: Mapping[str, Any]) -> Generation:
         pipe = self.pipe
-        prompt = _first(arguments.get("prompt"))
+        prompt = first_of(arguments.get("prompt"))
         # FluxPipeline sends prompt_2 (or else prompt) to T5, whose tokens are the joint text.
-        t5_prompt = _first(arguments.get("prompt_2")) or prompt
+        t5_prompt = first_of(arguments.get("prompt_2")) or prompt
         max_len = int(arguments.get("max_sequence_length") or 512)
         scale = getattr(pipe, "vae_scale_factor", 8) * getattr(pipe, "default_sample_size", 128)
         attrs = {
             "prompt": prompt,
-            "prompt_2": _first(arguments.get("prompt_2")),
-            "negative_prompt": _first(arguments.get("negative_prompt")),
+            "prompt_2": first_of(arguments.get("prompt_2")),
+            "negative_prompt": first_of(arguments.get("negative_prompt")),
             "seed": seed_of(arguments.get("generator")),
             "height": int(arguments.get("height") or scale),
             "width": int(arguments.get("width") or scale),
@@ -95,41 +75,12 @@ class DiffusersFlux(Adapter):
             "max_sequence_length": max_len,
         }
         attrs = {key: value for key, value in attrs.items() if value is not None}
-        text = None if t5_prompt is None else self._tokens(t5_prompt, max_len)
-        return Generation(text=text or TextTokens(segments=(), length=max_len), attrs=attrs)
-
-    def _tokens(self, prompt: str, max_len: int) -> TextTokens:
-        tokenizer = self.pipe.tokenizer_2
-        if not getattr(tokenizer, "is_fast", False):
-            raise TypeError(
-                f"attnscope finds words through the tokenizer's offsets, which needs a fast "
-                f"tokenizer; tokenizer_2 is {type(tokenizer).__name__}"
-            )
-        # The same call FluxPipeline makes, plus offsets and the special-token mask.
-        encoded = tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=max_len,
-            truncation=True,
-            return_offsets_mapping=True,
-            return_special_tokens_mask=True,
-        )
-        ids = encoded["input_ids"]
-        content = tuple(
-            bool(keep) and not special
-            for keep, special in zip(
-                encoded["attention_mask"], encoded["special_tokens_mask"], strict=True
-            )
-        )
-        segment = Segment(
-            name="prompt",
-            text=prompt,
-            first=0,
-            tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
-            offsets=tuple((int(s), int(e)) for s, e in encoded["offset_mapping"]),
-            content=content,
-        )
-        return TextTokens(segments=(segment,), length=len(ids))
+        if t5_prompt is None:
+            text = TextTokens(segments=(), length=max_len)
+        else:
+            segment = t5_segment(pipe.tokenizer_2, "prompt", t5_prompt, 0, max_len)
+            text = TextTokens(segments=(segment,), length=len(segment.tokens))
+        return Generation(text=text, attrs=attrs)
 
     def watch_denoiser(self, on_call: Callable[[DenoiserCall], None]) -> Callable[[], None]:
         grids: dict[tuple[int, ...], tuple[int, int]] = {}
@@ -175,8 +126,8 @@ class DiffusersFlux(Adapter):
             "model": str(getattr(pipe, "name_or_path", None) or config.get("_name_or_path", "")),
             "model_revision": str(config.get("_diffusers_version", "")),
             "scheduler": type(pipe.scheduler).__name__,
-            "scheduler_config": _jsonable(dict(pipe.scheduler.config)),
-            "transformer_config": _jsonable(dict(config)),
+            "scheduler_config": jsonable(dict(pipe.scheduler.config)),
+            "transformer_config": jsonable(dict(config)),
             "dtype": str(transformer.dtype).removeprefix("torch."),
             "versions": library_versions("torch", "diffusers", "transformers", "attnscope"),
         }
