@@ -7,6 +7,16 @@ import torch
 
 NEG_INF = float("-inf")
 
+# The relative error bound of the default store, stated here rather than read from the code under
+# test: bit rounding keeps 9 of float32's 23 mantissa bits, so a stored value is within 2^-10.
+DEFAULT_BOUND = 2.0**-10
+
+
+def stated_bound(attrs) -> float:
+    """DEFAULT_BOUND, after checking that the run's `error_bound` attribute says the same."""
+    assert attrs["error_bound"] == DEFAULT_BOUND, attrs["error_bound"]
+    return DEFAULT_BOUND
+
 
 def reference(
     q: torch.Tensor,

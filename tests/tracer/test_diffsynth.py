@@ -13,6 +13,7 @@ import pytest
 import torch
 import xarray as xr
 from diffsynth.pipelines.flux_image import FluxImagePipeline, model_fn_flux_image
+from references import stated_bound
 
 import tracer
 from tracer.adapters import UnsupportedModelError, adapter_for
@@ -177,8 +178,7 @@ def test_store_equals_float64_softmax_with_the_regional_mask(eligen):
         assert all(q.shape[2] == L + N_IMAGE and m is None for q, _, m, _ in nega)
         assert all(torch.isinf(m).any() for _, _, m, _ in posi)  # the regional mask is in force
 
-    bound = ds.attrs["error_bound"]
-    assert bound > 0  # the default, lossy store
+    bound = stated_bound(ds.attrs)  # the default, lossy store
     spans = [ds.attrs["spans"][name] for name in ds.span.values]
     for step in range(3):
         for layer in range(N_LAYERS):
@@ -239,7 +239,7 @@ def test_writeup_computation_matches_the_store(pipe, tmp_path, monkeypatch):
         )
         expected = attn[0:L, 2 * L : 2 * L + N_IMAGE].mean(dim=0).reshape(GRID).numpy()
         stored = ds.txt2img.sel(span="first", head=0).isel(step=step, layer=layer).values
-        np.testing.assert_allclose(stored, expected, rtol=ds.attrs["error_bound"] + 1e-5, atol=1e-6)
+        np.testing.assert_allclose(stored, expected, rtol=stated_bound(ds.attrs) + 1e-5, atol=1e-6)
 
 
 def test_vram_management_offload_keeps_hooks_and_output(tmp_path, monkeypatch):
@@ -394,5 +394,5 @@ def test_bfloat16_with_offload_between_models(device, tmp_path, monkeypatch):
             for name in ("txt2img", "img2txt"):
                 stored = ds[name].isel(step=step, layer=layer).values
                 np.testing.assert_allclose(
-                    stored, ref[name], rtol=ds.attrs["error_bound"] + 1e-5, atol=1e-6
+                    stored, ref[name], rtol=stated_bound(ds.attrs) + 1e-5, atol=1e-6
                 )

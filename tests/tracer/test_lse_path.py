@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from references import NEG_INF, allocation_sizes, reference
+from references import NEG_INF, allocation_sizes, reference, stated_bound
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tracer
@@ -333,7 +333,7 @@ def runs(pipe, tmp_path_factory):
                 tap._run_with_lse = real
         ds = xr.open_zarr(store, group=rec.last_run, consolidated=False)
         maps = {name: ds[name].values for name in ("txt2img", "img2txt")}
-        results[path_name] = (plain, traced, maps, fetched, ds.attrs["error_bound"])
+        results[path_name] = (plain, traced, maps, fetched, stated_bound(ds.attrs))
     return results
 
 

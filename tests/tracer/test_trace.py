@@ -10,6 +10,7 @@ import torch
 import xarray as xr
 import zarr
 from diffusers import FluxPipeline
+from references import stated_bound
 
 import analysis
 import tracer
@@ -77,7 +78,7 @@ def open_run(path, run):
 
 
 def assert_matches_reference(ds, log, layers_per_call, calls_per_step=1):
-    bound = ds.attrs["error_bound"]
+    bound = stated_bound(ds.attrs)
     spans = [ds.attrs["spans"][name] for name in ds.span.values]
     ny, nx = ds.sizes["y"], ds.sizes["x"]
     for step_pos, step in enumerate(ds.step.values):
@@ -265,3 +266,26 @@ def test_a_run_missing_one_asked_direction_reads_as_being_laid_down(pipe, tmp_pa
     )
     with pytest.raises(analysis.FormatError, match=r"\(txt2img\).*being laid down"):
         analysis.open_trace(path, complete_only=False)
+
+
+def test_every_array_the_tracer_writes_carries_a_checksum(pipe, tmp_path):
+    # Read as plain JSON: the codecs each array's zarr.json names, shard index codecs included.
+    import json
+
+    path = tmp_path / "sums.zarr"
+    with tracer.trace(pipe, path, progress=False) as rec:
+        generate(pipe, steps=1)
+    metas = sorted((path / rec.last_run).glob("*/zarr.json"))
+    names = {meta.parent.name for meta in metas}
+    assert {"txt2img", "img2txt", "image", "step", "timestep", "span", "y", "x"} <= names
+
+    def names_of(codecs):
+        for codec in codecs:
+            yield codec["name"]
+            config = codec.get("configuration", {})
+            yield from names_of(config.get("codecs", []))
+            yield from names_of(config.get("index_codecs", []))
+
+    for meta in metas:
+        codecs = list(names_of(json.loads(meta.read_text())["codecs"]))
+        assert "crc32c" in codecs, (meta.parent.name, codecs)
