@@ -176,15 +176,14 @@ def _entities(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, Any
 
 def _is_trace_store(path: Path) -> bool:
     """Whether `path` is an attnscope trace store (of any format version)."""
-    from analysis.open import open_store
+    from analysis import trust
+    from analysis.open import read_only_store
 
     try:
-        open_store(str(path))
-    except fmt.FormatError as error:
-        return "format version" in str(error)
-    except (OSError, ValueError):
+        attrs = trust.check_root(read_only_store(str(path)), str(path))
+    except (fmt.FormatError, OSError):
         return False
-    return True
+    return fmt.FORMAT_ATTR in attrs
 
 
 def _check_out(args: argparse.Namespace) -> bool:
@@ -281,14 +280,15 @@ def _complete_runs(path: str) -> set[tuple[str, int]]:
     """(prompt, seed) of the runs already complete in the store at `path`, if there is one."""
     from analysis.open import list_runs
 
-    if not (Path(path) / "zarr.json").exists():
+    folder = Path(path)
+    if not (folder / "zarr.json").exists():
         return set()  # nothing recorded yet (or not a store: the tracer refuses to write there)
-    try:
-        runs = list_runs(path)
-    except fmt.FormatError as error:
-        if "holds no runs" in str(error):
-            return set()
-        raise
+    if not any(
+        fmt.run_index(entry.name) is not None and (entry / "zarr.json").exists()
+        for entry in folder.iterdir()
+    ):
+        return set()  # no run laid down yet (a name may be claimed by a recorder starting now)
+    runs = list_runs(path)
     return {(run.attrs.get(fmt.PROMPT), run.attrs.get(fmt.SEED)) for run in runs if run.is_complete}
 
 
