@@ -72,6 +72,10 @@ def read_only_store(path: PathLike, storage_options: Mapping[str, Any] | None = 
         raise ValueError(f"storage_options apply to fsspec URLs only, not to the path {text!r}")
     if not os.path.exists(text):
         raise FileNotFoundError(f"no trace store at {text!r}: the path does not exist")
+    if not os.path.isdir(text):
+        raise sf.FormatError(
+            f"{text} is a file, not a trace store (a trace store is a folder with a zarr.json)"
+        )
     return LocalStore(text, read_only=True)
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -312,7 +312,25 @@ def check_array(meta: Any, where: str, node: str) -> dict[str, Any]:
     transforms = sorted(CF_TRANSFORMS & set(attrs))
     if transforms:
         raise _refuse(where, node, f"has attributes {transforms} that would change its values")
-    return {"dims": tuple(dims), "shape": tuple(shape), "dtype": dtype, "attributes": attrs}
+    return {
+        "dims": tuple(dims),
+        "shape": tuple(shape),
+        "dtype": dtype,
+        "attributes": attrs,
+        "checksummed": _checksummed(meta.get("codecs")),
+    }
+
+
+def _checksummed(codecs: list[Any]) -> bool:
+    """Whether every chunk of an array with these (checked) codecs carries a CRC32C."""
+    names = [c.get("name") if isinstance(c, dict) else c for c in codecs]
+    for codec in codecs:
+        if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
+            config = codec.get("configuration", {})
+            return _checksummed(config.get("codecs") or []) and _checksummed(
+                config.get("index_codecs") or []
+            )
+    return "crc32c" in names
 
 
 def _check_known(name: str, info: Mapping[str, Any], where: str, node: str) -> None:
@@ -341,6 +359,12 @@ def check_run(
     `meta` is the run's zarr.json when already read. Returns {array name: checked info}.
     Raises FormatError naming the first problem.
     """
+    check_run_group(store, name, where, meta)
+    return check_run_arrays(store, name, where, arrays)
+
+
+def check_run_group(store: Any, name: str, where: str, meta: Any = None) -> dict[str, Any]:
+    """The attributes of run group `name`, its zarr.json (`meta`, when already read) checked."""
     node = f"run {name}"
     if meta is None:
         meta = read_json(store, f"{name}/zarr.json", where)
@@ -349,33 +373,64 @@ def check_run(
         raise sf.FormatError(f"{where}: {name} has no zarr.json; it is not a run group")
     attrs = _check_group_node(meta, where, node)
     check_run_attrs(attrs, where, node)
+    return attrs
+
+
+def check_run_arrays(
+    store: Any,
+    name: str,
+    where: str,
+    arrays: Sequence[str] | None = None,
+    on_problem: Callable[[str, sf.FormatError], None] | None = None,
+) -> dict:
+    """Check the metadata of run `name`'s arrays (all, or only `arrays`); {name: checked info}.
+
+    Raises FormatError naming the first problem, or, given `on_problem(node, error)`, hands it
+    each problem and leaves the array out.
+    """
+
+    def refused(node: str, error: sf.FormatError) -> None:
+        if on_problem is None:
+            raise error
+        on_problem(node, error)
+
     names = list_dir(store, f"{name}/") if arrays is None else list(arrays)
     checked: dict[str, dict[str, Any]] = {}
     for child in names:
         if child == "zarr.json" or child.endswith(".partial"):
             continue
         child_node = f"{name}/{child}"
-        child_meta = read_json(store, f"{child_node}/zarr.json", where)
-        if child_meta is None:
-            # Zarr v3 readers never open a v2 node; refuse one anyway, it has no place here.
-            _check_v2(store, f"{child_node}/", where)
-            continue  # a folder with no metadata (left by an interrupted write): not a node
-        if isinstance(child_meta, dict) and child_meta.get("node_type") == "group":
-            _check_group_node(child_meta, where, child_node)
+        try:
+            child_meta = read_json(store, f"{child_node}/zarr.json", where)
+            if child_meta is None:
+                # Zarr v3 readers never open a v2 node; refuse one anyway, it has no place here.
+                _check_v2(store, f"{child_node}/", where)
+                continue  # a folder with no metadata (left by an interrupted write): not a node
+            if isinstance(child_meta, dict) and child_meta.get("node_type") == "group":
+                _check_group_node(child_meta, where, child_node)
+                continue
+            info = check_array(child_meta, where, child_node)
+            _check_known(child, info, where, child_node)
+        except sf.FormatError as error:
+            refused(child_node, error)
             continue
-        info = check_array(child_meta, where, child_node)
-        _check_known(child, info, where, child_node)
         checked[child] = info
     sizes: dict[str, tuple[int, str]] = {}
-    for array_name, info in checked.items():
+    for array_name, info in list(checked.items()):
         for dim, size in zip(info["dims"], info["shape"], strict=True):
             if dim in sizes and sizes[dim][0] != size:
                 other = sizes[dim][1]
-                raise _refuse(
-                    where,
-                    f"{name}/{array_name}",
-                    f"has {size} values along {dim!r} but {name}/{other} has {sizes[dim][0]}",
+                node = f"{name}/{array_name}"
+                refused(
+                    node,
+                    _refuse(
+                        where,
+                        node,
+                        f"has {size} values along {dim!r} but {name}/{other} has {sizes[dim][0]}",
+                    ),
                 )
+                checked.pop(array_name)
+                break
             sizes.setdefault(dim, (size, array_name))
     return checked
 

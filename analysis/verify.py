@@ -86,15 +86,21 @@ def verify(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> 
     Raises FileNotFoundError when a local path does not exist; everything else is a finding.
     """
     where = location(path)
-    store = read_only_store(path, storage_options)
     report = Report(store=where)
+    try:
+        store = read_only_store(path, storage_options)
+    except sf.FormatError as exc:
+        report.error("store", str(exc))
+        return report
+    keys = set(trust.list_prefix(store, ""))
     try:
         attrs = trust.check_root(store, where)
         sf.check_version(attrs, where=where)
     except sf.FormatError as exc:
         report.error("store", str(exc))
-        return report
-    keys = set(trust.list_prefix(store, ""))
+        if "zarr.json" not in keys:
+            return report  # not a Zarr v3 store at all: nothing below to check
+        # A damaged root hides nothing below it: every run is still checked.
     partials = sorted(k for k in keys if k.endswith(".partial"))
     for key in partials[:MAX_FINDINGS_PER_ARRAY]:
         report.note("store", f"stray temporary file {key} left by an interrupted write")
@@ -128,24 +134,33 @@ def verify(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> 
 def _verify_run(store: Any, name: str, where: str, keys: set[str], report: Report) -> None:
     report.runs += 1
     try:
-        arrays = trust.check_run(store, name, where)
+        attrs: dict[str, Any] | None = trust.check_run_group(store, name, where)
     except sf.FormatError as exc:
         report.error(name, str(exc))
-        return
-    group = zarr.open_group(store, path=name, mode="r", zarr_format=3, use_consolidated=False)
-    attrs = dict(group.attrs)
-    status = attrs.get(sf.STATUS)
+        attrs = None  # its arrays are still checked, with what their own metadata says
+    arrays = trust.check_run_arrays(
+        store, name, where, on_problem=lambda node, exc: report.error(node, str(exc))
+    )
+    for array_name, info in arrays.items():
+        if not info["checksummed"]:
+            report.error(
+                f"{name}/{array_name}",
+                "has no CRC32C checksum: damage to its chunks would go unnoticed",
+            )
+    opened = {a: zarr.open_array(store, path=f"{name}/{a}", mode="r") for a in arrays}
+    status = None if attrs is None else attrs.get(sf.STATUS)
     complete = status == sf.COMPLETE
     coords: dict[str, np.ndarray] = {}
     for coord in [a for a, info in arrays.items() if len(info["shape"]) <= 1]:
-        values = _read_small(group, name, coord, arrays[coord], report, complete, where)
+        values = _read_small(opened[coord], name, coord, arrays[coord], report, complete, where)
         if values is not None:
             coords[coord] = values
-    keepbits = {d: sf.keepbits_of(group[d]) for d in sf.DIRECTIONS if d in arrays}
-    report.findings += run_findings(name, attrs, arrays, coords, keepbits)
+    if attrs is not None:
+        keepbits = {d: sf.keepbits_of(opened[d]) for d in sf.DIRECTIONS if d in arrays}
+        report.findings += run_findings(name, attrs, arrays, coords, keepbits)
 
     steps = [int(s) for s in coords.get("step", [])]
-    listed = set(int(s) for s in attrs.get(sf.STEPS_COMPLETE, []))
+    listed = set(int(s) for s in (attrs or {}).get(sf.STEPS_COMPLETE, []))
     labels = {
         dim: [v.item() if isinstance(v, np.generic) else v for v in coords[dim]]
         for dim in ("step", "layer", "head", "span")
@@ -154,11 +169,23 @@ def _verify_run(store: Any, name: str, where: str, keys: set[str], report: Repor
     for array_name, info in arrays.items():
         if len(info["shape"]) <= 1:
             continue
-        positions = (
-            {i for i, s in enumerate(steps) if s in listed} if array_name in sf.DIRECTIONS else None
-        )
+        positions = None
+        if array_name in sf.DIRECTIONS and attrs is not None:
+            positions = {i for i, s in enumerate(steps) if s in listed}
+        elif array_name in sf.DIRECTIONS:
+            positions = set()  # which steps are complete is unknown: check decoding only
         _verify_array(
-            keys, group, name, array_name, info, positions, labels, complete, where, report
+            keys,
+            opened[array_name],
+            name,
+            array_name,
+            info,
+            positions,
+            labels,
+            complete,
+            where,
+            report,
+            steps_unknown=attrs is None,
         )
 
     if status is not None and not complete:
@@ -173,7 +200,7 @@ def _verify_run(store: Any, name: str, where: str, keys: set[str], report: Repor
 
 
 def _read_small(
-    group: zarr.Group,
+    array: zarr.Array,
     run: str,
     name: str,
     info: Mapping[str, Any],
@@ -183,7 +210,6 @@ def _read_small(
 ) -> np.ndarray | None:
     """Read a coordinate (a 0-d or 1-d array) whole, reporting a missing or damaged object."""
     report.arrays += 1
-    array = group[name]
     checked = trust.CheckedArray(array, f"{run}/{name} in {where}", dims=info["dims"])
     report.chunks += array.nchunks
     if array.nchunks_initialized < array.nchunks and math.prod(info["shape"]) > 0:
@@ -211,7 +237,7 @@ def _blocks(shape: Sequence[int], chunks: Sequence[int], shards: Sequence[int] |
 
 def _verify_array(
     present: set[str],
-    group: zarr.Group,
+    array: zarr.Array,
     run: str,
     name: str,
     info: Mapping[str, Any],
@@ -220,11 +246,11 @@ def _verify_array(
     complete: bool,
     where: str,
     report: Report,
+    steps_unknown: bool = False,
 ) -> None:
     """Decode every chunk of one array; listed steps of an attention variable must hold data."""
     report.arrays += 1
     label = f"{run}/{name}"
-    array = group[name]
     checked = trust.CheckedArray(array, f"{label} in {where}", labels=labels, dims=info["dims"])
     findings = 0
 
@@ -272,8 +298,11 @@ def _verify_array(
                 continue
             if must_hold and chunk.dtype.kind == "f" and np.isnan(chunk).any():
                 lost.append(index)
-        suffix = "" if must_hold else "; its step is not listed complete, readers ignore it"
-        level = "error" if must_hold else "note"
+        # A run whose own metadata is unreadable can't say which steps it completed: a chunk
+        # that fails to decode there is damage either way.
+        damage = must_hold or steps_unknown
+        suffix = "" if damage else "; its step is not listed complete, readers ignore it"
+        level = "error" if damage else "note"
         if failures and len(failures) == len(indices) > 1:
             index, exc = failures[0]
             found(

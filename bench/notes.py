@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bench.summary import growth_summary, memory_summary
+
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
@@ -98,8 +100,6 @@ def _gpu(r: dict[str, Any]) -> str:
 
 
 def _memory(r: dict[str, Any], main: str) -> str:
-    from bench.report import growth_summary, memory_summary
-
     mem = memory_summary(r)
     extra = mem["attnscope"]["extra"]
     shape = r["store"][main]["directions"]["txt2img"]["shape"]

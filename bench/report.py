@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import GEOMETRIES, Geometry, median
+from bench.common import GEOMETRIES, Geometry
+from bench.notes import limits, method
+from bench.summary import growth_summary, memory_summary
 from bench.variants import LABELS, describe
 
 TARGETS = {
@@ -233,41 +235,6 @@ def _overhead(r: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def memory_summary(r: dict[str, Any], allocator: str = "fixed") -> dict[str, dict[str, Any]]:
-    """Per variant: median peak RSS over its processes, extra over untraced, every peak."""
-    main = "quick" if r["quick"] else "flux-cpu"
-    peaks: dict[str, list[int]] = {}
-    for run in r["memory"][main]:
-        if run["allocator"] == allocator:
-            peaks.setdefault(run["variant"], []).append(run["peak"])
-    if not peaks:
-        return {}
-    base = median(peaks["untraced"])
-    return {
-        v: {
-            "peak": median(p),
-            "peaks": p,
-            "extra": median(p) - base,
-            "extra_fraction": (median(p) - base) / base,
-        }
-        for v, p in peaks.items()
-    }
-
-
-def growth_summary(r: dict[str, Any]) -> dict[Any, float]:
-    """Extra peak RSS of attnscope (median over processes) at 2 and 8 steps, and the peak."""
-    peaks: dict[tuple[str, int], list[int]] = {}
-    for x in r["growth"]["runs"]:
-        peaks.setdefault((x["variant"], x["steps"]), []).append(x["peak"])
-    m = {key: median(p) for key, p in peaks.items()}
-    return {
-        2: m[("attnscope", 2)] - m[("untraced", 2)],
-        8: m[("attnscope", 8)] - m[("untraced", 8)],
-        "peak": m[("untraced", 8)],
-        "medians": m,
-    }
-
-
 def _memory(r: dict[str, Any]) -> str:
     main = "quick" if r["quick"] else "flux-cpu"
     geo = GEOMETRIES[main]
@@ -392,8 +359,6 @@ def _analysis(r: dict[str, Any]) -> str:
 
 
 def render(r: dict[str, Any]) -> str:
-    from bench.notes import limits, method
-
     sections = [
         _header(r),
         _summary(r),

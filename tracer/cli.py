@@ -113,7 +113,7 @@ def _load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype) ->
 
     local = Path(args.model).exists()
     pipe = DiffusionPipeline.from_pretrained(
-        args.model, torch_dtype=dtype, revision=args.revision, local_files_only=local
+        args.model, dtype=dtype, revision=args.revision, local_files_only=local
     )
     return pipe.to(device)
 

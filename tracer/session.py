@@ -97,6 +97,7 @@ class Recorder:
         self.runs: list[str] = []
         all_layers = self.adapter.layers()
         self.layers = select_layers(all_layers, options.layers)
+        self.adapter.check_attention(self.layers)
         self.layer_positions = {layer.name: i for i, layer in enumerate(self.layers)}
         n_heads = self.layers[0].heads
         self.heads = _select_indices("head", options.heads, n_heads)
@@ -160,6 +161,7 @@ class Recorder:
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         arguments |= arguments.pop("kwargs", None) or {}
+        self.adapter.check_attention(self.layers)  # the backend may have changed since attach
         generation = self.adapter.generation(arguments)
         spans = resolve_spans(self.options.spans, generation.text)
         if not spans:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -177,6 +178,23 @@ def test_bad_stores_exit_non_zero(make_store, tmp_path, capsys):
     path, _ = make_store(Run(), version=99)
     status, _, err = run_cli(capsys, "info", path)
     assert status == 2 and "format version 99" in err
+
+
+@pytest.mark.parametrize("verb", ["info", "heatmap", "heads", "steps"])
+def test_a_file_or_a_damaged_store_is_one_line_and_exit_2(store, tmp_path, capsys, verb):
+    path, _ = store
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a store")
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(path, damaged)
+    (damaged / "zarr.json").write_text('{"zarr_format": 3, "node_ty')
+    for target, words in ((a_file, "is a file, not a trace store"), (damaged, "not valid JSON")):
+        figure = () if verb == "info" else ("--span", "cat", "-o", tmp_path / "x.png")
+        status, _, err = run_cli(capsys, verb, target, *figure)
+        assert status == 2
+        assert words in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_a_partial_run_warns_on_stderr_and_draws_its_complete_steps(make_store, tmp_path, capsys):

@@ -223,3 +223,33 @@ def test_every_chunk_of_a_run_is_checksummed(clean):
         k for k in objects(clean) if k.startswith("run-0000/") and not checksummed(clean, k)
     ]
     assert not unchecked, unchecked
+
+
+def test_a_broken_root_or_array_zarr_json_hides_no_damage_elsewhere(clean):
+    (clean / "zarr.json").write_text("{truncated")
+    (clean / "run-0001" / "txt2img" / "zarr.json").write_text("[]")
+    shard = next(k for k in objects(clean) if k.startswith("run-0000/img2txt/"))
+    flip(clean / shard)
+    report = verify(clean)
+    errors = {f.where: f.message for f in report.errors}
+    assert "zarr.json is not valid JSON" in errors["store"]
+    assert "is not Zarr v3 metadata" in errors["run-0001/txt2img"]
+    assert "run-0000/img2txt" in errors and "cannot be decoded" in errors["run-0000/img2txt"]
+    assert report.runs == 2
+
+
+def test_a_broken_run_zarr_json_still_has_its_chunks_decoded(clean):
+    (clean / "run-0000" / "zarr.json").write_text("")
+    flip(clean / next(k for k in objects(clean) if k.startswith("run-0000/txt2img/")))
+    errors = {f.where: f.message for f in verify(clean).errors}
+    assert "run-0000" in errors
+    assert "cannot be decoded" in errors["run-0000/txt2img"]
+
+
+def test_a_variable_without_a_checksum_is_reported(clean):
+    meta_path = clean / "run-0000" / "rgb" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["codecs"] = [c for c in meta["codecs"] if c["name"] != "crc32c"]
+    meta_path.write_text(json.dumps(meta))
+    [finding] = [f for f in verify(clean).errors if f.where == "run-0000/rgb"]
+    assert "no CRC32C checksum" in finding.message

@@ -90,6 +90,40 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
     assert re.search(message, err), err
 
 
+def test_a_pipeline_that_is_not_flux_is_refused_before_anything_is_written(tmp_path, capsys):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    model = tmp_path / "ddpm"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(model)
+    out = tmp_path / "never.zarr"
+    assert main(["record", "--model", str(model), "--out", str(out), "--num-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("attnscope: error: record: attnscope can't trace a ")
+    assert "DDPMPipeline; supported: diffusers (" in err and "diffsynth (" in err
+    assert not out.exists()
+
+
+def test_a_non_native_attention_backend_is_refused_before_a_run_exists(tmp_path, capsys):
+    from diffusers.models.attention_dispatch import attention_backend
+
+    out = tmp_path / "flex.zarr"
+    assert record("--out", str(out)) == 0
+    with attention_backend("flex"):
+        assert record("--out", str(out), "--append", "--prompt", "a dog") == 2
+    err = capsys.readouterr().err
+    assert "transformer_blocks.0 runs its attention through diffusers' 'flex' backend" in err
+    assert "set_attention_backend('native')" in err and "Traceback" not in err
+    assert list(runs(out)) == ["run-0000"]  # no failed run left behind
+
+
 def test_diffsynth_demo_with_eligen_entities(tmp_path):
     out = tmp_path / "eligen.zarr"
     status = record(

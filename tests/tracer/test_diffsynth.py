@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+import zarr
 from diffsynth.pipelines.flux_image import FluxImagePipeline, model_fn_flux_image
 from references import stated_bound
 
@@ -301,6 +302,26 @@ def test_detach_restores_the_pipeline(pipe, tmp_path):
     ds = open_run(tmp_path / "t.zarr", rec.last_run)
     assert ds.span.values[0] == "prompt" and ds.attrs["text_len"] == L
     assert "entity_mask" not in ds
+
+
+def test_a_model_fn_wrapped_during_the_trace_is_kept_and_no_longer_traced(tmp_path):
+    pipe = demo_diffsynth_pipeline(seed=0)
+    calls = []
+    replaced = pytest.warns(UserWarning, match="pipe.model_fn was replaced during the trace")
+    with replaced, tracer.trace(pipe, tmp_path / "t.zarr", progress=False) as rec:
+        traced = pipe.model_fn
+
+        def theirs(*args, **kwargs):
+            calls.append(1)
+            return traced(*args, **kwargs)
+
+        pipe.model_fn = theirs
+        generate(pipe, entities=None, steps=1)
+    assert pipe.model_fn is theirs and len(calls) == 1
+    runs = list(rec.runs)
+    generate(pipe, entities=None, steps=1)  # after detach: theirs runs, nothing is recorded
+    assert len(calls) == 2 and rec.runs == runs
+    assert zarr.open_group(tmp_path / "t.zarr", mode="r").attrs  # the store is intact
 
 
 def test_unsupported_diffsynth_family_names_the_supported_ones(tmp_path):

@@ -77,6 +77,11 @@ class Adapter(ABC):
     def image(self, output: Any) -> np.ndarray | None:
         """The first decoded image of a pipeline output as (H, W, 3) uint8, if it has one."""
 
+    @abstractmethod
+    def check_attention(self, layers: list[Layer]) -> None:
+        """Raise UnsupportedModelError if these layers' attention would not reach torch's SDPA,
+        where the tap reads q and k (checked before a run is created)."""
+
     def run_attrs(self) -> dict[str, Any]:
         """Attributes describing the model and pipeline (id, class, scheduler, dtype)."""
         return {"pipeline": type(self.pipe).__name__, "backend": self.backend}

@@ -17,6 +17,7 @@ step index (``progress_id``) from the call.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -160,6 +161,9 @@ class DiffSynthFlux(Adapter):
         ]
         return layers
 
+    def check_attention(self, layers: list[Layer]) -> None:
+        pass  # FluxDiT's blocks call torch's SDPA themselves (checked by _check_blocks)
+
     # -- one call ------------------------------------------------------------------------------
     def generation(self, arguments: Mapping[str, Any]) -> Generation:
         pipe = self.pipe
@@ -253,9 +257,11 @@ class DiffSynthFlux(Adapter):
         own = pipe.__dict__.get("model_fn", _MISSING)
         model_fn = pipe.model_fn
         grids: dict[tuple[int, ...], tuple[int, int]] = {}
+        watching = [True]
 
         def traced_model_fn(*args: Any, **kwargs: Any) -> Any:
-            on_call(self._denoiser_call(kwargs, grids))
+            if watching[0]:
+                on_call(self._denoiser_call(kwargs, grids))
             return model_fn(*args, **kwargs)
 
         # `model_fn` is an instance attribute DiffSynth itself wraps (load_timestep_lora): the
@@ -263,7 +269,16 @@ class DiffSynthFlux(Adapter):
         pipe.model_fn = traced_model_fn
 
         def stop() -> None:
-            if own is _MISSING:
+            watching[0] = False
+            if pipe.__dict__.get("model_fn") is not traced_model_fn:
+                # Wrapped or replaced during the trace: restoring would drop that change, so
+                # ours stays inside it, forwarding every call untouched.
+                warnings.warn(
+                    "pipe.model_fn was replaced during the trace; attnscope left the new one in "
+                    "place (attnscope's wrapper inside it now only forwards calls)",
+                    stacklevel=2,
+                )
+            elif own is _MISSING:
                 pipe.__dict__.pop("model_fn", None)
             else:
                 pipe.model_fn = own

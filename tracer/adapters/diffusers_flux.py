@@ -13,6 +13,7 @@ from tracer.adapters.base import (
     DenoiserCall,
     Generation,
     Layer,
+    UnsupportedModelError,
     first_of,
     image_to_uint8,
     jsonable,
@@ -25,6 +26,9 @@ from tracer.spans import TextTokens
 
 # FluxPipeline hands the transformer `timestep / 1000`.
 _TIMESTEP_SCALE = 1000.0
+
+# diffusers attention backends that end in torch's scaled_dot_product_attention.
+SDPA_BACKENDS = ("native", "_native_math", "_native_flash", "_native_efficient", "_native_cudnn")
 
 
 class DiffusersFlux(Adapter):
@@ -54,6 +58,27 @@ class DiffusersFlux(Adapter):
                 name = f"{prefix}.{index}"
                 layers.append(Layer(name, kind, block.attn, int(block.attn.heads)))
         return layers
+
+    def check_attention(self, layers: list[Layer]) -> None:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        active = _AttentionBackendRegistry.get_active_backend()[0]
+        for layer in layers:
+            processor = getattr(layer.attention, "processor", None)
+            backend = getattr(processor, "_attention_backend", None) or active
+            name = getattr(backend, "value", backend)
+            if name not in SDPA_BACKENDS:
+                raise UnsupportedModelError(
+                    f"{layer.name} runs its attention through diffusers' {name!r} backend; "
+                    f"attnscope reads q and k at torch's scaled_dot_product_attention, so use "
+                    f"one of {list(SDPA_BACKENDS)}: pipe.transformer.set_attention_backend("
+                    f"'native'), or unset DIFFUSERS_ATTN_BACKEND"
+                )
+            if getattr(processor, "_parallel_config", None) is not None:
+                raise UnsupportedModelError(
+                    f"{layer.name} runs context-parallel attention; attnscope traces attention "
+                    f"computed whole on one device"
+                )
 
     def generation(self, arguments: Mapping[str, Any]) -> Generation:
         pipe = self.pipe
