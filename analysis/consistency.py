@@ -31,12 +31,18 @@ class Finding:
     blocks_reading: bool = False
 
 
-def required_arrays(attrs: Mapping[str, Any]) -> tuple[str, ...]:
+def is_v1_layout(arrays: Mapping[str, Any]) -> bool:
+    """Whether a run's arrays are laid out as format version 1 (span rows, no token rows)."""
+    return "span" in arrays and "token" not in arrays
+
+
+def required_arrays(attrs: Mapping[str, Any], v1: bool = False) -> tuple[str, ...]:
     """Arrays a run must hold to be read: its coordinates and every direction it asked for."""
     capture = attrs.get(sf.CAPTURE)
     asked = capture.get(sf.DIRECTIONS_KEY) if isinstance(capture, dict) else None
     directions = [d for d in sf.DIRECTIONS if d in (asked or ())]
-    return (*sf.DIMS, "branch", *directions)
+    coords = sf.SPAN_DIMS if v1 else (*sf.DIMS, *sf.TOKEN_COORDS)
+    return (*coords, "branch", *directions)
 
 
 def run_findings(
@@ -63,7 +69,8 @@ def run_findings(
         error(f"has no {sf.STATUS!r} attribute")
     elif not (status in (sf.RECORDING, sf.COMPLETE) or sf.is_failed(status)):
         error(f"has status {status!r}, not recording, complete or failed: <reason>")
-    missing = [name for name in required_arrays(attrs) if name not in arrays]
+    v1 = is_v1_layout(arrays)
+    missing = [name for name in required_arrays(attrs, v1) if name not in arrays]
     if missing or not any(d in arrays for d in sf.DIRECTIONS):
         lacking = ", ".join(missing) or " or ".join(sf.DIRECTIONS)
         if complete:
@@ -82,7 +89,7 @@ def run_findings(
 
     steps = [int(s) for s in coords.get("step", [])]
     listed = [int(s) for s in attrs.get(sf.STEPS_COMPLETE, [])]
-    for dim in ("step", "layer", "head", "span"):
+    for dim in ("step", "layer", "head", "span", "token"):
         if dim in coords and len(set(coords[dim].tolist())) != len(coords[dim]):
             error(f"coordinate {dim!r} repeats values: {describe_values(coords[dim])}")
     if len(set(listed)) != len(listed):
@@ -110,9 +117,11 @@ def run_findings(
             error(f"coordinate {dim!r} holds non-finite values")
 
     spans = attrs.get(sf.SPANS)
-    names = [str(s) for s in coords.get("span", [])]
-    if "span" in coords and spans is not None and set(spans) != set(names):
+    names = [str(s) for s in coords.get("span", [])] if v1 else list(spans or {})
+    if v1 and "span" in coords and spans is not None and set(spans) != set(names):
         error(f"{sf.SPANS} names {sorted(spans)} but the span coordinate holds {names}")
+    if not v1 and all(name in coords for name in ("token", *sf.TOKEN_COORDS)):
+        findings += _token_findings(run, attrs, coords)
     tokens = attrs.get(sf.SPAN_TOKENS)
     if spans is not None and tokens is not None:
         for span, indices in spans.items():
@@ -167,4 +176,40 @@ def run_findings(
                             f"{direction} is stored with keepbits {stored_bits} but the capture "
                             f"settings say {keepbits}"
                         )
+    return findings
+
+
+def _token_findings(
+    run: str, attrs: Mapping[str, Any], coords: Mapping[str, np.ndarray]
+) -> list[Finding]:
+    """The token rows tile the text sequence in order, and every stored span can be read."""
+    from .errors import SpanError
+    from .spans import check_answerable
+
+    findings: list[Finding] = []
+
+    def error(message: str) -> None:
+        findings.append(Finding("error", run, message, blocks_reading=True))
+
+    try:
+        rows = sf.token_rows(coords)
+    except (ValueError, TypeError) as exc:
+        return [Finding("error", run, f"token coordinates disagree: {exc}", blocks_reading=True)]
+    position = 0
+    for row in rows:
+        if row.count < 1 or row.position != position:
+            error(
+                f"token rows do not tile the text sequence: a row at position {row.position} "
+                f"covering {row.count} where position {position} was next"
+            )
+            return findings
+        position += row.count
+    text_len = attrs.get(sf.TEXT_LEN)
+    if isinstance(text_len, int) and position != text_len:
+        error(f"token rows cover {position} text positions but {sf.TEXT_LEN} is {text_len}")
+    for name, indices in (attrs.get(sf.SPANS) or {}).items():
+        try:
+            check_answerable(name, indices, rows)
+        except SpanError as exc:
+            error(f"stored {exc}")
     return findings

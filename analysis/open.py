@@ -25,7 +25,9 @@ from zarr.storage import FsspecStore, LocalStore
 from . import store_format as sf
 from . import trust
 from .consistency import run_findings
+from .errors import SpanError
 from .selection import SelectionError, describe_values
+from .spans import Spans, span_view
 
 PathLike = str | os.PathLike | Store
 
@@ -205,7 +207,8 @@ def _default_chunks(group: zarr.Group) -> dict[str, int]:
         return {}
     _, n_layer, n_head, _, ny, nx = arrays[0].shape
     per_layer = n_head * ny * nx * arrays[0].dtype.itemsize
-    return {"step": 1, "layer": max(1, min(n_layer, CHUNK_BYTES // per_layer)), "span": 1}
+    rows = arrays[0].metadata.dimension_names[3]  # token (or span, in version 1)
+    return {"step": 1, "layer": max(1, min(n_layer, CHUNK_BYTES // per_layer)), rows: 1}
 
 
 def open_trace(
@@ -215,18 +218,30 @@ def open_trace(
     storage_options: Mapping[str, Any] | None = None,
     chunks: Mapping[str, int] | None = None,
     complete_only: bool = True,
+    spans: Spans | None = None,
+    tokens: bool = False,
 ) -> xr.Dataset:
-    """One run of a trace store as a lazy, dask-backed `xarray.Dataset`.
+    """One run of a trace store as a lazy, dask-backed `xarray.Dataset`, its maps per span.
 
-    `run` is a run name (`"run-0001"`) or index (`1`); by default the only or latest run. Only
-    metadata and coordinates are read. A partial or failed run warns (PartialRunWarning) naming
-    its missing steps and keeps only its complete ones (`complete_only=False` keeps them all,
-    NaN where unwritten). `chunks` overrides the dask chunks (default: one step and one span,
-    all heads and as many layers as fit in CHUNK_BYTES, a whole number of stored chunks; a
-    selection reads only the stored chunks it needs). `storage_options` go to fsspec for URLs.
+    `run` is a run name (`"run-0001"`) or index (`1`); by default the only or latest run.
+    `spans` chooses the spans (default: those stored with the run): names, phrases of the
+    prompt, token ranges `"3:7"` or `(3, 7)`, or a mapping of names to those
+    (`analysis.spans.span_view`); `tokens=True` gives the stored token rows instead (dim
+    `token`). Only metadata and coordinates are read. A partial or failed run warns
+    (PartialRunWarning) naming its missing steps and keeps only its complete ones
+    (`complete_only=False` keeps them all, NaN where unwritten). `chunks` overrides the dask
+    chunks of the stored rows (default: one step and one row, all heads and as many layers as
+    fit in CHUNK_BYTES, a whole number of stored chunks; a selection reads only the stored
+    chunks it needs). `storage_options` go to fsspec for URLs.
     """
     where = location(path)
     root = open_store(path, storage_options)
+    version = root.attrs[sf.FORMAT_ATTR]
+    if version == 1 and tokens:
+        raise SelectionError(
+            f"{where} is a format-1 store: its runs hold the spans chosen when recording, not "
+            f"token rows"
+        )
     info = _pick(_list_runs(root, where), run, where)
     arrays = trust.check_run(root.store, info.name, where)
     message = _partial_message(info, where, complete_only)
@@ -260,7 +275,8 @@ def open_trace(
             _diagnose(group, arrays, info.name, where)
             raise
     ds = ds.assign_coords(small)
-    ds, dropped = _checked_variables(ds, group, info, where)
+    with sf.quiet_zarr():
+        ds, dropped = _checked_variables(ds, group, info, where)
     ds.attrs.update(run=info.name, store=where)
     if dropped:
         extra = f"; its {' and '.join(dropped)} was never written"
@@ -270,7 +286,22 @@ def open_trace(
         if complete_only and info.steps_missing:
             done = set(info.steps_complete)
             ds = ds.sel(step=[s for s in info.steps if s in done])
-    return ds
+    if version == 1:
+        return ds if spans is None else _stored_spans(ds, spans, where)
+    return ds if tokens else span_view(ds, spans)
+
+
+def _stored_spans(ds: xr.Dataset, spans: Spans, where: str) -> xr.Dataset:
+    """The named spans of a format-1 run (its only ones)."""
+    names = [spans] if isinstance(spans, str) else list(spans)
+    stored = [str(s) for s in ds.span.values]
+    unknown = [n for n in names if not isinstance(n, str) or n not in stored]
+    if unknown:
+        raise SpanError(
+            f"unknown span {unknown[0]!r}: {where} is a format-1 store, whose runs hold only "
+            f"the spans chosen when recording: {', '.join(stored)}"
+        )
+    return ds.sel(span=names)
 
 
 def _refuse_inconsistent(
@@ -284,7 +315,8 @@ def _refuse_inconsistent(
             coords[name] = np.asarray(
                 trust.CheckedArray(group[name], label, dims=meta["dims"])[...]
             )
-    keepbits = {d: sf.keepbits_of(group[d]) for d in sf.DIRECTIONS if d in arrays}
+    with sf.quiet_zarr():
+        keepbits = {d: sf.keepbits_of(group[d]) for d in sf.DIRECTIONS if d in arrays}
     for finding in run_findings(info.name, info.attrs, arrays, coords, keepbits):
         if finding.blocks_reading:
             damaged = ": the store is damaged" if finding.level == "error" else ""
@@ -314,11 +346,12 @@ def _checked_variables(
     """
     labels = {
         dim: [v.item() if isinstance(v, np.generic) else v for v in ds[dim].values]
-        for dim in ("step", "layer", "head", "span")
+        for dim in ("step", "layer", "head", "span", "token")
         if dim in ds.coords
     }
     done = set(info.steps_complete)
     listed = [i for i, step in enumerate(info.steps) if step in done]
+    skipped = sf.skipped_positions(info.attrs, info.steps, labels.get("layer", []))
     replaced, dropped = {}, []
     for name, var in ds.data_vars.items():
         if not isinstance(var.data, da.Array) or name not in group:
@@ -344,8 +377,11 @@ def _checked_variables(
             labels=labels,
             dims=[str(d) for d in var.dims],
             missing=missing,
+            skipped=skipped if name in sf.DIRECTIONS else (),
         )
-        token = dask.base.tokenize(where, info.name, name, var.data.chunks, listed, missing)
+        token = dask.base.tokenize(
+            where, info.name, name, var.data.chunks, listed, missing, skipped
+        )
         data = da.from_array(
             checked,
             chunks=var.data.chunks,
@@ -356,6 +392,11 @@ def _checked_variables(
         )
         replaced[name] = var.copy(data=data)
     ds = ds.drop_vars(dropped).assign(replaced)
+    if "step" in ds.dims and "layer" in ds.dims:
+        computed = np.ones((ds.sizes["step"], ds.sizes["layer"]), dtype=bool)
+        for step, layer in skipped:
+            computed[step, layer] = False
+        ds = ds.assign_coords(computed=(("step", "layer"), computed))
     return ds, dropped
 
 
@@ -365,6 +406,7 @@ def _stored(array: zarr.Array) -> tuple[int, int]:
     return array.nbytes_stored(), written
 
 
+@sf.quiet_zarr()
 def trace_info(
     path: PathLike,
     run: str | int | None = None,
@@ -374,7 +416,8 @@ def trace_info(
     """A JSON-able summary of a store and one run (default the latest), from metadata only.
 
     Keys: `store`, `format`, `runs` (name, status, steps, steps_complete, prompt) and `run`:
-    its name, status, missing steps, prompt, spans with their token indices and strings, dims,
+    its name, status, missing steps, prompt, spans with their token indices and strings, the
+    text segments with their positions, how many token rows are padding runs, dims,
     layer kinds, variables with their bytes on disk, bytes written and compression ratio, the
     image and entity masks if present, the stated error bound and other attributes.
     """
@@ -398,7 +441,8 @@ def trace_info(
                 "compression_ratio": written / disk if disk else None,
             }
     dims = {}
-    for dim in sf.DIMS:
+    layout = next((arrays[d].metadata.dimension_names for d in sf.DIRECTIONS if d in arrays), ())
+    for dim in layout or sf.DIMS:
         if dim in arrays:
             dims[dim] = int(arrays[dim].shape[0])
     kinds = [str(k) for k in _small(group, "layer_kind", where)] if "layer_kind" in arrays else []
@@ -428,6 +472,13 @@ def trace_info(
                 name: {"tokens": spans.get(name, []), "strings": tokens.get(name, [])}
                 for name in span_names
             },
+            "segments": attrs.get(sf.SEGMENTS, {}),
+            "skipped": len(attrs.get(sf.SKIPPED) or []),
+            "padding_rows": (
+                int((_small(group, "token_count", where) > 1).sum())
+                if "token_count" in arrays
+                else 0
+            ),
             "dims": dims,
             "layer_kinds": {kind: kinds.count(kind) for kind in sf.LAYER_KINDS if kind in kinds},
             "steps": list(info.steps),
@@ -440,7 +491,15 @@ def trace_info(
             "attrs": {
                 key: value
                 for key, value in attrs.items()
-                if key not in (sf.SPANS, sf.SPAN_TOKENS, sf.STEPS_COMPLETE)
+                if key
+                not in (
+                    sf.SPANS,
+                    sf.SPAN_TOKENS,
+                    sf.WORDS,
+                    sf.SEGMENTS,
+                    sf.SKIPPED,
+                    sf.STEPS_COMPLETE,
+                )
             },
         },
     }

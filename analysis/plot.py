@@ -22,6 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from tqdm.auto import tqdm
 
 from .compare import MAP_DIMS
@@ -57,8 +58,9 @@ def describe(da: xr.DataArray, reduced: Mapping[str, str] | None = None) -> str:
     """A title naming the variable, span, layer, head and step of a map.
 
     The variable is `da.attrs["variable"]` (set by the comparisons) or `da.name`. A dim with one
-    value shows it; a dim that is gone was reduced, and shows `reduced[dim]`
-    (e.g. "mean of 28") or "reduced"; dims still present are left to the axes and panels.
+    value shows it; a dim that is gone was reduced, and shows `reduced[dim]` or what
+    `analysis.reduce` noted in `da.attrs["reduced"]` (e.g. "mean of 28"), else "reduced"; dims
+    still present are left to the axes and panels.
     """
     name = da.attrs.get("variable", da.name)
     parts = [str(name)] if name is not None else []
@@ -68,7 +70,8 @@ def describe(da: xr.DataArray, reduced: Mapping[str, str] | None = None) -> str:
         if dim in da.coords:
             parts.append(label(da, dim))
         else:
-            parts.append(f"{dim}: {(reduced or {}).get(dim, 'reduced')}")
+            how = (reduced or {}).get(dim) or da.attrs.get("reduced", {}).get(dim, "reduced")
+            parts.append(f"{dim}: {how}")
     return " · ".join(parts)
 
 
@@ -308,6 +311,7 @@ def drift_curve(
     sns.lineplot(table, x="step", y=name, hue=extra[0] if extra else None, marker="o", ax=ax)
     ax.set_ylabel(values.attrs.get("long_name", name))
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     if "timestep" in values.coords:
         top = ax.secondary_xaxis("top")
         steps = values["step"].values

@@ -267,7 +267,8 @@ def reduce(da: xr.DataArray, over: Sequence[str] | str, how: str = "mean") -> xr
     """Reduce `da` over the named dims with `how` (mean, max, min, sum, std, median); lazy.
 
     `over` may be a comma-separated string (`"step,layer"`); dims absent from `da` (already
-    selected away) are an error naming the dims it has.
+    selected away) are an error naming the dims it has. The result's `reduced` attribute says
+    how each dim was reduced (`{"layer": "mean of 5"}`), for figure titles.
     """
     if isinstance(over, str):
         over = [d.strip() for d in over.split(",") if d.strip()]
@@ -281,7 +282,11 @@ def reduce(da: xr.DataArray, over: Sequence[str] | str, how: str = "mean") -> xr
         raise SelectionError(f"unknown reduction {how!r}; accepted: {list(REDUCTIONS)}")
     if not over:
         return da
+    sizes = {dim: da.sizes[dim] for dim in over}
     if how == "median":
         # dask's median needs each reduced dim in one chunk.
         da = da.chunk(dict.fromkeys(over, -1))
-    return getattr(da, how)(list(over))
+    out = getattr(da, how)(list(over))
+    # Titles say how each dim went (`describe`): "layer: mean of 5".
+    done = dict(da.attrs.get("reduced", {})) | {d: f"{how} of {n}" for d, n in sizes.items()}
+    return out.assign_attrs(da.attrs | {"reduced": done})

@@ -5,20 +5,26 @@ attribute keys, codecs, chunking and the format version. It imports no torch, so
 imports it from the analysis side. `docs/store-format.md` describes the same thing in prose;
 change both, and `FORMAT_VERSION`, together.
 
-Layout::
+Layout (version 2)::
 
     store.zarr/                 root group, attrs {"attnscope_format": FORMAT_VERSION}
       run-0000/                 one group per generation (xarray Dataset)
-        txt2img, img2txt        float32 (step, layer, head, span, y, x)
+        txt2img, img2txt        float32 (step, layer, head, token, y, x): one row per text token,
+                                one per run of padding tokens (their mean / sum, see TOKEN_COUNT)
         image                   uint8 (image_y, image_x, rgb), the decoded image
         entity_mask             uint8 (entity, image_y, image_x), EliGen masks when present
-        step, timestep, sigma, layer, layer_kind, head, span, y, x, branch   coordinates
+        step, timestep, sigma, layer, layer_kind, head, y, x, branch   coordinates
+        token, token_text, token_segment, token_count, token_padding   coordinates of the rows
       run-0001/ ...
+
+Spans are views computed when reading (`analysis.spans`): txt2img of a span is the mean of its
+tokens' rows, img2txt the sum. Version 1 stored span rows (dim `span`) instead; it is still read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,10 +36,16 @@ import xarray as xr
 
 from .errors import FormatError, UsageError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FORMAT_ATTR = "attnscope_format"
 
-DIMS = ("step", "layer", "head", "span", "y", "x")
+DIMS = ("step", "layer", "head", "token", "y", "x")
+# A video model's maps add a latent `frame` dim before y (a later addition, same version):
+# readers take the dims from each array's metadata, never from their position.
+VIDEO_DIMS = ("step", "layer", "head", "token", "frame", "y", "x")
+SPAN_DIMS = ("step", "layer", "head", "span", "y", "x")  # version 1 stores; span views
+TOKEN_COORDS = ("token_text", "token_segment", "token_count", "token_padding")
 DIRECTIONS = ("txt2img", "img2txt")
 IMAGE_DIMS = ("image_y", "image_x", "rgb")
 ENTITY_MASK_DIMS = ("entity", "image_y", "image_x")
@@ -44,6 +56,7 @@ BRANCHES = ("cond", "uncond")
 INT_TYPES = frozenset({"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"})
 FLOAT_TYPES = frozenset({"float16", "float32", "float64"})
 STRING_TYPES = frozenset({"string", "fixed_length_utf32"})
+BOOL_TYPES = frozenset({"bool"})
 
 # Every variable and coordinate of a run: its dims and the data types it may have.
 VARIABLES: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
@@ -54,7 +67,11 @@ VARIABLES: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "layer": (("layer",), STRING_TYPES),
     "layer_kind": (("layer",), STRING_TYPES),
     "head": (("head",), INT_TYPES),
-    "span": (("span",), STRING_TYPES),
+    "token": (("token",), INT_TYPES),  # the row's (first) position in the joint text sequence
+    "token_text": (("token",), STRING_TYPES),
+    "token_segment": (("token",), STRING_TYPES),  # prompt, entity0, ...: the text it belongs to
+    "token_count": (("token",), INT_TYPES),  # positions the row covers: 1, or a padding run
+    "token_padding": (("token",), BOOL_TYPES),
     "y": (("y",), INT_TYPES),
     "x": (("x",), INT_TYPES),
     "branch": ((), STRING_TYPES),
@@ -62,6 +79,11 @@ VARIABLES: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "rgb": (("rgb",), STRING_TYPES),
     "entity_mask": (ENTITY_MASK_DIMS, frozenset({"uint8"})),
     "entity": (("entity",), STRING_TYPES),
+}
+# What version 1 stored instead (read, never written).
+V1_VARIABLES: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
+    **{name: (SPAN_DIMS, frozenset({"float32"})) for name in DIRECTIONS},
+    "span": (("span",), STRING_TYPES),
 }
 
 # Run status values (run attribute "status"); a failure reads "failed: <reason>".
@@ -72,8 +94,11 @@ FAILED_PREFIX = "failed: "
 # Run attribute keys: the tracer writes them, readers rely on them; nowhere else spells them.
 STATUS = "status"
 STEPS_COMPLETE = "steps_complete"
-SPANS = "spans"
-SPAN_TOKENS = "span_tokens"
+SPANS = "spans"  # named spans: name -> their positions in the joint text sequence
+SPAN_TOKENS = "span_tokens"  # name -> the token strings of those positions
+WORDS = "words"  # every word of every segment: [{segment, word, tokens: [positions]}] in order
+SEGMENTS = "segments"  # segment name -> [first, stop) positions in the joint text sequence
+SKIPPED = "skipped"  # [[step, layer], ...] maps a cache hook left uncomputed (they read NaN)
 TEXT_LEN = "text_len"  # text tokens of the joint sequence (they come first)
 ERROR_BOUND = "error_bound"  # largest relative error of a stored map value (0.0: lossless)
 CAPTURE = "capture"  # what was asked to be recorded: a `Capture` as a dict
@@ -95,6 +120,7 @@ HEADS = "heads"
 STEPS = "steps"
 CHUNK_SIZE = "chunk_size"
 KEEPBITS = "keepbits"
+KEEP_TOKENS = "keep_tokens"  # [start, stop) padding positions kept as rows of their own, or null
 LSE = "lse"  # where img2txt's softmax normalisers came from: one of LSE_SOURCES
 BRANCH = "branch"
 BATCH_INDEX = "batch_index"
@@ -142,18 +168,29 @@ def check_keepbits(keepbits: int | None) -> int | None:
     return keepbits
 
 
-def check_version(root_attrs: Mapping[str, Any], where: str = "store") -> int:
-    """Return the store's format version, or raise FormatError naming what was found."""
+def check_version(
+    root_attrs: Mapping[str, Any],
+    where: str = "store",
+    accepted: Sequence[int] = READABLE_VERSIONS,
+) -> int:
+    """Return the store's format version, or raise FormatError unless it is one of `accepted`."""
     if FORMAT_ATTR not in root_attrs:
         raise FormatError(
             f"{where} is not an attnscope trace: its root has no {FORMAT_ATTR!r} attribute "
             f"(attributes found: {sorted(root_attrs) or 'none'})"
         )
     version = root_attrs[FORMAT_ATTR]
-    if version != FORMAT_VERSION:
+    if version not in accepted:
+        if isinstance(version, int) and version in READABLE_VERSIONS:
+            raise FormatError(
+                f"{where} has attnscope format version {version}, which this attnscope reads "
+                f"but no longer writes (it writes version {FORMAT_VERSION}); record into a new "
+                f"store"
+            )
+        known = " or ".join(map(str, accepted))
         raise FormatError(
             f"{where} has attnscope format version {version!r}; this attnscope reads version "
-            f"{FORMAT_VERSION} only. Upgrade attnscope to read it."
+            f"{known} only. Upgrade attnscope to read it."
         )
     return version
 
@@ -209,6 +246,7 @@ class Capture:
     lse: str = "kernel"
     branch: str = "cond"
     batch_index: int = 0
+    keep_tokens: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The attribute's JSON value."""
@@ -243,7 +281,20 @@ class Capture:
             lse=str(value.get(LSE, "kernel")),
             branch=str(value.get(BRANCH, "cond")),
             batch_index=int(value.get(BATCH_INDEX, 0)),
+            keep_tokens=_keep_tokens(value.get(KEEP_TOKENS)),
         )
+
+
+def _keep_tokens(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise FormatError(f"capture {KEEP_TOKENS!r} is not [start, stop] or null: {value!r:.80}")
+    return value[0], value[1]
 
 
 def keepbits_of(array: Any) -> int | None:
@@ -259,9 +310,78 @@ def keepbits_of(array: Any) -> int | None:
     return None
 
 
+def skipped_positions(
+    attrs: Mapping[str, Any], steps: Sequence[int], layers: Sequence[str]
+) -> list[tuple[int, int]]:
+    """(step, layer) array positions of the maps the run's `skipped` attribute says a cache
+    hook left uncomputed; entries naming no stored step or layer are left out."""
+    step_at = {int(s): i for i, s in enumerate(steps)}
+    layer_at = {str(name): i for i, name in enumerate(layers)}
+    found = []
+    for entry in attrs.get(SKIPPED) or []:
+        if isinstance(entry, list) and len(entry) == 2:
+            step, layer = entry
+            if step in step_at and layer in layer_at:
+                found.append((step_at[step], layer_at[layer]))
+    return found
+
+
 def _strings(values: Sequence[str]) -> np.ndarray:
     # object dtype: zarr 3 stores it as variable-length UTF-8, which has a spec, unlike fixed "<U".
     return np.array(list(values), dtype=object)
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """One row of the attention variables: a text token, or a run of padding tokens."""
+
+    position: int  # first position in the joint text sequence
+    count: int  # positions it covers: 1, or the padding tokens it sums
+    text: str
+    segment: str
+    padding: bool = False
+
+    @property
+    def positions(self) -> range:
+        """The positions of the joint text sequence this row covers."""
+        return range(self.position, self.position + self.count)
+
+
+def token_coords(rows: Sequence[TokenRow]) -> dict[str, Any]:
+    """The `token` coordinate and its labels, checked: rows in order, covering without overlap."""
+    if not rows:
+        raise ValueError("a run needs at least one token row")
+    for before, after in itertools.pairwise(rows):
+        if after.position < before.position + before.count:
+            raise ValueError(f"token rows must be in order without overlap: {before} then {after}")
+    if any(row.count < 1 for row in rows):
+        raise ValueError("every token row covers at least one position")
+    return {
+        "token": np.asarray([row.position for row in rows], dtype=np.int64),
+        "token_text": ("token", _strings([row.text for row in rows])),
+        "token_segment": ("token", _strings([row.segment for row in rows])),
+        "token_count": ("token", np.asarray([row.count for row in rows], dtype=np.int64)),
+        "token_padding": ("token", np.asarray([row.padding for row in rows], dtype=bool)),
+    }
+
+
+def token_rows(coords: Mapping[str, Any]) -> list[TokenRow]:
+    """The token rows of a run's coordinates (arrays or variables): `token_coords` inverted."""
+
+    def values(name: str) -> list[Any]:
+        return [v.item() if isinstance(v, np.generic) else v for v in np.asarray(coords[name])]
+
+    return [
+        TokenRow(int(p), int(c), str(t), str(g), bool(d))
+        for p, c, t, g, d in zip(
+            values("token"),
+            values("token_count"),
+            values("token_text"),
+            values("token_segment"),
+            values("token_padding"),
+            strict=True,
+        )
+    ]
 
 
 def run_coords(
@@ -272,7 +392,7 @@ def run_coords(
     layers: Sequence[str],
     layer_kinds: Sequence[str],
     heads: Sequence[int],
-    spans: Sequence[str],
+    tokens: Sequence[TokenRow],
     grid: tuple[int, int],
     branch: str = "cond",
 ) -> dict[str, Any]:
@@ -286,7 +406,7 @@ def run_coords(
         raise ValueError(f"unknown layer kinds {unknown}; accepted: {list(LAYER_KINDS)}")
     if branch not in BRANCHES:
         raise ValueError(f"unknown branch {branch!r}; accepted: {list(BRANCHES)}")
-    for name, values in (("step", steps), ("layer", layers), ("head", heads), ("span", spans)):
+    for name, values in (("step", steps), ("layer", layers), ("head", heads)):
         if len(values) == 0:
             raise ValueError(f"a run needs at least one {name}")
         if len(set(values)) != len(values):
@@ -301,7 +421,7 @@ def run_coords(
         "layer": _strings(layers),
         "layer_kind": ("layer", _strings(layer_kinds)),
         "head": np.asarray(heads, dtype=np.int64),
-        "span": _strings(spans),
+        **token_coords(tokens),
         "y": np.arange(ny, dtype=np.int64),
         "x": np.arange(nx, dtype=np.int64),
         "branch": np.array(branch, dtype=object),
@@ -332,13 +452,13 @@ def codecs(keepbits: int | None) -> dict[str, Any]:
 def attention_encoding(shape: Sequence[int], keepbits: int | None) -> dict[str, Any]:
     """Zarr encoding of an attention variable of `shape` (dims DIMS).
 
-    A chunk is one (step, layer, span) map of all heads; a shard is one whole step, so one step
+    A chunk is one (step, layer, token) map of all heads; a shard is one whole step, so one step
     of one run is one object per variable.
     """
-    _, n_layer, n_head, n_span, ny, nx = shape
+    _, n_layer, n_head, n_token, ny, nx = shape
     return {
         "chunks": (1, 1, n_head, 1, ny, nx),
-        "shards": (1, n_layer, n_head, n_span, ny, nx),
+        "shards": (1, n_layer, n_head, n_token, ny, nx),
         "fill_value": np.float32("nan"),
         "dtype": "float32",
         **codecs(keepbits),
@@ -363,7 +483,7 @@ def run_skeleton(
         "step": len(coords["step"]),
         "layer": len(coords["layer"]),
         "head": len(coords["head"]),
-        "span": len(coords["span"]),
+        "token": len(coords["token"]),
         "y": len(coords["y"]),
         "x": len(coords["x"]),
     }

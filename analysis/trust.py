@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -201,6 +201,26 @@ def check_run_attrs(attrs: Mapping[str, Any], where: str, node: str) -> None:
         raise _refuse(
             where, node, f"has a {sf.SPAN_TOKENS!r} attribute that is not name -> list of strings"
         )
+    words = attrs.get(sf.WORDS, [])
+    if not isinstance(words, list) or not all(
+        isinstance(w, dict)
+        and isinstance(w.get("segment"), str)
+        and isinstance(w.get("word"), str)
+        and _int_list(w.get("tokens"))
+        for w in words
+    ):
+        raise _refuse(
+            where,
+            node,
+            f"has a {sf.WORDS!r} attribute that is not a list of {{segment, word, tokens}}",
+        )
+    segments = attrs.get(sf.SEGMENTS, {})
+    if not isinstance(segments, dict) or not all(
+        _int_list(v) and len(v) == 2 for v in segments.values()
+    ):
+        raise _refuse(
+            where, node, f"has a {sf.SEGMENTS!r} attribute that is not name -> [first, stop]"
+        )
 
 
 def _data_type(meta: dict[str, Any], where: str, node: str) -> str:
@@ -334,9 +354,13 @@ def _checksummed(codecs: list[Any]) -> bool:
 
 
 def _check_known(name: str, info: Mapping[str, Any], where: str, node: str) -> None:
-    if name not in sf.VARIABLES:
+    if name not in sf.VARIABLES and name not in sf.V1_VARIABLES:
         return
-    dims, dtypes = sf.VARIABLES[name]
+    dims, dtypes = sf.VARIABLES.get(name) or sf.V1_VARIABLES[name]
+    if name in sf.V1_VARIABLES and info["dims"] == sf.V1_VARIABLES[name][0]:
+        dims = info["dims"]  # a version-1 layout, still read
+    if name in sf.DIRECTIONS and info["dims"] == sf.VIDEO_DIMS:
+        dims = info["dims"]
     if info["dims"] != dims:
         raise _refuse(where, node, f"has dims {list(info['dims'])}; the format says {list(dims)}")
     if info["dtype"] not in dtypes:
@@ -477,7 +501,8 @@ class CheckedArray:
     `label` names the variable (`run-0000/txt2img in cat.zarr`); `listed` holds the positions
     along the first dim (steps) that the run lists complete, whose values are never NaN;
     `labels` maps dims to coordinate labels used in messages; `missing`, when set, is the message
-    of every read (an object the run needs is not in the store).
+    of every read (an object the run needs is not in the store); `skipped` holds the (step,
+    layer) positions a cache hook left uncomputed, which read NaN in a listed step by design.
     """
 
     def __init__(
@@ -489,6 +514,7 @@ class CheckedArray:
         labels: Mapping[str, Sequence[Any]] | None = None,
         dims: Sequence[str] = (),
         missing: str | None = None,
+        skipped: Iterable[tuple[int, int]] = (),
     ) -> None:
         self.array = array
         self.label = label
@@ -496,6 +522,9 @@ class CheckedArray:
         self.labels = {k: list(v) for k, v in (labels or {}).items()}
         self.dims = tuple(dims)
         self.missing = missing
+        self.skipped: dict[int, set[int]] = {}
+        for step, layer in skipped:
+            self.skipped.setdefault(int(step), set()).add(int(layer))
         self.shape = tuple(array.shape)
         self.dtype = array.dtype
         self.ndim = len(self.shape)
@@ -515,9 +544,23 @@ class CheckedArray:
             for i, row in enumerate(rows):
                 if row in self.listed:
                     values = out if step_dropped else out[i]
+                    values = self._computed(values, row, region, found[1])
                     if np.isnan(values).any():
                         raise CorruptChunkError(self._lost(region, row))
         return out
+
+    def _computed(
+        self, values: np.ndarray, row: int, region: Sequence[slice], dropped: Sequence[bool]
+    ) -> np.ndarray:
+        """The values of step `row` without the layers a cache hook skipped (NaN by design)."""
+        skip = self.skipped.get(row)
+        if not skip or self.ndim < 2:
+            return values
+        layers = range(*region[1].indices(self.shape[1]))
+        if dropped[1]:
+            return values[:0] if layers[0] in skip else values
+        keep = [j for j, layer in enumerate(layers) if layer not in skip]
+        return np.take(values, keep, axis=0)
 
     # -- messages ------------------------------------------------------------------------------
     def chunk_grid(self) -> tuple[int, ...]:

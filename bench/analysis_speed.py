@@ -1,7 +1,8 @@
 """Reading speed of the analysis side, on a synthetic store written by the real writer.
 
 The store has FLUX.1-dev's shape (28 steps, 19 + 38 blocks, 24 heads, a 64×64 grid) with seven
-spans of `txt2img`: 4.4 GB of float32 maps once decoded, stored with the default error bound.
+token rows of `txt2img` (six words and the padding): 4.4 GB of float32 maps once decoded, stored
+with the default error bound.
 Its values are random attention-like probabilities (log-normal, about 1/4096 on average), so they
 compress about as real maps do. Measured, each in a fresh interpreter:
 - the mean heatmap over all steps, layers and heads of every span (the whole store decoded once):
@@ -43,6 +44,8 @@ def write_store(
     layers = [f"transformer_blocks.{i}" for i in range(double)]
     layers += [f"single_transformer_blocks.{i}" for i in range(single)]
     spans = {"prompt": list(range(len(WORDS)))} | {w: [i] for i, w in enumerate(WORDS)}
+    rows = [fmt.TokenRow(i, 1, word, "prompt") for i, word in enumerate(WORDS)]
+    rows.append(fmt.TokenRow(len(WORDS), 512 - len(WORDS), "<pad>", "prompt", padding=True))
     coords = fmt.run_coords(
         steps=list(range(steps)),
         timesteps=np.linspace(1000, 1000 / steps, steps),
@@ -50,7 +53,7 @@ def write_store(
         layers=layers,
         layer_kinds=["double"] * double + ["single"] * single,
         heads=list(range(heads)),
-        spans=list(spans),
+        tokens=rows,
         grid=grid,
     )
     attrs = {
@@ -65,7 +68,7 @@ def write_store(
     name, group = create_run(path, coords, attrs, ["txt2img"], fmt.DEFAULT_KEEPBITS)
     n_pixels = grid[0] * grid[1]
     generator = torch.Generator().manual_seed(0)
-    base = torch.randn(len(layers), heads, len(spans), n_pixels, generator=generator)
+    base = torch.randn(len(layers), heads, len(rows), n_pixels, generator=generator)
     base = base.mul_(1.5).exp_().div_(n_pixels * float(np.exp(1.5**2 / 2)))
     writer = TraceWriter(group, directions=["txt2img"], n_layers=len(layers))
     start = time.perf_counter()
@@ -80,7 +83,7 @@ def write_store(
     stored = sum(p.stat().st_size for p in (Path(path) / name / "txt2img").rglob("*"))
     log(f"synthetic store: {decoded / 1e9:.2f} GB decoded, written in {seconds:.1f} s")
     return {
-        "shape": [steps, len(layers), heads, len(spans), *grid],
+        "shape": [steps, len(layers), heads, len(rows), *grid],
         "decoded_bytes": decoded,
         "stored_bytes": stored,
         "write_seconds": seconds,

@@ -26,6 +26,16 @@ def _pixels(text: str) -> int:
     return value
 
 
+def _positions(text: str) -> tuple[int, int]:
+    """Text positions START:STOP (stop excluded), as spans name token ranges."""
+    start, sep, stop = text.partition(":")
+    if not (sep and start.strip().isdigit() and stop.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"expected START:STOP text positions, got {text!r}")
+    if int(start) >= int(stop):
+        raise argparse.ArgumentTypeError(f"expected START < STOP, got {text!r}")
+    return int(start), int(stop)
+
+
 def add_parser(subparsers: Any, verb: str, help: str) -> None:
     """Add the `record` verb to the `attnscope` command line."""
     parser = subparsers.add_parser(
@@ -65,6 +75,14 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
         default=None,
         metavar="NAME=WORDS|NAME=START:STOP",
         help="a span to record (repeatable); default: the prompt and each of its words",
+    )
+    parser.add_argument(
+        "--keep-tokens",
+        type=_positions,
+        default=None,
+        metavar="START:STOP",
+        help="also store these padding positions as rows of their own (default: each "
+        "segment's padding is one summed row; content tokens are always rows)",
     )
     parser.add_argument("--layers", default=None, help="e.g. single, transformer_blocks.*")
     parser.add_argument("--heads", default=None, help="e.g. 3, 0,3,5 or 0:7 (inclusive)")
@@ -356,6 +374,7 @@ def _record(
             heads=args.heads,
             steps=args.steps,
             directions=args.directions,
+            keep_tokens=args.keep_tokens,
             chunk_size=args.chunk_size,
             keepbits=None if args.lossless else args.keepbits,
             entity_names=entity_names,

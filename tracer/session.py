@@ -20,7 +20,14 @@ from analysis.selection import pick
 from tracer.adapters import adapter_for
 from tracer.adapters.base import Adapter, DenoiserCall, Generation, Layer
 from tracer.capture import attention_maps
-from tracer.spans import Span, SpanRequest, resolve_spans
+from tracer.spans import (
+    Span,
+    SpanRequest,
+    resolve_spans,
+    split_rows,
+    token_rows,
+    word_occurrences,
+)
 from tracer.store import create_run, open_store, write_variable
 from tracer.tap import AttentionCall, AttentionTap
 from tracer.writer import TraceWriter
@@ -35,6 +42,7 @@ class Options:
     heads: Selector | None = None
     steps: Selector | None = None
     directions: Sequence[str] = fmt.DIRECTIONS
+    keep_tokens: tuple[int, int] | None = None
     chunk_size: int = 256
     keepbits: int | None = fmt.DEFAULT_KEEPBITS
     lse: str = "kernel"
@@ -43,6 +51,22 @@ class Options:
 
 
 Selector = str | int | Sequence[str | int]
+
+
+def _check_keep_tokens(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, tuple | list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and 0 <= value[0] < value[1]
+    ):
+        return int(value[0]), int(value[1])
+    raise UsageError(
+        f"keep_tokens must be a (start, stop) range of text positions with 0 <= start < stop, "
+        f"or None; got {value!r}"
+    )
 
 
 def select_layers(layers: list[Layer], selector: Selector | None) -> list[Layer]:
@@ -64,6 +88,7 @@ class _Run:
 
     generation: Generation
     spans: list[Span]
+    rows: list[fmt.TokenRow] = field(default_factory=list)
     name: str | None = None
     group: zarr.Group | None = None
     writer: TraceWriter | None = None
@@ -75,6 +100,8 @@ class _Run:
     step: int = -1
     calls_this_step: int = 0
     recording: int | None = None  # store position of the step being recorded, if any
+    open_step: int | None = None  # position recorded last, until its layers are accounted for
+    put_layers: set[int] = field(default_factory=set)  # layers of `open_step` put so far
     progress: Any = None
     lse_calls_before: dict[str, int] = field(default_factory=dict)
 
@@ -106,6 +133,7 @@ class Recorder:
         fmt.check_keepbits(options.keepbits)
         if not isinstance(options.chunk_size, int) or options.chunk_size < 1:
             raise UsageError(f"chunk_size must be a positive integer, got {options.chunk_size!r}")
+        self.keep_tokens = _check_keep_tokens(options.keep_tokens)
         if options.lse not in fmt.LSE_SOURCES:
             raise UsageError(f"lse must be one of {list(fmt.LSE_SOURCES)}, got {options.lse!r}")
         self._tap = AttentionTap(
@@ -164,10 +192,11 @@ class Recorder:
         self.adapter.check_attention(self.layers)  # the backend may have changed since attach
         generation = self.adapter.generation(arguments)
         spans = resolve_spans(self.options.spans, generation.text)
-        if not spans:
+        if not generation.text.segments and not spans and self.keep_tokens is None:
             raise UsageError(
-                "no spans to record: the call gave no prompt text; name token ranges instead, "
-                "e.g. spans={'first8': (0, 8)}"
+                "the call gave no prompt text, so attnscope can't tell its text tokens apart; "
+                "keep them as rows (keep_tokens=(0, 512)) or name token ranges "
+                "(spans={'first8': (0, 8)})"
             )
         self._run = run = _Run(
             generation=generation, spans=spans, lse_calls_before=dict(self._tap.lse_calls)
@@ -176,6 +205,7 @@ class Recorder:
             output = call(pipe, *args, **kwargs)
             if run.group is None:
                 raise TapError("the pipeline never called its denoiser: nothing was recorded")
+            self._finish_step(run)
             run.writer.close()
             image = self.adapter.image(output)
             if image is not None:
@@ -231,6 +261,12 @@ class Recorder:
             raise UsageError(
                 f"spans {too_long} reach past the {call.text_len} text tokens the model attends"
             )
+        if self.keep_tokens is not None and self.keep_tokens[1] > call.text_len:
+            raise UsageError(
+                f"keep_tokens {list(self.keep_tokens)} reaches past the {call.text_len} text "
+                f"tokens the model attends"
+            )
+        run.rows = self._rows(run, call.text_len)
         coords = fmt.run_coords(
             steps=steps,
             timesteps=timesteps[steps],
@@ -238,7 +274,7 @@ class Recorder:
             layers=[layer.name for layer in self.layers],
             layer_kinds=[layer.kind for layer in self.layers],
             heads=self.heads,
-            spans=[span.name for span in run.spans],
+            tokens=run.rows,
             grid=call.grid,
         )
         attrs = self._run_attrs(run, call, steps)
@@ -259,9 +295,9 @@ class Recorder:
         run.timesteps = timesteps
         run.step_positions = {step: i for i, step in enumerate(steps)}
         run.text_len, run.grid = call.text_len, call.grid
-        members = torch.zeros(len(run.spans), call.text_len, dtype=torch.bool)
-        for i, span in enumerate(run.spans):
-            members[i, list(span.indices)] = True
+        members = torch.zeros(len(run.rows), call.text_len, dtype=torch.bool)
+        for i, row in enumerate(run.rows):
+            members[i, row.position : row.position + row.count] = True
         run.members = members
         run.progress = tqdm(
             total=len(steps),
@@ -270,6 +306,16 @@ class Recorder:
             disable=not self.options.progress,
             leave=False,
         )
+
+    def _rows(self, run: _Run, text_len: int) -> list[fmt.TokenRow]:
+        """Token rows: every token, padding runs summed, except what keep_tokens or a named
+        span over part of a padding run asks to keep."""
+        keep = set(range(*self.keep_tokens)) if self.keep_tokens is not None else set()
+        rows = token_rows(run.generation.text, text_len, sorted(keep))
+        for span in run.spans:
+            for row in split_rows(span, rows):
+                keep.update(set(span.indices).intersection(row.positions))
+        return token_rows(run.generation.text, text_len, sorted(keep)) if keep else rows
 
     def _run_attrs(self, run: _Run, call: DenoiserCall, steps: list[int]) -> dict[str, Any]:
         options = self.options
@@ -281,6 +327,10 @@ class Recorder:
                 fmt.STEPS_COMPLETE: [],
                 fmt.SPANS: {span.name: list(span.indices) for span in run.spans},
                 fmt.SPAN_TOKENS: {span.name: list(span.tokens) for span in run.spans},
+                fmt.WORDS: word_occurrences(run.generation.text),
+                fmt.SEGMENTS: {
+                    seg.name: [seg.first, seg.stop] for seg in run.generation.text.segments
+                },
                 fmt.ENTITY_PROMPTS: run.generation.attrs.get(fmt.ENTITY_PROMPTS, []),
                 fmt.TEXT_LEN: call.text_len,
                 fmt.ERROR_BOUND: fmt.relative_error_bound(options.keepbits),
@@ -292,6 +342,7 @@ class Recorder:
                     chunk_size=options.chunk_size,
                     keepbits=options.keepbits,
                     lse=options.lse,
+                    keep_tokens=self.keep_tokens,
                 ).to_dict(),
                 fmt.CREATED: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             }
@@ -309,7 +360,9 @@ class Recorder:
         run.calls_this_step = run.calls_this_step + 1 if step == run.step else 0
         run.step = step
         is_cond = run.calls_this_step == 0
+        self._finish_step(run)
         run.recording = run.step_positions.get(step) if is_cond else None
+        run.open_step = run.recording
         # Only the recorded (conditional) branch must keep the layout: an unconditional one may
         # lay its text out differently (DiffSynth EliGen puts entity prompts in the cond branch).
         if is_cond and (call.text_len, call.grid) != (run.text_len, run.grid):
@@ -319,6 +372,16 @@ class Recorder:
             )
         done = len(run.writer.steps_complete)
         run.progress.update(done - run.progress.n)
+
+    def _finish_step(self, run: _Run) -> None:
+        """Tell the writer which layers of the step just recorded never ran their attention (a
+        cache hook skipped their block): the store says so instead of holding a hole."""
+        if run.open_step is None:
+            return
+        for layer in sorted(set(range(len(self.layers))) - run.put_layers):
+            run.writer.skip(run.open_step, layer)
+        run.open_step = None
+        run.put_layers = set()
 
     def _wants(self, layer: str) -> bool:
         run = self._run
@@ -356,6 +419,7 @@ class Recorder:
             lse=lse,
         )
         run.writer.put(run.recording, self.layer_positions[layer], maps)
+        run.put_layers.add(self.layer_positions[layer])
 
 
 @contextlib.contextmanager
@@ -368,6 +432,7 @@ def trace(
     heads: Selector | None = None,
     steps: Selector | None = None,
     directions: Sequence[str] = fmt.DIRECTIONS,
+    keep_tokens: tuple[int, int] | None = None,
     chunk_size: int = 256,
     keepbits: int | None = fmt.DEFAULT_KEEPBITS,
     max_pending_steps: int = 2,
@@ -379,13 +444,15 @@ def trace(
     """Trace every generation of `pipe` inside the block into the store at `path`.
 
     Each call of the pipeline appends one run (`run-0000`, ...) to the store, creating it if
-    needed. `spans` maps names to a word of the prompt or a `(start, stop)` token range (default:
-    the prompt and each of its words); `layers`, `heads` and `steps` take labels or selector
-    strings of `analysis.selection` (`"single"`, `"0:3"`, `[0, 5]`); `directions` any of
-    `txt2img`, `img2txt`. `keepbits=None` stores losslessly. `lse="recompute"` recomputes
-    img2txt's normalisers instead of taking them from the model's attention kernel.
-    `entity_names` names the spans of EliGen entity prompts (DiffSynth; default `entity0`,
-    `entity1`, ...). The pipeline is restored on exit, even after an error.
+    needed. Maps are stored per text token, so any span can be asked for when reading; each run
+    of padding tokens is stored as one summed row unless `keep_tokens=(start, stop)` keeps those
+    positions as rows. `spans` names spans to store with the run (default: the prompt and each
+    of its words): a word of the prompt or a `(start, stop)` token range. `layers`, `heads` and
+    `steps` take labels or selector strings of `analysis.selection` (`"single"`, `"0:3"`,
+    `[0, 5]`); `directions` any of `txt2img`, `img2txt`. `keepbits=None` stores losslessly.
+    `lse="recompute"` recomputes img2txt's normalisers instead of taking them from the model's
+    attention kernel. `entity_names` names the spans of EliGen entity prompts (DiffSynth;
+    default `entity0`, `entity1`, ...). The pipeline is restored on exit, even after an error.
     """
     options = Options(
         spans=spans,
@@ -393,6 +460,7 @@ def trace(
         heads=heads,
         steps=steps,
         directions=tuple(directions),
+        keep_tokens=keep_tokens,
         chunk_size=chunk_size,
         keepbits=keepbits,
         max_pending_steps=max_pending_steps,

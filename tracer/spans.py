@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from analysis.errors import SpanError
+from analysis.store_format import TokenRow
 
 # What a user may ask for: a word or phrase of the prompt, or a raw [start, stop) token range.
 SpanRequest = str | tuple[int, int]
@@ -24,10 +25,18 @@ class Segment:
     tokens: tuple[str, ...]
     offsets: tuple[tuple[int, int], ...]  # character range of each token in `text`
     content: tuple[bool, ...]  # True for tokens of the text itself (not padding or specials)
+    padding: tuple[bool, ...] = ()  # True for padding tokens (default: none)
 
     def __post_init__(self) -> None:
-        if not len(self.tokens) == len(self.offsets) == len(self.content):
-            raise SpanError("tokens, offsets and content must have the same length")
+        if not self.padding:
+            object.__setattr__(self, "padding", (False,) * len(self.tokens))
+        if not len(self.tokens) == len(self.offsets) == len(self.content) == len(self.padding):
+            raise SpanError("tokens, offsets, content and padding must have the same length")
+
+    @property
+    def stop(self) -> int:
+        """One past the segment's last position in the text sequence."""
+        return self.first + len(self.tokens)
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,13 @@ class TextTokens:
             if segment.name == name:
                 return segment
         raise KeyError(name)
+
+    def at(self, index: int) -> Segment | None:
+        """The segment holding position `index`, if any."""
+        for segment in self.segments:
+            if segment.first <= index < segment.stop:
+                return segment
+        return None
 
     def token(self, index: int) -> str:
         """The token string at `index` of the text sequence."""
@@ -164,6 +180,66 @@ def _resolve_one(
         f"span {name!r}: {request!r} is neither a word of the prompt (str) nor a token range "
         f"(start, stop)"
     )
+
+
+UNSEGMENTED = "text"  # the segment name of positions no tokenized text accounts for
+
+
+def token_rows(text: TextTokens, text_len: int, keep: Sequence[int] = ()) -> list[TokenRow]:
+    """The rows a run stores: one per token, one per run of padding positions not in `keep`.
+
+    Positions past the tokenized text (the model attends more text tokens than the tokenizer
+    explains) count as padding of an unnamed segment.
+    """
+    kept = set(keep)
+    rows: list[TokenRow] = []
+    for position in range(text_len):
+        segment = text.at(position)
+        index = position - segment.first if segment is not None else None
+        padding = segment is None or segment.padding[index]
+        name = segment.name if segment is not None else UNSEGMENTED
+        token = segment.tokens[index] if segment is not None else ""
+        last = rows[-1] if rows else None
+        if (
+            padding
+            and position not in kept
+            and last is not None
+            and last.padding
+            and last.segment == name
+            and last.position + last.count == position
+            and last.position not in kept
+        ):
+            rows[-1] = TokenRow(last.position, last.count + 1, last.text, name, padding=True)
+            continue
+        rows.append(TokenRow(position, 1, token, name, padding=padding))
+    return rows
+
+
+def split_rows(span: Span, rows: Sequence[TokenRow]) -> list[TokenRow]:
+    """The padding rows a span covers only in part (so it can't be computed from them)."""
+    chosen = set(span.indices)
+    return [
+        row
+        for row in rows
+        if row.count > 1 and 0 < len(chosen.intersection(row.positions)) < row.count
+    ]
+
+
+def word_occurrences(text: TextTokens) -> list[dict[str, object]]:
+    """Every word of every segment, in order, with the positions of its tokens."""
+    found = []
+    for segment in text.segments:
+        for word, start, end in words(segment.text):
+            positions = [
+                segment.first + i
+                for i, ((begin, stop), is_content) in enumerate(
+                    zip(segment.offsets, segment.content, strict=True)
+                )
+                if is_content and begin < end and stop > start
+            ]
+            if positions:
+                found.append({"segment": segment.name, "word": word, "tokens": positions})
+    return found
 
 
 def parse_span_argument(argument: str) -> tuple[str, SpanRequest]:

@@ -77,7 +77,7 @@ def open_store(path: str) -> zarr.Group:
     root = zarr.open_group(path, mode="a", zarr_format=3)
     attrs = dict(root.attrs)
     if fmt.FORMAT_ATTR in attrs:
-        fmt.check_version(attrs, where=path)
+        fmt.check_version(attrs, where=path, accepted=(fmt.FORMAT_VERSION,))
         return root
     if attrs or next(iter(root.keys()), None) is not None:
         raise fmt.FormatError(

@@ -50,6 +50,7 @@ class _Slot:
     step_pos: int
     host: dict[str, torch.Tensor]  # direction -> [L, H, S, Y, X] float32
     put_layers: set[int] = field(default_factory=set)  # handed to put(); foreground's count
+    skipped: set[int] = field(default_factory=set)  # layers not computed at this step
     filled: int = 0  # copied into `host`; touched by the worker thread only
 
 
@@ -111,7 +112,7 @@ class TraceWriter:
             raise ValueError(
                 f"attention arrays must share one {len(sf.DIMS)}-d shape {sf.DIMS}, got {shapes}"
             )
-        n_steps, layers_in_store, n_head, n_span, ny, nx = first
+        n_steps, layers_in_store, n_head, n_token, ny, nx = first
         if layers_in_store != n_layers:
             raise ValueError(
                 f"n_layers={n_layers} but the run's arrays hold {layers_in_store} layers"
@@ -123,10 +124,11 @@ class TraceWriter:
         self._n_steps = n_steps
         self._n_layers = n_layers
         self._max_pending = max_pending
-        self._map_shape = (n_head, n_span, ny * nx)
-        self._step_shape = (n_layers, n_head, n_span, ny, nx)
+        self._map_shape = (n_head, n_token, ny * nx)
+        self._step_shape = (n_layers, n_head, n_token, ny, nx)
         # Steps are listed by their coordinate value (the format's contract), read once here.
         self._step_values = [int(v) for v in run["step"][:]]
+        self._layer_names = [str(v) for v in run["layer"][:]]
         if len(self._step_values) != n_steps:
             raise ValueError(
                 f"the run's step coordinate has {len(self._step_values)} values but its arrays "
@@ -142,6 +144,7 @@ class TraceWriter:
         self._buffers_allocated = 0
         self._seen: set[tuple[int, int]] = set()
         self._listed: list[int] = [int(v) for v in run.attrs.get(sf.STEPS_COMPLETE, [])]
+        self._skipped: list[list[Any]] = [list(p) for p in run.attrs.get(sf.SKIPPED, [])]
         self._durable: list[int] = []  # positions made durable by this writer, in order
         self._error: WriterError | None = None
         self._closed = False  # no more put()
@@ -163,7 +166,7 @@ class TraceWriter:
             return list(self._durable)
 
     def put(self, step_pos: int, layer_pos: int, maps: Mapping[str, torch.Tensor]) -> None:
-        """Hand over the maps of one (step, layer): `{direction: [H, S, Y*X] float32 tensor}`.
+        """Hand over the maps of one (step, layer): `{direction: [H, T, Y*X] float32}` (T rows).
 
         Returns once the maps are safe to forget: CUDA tensors have a device->host copy queued
         on their current stream (never waited for here), CPU tensors are kept as they are (the
@@ -176,7 +179,23 @@ class TraceWriter:
             raise RuntimeError("put() after close() or abort(): this TraceWriter is finished")
         step_pos, layer_pos = self._check_position(step_pos, layer_pos)
         tensors = self._check_maps(step_pos, layer_pos, maps)
+        self._accept(step_pos, layer_pos, tensors)
 
+    def skip(self, step_pos: int, layer_pos: int) -> None:
+        """Say the model computed no map for this (step, layer): a cache hook skipped its block.
+
+        The step is written with NaN there and the run's `skipped` attribute names the pair, so
+        readers tell it from lost data. Counts as that layer's put().
+        """
+        self._raise_if_failed()
+        if self._closed:
+            raise RuntimeError("skip() after close() or abort(): this TraceWriter is finished")
+        step_pos, layer_pos = self._check_position(step_pos, layer_pos)
+        self._accept(step_pos, layer_pos, None)
+
+    def _accept(
+        self, step_pos: int, layer_pos: int, tensors: Mapping[str, torch.Tensor] | None
+    ) -> None:
         with self._cond:
             if (step_pos, layer_pos) in self._seen:
                 raise ValueError(
@@ -193,6 +212,11 @@ class TraceWriter:
                 slot = self._open_slot(step_pos)
             self._seen.add((step_pos, layer_pos))
             slot.put_layers.add(layer_pos)
+            if tensors is None:
+                slot.skipped.add(layer_pos)
+        if tensors is None:
+            self._queue.put(_Item(slot, layer_pos, {}, []))
+            return
 
         cpu: dict[str, torch.Tensor] = {}
         events: list[Any] = []
@@ -305,7 +329,7 @@ class TraceWriter:
             if tuple(tensor.shape) != self._map_shape:
                 h, s, yx = self._map_shape
                 raise ValueError(
-                    f"{name!r} map at {where}: expected shape [head, span, y*x] = "
+                    f"{name!r} map at {where}: expected shape [head, token, y*x] = "
                     f"{list(self._map_shape)} (H={h}, S={s}, Y*X={yx}), found {list(tensor.shape)}"
                 )
             if tensor.dtype != torch.float32:
@@ -392,6 +416,9 @@ class TraceWriter:
             event.synchronize()  # waits on this thread only, not on the producer's stream
         for name, tensor in item.cpu.items():
             slot.host[name][item.layer_pos].view(self._map_shape).copy_(tensor)
+        if item.layer_pos in slot.skipped:
+            for name in self._directions:
+                slot.host[name][item.layer_pos].fill_(float("nan"))
         slot.filled += 1
         if slot.filled == self._n_layers:
             self._write_step(slot)
@@ -412,9 +439,15 @@ class TraceWriter:
                 raise _Stop from exc
         with self._cond:
             listed = [*self._listed, value]
+            skipped = self._skipped + [
+                [value, self._layer_names[layer]] for layer in sorted(slot.skipped)
+            ]
+        attrs: dict[str, Any] = {sf.STEPS_COMPLETE: listed}
+        if slot.skipped:
+            attrs[sf.SKIPPED] = skipped
         try:
             # Only after the data writes returned: a listed step is intact.
-            self._run.update_attributes({sf.STEPS_COMPLETE: listed})
+            self._run.update_attributes(attrs)
         except Exception as exc:
             self._fail(
                 f"listing step {value} (position {step_pos}) in {sf.STEPS_COMPLETE} failed: "
@@ -424,6 +457,7 @@ class TraceWriter:
             raise _Stop from exc
         with self._cond:
             self._listed = listed
+            self._skipped = skipped
             self._durable.append(step_pos)
             del self._slots[step_pos]
             self._free.append(slot.host)

@@ -16,7 +16,7 @@ import xarray as xr
 
 from .. import store_format as sf
 from ..compare import DISTANCES, MAP_DIMS, SIMILARITIES, head_similarity, step_drift
-from ..errors import SelectionError, UsageError
+from ..errors import SelectionError, SpanError, UsageError
 from ..open import open_trace
 from ..plot import animate, describe, drift_curve, grid, heatmap, overlay, similarity_matrix
 from ..selection import REDUCTIONS, reduce, select
@@ -29,7 +29,11 @@ def _figure_parent() -> argparse.ArgumentParser:
     parent.add_argument(
         "--direction", choices=sf.DIRECTIONS, help="which maps (default: txt2img if recorded)"
     )
-    parent.add_argument("--span", help="span name(s) (default: prompt)")
+    parent.add_argument(
+        "--span",
+        help="a stored span, a phrase of the prompt ('red chair') or text positions START:STOP "
+        "(format 2), or a comma-separated list (default: prompt)",
+    )
     parent.add_argument(
         "--layer", help="layers: names, globs, a kind (single), KIND:GLOB (single:1?)"
     )
@@ -104,10 +108,19 @@ def _on_scheduler(func: Any, args: argparse.Namespace) -> None:
 
 
 def _open(args: argparse.Namespace) -> xr.Dataset:
+    """The run, with --span as its spans: one span (a name, phrase or START:STOP), else a
+    comma-separated list of them."""
+    options = storage_options(args.storage_option)
     with opening(args.store):
-        return open_trace(
-            args.store, args.run, storage_options=storage_options(args.storage_option)
-        )
+        if args.span is None:
+            return open_trace(args.store, args.run, storage_options=options)
+        try:
+            return open_trace(args.store, args.run, storage_options=options, spans=[args.span])
+        except SpanError:
+            if "," not in args.span:
+                raise
+        spans = [part.strip() for part in args.span.split(",") if part.strip()]
+        return open_trace(args.store, args.run, storage_options=options, spans=spans)
 
 
 def _check_style(args: argparse.Namespace) -> None:

@@ -64,7 +64,20 @@ def describe(info: dict[str, Any]) -> str:
     kinds = ", ".join(f"{n} {k}" for k, n in run["layer_kinds"].items())
     lines.append(f"  dims      {dims}" + (f"  (layers: {kinds})" if kinds else ""))
     lines.append(f"  steps     {describe_values(run['steps'])}")
-    lines.append("  spans")
+    if run["skipped"]:
+        lines.append(
+            f"  skipped   {run['skipped']} (step, layer) maps not computed: a cache hook "
+            f"skipped their block (they read NaN; see the computed coordinate)"
+        )
+    if run["segments"]:
+        text = " · ".join(f"{name} {a}:{b}" for name, (a, b) in run["segments"].items())
+        pad = run["padding_rows"]
+        summed = f"  ({pad} padding row{'s' * (pad != 1)}, summed)" if pad else ""
+        lines.append(f"  text      {text}{summed}")
+    lines.append(
+        "  spans"
+        + ("  (stored; any phrase or START:STOP also works)" if "token" in run["dims"] else "")
+    )
     width = max((len(s) for s in run["spans"]), default=0)
     for name, span in run["spans"].items():
         tokens = describe_values(span["tokens"]) or "-"

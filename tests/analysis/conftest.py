@@ -17,10 +17,10 @@ matplotlib.use("Agg")
 
 @pytest.fixture
 def make_store(tmp_path: Path) -> Callable[..., tuple[Path, dict[str, dict[str, np.ndarray]]]]:
-    """make_store(*runs, version=1) -> (path, {run: {direction: stored maps}})."""
+    """make_store(*runs, version=2) -> (path, {run: {direction: span maps}})."""
     counter = itertools.count()
 
-    def make(*runs: Run, version: int = 1) -> tuple[Path, dict[str, dict[str, np.ndarray]]]:
+    def make(*runs: Run, version: int = 2) -> tuple[Path, dict[str, dict[str, np.ndarray]]]:
         path = tmp_path / f"trace{next(counter)}.zarr"
         return path, write_store(path, list(runs) or [Run()], version)
 

@@ -1,7 +1,10 @@
 """Synthetic trace stores written without the tracer, through the format module and zarr.
 
 The maps are known NumPy arrays, so tests compute their expected values from the same arrays
-with NumPy, independently of `analysis`.
+with NumPy, independently of `analysis`. A version-2 store holds one row per token of TOKENS
+and one summed row for PADDING padding tokens; `write_store` returns each named span's maps as
+NumPy computes them from the stored rows in float64 (mean for txt2img, sum for img2txt).
+A version-1 store (spans stored directly) is written with plain xarray.
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ from analysis import store_format as sf
 DOUBLE = ("transformer_blocks.0", "transformer_blocks.1")
 SINGLE = tuple(f"single_transformer_blocks.{i}" for i in range(3))
 TOKENS = ["a", "cat", "on", "a", "mat", "."]
+PADDING = 4  # padding positions after TOKENS, stored as one summed row
+
+
+def token_rows() -> list[sf.TokenRow]:
+    rows = [sf.TokenRow(i, 1, t, "prompt") for i, t in enumerate(TOKENS)]
+    return [*rows, sf.TokenRow(len(TOKENS), PADDING, "<pad>", "prompt", padding=True)]
 
 
 @dataclass
@@ -52,10 +61,10 @@ def layer_kind(name: str) -> str:
     return "single" if name.startswith("single_") else "double"
 
 
-def synthetic_maps(run: Run) -> np.ndarray:
-    """Positive maps (step, layer, head, span, y, x): per-head blobs that settle over steps."""
+def synthetic_maps(run: Run, n_span: int) -> np.ndarray:
+    """Positive maps (step, layer, head, row, y, x): per-head blobs that settle over steps."""
     rng = np.random.default_rng(run.seed)
-    n_step, n_layer, n_span = run.steps, len(run.layers), len(run.spans)
+    n_step, n_layer = run.steps, len(run.layers)
     ny, nx = run.grid
     yy, xx = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
     out = np.empty((n_step, n_layer, run.heads, n_span, ny, nx), dtype=np.float32)
@@ -81,14 +90,15 @@ def _scene_shapes(ny: int, nx: int) -> dict[str, np.ndarray]:
     return {"cat": cat, "mat": mat}
 
 
-def scene_maps(run: Run) -> np.ndarray:
+def scene_maps(run: Run, n_span: int) -> np.ndarray:
     """Maps that find the scene's objects: sharp in the first heads, settling over the steps."""
     rng = np.random.default_rng(run.seed)
     ny, nx = run.grid
     shapes = _scene_shapes(ny, nx)
     yy, xx = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
-    out = np.empty((run.steps, len(run.layers), run.heads, len(run.spans), ny, nx), np.float32)
-    for k, span in enumerate(run.spans):
+    out = np.empty((run.steps, len(run.layers), run.heads, n_span, ny, nx), np.float32)
+    names = [*TOKENS, "<pad>"] if n_span == len(TOKENS) + 1 else list(run.spans)
+    for k, span in enumerate(names):
         target = shapes.get(span, shapes["cat"] | shapes["mat"]).astype(np.float64)
         for h in range(run.heads):
             focus = 1.0 - h / max(run.heads - 1, 1)
@@ -122,10 +132,43 @@ def synthetic_image(run: Run) -> np.ndarray:
     return image.astype(np.uint8)
 
 
+def _v1_coords(run: Run, steps: list[int]) -> dict:
+    """The coordinates of a version-1 run (spans where version 2 has token rows)."""
+    coords = sf.run_coords(
+        steps=steps,
+        timesteps=[1000.0 * (1 - s / run.steps) for s in steps],
+        sigmas=[1.0 - s / run.steps for s in steps],
+        layers=run.layers,
+        layer_kinds=[layer_kind(layer) for layer in run.layers],
+        heads=list(range(run.heads)),
+        tokens=token_rows(),
+        grid=run.grid,
+    )
+    for name in ("token", *sf.TOKEN_COORDS):
+        coords.pop(name)
+    return coords | {"span": np.array(list(run.spans), dtype=object)}
+
+
+def span_values(rows: np.ndarray, run: Run, direction: str) -> np.ndarray:
+    """Each named span's maps from the stored token rows in float64: NumPy's own reference."""
+    counts = np.array([row.count for row in token_rows()], dtype=np.float64)
+    out = []
+    for positions in run.spans.values():
+        picked = [i for i, row in enumerate(token_rows()) if set(row.positions) & set(positions)]
+        block = rows[:, :, :, picked].astype(np.float64)
+        if direction == "txt2img":
+            weighted = block * counts[picked][:, None, None]
+            out.append(weighted.sum(axis=3) / counts[picked].sum())
+        else:
+            out.append(block.sum(axis=3))
+    # The view holds float32, as the stored rows do: the float64 result rounded once.
+    return np.stack(out, axis=3).astype(np.float32)
+
+
 def write_store(
     path: str | Path, runs: list[Run], version: int = sf.FORMAT_VERSION
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Write `runs` into a new store at `path`; return each run's maps as stored (NaN unwritten)."""
+    """Write `runs` into a new store at `path`; return each run's span maps (NaN unwritten)."""
     path = str(path)
     root = zarr.open_group(path, mode="w")
     root.attrs[sf.FORMAT_ATTR] = version
@@ -135,17 +178,23 @@ def write_store(
         steps = list(range(run.steps))
         complete = steps if run.complete is None else run.complete
         written = complete if run.written is None else run.written
-        coords = sf.run_coords(
-            steps=steps,
-            timesteps=[1000.0 * (1 - s / run.steps) for s in steps],
-            sigmas=[1.0 - s / run.steps for s in steps],
-            layers=run.layers,
-            layer_kinds=[layer_kind(layer) for layer in run.layers],
-            heads=list(range(run.heads)),
-            spans=list(run.spans),
-            grid=run.grid,
-        )
-        ds, encoding = sf.run_skeleton(coords, {}, run.directions, run.keepbits)
+        v1 = version == 1
+        if v1:
+            coords = _v1_coords(run, steps)
+            rows = len(run.spans)
+        else:
+            coords = sf.run_coords(
+                steps=steps,
+                timesteps=[1000.0 * (1 - s / run.steps) for s in steps],
+                sigmas=[1.0 - s / run.steps for s in steps],
+                layers=run.layers,
+                layer_kinds=[layer_kind(layer) for layer in run.layers],
+                heads=list(range(run.heads)),
+                tokens=token_rows(),
+                grid=run.grid,
+            )
+            rows = len(token_rows())
+        ds, encoding = _skeleton(coords, run, rows, v1)
         if run.image_scale:
             draw = scene_image if run.scene else synthetic_image
             ds["image"] = sf.image_variable(draw(run))
@@ -164,17 +213,25 @@ def write_store(
         expected[name] = {}
         for offset, direction in enumerate(run.directions):
             make = scene_maps if run.scene else synthetic_maps
-            maps = make(replace(run, seed=run.seed * 10 + offset + 1))
+            maps = make(replace(run, seed=run.seed * 10 + offset + 1), rows)
             for step in written:
                 group[direction][step] = maps[step]
             # The stored values, read back through zarr alone (bit rounding included).
-            expected[name][direction] = group[direction][...]
+            stored = group[direction][...]
+            expected[name][direction] = stored if v1 else span_values(stored, run, direction)
         group.attrs.update(
             {
                 sf.STATUS: run.status,
                 sf.STEPS_COMPLETE: complete,
                 sf.SPANS: run.spans,
                 sf.SPAN_TOKENS: {k: [TOKENS[i] for i in v] for k, v in run.spans.items()},
+                sf.TEXT_LEN: len(TOKENS) + PADDING,
+                sf.SEGMENTS: {"prompt": [0, len(TOKENS) + PADDING]},
+                sf.WORDS: [
+                    {"segment": "prompt", "word": t, "tokens": [i]}
+                    for i, t in enumerate(TOKENS)
+                    if t.isalnum()
+                ],
                 "prompt": run.prompt,
                 "seed": run.seed,
                 "model": "synthetic",
@@ -182,6 +239,22 @@ def write_store(
             }
         )
     return expected
+
+
+def _skeleton(coords: dict, run: Run, rows: int, v1: bool) -> tuple[xr.Dataset, dict]:
+    if not v1:
+        return sf.run_skeleton(coords, {}, run.directions, run.keepbits)
+    import dask.array as da
+
+    ny, nx = run.grid
+    shape = (run.steps, len(run.layers), run.heads, rows, ny, nx)
+    data = {
+        d: (sf.SPAN_DIMS, da.full(shape, np.nan, dtype=np.float32, chunks=(1, *shape[1:])))
+        for d in run.directions
+    }
+    encoding = {d: sf.attention_encoding(shape, run.keepbits) for d in run.directions}
+    ds = xr.Dataset(data, coords=coords)
+    return ds, encoding | {name: sf.checksum_encoding() for name in ds.coords}
 
 
 def open_plain(path: str | Path, run: str) -> xr.Dataset:

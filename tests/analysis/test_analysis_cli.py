@@ -11,6 +11,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+import zarr
 from PIL import Image
 from synthetic_trace import Run
 
@@ -41,7 +42,8 @@ def test_info_shows_runs_prompt_spans_dims_steps_and_size(make_store, capsys):
     assert "recording (steps 3, 4 missing)" in out
     assert "prompt    'a cat on a mat.'" in out
     assert "cat     tokens 1  'cat'" in out and "prompt  tokens 0..5  'a cat on a mat .'" in out
-    assert "step 5 · layer 5 · head 3 · span 3 · y 4 · x 7  (layers: 2 double, 3 single)" in out
+    assert "step 5 · layer 5 · head 3 · token 7 · y 4 · x 7  (layers: 2 double, 3 single)" in out
+    assert "text      prompt 0:10  (1 padding row, summed)" in out
     assert "relative error <= 0.000977" in out
 
     status, out, _ = run_cli(capsys, "info", path, "--run", "run-0000", "--json")
@@ -50,12 +52,12 @@ def test_info_shows_runs_prompt_spans_dims_steps_and_size(make_store, capsys):
     for name in sf.DIRECTIONS:
         var = info["variables"][name]
         on_disk = directory_bytes(run_dir / name)
-        written = 4 * 5 * 3 * 3 * 6 * 10 * 4  # every step written, float32
+        written = 4 * 5 * 3 * 7 * 6 * 10 * 4  # every step written, float32, 7 token rows
         assert var["bytes_written"] == written
         assert var["bytes_on_disk"] == on_disk
         assert var["compression_ratio"] == pytest.approx(written / var["bytes_on_disk"])
     assert info["spans"]["mat"] == {"tokens": [4], "strings": ["mat"]}
-    assert info["dims"] == {"step": 4, "layer": 5, "head": 3, "span": 3, "y": 6, "x": 10}
+    assert info["dims"] == {"step": 4, "layer": 5, "head": 3, "token": 7, "y": 6, "x": 10}
 
 
 @pytest.fixture
@@ -142,6 +144,20 @@ def test_steps_draws_the_grid_the_drift_and_a_gif(store, tmp_path, capsys, captu
     status, stdout, err = run_cli(capsys, *argv, "--reference", "previous", "--gif", gif, "-o", out)
     assert status == 0, err
     assert gif.exists()
+
+
+def test_a_phrase_or_a_token_range_is_a_span_when_reading(store, tmp_path, capsys, captured):
+    path, _ = store
+    rows = zarr.open_group(path, path="run-0000", mode="r")["txt2img"][...].astype(np.float64)
+    out = tmp_path / "x.png"
+    for span, positions in (("cat on", [1, 2]), ("1:3", [1, 2]), ("cat,mat", [1, 4])):
+        status, _, err = run_cli(capsys, "heatmap", path, "--span", span, "--head", "0", "-o", out)
+        assert status == 0, err
+        (m, _), _ = captured["heatmap"][-1]
+        want = rows[:, :, 0][:, :, positions].mean(axis=(0, 1, 2))
+        np.testing.assert_allclose(m.values, want, rtol=1e-6)
+    status, _, err = run_cli(capsys, "heatmap", path, "--span", "3:8", "-o", out)
+    assert status == 2 and "keep_tokens=(6, 10)" in err
 
 
 def test_an_unknown_span_exits_non_zero_listing_the_spans(store, tmp_path, capsys):

@@ -23,11 +23,14 @@ def test_open_gives_the_run_lazily_with_the_format_dims(store):
     path, expected = store
     ds = analysis.open_trace(path)
     assert ds.attrs["run"] == "run-0000"
+    rows = analysis.open_trace(path, tokens=True)
     for name in sf.DIRECTIONS:
         da = ds[name]
-        assert da.dims == sf.DIMS
+        assert da.dims == sf.SPAN_DIMS
         assert isinstance(da.data, dask.array.Array)
         # Whole stored chunks (a map of all heads); here all 5 layers fit in one dask chunk.
+        assert rows[name].dims == sf.DIMS
+        assert rows[name].data.chunksize == (1, 5, 3, 1, 6, 10)
         assert da.data.chunksize == (1, 5, 3, 1, 6, 10)
         np.testing.assert_array_equal(da.values, expected[name])
     assert ds.sizes["y"] == 6 and ds.sizes["x"] == 10
@@ -176,7 +179,7 @@ def test_storage_options_apply_to_urls_only(store):
 
 def test_the_dataset_matches_plain_xarray(store):
     path, _ = store
-    ours = analysis.open_trace(path)
+    ours = analysis.open_trace(path, tokens=True)
     plain = xr.open_zarr(str(path), group="run-0000", consolidated=False)
     xr.testing.assert_identical(
         ours.txt2img.reset_coords(drop=True), plain.txt2img.reset_coords(drop=True)

@@ -50,7 +50,7 @@ def write_large_store(path: Path) -> np.ndarray:
         layers=[f"transformer_blocks.{i}" for i in range(LAYERS)],
         layer_kinds=["double"] * LAYERS,
         heads=list(range(HEADS)),
-        spans=[f"word{i}" for i in range(SPANS)],
+        tokens=[sf.TokenRow(i, 1, f"word{i}", "prompt") for i in range(SPANS)],
         grid=GRID,
     )
     ds, encoding = sf.run_skeleton(coords, {}, directions=("txt2img",), keepbits=None)
@@ -72,7 +72,14 @@ def write_large_store(path: Path) -> np.ndarray:
         target = chunk_dir / str(step) / source.relative_to(chunk_dir / str(step % DISTINCT))
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
-    group.attrs.update({sf.STATUS: sf.COMPLETE, sf.STEPS_COMPLETE: steps})
+    group.attrs.update(
+        {
+            sf.STATUS: sf.COMPLETE,
+            sf.STEPS_COMPLETE: steps,
+            sf.TEXT_LEN: SPANS,
+            sf.SPANS: {f"word{i}": [i] for i in range(SPANS)},
+        }
+    )
     per_step = scale.astype(np.float32).astype(np.float64).mean(axis=(1, 2))
     weights = np.bincount(np.arange(STEPS) % DISTINCT, minlength=DISTINCT)
     return f * (per_step @ weights / STEPS)

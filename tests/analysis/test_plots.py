@@ -44,6 +44,15 @@ def test_heatmap_draws_the_map_on_its_grid_and_names_it(trace, tmp_path):
     assert width > height  # a 6 × 10 grid is wider than tall
 
 
+def test_a_map_reduced_by_analysis_reduce_says_how_in_its_title(trace):
+    ds, expected = trace
+    m = analysis.reduce(ds.txt2img.sel(span="cat", head=2), "step,layer", "max")
+    title = analysis.heatmap(m).axes[0].get_title()
+    assert "layer: max of 5" in title and "step: max of 4" in title
+    want = expected["txt2img"][:, :, 2, 1].max(axis=(0, 1))
+    np.testing.assert_allclose(m.values, want, rtol=1e-6)
+
+
 def test_heatmap_keeps_the_aspect_of_a_tall_grid(make_store, tmp_path):
     path, _ = make_store(Run(grid=(12, 4), image_scale=None))
     ds = analysis.open_trace(path)

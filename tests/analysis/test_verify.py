@@ -102,19 +102,20 @@ def test_a_damaged_chunk_is_never_plotted(clean, tmp_path, capsys):
     flip(shard)
     ds = analysis.open_trace(clean, run=0)  # opening reads no chunk: it works
     with pytest.raises(CorruptChunkError) as caught:
-        ds.txt2img.sel(span="cat").mean(["step", "layer"]).compute()
+        ds.txt2img.sel(span="prompt").mean(["step", "layer"]).compute()
     message = str(caught.value)
     assert "run-0000/txt2img" in message
-    assert "stored chunk (2, " in message and "step 2" in message and "span 'cat'" in message
+    assert "stored chunk (2, " in message and "step 2" in message and "token " in message
     assert "run-0000/txt2img/c/2/0/0/0/0/0" in message
     # Steps that are intact still read.
+    rows = analysis.open_trace(clean, run=0, tokens=True)
     np.testing.assert_array_equal(
-        ds.txt2img.sel(step=[0, 1, 3]).values,
+        rows.txt2img.sel(step=[0, 1, 3]).values,
         zarr.open_group(clean, path="run-0000", mode="r")["txt2img"][[0, 1, 3]],
     )
 
     figure = tmp_path / "cat.png"
-    argv = ["heatmap", str(clean), "--run", "0", "--span", "cat", "-o", str(figure), "-q"]
+    argv = ["heatmap", str(clean), "--run", "0", "--span", "prompt", "-o", str(figure), "-q"]
     assert main(argv) == 2  # a damaged store: a user-facing error
     err = capsys.readouterr().err
     assert err.startswith("attnscope: error: run-0000/txt2img in ") and "stored chunk (2, " in err
@@ -168,7 +169,7 @@ def edit_attrs(path: Path, run: str, **changes) -> None:
         ({sf.STEPS_COMPLETE: [0, 1, 2, 3, 7]}, "lists steps [7] that the step coordinate lacks"),
         ({sf.STEPS_COMPLETE: [0, 1, 1, 2, 3]}, "repeats steps"),
         ({sf.STATUS: "done"}, "has status 'done'"),
-        ({sf.SPANS: {"prompt": [0, 1], "dog": [1]}}, "the span coordinate holds"),
+        ({sf.SPANS: {"prompt": [0, 1], "pad": [7, 8]}}, "covers 2 of the 4 padding tokens"),
         ({sf.SPAN_TOKENS: {"cat": ["a", "cat"]}}, "1 token indices but 2 token strings"),
         ({"text_len": 3}, "reach outside the 3 text tokens"),
         ({"capture": {"layers": ["transformer_blocks.0"]}}, "'layer' (transformer_blocks.0"),

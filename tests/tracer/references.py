@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -59,3 +61,11 @@ def allocation_sizes(prof) -> list[int]:
         if node.tag == _EventType.Allocation and node.extra_fields.alloc_size > 0:
             sizes.append(node.extra_fields.alloc_size)
     return sizes
+
+
+def stored_rows(ds: Any) -> list[list[int]]:
+    """The text positions each stored token row of a run covers (docs/store-format.md)."""
+    return [
+        list(range(p, p + c))
+        for p, c in zip(ds.token.values.tolist(), ds.token_count.values.tolist(), strict=True)
+    ]

@@ -27,7 +27,7 @@ def test_demo_record_writes_a_complete_run(tmp_path):
     ds = runs(out)["run-0000"]
     assert ds.attrs["status"] == "complete"
     assert ds.attrs["steps_complete"] == [0, 1]
-    assert list(ds.span.values) == ["prompt", "cat", "first4"]
+    assert list(ds.attrs["spans"]) == ["prompt", "cat", "first4"]
     assert ds.attrs["spans"]["first4"] == [0, 1, 2, 3]
     assert not np.isnan(ds.txt2img.values).any()
     assert ds.image.shape == (128, 128, 3)
@@ -145,6 +145,6 @@ def test_diffsynth_demo_with_eligen_entities(tmp_path):
     assert status == 0
     ds = runs(out)["run-0000"]
     assert list(ds.entity.values) == ["kitten", "entity1"]
-    assert list(ds.span.values[:3]) == ["kitten", "entity1", "prompt"]
+    assert list(ds.attrs["spans"])[:3] == ["kitten", "entity1", "prompt"]
     assert ds.entity_mask.sel(entity="kitten").values[:, :64].all()
     assert not ds.entity_mask.sel(entity="kitten").values[:, 64:].any()

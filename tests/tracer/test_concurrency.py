@@ -133,7 +133,7 @@ def test_a_reader_during_a_recording_sees_only_complete_steps(server, references
     plain = xr.open_zarr(store, group="run-0000", consolidated=False)
     assert not np.isnan(plain.txt2img.sel(step=2).values).any()  # there, but not yet listed
     with pytest.warns(analysis.PartialRunWarning, match=r"still recording.*steps 2, 3"):
-        ds = analysis.open_trace(store)
+        ds = analysis.open_trace(store, tokens=True)
     assert ds.step.values.tolist() == [0, 1]
     for name in sf.DIRECTIONS:
         np.testing.assert_array_equal(ds[name].values, reference[name].sel(step=[0, 1]).values)
@@ -146,7 +146,7 @@ def test_a_reader_during_a_recording_sees_only_complete_steps(server, references
     assert child.resume().rc == 0, child.output
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ds = analysis.open_trace(store)
+        ds = analysis.open_trace(store, tokens=True)
     assert ds.step.values.tolist() == ALL
     for name in (*sf.DIRECTIONS, "image"):
         np.testing.assert_array_equal(ds[name].values, reference[name].values)
@@ -160,7 +160,7 @@ def test_a_reader_of_one_run_is_undisturbed_by_another_being_appended(server, re
     assert child.paused
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ds = analysis.open_trace(store, run=0)
+        ds = analysis.open_trace(store, run=0, tokens=True)
     np.testing.assert_array_equal(ds.txt2img.values, references[CAT].txt2img.values)
     statuses = [(r.name, r.status, list(r.steps_complete)) for r in analysis.list_runs(store)]
     assert statuses == [("run-0000", "complete", ALL), ("run-0001", "recording", [0])]

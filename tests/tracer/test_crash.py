@@ -137,7 +137,7 @@ def test_sigkill_leaves_a_store_that_opens_with_every_listed_step_intact(
     if listed:
         assert list(info.steps_missing) == missing
         with pytest.warns(analysis.PartialRunWarning) as caught:
-            ds = analysis.open_trace(store)
+            ds = analysis.open_trace(store, tokens=True)
         [message] = [str(w.message) for w in caught if w.category is analysis.PartialRunWarning]
         assert "still recording" in message
         if missing:
@@ -153,13 +153,13 @@ def test_sigkill_leaves_a_store_that_opens_with_every_listed_step_intact(
                 assert "image was never written" in message
     elif "mode" in hook:
         with pytest.raises(analysis.SelectionError, match="no complete step yet"):
-            analysis.open_trace(store)
+            analysis.open_trace(store, tokens=True)
         with pytest.warns(analysis.PartialRunWarning, match="steps 0..3 are not complete"):
-            ds = analysis.open_trace(store, complete_only=False)
+            ds = analysis.open_trace(store, complete_only=False, tokens=True)
         assert np.isnan(ds.txt2img.values).all()
     else:
         with pytest.raises(analysis.FormatError, match="being laid down"):
-            analysis.open_trace(store, complete_only=False)
+            analysis.open_trace(store, complete_only=False, tokens=True)
 
     # verify: nothing damaged; the partial run and a torn write's temporary file are notes.
     report = verify(store)
@@ -306,6 +306,6 @@ def test_an_exception_in_generation_marks_the_run_failed_and_keeps_its_steps(tmp
     reference = xr.open_zarr(untouched, group="run-0000", consolidated=False)
     assert_steps_equal(ds, reference, [0, 1, 2])
     with pytest.warns(analysis.PartialRunWarning, match=r"failed .*boom at step 2.*steps 3"):
-        opened = analysis.open_trace(store)
+        opened = analysis.open_trace(store, tokens=True)
     assert opened.step.values.tolist() == [0, 1, 2]
     assert verify(store).ok

@@ -14,8 +14,9 @@ import torch
 import xarray as xr
 import zarr
 from diffsynth.pipelines.flux_image import FluxImagePipeline, model_fn_flux_image
-from references import stated_bound
+from references import stated_bound, stored_rows
 
+import analysis
 import tracer
 from tracer.adapters import UnsupportedModelError, adapter_for
 from tracer.adapters.diffsynth_flux import DiffSynthFlux, box_mask
@@ -134,6 +135,7 @@ def eligen(pipe, tmp_path_factory):
         traced.handle.remove()
     return {
         "ds": open_run(path, rec.last_run),
+        "spans": analysis.open_trace(path, rec.last_run),
         "log": log,
         "latents": (plain.latents, traced.latents),
         "images": (plain_image, traced_image),
@@ -144,7 +146,12 @@ def test_layout_entities_first_then_prompt_then_image(eligen, pipe):
     ds = eligen["ds"]
     assert ds.attrs["status"] == "complete" and ds.attrs["backend"] == "diffsynth"
     assert ds.attrs["text_len"] == 3 * L
-    assert list(ds.span.values)[:3] == ["kitten", "puppy", "prompt"]
+    assert list(ds.attrs["spans"])[:3] == ["kitten", "puppy", "prompt"]
+    # Three segments of L positions; each its tokens, then its padding summed in one row.
+    assert ds.attrs["segments"] == {"kitten": [0, L], "puppy": [L, 2 * L], "prompt": [2 * L, 3 * L]}
+    padding = ds.token.values[ds.token_padding.values].tolist()
+    assert list(ds.token_segment.values[ds.token_padding.values]) == ["kitten", "puppy", "prompt"]
+    assert sum(ds.token_count.values) == 3 * L and len(padding) == 3
     spans = ds.attrs["spans"]
     for name, text, first in (
         ("kitten", "a cat", 0),
@@ -162,7 +169,7 @@ def test_layout_entities_first_then_prompt_then_image(eligen, pipe):
     assert ds.entity_mask.shape == (2, HEIGHT, WIDTH)
     assert list(ds.layer.values) == ["blocks.0", "blocks.1", "single_blocks.0", "single_blocks.1"]
     assert list(ds.layer_kind.values) == ["double", "double", "single", "single"]
-    assert ds.txt2img.shape == (3, N_LAYERS, HEADS, len(ds.span), *GRID)
+    assert ds.txt2img.shape == (3, N_LAYERS, HEADS, len(ds.token), *GRID)
     np.testing.assert_array_equal(ds.timestep.values, pipe.scheduler.timesteps.double().numpy())
     np.testing.assert_array_equal(ds.sigma.values, pipe.scheduler.sigmas.double().numpy())
 
@@ -180,14 +187,18 @@ def test_store_equals_float64_softmax_with_the_regional_mask(eligen):
         assert all(torch.isinf(m).any() for _, _, m, _ in posi)  # the regional mask is in force
 
     bound = stated_bound(ds.attrs)  # the default, lossy store
-    spans = [ds.attrs["spans"][name] for name in ds.span.values]
-    for step in range(3):
-        for layer in range(N_LAYERS):
-            q, k, mask, scale = calls[2 * step * N_LAYERS + layer]
-            ref = reference_maps(float64_probs(q, k, mask, scale), spans, text_len)
-            for name in ("txt2img", "img2txt"):
-                stored = ds[name].isel(step=step, layer=layer).values
-                np.testing.assert_allclose(stored, ref[name], rtol=bound + 1e-5, atol=1e-6)
+    views = eligen["spans"]
+    for stored_ds, spans in (
+        (ds, stored_rows(ds)),
+        (views, [ds.attrs["spans"][name] for name in views.span.values]),
+    ):
+        for step in range(3):
+            for layer in range(N_LAYERS):
+                q, k, mask, scale = calls[2 * step * N_LAYERS + layer]
+                ref = reference_maps(float64_probs(q, k, mask, scale), spans, text_len)
+                for name in ("txt2img", "img2txt"):
+                    stored = stored_ds[name].isel(step=step, layer=layer).values
+                    np.testing.assert_allclose(stored, ref[name], rtol=bound + 1e-5, atol=1e-6)
 
 
 def test_positions_the_mask_forbids_are_exactly_zero(eligen):
@@ -201,11 +212,11 @@ def test_positions_the_mask_forbids_are_exactly_zero(eligen):
         np.testing.assert_array_equal(allowed, inside[e])
     for e, name in enumerate(["kitten", "puppy"]):
         for direction in ("txt2img", "img2txt"):
-            maps = ds[direction].sel(span=name).values  # step, layer, head, y, x
+            maps = eligen["spans"][direction].sel(span=name).values  # step, layer, head, y, x
             assert (maps[..., ~inside[e]] == 0.0).all()
             assert (maps[..., inside[e]] > 0.0).all()
     # The global prompt sees the whole image.
-    assert (ds.txt2img.sel(span="prompt").values > 0.0).all()
+    assert (eligen["spans"].txt2img.sel(span="prompt").values > 0.0).all()
 
 
 def test_tracing_leaves_the_model_output_bit_for_bit_unchanged(eligen):
@@ -229,8 +240,11 @@ def test_writeup_computation_matches_the_store(pipe, tmp_path, monkeypatch):
     spans = {"first": (0, L)}
     with tracer.trace(pipe, path, spans=spans, progress=False) as rec:
         generate(pipe, entities=ENTITIES[:1], boxes=BOXES[:1], seed=5)
-    ds = open_run(path, rec.last_run)
+    ds = analysis.open_trace(path, rec.last_run)
     assert list(ds.span.values) == ["entity0", "prompt", "first"]
+    # The same positions asked for as a range when reading give the same maps.
+    later = analysis.open_trace(path, rec.last_run, spans={"first": f"0:{L}"})
+    np.testing.assert_array_equal(later.txt2img.values, ds.txt2img.sel(span=["first"]).values)
     assert len(log.calls) == 3 * N_LAYERS
     for i, (q, k, mask, scale) in enumerate(log.calls):
         step, layer = divmod(i, N_LAYERS)
@@ -300,7 +314,7 @@ def test_detach_restores_the_pipeline(pipe, tmp_path):
     assert "forward" not in block.__dict__ and "forward" not in pipe.dit.blocks[0].attn.__dict__
     assert pipe.model_fn is model_fn_flux_image
     ds = open_run(tmp_path / "t.zarr", rec.last_run)
-    assert ds.span.values[0] == "prompt" and ds.attrs["text_len"] == L
+    assert next(iter(ds.attrs["spans"])) == "prompt" and ds.attrs["text_len"] == L
     assert "entity_mask" not in ds
 
 
@@ -405,7 +419,7 @@ def test_bfloat16_with_offload_between_models(device, tmp_path, monkeypatch):
     assert ds.attrs["dtype"] == "bfloat16" and ds.attrs["status"] == "complete"
     # The model saw bfloat16 timesteps; the store has the scheduler's exact ones.
     np.testing.assert_array_equal(ds.timestep.values, pipe.scheduler.timesteps.double().numpy())
-    spans = [ds.attrs["spans"][name] for name in ds.span.values]
+    spans = stored_rows(ds)
     for step in range(3):
         for layer in range(N_LAYERS):
             q, k, mask, scale = log.calls[2 * step * N_LAYERS + layer]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import zarr
 from diffusers.hooks import HookRegistry, ModelHook, apply_group_offloading
 
 import analysis
 import tracer
+from analysis.verify import format_report, verify
 from tracer.demo import demo_pipeline
 from tracer.tap import HOOK_NAME
 
@@ -93,3 +95,30 @@ def test_group_offloading_keeps_working_during_a_trace_and_after_it(pipe, tmp_pa
     ds = analysis.open_trace(tmp_path / "t.zarr", rec.last_run)
     assert ds.attrs["status"] == "complete"
     assert not np.isnan(ds.img2txt.values).any()
+
+
+def test_maps_a_cache_hook_skips_are_stored_as_not_computed(pipe, tmp_path):
+    # First-block cache with a threshold nothing stays under: from step 1 on, only the first
+    # block runs and every later block's output comes from the cache.
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))
+    plain = generate(pipe)
+    path = tmp_path / "cached.zarr"
+    with tracer.trace(pipe, path, progress=False) as rec:
+        traced = generate(pipe)
+    assert np.array_equal(plain, traced)
+    names = [f"transformer_blocks.{i}" for i in range(2)]
+    names += [f"single_transformer_blocks.{i}" for i in range(3)]
+    attrs = dict(zarr.open_group(path, path=rec.last_run, mode="r").attrs)
+    assert attrs["status"] == "complete" and attrs["steps_complete"] == [0, 1]
+    assert attrs["skipped"] == [[1, name] for name in names[1:]]
+    ds = analysis.open_trace(path)
+    want = np.array([[True] * 5, [True] + [False] * 4])
+    np.testing.assert_array_equal(ds.computed.values, want)
+    for direction in ("txt2img", "img2txt"):
+        values = ds[direction].values  # step, layer, head, span, y, x
+        assert np.isnan(values[1, 1:]).all()
+        assert not np.isnan(values[0]).any() and not np.isnan(values[1, 0]).any()
+    report = verify(path)
+    assert report.ok and not report.findings, format_report(report)

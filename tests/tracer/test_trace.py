@@ -10,7 +10,7 @@ import torch
 import xarray as xr
 import zarr
 from diffusers import FluxPipeline
-from references import stated_bound
+from references import stated_bound, stored_rows
 
 import analysis
 import tracer
@@ -79,13 +79,28 @@ def open_run(path, run):
 
 def assert_matches_reference(ds, log, layers_per_call, calls_per_step=1):
     bound = stated_bound(ds.attrs)
-    spans = [ds.attrs["spans"][name] for name in ds.span.values]
+    rows = stored_rows(ds)
     ny, nx = ds.sizes["y"], ds.sizes["x"]
     for step_pos, step in enumerate(ds.step.values):
         for layer_pos in range(layers_per_call):
             call = (step * calls_per_step) * layers_per_call + layer_pos
             q, k, mask, scale = log.calls[call]
-            ref = reference_maps(q, k, mask, scale, spans, TEXT_LEN)
+            ref = reference_maps(q, k, mask, scale, rows, TEXT_LEN)
+            for name in ("txt2img", "img2txt"):
+                stored = ds[name].isel(step=step_pos, layer=layer_pos).values
+                expected = ref[name].reshape(stored.shape[0], len(rows), ny, nx)
+                np.testing.assert_allclose(stored, expected, rtol=bound + 1e-5, atol=1e-6)
+
+
+def assert_spans_match_reference(path, run, log, spans, layers_per_call):
+    """Spans chosen when reading equal float64 softmax over their own positions."""
+    ds = analysis.open_trace(path, run, spans=list(spans))
+    bound = stated_bound(ds.attrs)
+    ny, nx = ds.sizes["y"], ds.sizes["x"]
+    for step_pos, step in enumerate(ds.step.values):
+        for layer_pos in range(layers_per_call):
+            q, k, mask, scale = log.calls[step * layers_per_call + layer_pos]
+            ref = reference_maps(q, k, mask, scale, list(spans.values()), TEXT_LEN)
             for name in ("txt2img", "img2txt"):
                 stored = ds[name].isel(step=step_pos, layer=layer_pos).values
                 expected = ref[name].reshape(stored.shape[0], len(spans), ny, nx)
@@ -100,12 +115,25 @@ def test_store_equals_float64_softmax_for_every_layer_step_head(pipe, tmp_path, 
     with tracer.trace(pipe, path, spans={"cat": "cat", "first8": (0, 8)}, progress=False) as rec:
         generate(pipe, height=height, width=width)
     ds = open_run(path, rec.last_run)
-    assert ds.txt2img.dims == ("step", "layer", "head", "span", "y", "x")
-    assert ds.txt2img.shape == (3, 5, 4, 3, 6, 10)
-    assert list(ds.span.values) == ["prompt", "cat", "first8"]
+    real = sum(pipe.tokenizer_2(PROMPT)["attention_mask"])  # the prompt's tokens and </s>
+    assert ds.txt2img.dims == ("step", "layer", "head", "token", "y", "x")
+    # Then the padding, summed, but for the padding token `first8` covers: kept as its own row.
+    assert ds.txt2img.shape == (3, 5, 4, real + 2, 6, 10)
+    assert list(ds.token_count.values) == [1] * real + [1, TEXT_LEN - real - 1]
+    assert list(ds.token_padding.values) == [False] * real + [True, True]
+    assert list(ds.attrs["spans"]) == ["prompt", "cat", "first8"]
     assert ds.attrs["spans"]["first8"] == list(range(8))
     assert len(log.calls) == 3 * 5
     assert_matches_reference(ds, log, layers_per_call=5)
+    # Any span, chosen after the fact: a phrase, a range with padding, the whole text.
+    chair = [i for i, t in enumerate(ds.token_text.values) if "chair" in t]
+    red = [i for i, t in enumerate(ds.token_text.values) if "red" in t]
+    spans = {
+        "red chair": sorted(red + chair),
+        f"3:{TEXT_LEN}": list(range(3, TEXT_LEN)),
+        "prompt": ds.attrs["spans"]["prompt"],
+    }
+    assert_spans_match_reference(path, rec.last_run, log, spans, layers_per_call=5)
 
 
 def test_output_is_bit_for_bit_unchanged(pipe, tmp_path):
@@ -147,7 +175,7 @@ def test_run_metadata_image_and_default_spans(pipe, tmp_path):
     assert ds.attrs["steps_complete"] == [0, 1, 2]
     assert ds.attrs["seed"] == 7
     assert ds.attrs["prompt"] == "A red cat, a red chair"
-    assert list(ds.span.values) == ["prompt", "a", "red", "cat", "chair"]
+    assert list(ds.attrs["spans"]) == ["prompt", "a", "red", "cat", "chair"]
     # Word spans cover every occurrence of the word, found through the tokenizer's offsets.
     encoded = pipe.tokenizer_2("A red cat, a red chair", return_offsets_mapping=True)
     red_chars = set(range(2, 5)) | set(range(13, 16))
@@ -211,7 +239,7 @@ def test_each_generation_appends_a_run(pipe, tmp_path):
     assert rec.runs == ["run-0000", "run-0001"]
     tree = xr.open_datatree(path, engine="zarr", consolidated=False)
     assert tree["run-0001"].attrs["prompt"] == "a dog"
-    assert list(tree["run-0000"].span.values) == ["prompt", "a", "cat"]
+    assert list(tree["run-0000"].attrs["spans"]) == ["prompt", "a", "cat"]
 
 
 @pytest.mark.parametrize(
@@ -277,7 +305,7 @@ def test_every_array_the_tracer_writes_carries_a_checksum(pipe, tmp_path):
         generate(pipe, steps=1)
     metas = sorted((path / rec.last_run).glob("*/zarr.json"))
     names = {meta.parent.name for meta in metas}
-    assert {"txt2img", "img2txt", "image", "step", "timestep", "span", "y", "x"} <= names
+    assert {"txt2img", "img2txt", "image", "step", "timestep", "token", "token_text"} <= names
 
     def names_of(codecs):
         for codec in codecs:

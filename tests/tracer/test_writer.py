@@ -34,9 +34,9 @@ GROUP = "run-0000"
 STEPS = (0, 2, 4, 6, 8)  # coordinate values differ from positions on purpose
 N_LAYERS = 3
 N_HEADS = 2
-SPANS = ("prompt", "cat")
+TOKENS = (sf.TokenRow(0, 1, "a", "prompt"), sf.TokenRow(1, 1, "cat", "prompt"))
 GRID = (3, 5)  # not square
-MAP_SHAPE = (N_HEADS, len(SPANS), GRID[0] * GRID[1])
+MAP_SHAPE = (N_HEADS, len(TOKENS), GRID[0] * GRID[1])
 TIMEOUT = 10.0
 
 
@@ -85,7 +85,7 @@ def make_run(
         + ["single_transformer_blocks.0"],
         layer_kinds=["double"] * (N_LAYERS - 1) + ["single"],
         heads=list(range(N_HEADS)),
-        spans=SPANS,
+        tokens=TOKENS,
         grid=GRID,
     )
     attrs = {
@@ -146,7 +146,7 @@ def assert_stored(
     bound = {None: 0.0, 9: 2.0**-10}[keepbits]  # stated, not computed by the code under test
     for name, tensor in maps.items():
         stored = ds[name].sel(step=STEPS[step_pos]).isel(layer=layer_pos)
-        assert stored.dims == ("head", "span", "y", "x")
+        assert stored.dims == ("head", "token", "y", "x")
         stored = stored.values.reshape(MAP_SHAPE)
         expected = tensor.numpy()
         if keepbits is None:
@@ -610,7 +610,7 @@ def good_maps() -> dict[str, torch.Tensor]:
             0,
             0,
             {**good_maps(), "img2txt": torch.zeros(2, 2, 3, 5)},
-            r"'img2txt' map .* expected shape \[head, span, y\*x\] = \[2, 2, 15\].*"
+            r"'img2txt' map .* expected shape \[head, token, y\*x\] = \[2, 2, 15\].*"
             r"found \[2, 2, 3, 5\]",
         ),
         (

@@ -29,7 +29,7 @@ class Layer:
 class Generation:
     """What the tracer needs to know of one pipeline call, read from its arguments."""
 
-    text: TextTokens | None  # None when the caller passed embeddings only
+    text: TextTokens  # without segments when the caller passed embeddings only
     attrs: dict[str, Any]  # run attributes: prompt, seed, size, guidance, ...
     entity_names: list[str] = field(default_factory=list)
     entity_masks: np.ndarray | None = None  # (entity, height, width), nonzero = inside

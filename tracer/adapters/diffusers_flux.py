@@ -148,7 +148,11 @@ class DiffusersFlux(Adapter):
         pipe, transformer = self.pipe, self.transformer
         config = getattr(transformer, "config", {})
         return super().run_attrs() | {
-            "model": str(getattr(pipe, "name_or_path", None) or config.get("_name_or_path", "")),
+            "model": str(
+                getattr(pipe, "name_or_path", None)
+                or config.get("_name_or_path")
+                or f"{type(transformer).__name__} built in code"
+            ),
             "model_revision": str(config.get("_diffusers_version", "")),
             "scheduler": type(pipe.scheduler).__name__,
             "scheduler_config": jsonable(dict(pipe.scheduler.config)),

@@ -12,7 +12,7 @@ def t5_segment(tokenizer: Any, name: str, text: str, first: int, length: int) ->
     """One prompt as the FLUX pipelines tokenize it for T5 (padded to `length`), placed at `first`.
 
     The same call diffusers' `FluxPipeline` and DiffSynth's prompt units make, plus the offsets
-    (for words) and the special-token mask (for the `prompt` span).
+    (for words), the special-token mask (for the `prompt` span) and the padding.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise UnsupportedModelError(
@@ -40,4 +40,5 @@ def t5_segment(tokenizer: Any, name: str, text: str, first: int, length: int) ->
         tokens=tuple(tokenizer.convert_ids_to_tokens(encoded["input_ids"])),
         offsets=tuple((int(s), int(e)) for s, e in encoded["offset_mapping"]),
         content=content,
+        padding=tuple(not keep for keep in encoded["attention_mask"]),
     )

@@ -1,0 +1,143 @@
+"""Spans as views of a run's token rows: any word, phrase or token range, chosen when reading.
+
+A version-2 run stores one row per text token and one per run of padding tokens. Both stored
+quantities are linear in the tokens, so a span is computed exactly from the rows it covers:
+`txt2img` is the mean over its tokens (a padding row, itself their mean, weighs its count) and
+`img2txt` the sum. A span must hold a padding row whole or not at all.
+
+    ds = analysis.open_trace("cat.zarr", spans=["cat", "red chair", "0:512", (3, 7)])
+    ds.txt2img.sel(span="red chair")
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from . import store_format as sf
+from .errors import SpanError
+
+SpanRequest = str | tuple[int, int]
+Spans = Sequence[SpanRequest] | Mapping[str, SpanRequest]
+
+_RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_WORD = re.compile(r"\w+(?:['’]\w+)*")
+PROMPT_SEGMENT = "prompt"
+
+
+def _label(request: SpanRequest) -> str:
+    return request if isinstance(request, str) else f"{request[0]}:{request[1]}"
+
+
+def _phrase(phrase: str, attrs: Mapping[str, Any]) -> list[int]:
+    """Positions of every occurrence of `phrase` (whole words, any case) in the prompt."""
+    wanted = [w.lower() for w in _WORD.findall(phrase)]
+    occurrences = [o for o in attrs.get(sf.WORDS, []) if o["segment"] == PROMPT_SEGMENT]
+    found: set[int] = set()
+    for i in range(len(occurrences) - len(wanted) + 1):
+        window = occurrences[i : i + len(wanted)]
+        if wanted and [str(o["word"]).lower() for o in window] == wanted:
+            for occurrence in window:
+                found.update(int(p) for p in occurrence["tokens"])
+    return sorted(found)
+
+
+def positions(request: SpanRequest, attrs: Mapping[str, Any]) -> list[int]:
+    """The text positions a span request names: a stored span, a token range or a phrase."""
+    named = attrs.get(sf.SPANS) or {}
+    text_len = int(attrs.get(sf.TEXT_LEN, 0))
+    if isinstance(request, str) and request in named:
+        return [int(p) for p in named[request]]
+    match = _RANGE.match(request) if isinstance(request, str) else None
+    if match is not None:
+        request = (int(match.group(1)), int(match.group(2)))
+    if isinstance(request, tuple | list):
+        start, stop = request
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= text_len):
+            raise SpanError(
+                f"span {_label(request)!r} is out of range: the run has {text_len} text tokens, "
+                f"so a range START:STOP needs 0 <= START < STOP <= {text_len}"
+            )
+        return list(range(start, stop))
+    if not isinstance(request, str):
+        raise SpanError(f"a span is a name, a phrase or (start, stop), not {request!r}")
+    found = _phrase(request, attrs)
+    if not found:
+        words = sorted({str(o["word"]).lower() for o in attrs.get(sf.WORDS, [])})
+        raise SpanError(
+            f"unknown span {request!r}: it is no stored span ({', '.join(named) or 'none'}), "
+            f"no token range START:STOP and no phrase of the prompt (words: "
+            f"{', '.join(words) or 'none'})"
+        )
+    return found
+
+
+def check_answerable(name: str, chosen: Sequence[int], rows: Sequence[sf.TokenRow]) -> None:
+    """Raise SpanError if the positions split a padding row (stored only as a whole)."""
+    wanted = set(chosen)
+    for row in rows:
+        inside = len(wanted.intersection(row.positions))
+        if row.count > 1 and 0 < inside < row.count:
+            last = row.position + row.count - 1
+            raise SpanError(
+                f"span {name!r} covers {inside} of the {row.count} padding tokens of "
+                f"{row.segment!r} (positions {row.position}..{last}), which the run stores "
+                f"as one sum: a span may hold content tokens, whole segments or padding runs, "
+                f"or any mix of them; to ask about single padding tokens, record with "
+                f"keep_tokens=({row.position}, {last + 1})"
+            )
+
+
+def _requests(spans: Spans | None, attrs: Mapping[str, Any]) -> dict[str, SpanRequest]:
+    if spans is None:
+        return {name: name for name in attrs.get(sf.SPANS) or {}}
+    if isinstance(spans, str | tuple):
+        spans = [spans]
+    if isinstance(spans, Mapping):
+        return dict(spans)
+    return {_label(request): request for request in spans}
+
+
+def span_view(tokens: xr.Dataset, spans: Spans | None = None) -> xr.Dataset:
+    """The run of `tokens` (dims step, layer, head, token, y, x) with its maps per span instead.
+
+    `spans`: a list of requests (a stored span's name, a phrase of the prompt, `"3:7"` or
+    `(3, 7)` for text positions 3..6), a mapping of names to requests, or None for the run's
+    stored spans. Lazy when `tokens` is; values stay float32.
+    """
+    attrs = tokens.attrs
+    rows = sf.token_rows({name: tokens[name].values for name in ("token", *sf.TOKEN_COORDS)})
+    requests = _requests(spans, attrs)
+    if not requests:
+        raise SpanError("no spans to show: the run names none; ask for a phrase or START:STOP")
+    text_at = {p: row.text for row in rows for p in row.positions}
+    chosen: dict[str, list[int]] = {}
+    views: dict[str, list[xr.DataArray]] = {d: [] for d in sf.DIRECTIONS if d in tokens}
+    for name, request in requests.items():
+        wanted = positions(request, attrs)
+        check_answerable(name, wanted, rows)
+        chosen[name] = wanted
+        picked = [i for i, row in enumerate(rows) if set(row.positions) & set(wanted)]
+        counts = np.array([rows[i].count for i in picked], dtype=np.float64)
+        for direction, out in views.items():
+            # Sums of float32 values times small integers are exact in float64, so the one
+            # rounding is the final division and cast, whatever order dask sums in.
+            rows_of_span = tokens[direction].isel(token=picked).astype(np.float64)
+            if direction == "txt2img":
+                weight = xr.DataArray(counts, dims="token")
+                summed = (rows_of_span * weight).sum("token", skipna=False) / counts.sum()
+            else:
+                summed = rows_of_span.sum("token", skipna=False)
+            out.append(summed.astype(np.float32))
+    labels = xr.DataArray(np.array(list(chosen), dtype=object), dims="span")
+    data = {d: xr.concat(v, dim=labels) for d, v in views.items()}
+    ds = tokens.drop_vars([*sf.DIRECTIONS, "token", *sf.TOKEN_COORDS], errors="ignore")
+    ds = ds.drop_dims("token", errors="ignore").assign(data)
+    ds = ds.assign_coords(span=labels)
+    strings = {name: [text_at[p] for p in wanted] for name, wanted in chosen.items()}
+    ds.attrs = dict(attrs) | {sf.SPANS: chosen, sf.SPAN_TOKENS: strings}
+    return ds.transpose(*[d for d in sf.SPAN_DIMS if d in ds.dims], ...)
