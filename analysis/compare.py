@@ -272,10 +272,10 @@ def concentration(
 def mask_to_grid(mask: xr.DataArray | np.ndarray, like: xr.DataArray) -> xr.DataArray:
     """A mask on the latent grid of `like` (dims y, x), boolean.
 
-    `mask` is on the latent grid already (dims y, x, or an array of that shape), or on the
-    image (dims image_y, image_x, such as a run's `entity_mask.sel(entity=...)`, or any other
-    2-D array): then a latent cell is inside when at least half of the pixels whose centres fall
-    in it are.
+    `mask` is on the latent grid already (dims y, x, or an array of that shape, such as a run's
+    `entity_mask.sel(entity=...)`, the mask as the model applied it), or on the image (dims
+    image_y, image_x, as version-1 stores kept it, or any other 2-D array): then a latent cell
+    is inside when at least half of the pixels whose centres fall in it are.
     """
     _check_dims(like, list(MAP_DIMS), "mask_to_grid")
     ny, nx = like.sizes["y"], like.sizes["x"]

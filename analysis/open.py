@@ -400,6 +400,24 @@ def _checked_variables(
     return ds, dropped
 
 
+def _tokens(group: zarr.Group, arrays: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+    """The token rows of a format-2 run: position, count, text, segment, padding."""
+    names = ("token", *sf.TOKEN_COORDS)
+    if not all(name in arrays for name in names):
+        return []
+    rows = sf.token_rows({name: _small(group, name, where) for name in names})
+    return [
+        {
+            "position": r.position,
+            "count": r.count,
+            "text": r.text,
+            "segment": r.segment,
+            "padding": r.padding,
+        }
+        for r in rows
+    ]
+
+
 def _stored(array: zarr.Array) -> tuple[int, int]:
     """(bytes on disk, bytes of the chunks written once decoded) of one array."""
     written = array.nchunks_initialized * int(np.prod(array.chunks)) * array.dtype.itemsize
@@ -417,7 +435,7 @@ def trace_info(
 
     Keys: `store`, `format`, `runs` (name, status, steps, steps_complete, prompt) and `run`:
     its name, status, missing steps, prompt, spans with their token indices and strings, the
-    text segments with their positions, how many token rows are padding runs, dims,
+    text segments with their positions, the token rows (position, count, text, segment), dims,
     layer kinds, variables with their bytes on disk, bytes written and compression ratio, the
     image and entity masks if present, the stated error bound and other attributes.
     """
@@ -474,11 +492,7 @@ def trace_info(
             },
             "segments": attrs.get(sf.SEGMENTS, {}),
             "skipped": len(attrs.get(sf.SKIPPED) or []),
-            "padding_rows": (
-                int((_small(group, "token_count", where) > 1).sum())
-                if "token_count" in arrays
-                else 0
-            ),
+            "tokens": _tokens(group, arrays, where),
             "dims": dims,
             "layer_kinds": {kind: kinds.count(kind) for kind in sf.LAYER_KINDS if kind in kinds},
             "steps": list(info.steps),

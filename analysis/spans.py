@@ -5,7 +5,7 @@ quantities are linear in the tokens, so a span is computed exactly from the rows
 `txt2img` is the mean over its tokens (a padding row, itself their mean, weighs its count) and
 `img2txt` the sum. A span must hold a padding row whole or not at all.
 
-    ds = analysis.open_trace("cat.zarr", spans=["cat", "red chair", "0:512", (3, 7)])
+    ds = analysis.open_trace("cat.zarr", spans=["cat", "red chair", "0:512", "entity0:all"])
     ds.txt2img.sel(span="red chair")
 """
 
@@ -27,16 +27,24 @@ Spans = Sequence[SpanRequest] | Mapping[str, SpanRequest]
 _RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _WORD = re.compile(r"\w+(?:['’]\w+)*")
 PROMPT_SEGMENT = "prompt"
+TOKENS_SUFFIX = "_tokens"  # the stored rows beside a view: `txt2img_tokens`, `img2txt_tokens`
 
 
 def _label(request: SpanRequest) -> str:
     return request if isinstance(request, str) else f"{request[0]}:{request[1]}"
 
 
-def _phrase(phrase: str, attrs: Mapping[str, Any]) -> list[int]:
-    """Positions of every occurrence of `phrase` (whole words, any case) in the prompt."""
+def _phrase(phrase: str, attrs: Mapping[str, Any], segment: str | None = None) -> list[int]:
+    """Positions of every occurrence of `phrase` (whole words, any case) in `segment`; by
+    default in the prompt, else in every other segment that has it."""
+    if segment is None:
+        found = _phrase(phrase, attrs, PROMPT_SEGMENT)
+        if found:
+            return found
+        others = {str(o["segment"]) for o in attrs.get(sf.WORDS, [])} - {PROMPT_SEGMENT}
+        return sorted({p for name in others for p in _phrase(phrase, attrs, name)})
     wanted = [w.lower() for w in _WORD.findall(phrase)]
-    occurrences = [o for o in attrs.get(sf.WORDS, []) if o["segment"] == PROMPT_SEGMENT]
+    occurrences = [o for o in attrs.get(sf.WORDS, []) if o["segment"] == segment]
     found: set[int] = set()
     for i in range(len(occurrences) - len(wanted) + 1):
         window = occurrences[i : i + len(wanted)]
@@ -47,7 +55,10 @@ def _phrase(phrase: str, attrs: Mapping[str, Any]) -> list[int]:
 
 
 def positions(request: SpanRequest, attrs: Mapping[str, Any]) -> list[int]:
-    """The text positions a span request names: a stored span, a token range or a phrase."""
+    """The text positions a span request names: a stored span's name; text positions
+    `START:STOP` or `(start, stop)`; `SEGMENT:all` (a segment's whole block, padding included,
+    such as an EliGen entity's rows); `SEGMENT:PHRASE`; or a phrase, found in the prompt, else
+    in every other segment that has it."""
     named = attrs.get(sf.SPANS) or {}
     text_len = int(attrs.get(sf.TEXT_LEN, 0))
     if isinstance(request, str) and request in named:
@@ -65,12 +76,21 @@ def positions(request: SpanRequest, attrs: Mapping[str, Any]) -> list[int]:
         return list(range(start, stop))
     if not isinstance(request, str):
         raise SpanError(f"a span is a name, a phrase or (start, stop), not {request!r}")
-    found = _phrase(request, attrs)
+    segments = attrs.get(sf.SEGMENTS) or {}
+    segment, sep, rest = request.partition(":")
+    if sep and segment in segments:
+        if rest.strip() == "all":
+            first, stop = segments[segment]
+            return list(range(first, stop))  # the whole block, padding included
+        found = _phrase(rest, attrs, segment)
+    else:
+        found = _phrase(request, attrs)
     if not found:
         words = sorted({str(o["word"]).lower() for o in attrs.get(sf.WORDS, [])})
         raise SpanError(
             f"unknown span {request!r}: it is no stored span ({', '.join(named) or 'none'}), "
-            f"no token range START:STOP and no phrase of the prompt (words: "
+            f"no token range START:STOP, no SEGMENT:all or SEGMENT:PHRASE (segments: "
+            f"{', '.join(segments) or 'none'}) and no phrase of the text (words: "
             f"{', '.join(words) or 'none'})"
         )
     return found
@@ -103,11 +123,12 @@ def _requests(spans: Spans | None, attrs: Mapping[str, Any]) -> dict[str, SpanRe
 
 
 def span_view(tokens: xr.Dataset, spans: Spans | None = None) -> xr.Dataset:
-    """The run of `tokens` (dims step, layer, head, token, y, x) with its maps per span instead.
+    """The run of `tokens` (dims step, layer, head, token, y, x) with its maps per span too.
 
     `spans`: a list of requests (a stored span's name, a phrase of the prompt, `"3:7"` or
     `(3, 7)` for text positions 3..6), a mapping of names to requests, or None for the run's
-    stored spans. Lazy when `tokens` is; values stay float32.
+    stored spans. Lazy when `tokens` is; values stay float32. The rows themselves stay in the
+    result as `txt2img_tokens` and `img2txt_tokens`.
     """
     attrs = tokens.attrs
     rows = sf.token_rows({name: tokens[name].values for name in ("token", *sf.TOKEN_COORDS)})
@@ -134,10 +155,11 @@ def span_view(tokens: xr.Dataset, spans: Spans | None = None) -> xr.Dataset:
                 summed = rows_of_span.sum("token", skipna=False)
             out.append(summed.astype(np.float32))
     labels = xr.DataArray(np.array(list(chosen), dtype=object), dims="span")
-    data = {d: xr.concat(v, dim=labels) for d, v in views.items()}
-    ds = tokens.drop_vars([*sf.DIRECTIONS, "token", *sf.TOKEN_COORDS], errors="ignore")
-    ds = ds.drop_dims("token", errors="ignore").assign(data)
+    order = [d for d in sf.SPAN_DIMS if d in tokens[next(iter(views))].dims or d == "span"]
+    data = {d: xr.concat(v, dim=labels).transpose(*order, ...) for d, v in views.items()}
+    # The stored rows stay beside the views, as `txt2img_tokens` and `img2txt_tokens`.
+    ds = tokens.rename({d: f"{d}{TOKENS_SUFFIX}" for d in views}).assign(data)
     ds = ds.assign_coords(span=labels)
     strings = {name: [text_at[p] for p in wanted] for name, wanted in chosen.items()}
     ds.attrs = dict(attrs) | {sf.SPANS: chosen, sf.SPAN_TOKENS: strings}
-    return ds.transpose(*[d for d in sf.SPAN_DIMS if d in ds.dims], ...)
+    return ds

@@ -12,7 +12,7 @@ Layout (version 2)::
         txt2img, img2txt        float32 (step, layer, head, token, y, x): one row per text token,
                                 one per run of padding tokens (their mean / sum, see TOKEN_COUNT)
         image                   uint8 (image_y, image_x, rgb), the decoded image
-        entity_mask             uint8 (entity, image_y, image_x), EliGen masks when present
+        entity_mask             uint8 (entity, y, x), EliGen masks as the model applied them
         step, timestep, sigma, layer, layer_kind, head, y, x, branch   coordinates
         token, token_text, token_segment, token_count, token_padding   coordinates of the rows
       run-0001/ ...
@@ -48,7 +48,7 @@ SPAN_DIMS = ("step", "layer", "head", "span", "y", "x")  # version 1 stores; spa
 TOKEN_COORDS = ("token_text", "token_segment", "token_count", "token_padding")
 DIRECTIONS = ("txt2img", "img2txt")
 IMAGE_DIMS = ("image_y", "image_x", "rgb")
-ENTITY_MASK_DIMS = ("entity", "image_y", "image_x")
+ENTITY_MASK_DIMS = ("entity", "y", "x")  # on the latent token grid, as the model applied it
 LAYER_KINDS = ("double", "single")
 BRANCHES = ("cond", "uncond")
 
@@ -84,6 +84,7 @@ VARIABLES: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
 V1_VARIABLES: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     **{name: (SPAN_DIMS, frozenset({"float32"})) for name in DIRECTIONS},
     "span": (("span",), STRING_TYPES),
+    "entity_mask": (("entity", "image_y", "image_x"), frozenset({"uint8"})),
 }
 
 # Run status values (run attribute "status"); a failure reads "failed: <reason>".
@@ -521,11 +522,12 @@ def image_variable(image: np.ndarray) -> xr.DataArray:
 
 
 def entity_mask_variable(masks: np.ndarray, entities: Sequence[str]) -> xr.DataArray:
-    """Entity masks (E, H, W, nonzero = inside) as the run's `entity_mask` variable."""
+    """Entity masks (entity, y, x on the latent token grid, nonzero = inside) as the run's
+    `entity_mask` variable."""
     masks = np.asarray(masks)
     if masks.ndim != 3 or masks.shape[0] != len(entities):
         raise ValueError(
-            f"entity masks must be (entity, height, width) with one mask per entity "
+            f"entity masks must be (entity, y, x) with one mask per entity "
             f"({len(entities)}), got shape {masks.shape}"
         )
     return xr.DataArray(

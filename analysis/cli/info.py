@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import warnings
 from typing import Any
 
@@ -67,13 +68,25 @@ def describe(info: dict[str, Any]) -> str:
     if run["skipped"]:
         lines.append(
             f"  skipped   {run['skipped']} (step, layer) maps not computed: a cache hook "
-            f"skipped their block (they read NaN; see the computed coordinate)"
+            f"skipped their block"
         )
-    if run["segments"]:
-        text = " · ".join(f"{name} {a}:{b}" for name, (a, b) in run["segments"].items())
-        pad = run["padding_rows"]
-        summed = f"  ({pad} padding row{'s' * (pad != 1)}, summed)" if pad else ""
-        lines.append(f"  text      {text}{summed}")
+    if run["tokens"]:
+        lines.append("  tokens    (position text; a padding run as FIRST..LAST text)")
+        for segment in dict.fromkeys(t["segment"] for t in run["tokens"]):
+            rows = [t for t in run["tokens"] if t["segment"] == segment]
+            cells = [
+                f"{t['position']}..{t['position'] + t['count'] - 1} {t['text']}"
+                if t["count"] > 1
+                else f"{t['position']} {t['text']}"
+                for t in rows
+            ]
+            lines += textwrap.wrap(
+                " · ".join(cells),
+                width=100,
+                initial_indent=f"    {segment}: ",
+                subsequent_indent=" " * (6 + len(segment)),
+                break_on_hyphens=False,
+            )
     lines.append(
         "  spans"
         + ("  (stored; any phrase or START:STOP also works)" if "token" in run["dims"] else "")

@@ -202,10 +202,19 @@ def write_store(
             encoding["rgb"] = sf.checksum_encoding()
         if run.entities:
             ny, nx = run.grid
-            masks = np.zeros((len(run.entities), ny * run.image_scale, nx * run.image_scale))
+            scale = run.image_scale
+            masks = np.zeros((len(run.entities), ny * scale, nx * scale))
             for i, where in enumerate(run.entities.values()):
                 masks[i][where] = 1
-            ds["entity_mask"] = sf.entity_mask_variable(masks, list(run.entities))
+            if v1:  # on the image's pixels
+                ds["entity_mask"] = xr.DataArray(
+                    masks.astype(np.uint8),
+                    dims=("entity", "image_y", "image_x"),
+                    coords={"entity": np.array(list(run.entities), dtype=object)},
+                )
+            else:  # on the token grid: a cell is inside when half its pixels are
+                cells = masks.reshape(len(masks), ny, scale, nx, scale).mean(axis=(2, 4)) >= 0.5
+                ds["entity_mask"] = sf.entity_mask_variable(cells, list(run.entities))
             encoding["entity_mask"] = sf.image_encoding()
             encoding["entity"] = sf.checksum_encoding()
         ds.to_zarr(path, group=name, encoding=encoding, compute=False, consolidated=False)

@@ -43,7 +43,7 @@ def test_info_shows_runs_prompt_spans_dims_steps_and_size(make_store, capsys):
     assert "prompt    'a cat on a mat.'" in out
     assert "cat     tokens 1  'cat'" in out and "prompt  tokens 0..5  'a cat on a mat .'" in out
     assert "step 5 · layer 5 · head 3 · token 7 · y 4 · x 7  (layers: 2 double, 3 single)" in out
-    assert "text      prompt 0:10  (1 padding row, summed)" in out
+    assert "    prompt: 0 a · 1 cat · 2 on · 3 a · 4 mat · 5 . · 6..9 <pad>" in out
     assert "relative error <= 0.000977" in out
 
     status, out, _ = run_cli(capsys, "info", path, "--run", "run-0000", "--json")

@@ -215,10 +215,15 @@ def np_grid_mask() -> np.ndarray:
 
 def test_mask_to_grid_pools_image_pixels(masked):
     ds, _ = masked
-    grid = analysis.mask_to_grid(ds.entity_mask.sel(entity="entity0"), ds.txt2img)
+    pixels = xr.DataArray(np.zeros((48, 80)), dims=("image_y", "image_x"))
+    pixels[ENTITY] = 1
+    grid = analysis.mask_to_grid(pixels, ds.txt2img)
     assert grid.dims == ("y", "x")
     np.testing.assert_array_equal(grid.values, np_grid_mask())
-    # A mask already on the latent grid passes through.
+    # A mask already on the latent grid passes through: the run's own, and an array.
+    stored = ds.entity_mask.sel(entity="entity0")
+    assert stored.dims == ("y", "x")
+    np.testing.assert_array_equal(analysis.mask_to_grid(stored, ds.txt2img), np_grid_mask())
     np.testing.assert_array_equal(analysis.mask_to_grid(np_grid_mask(), ds.txt2img), np_grid_mask())
     with pytest.raises(analysis.SelectionError, match="must be 2-D"):
         analysis.mask_to_grid(np.zeros((2, 2, 2)), ds.txt2img)

@@ -51,6 +51,8 @@ def reference(path, positions: list[int]) -> dict[str, np.ndarray]:
         ((0, TEXT_LEN), list(range(TEXT_LEN))),  # the whole segment, padding included
         ("4:10", [4, 5, 6, 7, 8, 9]),  # tokens and the whole padding run
         ("mat", [4]),  # a stored span
+        ("prompt:all", list(range(TEXT_LEN))),  # a segment's whole block
+        ("prompt:Cat on", [1, 2]),  # a phrase of a named segment
     ],
 )
 def test_any_span_is_exact_from_the_token_rows(store, request_, positions):
@@ -89,6 +91,10 @@ def test_the_token_rows_are_there_fully_labelled(store):
     assert list(ds.token_count.values) == [1] * len(TOKENS) + [PADDING]
     assert list(ds.token_padding.values) == [False] * len(TOKENS) + [True]
     np.testing.assert_array_equal(ds.txt2img.values, rows(path, "txt2img").astype(np.float32))
+    # Beside the span views, the rows stay reachable.
+    views = analysis.open_trace(path)
+    assert views.img2txt_tokens.dims == sf.DIMS and views.img2txt.dims == sf.SPAN_DIMS
+    np.testing.assert_array_equal(views.img2txt_tokens.values, ds.img2txt.values)
 
 
 @pytest.mark.parametrize(
@@ -97,6 +103,7 @@ def test_the_token_rows_are_there_fully_labelled(store):
         ("3:8", ["covers 2 of the 4 padding tokens", "positions 6..9", "keep_tokens=(6, 10)"]),
         ("0:99", ["out of range", "0 <= START < STOP <= 10"]),
         ("dog", ["unknown span 'dog'", "prompt, cat, mat", "words: a, cat, mat, on"]),
+        ("prompt:dog", ["unknown span 'prompt:dog'", "segments: prompt"]),
         ("mat cat", ["unknown span 'mat cat'"]),
     ],
 )

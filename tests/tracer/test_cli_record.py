@@ -146,5 +146,6 @@ def test_diffsynth_demo_with_eligen_entities(tmp_path):
     ds = runs(out)["run-0000"]
     assert list(ds.entity.values) == ["kitten", "entity1"]
     assert list(ds.attrs["spans"])[:3] == ["kitten", "entity1", "prompt"]
-    assert ds.entity_mask.sel(entity="kitten").values[:, :64].all()
-    assert not ds.entity_mask.sel(entity="kitten").values[:, 64:].any()
+    # The left half of a 128-pixel image: token columns 0..3 of 8.
+    assert ds.entity_mask.sel(entity="kitten").values[:, :4].all()
+    assert not ds.entity_mask.sel(entity="kitten").values[:, 4:].any()

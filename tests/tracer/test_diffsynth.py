@@ -107,12 +107,6 @@ def open_run(path, run) -> xr.Dataset:
     return xr.open_zarr(path, group=run, consolidated=False)
 
 
-def token_masks(ds) -> np.ndarray:
-    """(entity, y, x): a token is inside when any pixel of its 16x16 block is (DiffSynth's rule)."""
-    masks = ds.entity_mask.values.astype(bool)
-    return masks.reshape(masks.shape[0], GRID[0], 16, GRID[1], 16).any(axis=(2, 4))
-
-
 @pytest.fixture(scope="module")
 def eligen(pipe, tmp_path_factory):
     """One EliGen + CFG generation logged untraced, then the same one traced into a store."""
@@ -165,8 +159,8 @@ def test_layout_entities_first_then_prompt_then_image(eligen, pipe):
         assert ds.attrs["span_tokens"][name] == [tokens[i] for i in content]
     assert ds.attrs["entity_prompts"] == ENTITIES
     assert list(ds.entity.values) == ["kitten", "puppy"]
-    assert ds.entity_mask.dims == ("entity", "image_y", "image_x")
-    assert ds.entity_mask.shape == (2, HEIGHT, WIDTH)
+    assert ds.entity_mask.dims == ("entity", "y", "x")  # on the token grid, as applied
+    assert ds.entity_mask.shape == (2, *GRID)
     assert list(ds.layer.values) == ["blocks.0", "blocks.1", "single_blocks.0", "single_blocks.1"]
     assert list(ds.layer_kind.values) == ["double", "double", "single", "single"]
     assert ds.txt2img.shape == (3, N_LAYERS, HEADS, len(ds.token), *GRID)
@@ -203,7 +197,7 @@ def test_store_equals_float64_softmax_with_the_regional_mask(eligen):
 
 def test_positions_the_mask_forbids_are_exactly_zero(eligen):
     ds = eligen["ds"]
-    inside = token_masks(ds)
+    inside = ds.entity_mask.values.astype(bool)
     assert inside[0].sum() == 24 and inside[1].sum() == 16  # the dog box covers tokens partly
     # The stored masks are exactly where DiffSynth's attention mask lets each entity look.
     mask = eligen["log"].calls[0][2]
@@ -217,6 +211,14 @@ def test_positions_the_mask_forbids_are_exactly_zero(eligen):
             assert (maps[..., inside[e]] > 0.0).all()
     # The global prompt sees the whole image.
     assert (eligen["spans"].txt2img.sel(span="prompt").values > 0.0).all()
+    # So every map of an entity has all its mass inside the stored mask, exactly.
+    views = eligen["spans"]
+    for name in ("kitten", "puppy"):
+        for direction in ("txt2img", "img2txt"):
+            scores = analysis.mask_agreement(
+                views[direction].sel(span=name), views.entity_mask.sel(entity=name)
+            ).compute()
+            assert (scores.mass_inside.values == 1.0).all()
 
 
 def test_tracing_leaves_the_model_output_bit_for_bit_unchanged(eligen):
@@ -243,8 +245,9 @@ def test_writeup_computation_matches_the_store(pipe, tmp_path, monkeypatch):
     ds = analysis.open_trace(path, rec.last_run)
     assert list(ds.span.values) == ["entity0", "prompt", "first"]
     # The same positions asked for as a range when reading give the same maps.
-    later = analysis.open_trace(path, rec.last_run, spans={"first": f"0:{L}"})
-    np.testing.assert_array_equal(later.txt2img.values, ds.txt2img.sel(span=["first"]).values)
+    for request in (f"0:{L}", "entity0:all"):  # the write-up's rows: the entity's whole block
+        later = analysis.open_trace(path, rec.last_run, spans={"first": request})
+        np.testing.assert_array_equal(later.txt2img.values, ds.txt2img.sel(span=["first"]).values)
     assert len(log.calls) == 3 * N_LAYERS
     for i, (q, k, mask, scale) in enumerate(log.calls):
         step, layer = divmod(i, N_LAYERS)

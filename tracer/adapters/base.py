@@ -32,7 +32,7 @@ class Generation:
     text: TextTokens  # without segments when the caller passed embeddings only
     attrs: dict[str, Any]  # run attributes: prompt, seed, size, guidance, ...
     entity_names: list[str] = field(default_factory=list)
-    entity_masks: np.ndarray | None = None  # (entity, height, width), nonzero = inside
+    entity_masks: np.ndarray | None = None  # (entity, y, x) on the token grid, nonzero = inside
 
 
 @dataclass(frozen=True)

@@ -78,12 +78,12 @@ def box_mask(height: int, width: int, box: tuple[int, int, int, int]) -> Any:
 
 
 def applied_entity_mask(mask: Any, height: int, width: int) -> np.ndarray:
-    """An EliGen mask image as DiffSynth applies it, as a (height, width) bool array.
+    """An EliGen mask image as DiffSynth applies it: a (height/16, width/16) bool token grid.
 
     DiffSynth resizes the mask (nearest) to the latent grid, `height/8 x width/8`, and keeps the
     pixels whose mean RGB is above mid-grey (`preprocess_image(...).mean(dim=1) > 0`); a token is
-    inside when any latent pixel of its 2x2 patch is. This returns that latent mask repeated to
-    image pixels, so a store's mask is exactly the region the model's attention mask allowed.
+    inside when any latent pixel of its 2x2 patch is. So a store's mask is exactly the region the
+    model's attention mask allowed.
     """
     from PIL import Image
 
@@ -94,7 +94,8 @@ def applied_entity_mask(mask: Any, height: int, width: int) -> np.ndarray:
         )
     small = mask.convert("RGB").resize((width // 8, height // 8), resample=Image.NEAREST)
     inside = np.asarray(small, dtype=np.float64).mean(axis=-1) > 127.5
-    return inside.repeat(8, axis=0).repeat(8, axis=1)
+    rows, cols = inside.shape[0] // 2, inside.shape[1] // 2
+    return inside[: 2 * rows, : 2 * cols].reshape(rows, 2, cols, 2).any(axis=(1, 3))
 
 
 class DiffSynthFlux(Adapter):
@@ -207,7 +208,7 @@ class DiffSynthFlux(Adapter):
             masks = np.stack([applied_entity_mask(m, height, width) for m in entity_masks])
             attrs["entity_mask_source"] = (
                 "DiffSynth's latent-resolution mask (nearest resize to height/8 x width/8, mean "
-                "RGB > 127.5), repeated to image pixels"
+                "RGB > 127.5); a token is inside when any latent pixel of its 2x2 patch is"
             )
         return Generation(text=text, attrs=attrs, entity_names=names, entity_masks=masks)
 
