@@ -222,9 +222,10 @@ def failed(reason: str) -> str:
 def quiet_zarr() -> Iterator[None]:
     """Silence, for the block only, what zarr says of every attnscope store it touches.
 
-    The format's bit rounding is a numcodecs codec, which zarr warns is outside the Zarr v3 spec
-    on every array it opens; a write killed mid-way leaves zarr's temporary `*.partial` file next
-    to an object, which zarr warns about on every listing (readers skip it, `verify` notes it).
+    Stores written before bit rounding moved to the tracer carry it as a numcodecs codec, which
+    zarr warns is outside the Zarr v3 spec on every array it opens; a write killed mid-way
+    leaves zarr's temporary `*.partial` file next to an object, which zarr warns about on every
+    listing (readers skip it, `verify` notes it).
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
@@ -299,7 +300,11 @@ def _keep_tokens(value: Any) -> tuple[int, int] | None:
 
 
 def keepbits_of(array: Any) -> int | None:
-    """The bit rounding a zarr array's codecs apply (None: lossless): the inverse of `codecs`."""
+    """The bit rounding an attention array's values carry (None: lossless), from its metadata:
+    its `keepbits` attribute, or the numcodecs BitRound codec older stores rounded with."""
+    attributes = dict(array.attrs)
+    if KEEPBITS in attributes:
+        return attributes[KEEPBITS]
     from zarr.codecs.numcodecs import BitRound
 
     pending = list(array.metadata.codecs)
@@ -429,28 +434,22 @@ def run_coords(
     }
 
 
-def codecs(keepbits: int | None) -> dict[str, Any]:
-    """Zarr v3 filters and compressors of an attention variable (lossless when keepbits is None).
+def codecs() -> dict[str, Any]:
+    """Zarr v3 compressors of every map, mask and image: Zarr v3 spec codecs only.
 
-    Bit rounding makes the low mantissa bits zero, bit-shuffled Zstd then packs them; a CRC32C
-    on every chunk reports corruption instead of decoding it.
+    The tracer has already rounded the maps' low mantissa bits to zero (`tracer.rounding`, on
+    the device), so bit-shuffled Zstd packs them; a CRC32C on every chunk reports corruption
+    instead of decoding it.
     """
     from zarr.codecs import BloscCodec, Crc32cCodec
 
-    keepbits = check_keepbits(keepbits)
-    filters = []
-    if keepbits is not None:
-        from zarr.codecs.numcodecs import BitRound
-
-        with quiet_zarr():
-            filters = [BitRound(keepbits=keepbits)]
     return {
-        "filters": filters,
+        "filters": [],
         "compressors": [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), Crc32cCodec()],
     }
 
 
-def attention_encoding(shape: Sequence[int], keepbits: int | None) -> dict[str, Any]:
+def attention_encoding(shape: Sequence[int]) -> dict[str, Any]:
     """Zarr encoding of an attention variable of `shape` (dims DIMS).
 
     A chunk is one (step, layer, token) map of all heads; a shard is one whole step, so one step
@@ -462,7 +461,7 @@ def attention_encoding(shape: Sequence[int], keepbits: int | None) -> dict[str, 
         "shards": (1, n_layer, n_head, n_token, ny, nx),
         "fill_value": np.float32("nan"),
         "dtype": "float32",
-        **codecs(keepbits),
+        **codecs(),
     }
 
 
@@ -494,7 +493,10 @@ def run_skeleton(
         for name in directions
     }
     dataset = xr.Dataset(data_vars, coords=dict(coords), attrs=dict(attrs))
-    encoding = {name: attention_encoding(shape, keepbits) for name in directions}
+    for name in directions:
+        # The bit rounding the values carry, stated where a reader of the array finds it.
+        dataset[name].attrs[KEEPBITS] = check_keepbits(keepbits)
+    encoding = {name: attention_encoding(shape) for name in directions}
     encoding |= {name: checksum_encoding() for name in dataset.coords}
     return dataset, encoding
 
@@ -508,7 +510,7 @@ def checksum_encoding() -> dict[str, Any]:
 
 def image_encoding() -> dict[str, Any]:
     """Zarr encoding of the `image` and `entity_mask` variables (lossless, checksummed)."""
-    return codecs(None)
+    return codecs()
 
 
 def image_variable(image: np.ndarray) -> xr.DataArray:

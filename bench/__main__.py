@@ -149,6 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"store size {main}",
         lambda: results["store"].update({main: isolated("bench.store_size:measure", geometry=geo)}),
     )
+    section("rows", lambda: results.update(rows=isolated("bench.rows:measure")))
     section("analysis", lambda: results.update(analysis=_analysis(args.quick)))
     results["total_seconds"] = earlier + time.perf_counter() - started
     return results

@@ -37,10 +37,11 @@ def _overhead(r: dict[str, Any], main: str) -> str:
         f"(untraced median {untraced:.2f} s):",
         f"- the capture math: {b.get('capture', math.nan):.2f} s for {calls} attention calls "
         f"({1000 * b.get('capture', math.nan) / calls:.0f} ms each), on the generation's "
-        "thread. With the kernel's log-sum-exp it is a few GEMMs with one side of 1 to a few "
-        "dozen span tokens (txt2img: the span tokens' rows against all keys; img2txt: all image "
-        "rows against the span keys), run on one thread because on shared cores small ops "
-        "spread over OpenMP threads spend more time at barriers than computing;",
+        "thread. With the kernel's log-sum-exp it is a few GEMMs: txt2img, every text query "
+        "(each token row's, the padding's included) against all keys; img2txt, all image "
+        "queries against the text keys, summed per row; run on one thread because on shared "
+        "cores small ops spread over OpenMP threads spend more time at barriers than "
+        "computing;",
         f"- creating the run group: {b.get('start_run', math.nan):.2f} s once per run (a dozen "
         "small Zarr objects: metadata and coordinates);",
         f"- the writer thread's compression and writes: {b.get('writer_step', math.nan):.2f} s "
@@ -207,8 +208,8 @@ def method(r: dict[str, Any]) -> str:
             "`FluxTransformer2DModel` classes, random weights, tiny text encoders and VAE) at "
             "the geometry named; prompt `a cat on a red chair`, seed 0, latents out (no VAE "
             "decode), the same call for every variant. attnscope records its defaults: every "
-            "layer, head and step, both directions, the spans `prompt` and one per word, "
-            "compressed to disk.",
+            "layer, head and step, both directions, one row per text token (the padding "
+            "summed in one), compressed to disk.",
             "- Timing: one process per geometry builds the model once and runs a warm-up "
             "generation. Each figure is a pair: an untraced generation next to a recorded one "
             "(order alternating), its ratio their quotient; recorders' pairs are interleaved; "

@@ -302,12 +302,12 @@ def _store(r: dict[str, Any]) -> str:
             for d, v in s["directions"].items()
         ]
         parts += [
-            f"{name} geometry ({geo.describe()}), default spans; keepbits {s['keepbits']}, "
+            f"{name} geometry ({geo.describe()}), default token rows; keepbits {s['keepbits']}, "
             f"stated bound {s['error_bound']:.3e}:",
             _table(
                 [
                     "variable",
-                    "shape (step, layer, head, span, y, x)",
+                    "shape (step, layer, head, token, y, x)",
                     "on disk",
                     "per value",
                     "ratio vs float32",
@@ -320,12 +320,62 @@ def _store(r: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def _rows(r: dict[str, Any]) -> str:
+    """Format 2's token rows against format 1's span rows (bench/rows.py)."""
+    if "rows" not in r:
+        return ""
+    rows = []
+    for entry in (v for k, v in r["rows"].items() if k != "geometry"):
+        v1, v2 = entry["v1"], entry["v2"]
+        rows.append(
+            [
+                f"{entry['words']} words, {entry['tokens']} tokens",
+                f"{v1['rows']} → {v2['rows']}",
+                f"{_size(v1['decoded_bytes'])} → {_size(v2['decoded_bytes'])}",
+                f"{_size(v1['stored_bytes'])} → {_size(v2['stored_bytes'])}",
+                f"{v1['capture_seconds'] * 1e3:.0f} → {v2['capture_seconds'] * 1e3:.0f} ms "
+                f"({v2['capture_seconds'] / v1['capture_seconds']:.1f}×)",
+            ]
+        )
+    layers, heads, text, image, steps = r["rows"]["geometry"]
+    return "\n\n".join(
+        [
+            "## Token rows (format 2) against span rows (format 1)",
+            f"FLUX.1-dev's shape: {layers} layers × {heads} heads, {text} text + {image} image "
+            f"tokens, {steps} steps, both directions; prompts tokenized by the demo's T5 "
+            "tokenizer (trained on image-prompt English, so it splits more than T5's own). "
+            "Format 1 stored `prompt` and one span per distinct word; format 2 one row per token "
+            "and `</s>`, and one summed row for the padding.",
+            _table(
+                [
+                    "prompt",
+                    "rows per step",
+                    "decoded per generation",
+                    "stored per generation",
+                    "capture, one layer (CPU)",
+                ],
+                rows,
+            ),
+            "Format 2 costs more in two places, both by design. Bytes grow with the rows: one per "
+            "token instead of one per distinct word (the price of asking about any span later). "
+            "Capture time grows more: `txt2img` of the padding "
+            "row averages the softmax rows of every padding query, so each traced attention "
+            "now computes all 512 text queries against the image keys instead of the prompt's "
+            "few. That is 512/4608 of the model's own QKᵀ for the layer (about 6% of its "
+            "attention FLOPs); on the CPU, where the model's attention is the same order of "
+            "work, it shows as the ratio above. `keep_tokens` adds a row per kept position and "
+            "nothing to the capture.",
+            "Command: `python -m bench` (section `rows`, `bench/rows.py`).",
+        ]
+    )
+
+
 def _analysis(r: dict[str, Any]) -> str:
     a = r["analysis"]
     w, m, c = a["write"], a["mean"], a["cli"]
     rate = m["decoded_bytes"] / m["compute_seconds"] / 1e6
     rows = [
-        ["synthetic store (step, layer, head, span, y, x)", "×".join(str(x) for x in w["shape"])],
+        ["synthetic store (step, layer, head, token, y, x)", "×".join(str(x) for x in w["shape"])],
         ["decoded / on disk", f"{_size(w['decoded_bytes'])} / {_size(w['stored_bytes'])}"],
         [
             "written by the real writer in",
@@ -365,8 +415,9 @@ def render(r: dict[str, Any]) -> str:
         _overhead(r),
         _memory(r),
         _store(r),
+        _rows(r),
         _analysis(r),
         limits(r),
         method(r),
     ]
-    return "\n\n".join(sections).rstrip() + "\n"
+    return "\n\n".join(section for section in sections if section).rstrip() + "\n"

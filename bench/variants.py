@@ -24,7 +24,7 @@ def untraced(pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None) 
 def attnscope(
     pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None, lse: str = "kernel"
 ) -> dict[str, Any]:
-    """Every layer, head and step, both directions, the default spans, compressed on disk."""
+    """Every layer, head and step, both directions, every token row, compressed on disk."""
     import tracer
 
     with tracer.trace(pipe, workdir / "trace.zarr", progress=False, lse=lse):
@@ -78,8 +78,8 @@ def describe(name: str, geo: Geometry) -> str:
     return {
         "untraced": "nothing",
         "attnscope": (
-            f"all {layers} layers, all heads and steps, txt2img + img2txt for the default spans "
-            "(prompt + each word), Zarr with bit-rounding + zstd"
+            f"all {layers} layers, all heads and steps, txt2img + img2txt per text token (the "
+            "padding summed in one row), Zarr with bit-rounding + zstd"
         ),
         "attnscope-recompute": "same as attnscope",
         "seed": (

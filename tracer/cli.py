@@ -136,6 +136,12 @@ def _load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype) ->
     return pipe.to(device)
 
 
+def _one_progress_bar(pipe: Any) -> None:
+    """Leave attnscope's bar (steps recorded) the only one: the pipeline's counts the same."""
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+
+
 def _load_diffsynth(args: argparse.Namespace, device: str, dtype: torch.dtype) -> Any:
     if args.demo:
         from tracer.demo_diffsynth import demo_diffsynth_pipeline
@@ -263,6 +269,8 @@ def _call_arguments(args: argparse.Namespace, prompt: str, seed: int) -> dict[st
     }
     if args.backend == "diffsynth":
         call |= {
+            # attnscope's own bar counts the steps; a second one would interleave with it.
+            "progress_bar_cmd": _silent,
             "negative_prompt": args.negative_prompt or "",
             "cfg_scale": args.true_cfg_scale,
             "embedded_guidance": args.guidance_scale,
@@ -278,6 +286,11 @@ def _call_arguments(args: argparse.Namespace, prompt: str, seed: int) -> dict[st
             "max_sequence_length": args.max_sequence_length,
         }
     return {key: value for key, value in call.items() if value is not None}
+
+
+def _silent(steps: Any) -> Any:
+    """DiffSynth's `progress_bar_cmd` that draws nothing."""
+    return steps
 
 
 def _jobs(args: argparse.Namespace) -> list[tuple[str, int]]:
@@ -364,6 +377,7 @@ def _record(
     except (OSError, ValueError, RuntimeError, ImportError) as error:
         source = "the demo pipeline" if args.demo else repr(args.model)
         raise UsageError(f"record: cannot load {source} on {device}: {error}") from None
+    _one_progress_bar(pipe)
     recorder = None
     try:
         with trace(

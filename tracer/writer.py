@@ -1,14 +1,15 @@
 """Stream traced attention maps into a run group, one durable step at a time.
 
-The tracer hands over, per (step, layer), one map per direction (`[H, S, Y*X]` float32, on the
-model's device). `TraceWriter` gets them off the device without stalling it, assembles a whole
-step on the host, and a background thread writes that step as one shard per direction. Only after
+The tracer hands over, per (step, layer), one map per direction (`[H, T, Y*X]` float32, on the
+model's device). `TraceWriter` rounds them to the run's `keepbits` where they are (on the GPU,
+before the copy), gets them off the device without stalling it, assembles a whole step on the
+host, and a background thread writes that step as one shard per direction. Only after
 those writes returned does it list the step in the run's `steps_complete` attribute, so a step
 that is listed is intact whatever happens next (kill -9 included): zarr's LocalStore writes every
 object, shards and `zarr.json` alike, to a temporary file and renames it over the target.
 
 Memory and backpressure: at most `max_pending` steps are accepted and not yet durable. Each owns
-one host buffer per direction (`[L, H, S, Y, X]` float32, pinned when CUDA is available) taken
+one host buffer per direction (`[L, H, T, Y, X]` float32, pinned when CUDA is available) taken
 from a pool of `max_pending`, reused from step to step. `put()` for a new step waits while all of
 them are taken; it never drops a map and never lets memory grow.
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 import operator
 import queue
 import threading
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +39,7 @@ import zarr
 
 from analysis import store_format as sf
 from analysis.errors import WriterError
+from tracer.rounding import bitround_
 
 __all__ = ["TraceWriter", "WriterError"]
 
@@ -95,10 +96,7 @@ class TraceWriter:
             raise ValueError(f"run group {run.path!r} is open read-only; open it with mode='r+'")
 
         arrays: dict[str, zarr.Array] = {}
-        with warnings.catch_warnings():
-            # Opening an array whose encoding holds BitRound warns that numcodecs codecs are not
-            # in the Zarr v3 spec; the format chose them knowingly (store_format.codecs).
-            warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
+        with sf.quiet_zarr():  # runs recorded before rounding moved here carry a numcodecs codec
             for name in directions:
                 if name not in run.array_keys():
                     raise ValueError(
@@ -120,6 +118,9 @@ class TraceWriter:
 
         self._run = run
         self._arrays = arrays
+        # The rounding each variable's values carry (its `keepbits` attribute): done here, on
+        # the maps' own device before they are copied (tracer.rounding).
+        self._keepbits = {name: sf.check_keepbits(sf.keepbits_of(a)) for name, a in arrays.items()}
         self._directions = directions
         self._n_steps = n_steps
         self._n_layers = n_layers
@@ -222,8 +223,10 @@ class TraceWriter:
         events: list[Any] = []
         for name, tensor in tensors.items():
             if tensor.is_cuda:
-                # Straight into the step's pinned buffer; the event tells the worker when the
-                # bytes are there, so this thread never waits for the GPU.
+                # Rounded on the GPU, then straight into the step's pinned buffer; the event
+                # tells the worker when the bytes are there, so this thread never waits for it.
+                if self._keepbits[name] is not None:
+                    tensor = bitround_(tensor.clone(), self._keepbits[name])
                 row = slot.host[name][layer_pos].view(self._map_shape)
                 row.copy_(tensor, non_blocking=True)
                 event = torch.cuda.Event()
@@ -415,7 +418,8 @@ class TraceWriter:
         for event in item.events:
             event.synchronize()  # waits on this thread only, not on the producer's stream
         for name, tensor in item.cpu.items():
-            slot.host[name][item.layer_pos].view(self._map_shape).copy_(tensor)
+            row = slot.host[name][item.layer_pos].view(self._map_shape)
+            bitround_(row.copy_(tensor), self._keepbits[name])
         if item.layer_pos in slot.skipped:
             for name in self._directions:
                 slot.host[name][item.layer_pos].fill_(float("nan"))

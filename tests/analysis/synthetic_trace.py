@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 import zarr
+from numcodecs import BitRound
+from zarr.codecs.numcodecs import BitRound as NumcodecsBitRound
 
 from analysis import store_format as sf
 
@@ -223,6 +225,10 @@ def write_store(
         for offset, direction in enumerate(run.directions):
             make = scene_maps if run.scene else synthetic_maps
             maps = make(replace(run, seed=run.seed * 10 + offset + 1), rows)
+            if run.keepbits is not None and not v1:
+                # As the tracer does, before the codecs (version 1 rounded in a codec).
+                maps = BitRound(keepbits=run.keepbits).encode(maps).view(np.float32)
+                maps = maps.reshape(run.steps, len(run.layers), run.heads, rows, *run.grid)
             for step in written:
                 group[direction][step] = maps[step]
             # The stored values, read back through zarr alone (bit rounding included).
@@ -261,7 +267,8 @@ def _skeleton(coords: dict, run: Run, rows: int, v1: bool) -> tuple[xr.Dataset, 
         d: (sf.SPAN_DIMS, da.full(shape, np.nan, dtype=np.float32, chunks=(1, *shape[1:])))
         for d in run.directions
     }
-    encoding = {d: sf.attention_encoding(shape, run.keepbits) for d in run.directions}
+    rounding = [] if run.keepbits is None else [NumcodecsBitRound(keepbits=run.keepbits)]
+    encoding = {d: sf.attention_encoding(shape) | {"filters": rounding} for d in run.directions}
     ds = xr.Dataset(data, coords=coords)
     return ds, encoding | {name: sf.checksum_encoding() for name in ds.coords}
 

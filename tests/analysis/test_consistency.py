@@ -45,7 +45,7 @@ def test_a_coordinate_disagreeing_with_the_capture_settings_is_an_error_in_both(
     assert finding.message in str(refused.value)
 
 
-def test_keepbits_read_back_from_the_codecs_is_what_was_asked(make_store):
+def test_keepbits_read_back_from_the_metadata_is_what_was_asked(make_store):
     import zarr
 
     for keepbits in (None, 3, 9):

@@ -1,0 +1,38 @@
+"""diffusers FLUX: which attention backends can be traced, checked before any run exists."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tracer
+from analysis.errors import UnsupportedModelError
+from tracer.adapters.diffusers_flux import DiffusersFlux
+from tracer.demo import demo_pipeline
+
+
+@pytest.fixture
+def pipe():
+    return demo_pipeline(seed=0, max_sequence_length=16)
+
+
+def test_a_module_on_a_non_sdpa_backend_is_refused_before_the_store_exists(pipe, tmp_path):
+    pipe.transformer.set_attention_backend("flex")
+    path = tmp_path / "never.zarr"
+    refused = pytest.raises(UnsupportedModelError, match=r"transformer_blocks\.0 runs its")
+    with refused as e, tracer.trace(pipe, path):
+        pass
+    assert "'flex' backend" in str(e.value) and "set_attention_backend('native')" in str(e.value)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("backend", ["native", "_native_math"])
+def test_sdpa_backends_are_traced(pipe, backend):
+    pipe.transformer.set_attention_backend(backend)
+    adapter = DiffusersFlux(pipe)
+    adapter.check_attention(adapter.layers())  # does not raise
+
+
+def test_a_pipeline_built_in_code_is_named_by_its_transformer(pipe):
+    assert DiffusersFlux(pipe).run_attrs()["model"] == "FluxTransformer2DModel built in code"
+    assert isinstance(pipe.transformer, torch.nn.Module)

@@ -1,0 +1,43 @@
+"""Bit rounding in torch is numcodecs' BitRound, bit for bit (the reference is numcodecs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from numcodecs import BitRound
+
+from tracer.rounding import bitround_
+
+SPECIAL = np.array(
+    [0.0, -0.0, 1.0, -1.0, 1.5, 3.4e38, -3.4e38, 1e-45, 1e-38, np.inf, -np.inf, np.nan],
+    dtype=np.float32,
+)
+
+
+@pytest.mark.parametrize("keepbits", [1, 3, 7, 9, 16, 22])
+def test_torch_bitround_equals_numcodecs_bit_for_bit(keepbits):
+    rng = np.random.default_rng(keepbits)
+    values = np.concatenate(
+        [
+            rng.lognormal(-8, 3, 100_000).astype(np.float32),
+            -rng.lognormal(0, 2, 10_000).astype(np.float32),
+            # Exact ties: a kept mantissa then exactly half a quantum.
+            (1.0 + (np.arange(64) + 0.5) * 2.0**-keepbits).astype(np.float32),
+            SPECIAL,
+        ]
+    )
+    want = BitRound(keepbits=keepbits).encode(values.copy()).view(np.int32)
+    got = bitround_(torch.from_numpy(values.copy()), keepbits).numpy().view(np.int32)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_the_stated_bound_holds_and_lossless_leaves_maps_alone():
+    values = np.random.default_rng(0).lognormal(-8, 2, 10_000).astype(np.float32)
+    rounded = bitround_(torch.from_numpy(values.copy()), 9).numpy()
+    assert np.all(np.abs(rounded - values) <= 2.0**-10 * values)
+    assert np.any(rounded != values)
+    same = torch.from_numpy(values.copy())
+    assert bitround_(same, None) is same and np.array_equal(same.numpy(), values)
+    with pytest.raises(TypeError, match=r"float32 maps, got torch\.bfloat16"):
+        bitround_(torch.ones(3, dtype=torch.bfloat16), 9)
