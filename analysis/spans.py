@@ -145,6 +145,9 @@ def span_view(tokens: xr.Dataset, spans: Spans | None = None) -> xr.Dataset:
         picked = [i for i, row in enumerate(rows) if set(row.positions) & set(wanted)]
         counts = np.array([rows[i].count for i in picked], dtype=np.float64)
         for direction, out in views.items():
+            if len(picked) == 1:  # a row's own mean and sum: the stored values themselves
+                out.append(tokens[direction].isel(token=picked[0], drop=True))
+                continue
             # Sums of float32 values times small integers are exact in float64, so the one
             # rounding is the final division and cast, whatever order dask sums in.
             rows_of_span = tokens[direction].isel(token=picked).astype(np.float64)

@@ -4,6 +4,7 @@
     python -m bench --quick        # quick geometry, small analysis store (< 2 min); prints
                                    # the report unless --output is given
     python -m bench --json r.json  # also keep the raw results
+    python -m bench rate           # the writer against a GPU's step rate (bench/rate.py)
 
 This process only orchestrates: every measurement runs in a fresh interpreter
 (bench.common.isolated), and this one never imports torch, so that it neither competes for the
@@ -22,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import analysis_speed
+from bench import analysis_speed, rate
 from bench.common import FIXED_MMAP_THRESHOLD, GEOMETRIES, geometry, isolated, log, scratch
 from bench.report import render
 
@@ -150,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lambda: results["store"].update({main: isolated("bench.store_size:measure", geometry=geo)}),
     )
     section("rows", lambda: results.update(rows=isolated("bench.rows:measure")))
+    section("rate", lambda: results.update(rate=rate.figures()))
     section("analysis", lambda: results.update(analysis=_analysis(args.quick)))
     results["total_seconds"] = earlier + time.perf_counter() - started
     return results
@@ -197,6 +199,9 @@ def _analysis(quick: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rate"]:
+        return rate.main(argv[1:])
     args = _parse(argv)
     results = run(args)
     report = render(results)

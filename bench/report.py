@@ -370,6 +370,45 @@ def _rows(r: dict[str, Any]) -> str:
     )
 
 
+def _rate(r: dict[str, Any]) -> str:
+    """The writer against a GPU's step rate (bench/rate.py)."""
+    rate = r.get("rate")
+    if not rate or "decoded_mb_s_per_core" not in rate:
+        return ""
+    rows = []
+    for cores, run in sorted(rate["runs"].items()):
+        paced, fast = run["paced"], run["unthrottled"]
+        rows.append(
+            [
+                str(cores),
+                f"{fast['decoded_mb_s']:,.0f} MB/s",
+                f"{paced['decoded_mb_s']:,.0f} MB/s",
+                f"{paced['put_wait_seconds']:.1f} s of {paced['seconds']:.1f} s",
+            ]
+        )
+    step = next(iter(rate["runs"].values()))
+    return "\n\n".join(
+        [
+            "## Writer rate against a GPU",
+            f"The real writer fed FLUX.1-dev-shaped steps ({_size(step['step_bytes'])} decoded "
+            f"a step: 57 layers × 24 heads × 26 token rows × 64×64, both directions) made of a "
+            f"real demo recording's maps, {step['steps']} steps, one every {step['period']} s "
+            "(paced) and as fast as it takes them (unthrottled), on 1 and 2 cores.",
+            _table(
+                ["cores", "unthrottled, decoded", "paced, decoded", "generation waited in put()"],
+                rows,
+            ),
+            f"Per core {rate['decoded_mb_s_per_core']:,.0f} MB/s decoded, "
+            f"{rate['scaling_1_to_2_cores']:.2f}× from 1 to 2 cores. An H100 needs "
+            f"{rate['needed_mb_s_at_h100']:,.0f} MB/s (one step every 0.15 s). Projected "
+            f"traced/untraced, assuming the per-core rate and the 1 → 2 scaling hold per "
+            f"doubling of cores: {rate['projected_ratio_h100_8_cores']:.1f}× on 8 cores, "
+            f"{rate['projected_ratio_h100_16_cores']:.1f}× on 16.",
+            "Command: `python -m bench rate --json rate.json`.",
+        ]
+    )
+
+
 def _analysis(r: dict[str, Any]) -> str:
     a = r["analysis"]
     w, m, c = a["write"], a["mean"], a["cli"]
@@ -416,6 +455,7 @@ def render(r: dict[str, Any]) -> str:
         _memory(r),
         _store(r),
         _rows(r),
+        _rate(r),
         _analysis(r),
         limits(r),
         method(r),

@@ -9,10 +9,12 @@ from analysis.errors import (
     UsageError,
     WriterError,
 )
+from tracer.estimate import Estimate, estimate
 from tracer.session import Recorder, trace
 
 __all__ = [
     "AttnscopeError",
+    "Estimate",
     "FormatError",
     "Recorder",
     "SpanError",
@@ -20,5 +22,6 @@ __all__ = [
     "UnsupportedModelError",
     "UsageError",
     "WriterError",
+    "estimate",
     "trace",
 ]

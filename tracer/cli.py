@@ -114,6 +114,18 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
         metavar="PNG|LEFT,TOP,RIGHT,BOTTOM",
         help="the entity's mask: an image (white inside) or a pixel box; one per --entity",
     )
+    parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the bytes per step and per generation, decoded and on disk, and the write "
+        "rate needed at --step-seconds; generate nothing",
+    )
+    parser.add_argument(
+        "--step-seconds",
+        type=positive(float),
+        default=0.15,
+        help="step time the write rate is stated for (default 0.15: FLUX.1-dev on an H100)",
+    )
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--append", action="store_true", help="add a run to an existing store")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -293,6 +305,45 @@ def _silent(steps: Any) -> Any:
     return steps
 
 
+def _estimate(
+    args: argparse.Namespace,
+    pipe: Any,
+    prompt: str,
+    seed: int,
+    entity_names: list[str] | None,
+    eligen: dict[str, Any],
+) -> Any:
+    from tracer.estimate import estimate
+
+    return estimate(
+        pipe,
+        _call_arguments(args, prompt, seed) | eligen,
+        layers=args.layers,
+        heads=args.heads,
+        steps=args.steps,
+        directions=args.directions,
+        keep_tokens=args.keep_tokens,
+        keepbits=None if args.lossless else args.keepbits,
+        step_seconds=args.step_seconds,
+        entity_names=entity_names,
+    )
+
+
+def _check_disk(out: str, costs: list[Any]) -> None:
+    """Refuse a recording that cannot fit on the disk it goes to (local paths)."""
+    folder = Path(out)
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    needed = sum(cost.stored_bytes for cost in costs)
+    if needed > free:
+        raise UsageError(
+            f"record: {len(costs)} run(s) need about {needed / 1e9:.1f} GB on disk but "
+            f"{folder} has {free / 1e9:.1f} GB free; narrow the recording (--layers, --heads, "
+            f"--steps, --directions) or see the cost first with --estimate"
+        )
+
+
 def _jobs(args: argparse.Namespace) -> list[tuple[str, int]]:
     """The (prompt, seed) generations a `record` command asks for, in order."""
     if args.prompts is None:
@@ -335,7 +386,7 @@ def run_record(args: argparse.Namespace) -> int:
     jobs = _jobs(args)
     entity_names, eligen = _entities(args)
     created = False
-    if args.prompts is None or args.overwrite:
+    if not args.estimate and (args.prompts is None or args.overwrite):
         created = _check_out(args)
     try:
         _record(args, jobs, spans, entity_names, eligen)
@@ -378,6 +429,12 @@ def _record(
         source = "the demo pipeline" if args.demo else repr(args.model)
         raise UsageError(f"record: cannot load {source} on {device}: {error}") from None
     _one_progress_bar(pipe)
+    costs = [_estimate(args, pipe, prompt, seed, entity_names, eligen) for prompt, seed in todo]
+    if args.estimate:
+        for (prompt, seed), cost in zip(todo, costs, strict=True):
+            print(f"{prompt!r} (seed {seed})\n{cost}")
+        return
+    _check_disk(args.out, costs)
     recorder = None
     try:
         with trace(

@@ -78,7 +78,8 @@ def select_layers(layers: list[Layer], selector: Selector | None) -> list[Layer]
     return [layer for layer in layers if layer.name in chosen]
 
 
-def _select_indices(dim: str, selector: Selector | None, size: int) -> list[int]:
+def select_indices(dim: str, selector: Selector | None, size: int) -> list[int]:
+    """The positions 0..size-1 a selector names (all of them for None)."""
     return list(range(size)) if selector is None else pick(dim, selector, list(range(size)))
 
 
@@ -127,7 +128,7 @@ class Recorder:
         self.adapter.check_attention(self.layers)
         self.layer_positions = {layer.name: i for i, layer in enumerate(self.layers)}
         n_heads = self.layers[0].heads
-        self.heads = _select_indices("head", options.heads, n_heads)
+        self.heads = select_indices("head", options.heads, n_heads)
         self._head_index = None if len(self.heads) == n_heads else torch.tensor(self.heads)
         fmt.check_directions(options.directions)
         fmt.check_keepbits(options.keepbits)
@@ -255,7 +256,7 @@ class Recorder:
 
     def _start_run(self, run: _Run, call: DenoiserCall) -> None:
         timesteps, sigmas = self.adapter.schedule(call.timestep)
-        steps = _select_indices("step", self.options.steps, len(timesteps))
+        steps = select_indices("step", self.options.steps, len(timesteps))
         too_long = [s.name for s in run.spans if s.indices and max(s.indices) >= call.text_len]
         if too_long:
             raise UsageError(

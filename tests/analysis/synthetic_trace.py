@@ -134,9 +134,9 @@ def synthetic_image(run: Run) -> np.ndarray:
     return image.astype(np.uint8)
 
 
-def _v1_coords(run: Run, steps: list[int]) -> dict:
-    """The coordinates of a version-1 run (spans where version 2 has token rows)."""
-    coords = sf.run_coords(
+def _coords(run: Run, steps: list[int]) -> dict:
+    """The coordinates of a run, through the format module."""
+    return sf.run_coords(
         steps=steps,
         timesteps=[1000.0 * (1 - s / run.steps) for s in steps],
         sigmas=[1.0 - s / run.steps for s in steps],
@@ -146,6 +146,11 @@ def _v1_coords(run: Run, steps: list[int]) -> dict:
         tokens=token_rows(),
         grid=run.grid,
     )
+
+
+def _v1_coords(run: Run, steps: list[int]) -> dict:
+    """The coordinates of a version-1 run (spans where version 2 has token rows)."""
+    coords = _coords(run, steps)
     for name in ("token", *sf.TOKEN_COORDS):
         coords.pop(name)
     return coords | {"span": np.array(list(run.spans), dtype=object)}
@@ -185,16 +190,7 @@ def write_store(
             coords = _v1_coords(run, steps)
             rows = len(run.spans)
         else:
-            coords = sf.run_coords(
-                steps=steps,
-                timesteps=[1000.0 * (1 - s / run.steps) for s in steps],
-                sigmas=[1.0 - s / run.steps for s in steps],
-                layers=run.layers,
-                layer_kinds=[layer_kind(layer) for layer in run.layers],
-                heads=list(range(run.heads)),
-                tokens=token_rows(),
-                grid=run.grid,
-            )
+            coords = _coords(run, steps)
             rows = len(token_rows())
         ds, encoding = _skeleton(coords, run, rows, v1)
         if run.image_scale:

@@ -1,0 +1,175 @@
+"""`python -m bench rate`: can the writer keep up with a GPU at FLUX.1-dev's shape?
+
+On this machine the model is far slower than the writer, so the overhead benchmark cannot show
+a writer that falls behind. This one leaves the model out: it feeds the real writer (`TraceWriter`
+into a real store) with FLUX.1-dev-shaped steps (57 layers × 24 heads × the token rows of a
+20-word prompt × 64×64, both directions), made of maps from a real recording of the demo model at
+a 64×64 latent grid (real maps compress as maps do; random numbers do not), one step every
+`--period` seconds, on 1 and then 2 host cores (`sched_setaffinity`), each in a fresh process.
+
+It reports, per core count: sustained decoded MB/s (a step's bytes over the time from its first
+put() to being durable, in steady state), how long put() made the generation wait (the
+backpressure: the writer never lets memory grow), and the unthrottled rate. The projection to an
+H100 host assumes the measured per-core rate and the measured 1 → 2 core scaling hold per doubling
+of cores: traced / untraced = max(1, bytes per step / (rate on N cores × step time)).
+
+    python -m bench rate                     # prints the figures
+    python -m bench rate --json rate.json    # and writes them as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import isolated, log, scratch
+
+LAYERS, HEADS, GRID = 57, 24, (64, 64)
+TOKEN_ROWS = 26  # a 20-word prompt: its tokens, </s> and the padding row
+H100_STEP_SECONDS = 0.15  # FLUX.1-dev, 1024², bf16, one step
+HOSTS = (8, 16)
+
+
+def _demo_maps(path: Path) -> dict[str, Any]:
+    """Maps of a real demo recording on a 64×64 grid, lossless: {direction: [rows, 4096]}."""
+    import torch
+
+    import analysis
+    import tracer
+    from tracer.demo import demo_pipeline
+
+    pipe = demo_pipeline(seed=0, max_sequence_length=32)
+    with tracer.trace(pipe, str(path), keepbits=None, progress=False):
+        pipe(
+            "a photo of a cat sitting on a red chair",
+            num_inference_steps=2,
+            height=1024,
+            width=1024,
+            max_sequence_length=32,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        )
+    rows = analysis.open_trace(path, tokens=True)
+    out = {}
+    for direction in ("txt2img", "img2txt"):
+        values = rows[f"{direction}"].isel(step=-1).values  # layer, head, token, y, x
+        out[direction] = torch.from_numpy(values.reshape(-1, GRID[0] * GRID[1]).copy())
+    return out
+
+
+def measure(cores: int, steps: int, period: float) -> dict[str, Any]:
+    """Feed `steps` FLUX-shaped steps to the writer on `cores` host cores. Fresh interpreter."""
+    os.sched_setaffinity(0, set(range(cores)))
+    import numpy as np
+    import torch
+
+    from analysis import store_format as fmt
+    from tracer.store import create_run
+    from tracer.writer import TraceWriter
+
+    torch.set_num_threads(cores)
+    with scratch("rate") as workdir:
+        demo = _demo_maps(workdir / "demo.zarr")
+        # One layer's [heads, rows, y*x] maps per direction, cycling through the demo's maps.
+        per_layer = HEADS * TOKEN_ROWS
+        maps = {
+            d: [
+                torch.stack(
+                    [v[(layer * per_layer + i) % len(v)] for i in range(per_layer)]
+                ).reshape(HEADS, TOKEN_ROWS, -1)
+                for layer in range(LAYERS)
+            ]
+            for d, v in demo.items()
+        }
+        rows = [fmt.TokenRow(i, 1, f"t{i}", "prompt") for i in range(TOKEN_ROWS - 1)]
+        rows.append(fmt.TokenRow(TOKEN_ROWS - 1, 512 - TOKEN_ROWS + 1, "<pad>", "prompt", True))
+        coords = fmt.run_coords(
+            steps=list(range(steps)),
+            timesteps=np.linspace(1000, 1000 / steps, steps),
+            sigmas=np.linspace(1, 1 / steps, steps),
+            layers=[f"layer.{i}" for i in range(LAYERS)],
+            layer_kinds=["double"] * LAYERS,
+            heads=list(range(HEADS)),
+            tokens=rows,
+            grid=GRID,
+        )
+        attrs = {fmt.STATUS: fmt.RECORDING, fmt.STEPS_COMPLETE: [], fmt.TEXT_LEN: 512}
+        results = {}
+        for name, pace in (("paced", period), ("unthrottled", 0.0)):
+            store = workdir / f"{name}.zarr"
+            _, group = create_run(str(store), coords, attrs, fmt.DIRECTIONS, fmt.DEFAULT_KEEPBITS)
+            writer = TraceWriter(group, directions=list(fmt.DIRECTIONS), n_layers=LAYERS)
+            waited, start = 0.0, time.perf_counter()
+            for step in range(steps):
+                due = start + step * pace
+                time.sleep(max(0.0, due - time.perf_counter()))
+                for layer in range(LAYERS):
+                    before = time.perf_counter()
+                    writer.put(step, layer, {d: maps[d][layer] for d in fmt.DIRECTIONS})
+                    waited += time.perf_counter() - before
+            writer.close()
+            elapsed = time.perf_counter() - start
+            step_bytes = 2 * LAYERS * HEADS * TOKEN_ROWS * GRID[0] * GRID[1] * 4
+            results[name] = {
+                "seconds": elapsed,
+                "decoded_mb_s": steps * step_bytes / elapsed / 1e6,
+                "put_wait_seconds": waited,
+                "stored_bytes": sum(p.stat().st_size for p in store.rglob("*") if p.is_file()),
+            }
+    return {"cores": cores, "steps": steps, "period": period, "step_bytes": step_bytes} | results
+
+
+def project(by_cores: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per-core rate, 1 → 2 scaling and the projected traced/untraced ratio on H100 hosts."""
+    one, two = (
+        by_cores[1]["unthrottled"]["decoded_mb_s"],
+        by_cores[2]["unthrottled"]["decoded_mb_s"],
+    )
+    scaling = two / one
+    step_bytes = by_cores[1]["step_bytes"]
+    out = {
+        "decoded_mb_s_per_core": one,
+        "scaling_1_to_2_cores": scaling,
+        "needed_mb_s_at_h100": step_bytes / H100_STEP_SECONDS / 1e6,
+    }
+    for host in HOSTS:
+        rate = one * scaling ** math.log2(host) * 1e6
+        out[f"projected_ratio_h100_{host}_cores"] = max(
+            1.0, step_bytes / (rate * H100_STEP_SECONDS)
+        )
+    return out
+
+
+def figures(period: float = H100_STEP_SECONDS, steps: int = 4) -> dict[str, Any]:
+    """Measure on 1 and 2 cores (those this machine has) and project."""
+    available = len(os.sched_getaffinity(0))
+    by_cores = {}
+    for cores in (1, 2):
+        if cores > available:
+            print(f"only {available} core(s) here: no {cores}-core figure", file=sys.stderr)
+            continue
+        log(f"rate: {cores} core(s)")
+        by_cores[cores] = isolated("bench.rate:measure", cores=cores, steps=steps, period=period)
+    return {"runs": by_cores} | (project(by_cores) if len(by_cores) == 2 else {})
+
+
+def main(argv: list[str]) -> int:
+    """`python -m bench rate [--period S] [--steps N] [--json FILE]`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench rate", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--period", type=float, default=H100_STEP_SECONDS, help="seconds per step")
+    parser.add_argument("--steps", type=int, default=4, help="steps fed per measurement")
+    parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
+    args = parser.parse_args(argv)
+    result = figures(args.period, args.steps)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0

@@ -1,0 +1,53 @@
+"""`record --estimate` and `tracer.estimate`: the cost said before recording is what is recorded."""
+
+from __future__ import annotations
+
+import shutil
+from collections import namedtuple
+
+import torch
+import zarr
+
+import tracer
+from analysis.cli import main
+from tracer.demo import demo_pipeline
+from tracer.estimate import estimate
+
+CALL = {
+    "prompt": "a cat on a red chair",
+    "num_inference_steps": 3,
+    "height": 96,
+    "width": 160,
+    "max_sequence_length": 32,
+}
+
+
+def test_the_estimate_is_the_size_of_the_recording(tmp_path):
+    pipe = demo_pipeline(seed=0, max_sequence_length=32)
+    options = {"heads": "1:3", "steps": "0,2", "directions": ["txt2img"], "keep_tokens": (8, 12)}
+    cost = estimate(pipe, CALL, keepbits=None, **options)
+    with tracer.trace(pipe, tmp_path / "t.zarr", keepbits=None, progress=False, **options) as rec:
+        pipe(**CALL, generator=torch.Generator().manual_seed(0), output_type="latent")
+    stored = zarr.open_group(tmp_path / "t.zarr", path=rec.last_run, mode="r")["txt2img"]
+    assert stored.shape == (cost.steps, cost.layers, cost.heads, cost.rows, *cost.grid)
+    assert cost.generation_bytes == stored.nbytes
+    assert cost.stored_bytes == cost.generation_bytes  # lossless: no compression counted on
+
+
+def test_record_estimate_prints_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "e.zarr"
+    assert main(["record", "--demo", "--estimate", "--num-steps", "2", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "maps: 5 layers × 4 heads × " in said and "2 steps" in said
+    assert "decoded at 0.15 s a step" in said
+    assert not out.exists()
+
+
+def test_a_recording_that_cannot_fit_is_refused_before_it_starts(tmp_path, capsys, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    out = tmp_path / "full.zarr"
+    assert main(["record", "--demo", "--num-steps", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "need about" in err and "has 0.0 GB free" in err and "--estimate" in err
+    assert not out.exists()

@@ -1,0 +1,122 @@
+"""What a recording will cost, said before anything is generated: bytes and host throughput."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from analysis import store_format as fmt
+from tracer.adapters import adapter_for
+from tracer.session import Selector, select_indices, select_layers
+from tracer.spans import token_rows
+
+# Stored bytes per value at the default keepbits, as docs/benchmarks.md measures them on the
+# demo's maps (bit-shuffled Zstd over rounded float32). Other settings are estimated without
+# any compression credit: sign, exponent and kept mantissa bits, rounded up to whole bytes.
+MEASURED_BYTES_PER_VALUE = {fmt.DEFAULT_KEEPBITS: 1.65}
+H100_STEP_SECONDS = 0.15  # FLUX.1-dev, 1024², bf16
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The size of one recorded generation and the rate it needs."""
+
+    layers: int
+    heads: int
+    rows: int
+    grid: tuple[int, int]
+    steps: int
+    directions: tuple[str, ...]
+    keepbits: int | None
+    step_seconds: float
+
+    @property
+    def step_bytes(self) -> int:
+        """Decoded bytes of one step's maps."""
+        return (
+            self.layers
+            * self.heads
+            * self.rows
+            * self.grid[0]
+            * self.grid[1]
+            * 4
+            * len(self.directions)
+        )
+
+    @property
+    def generation_bytes(self) -> int:
+        """Decoded bytes of the whole generation."""
+        return self.step_bytes * self.steps
+
+    @property
+    def stored_bytes(self) -> float:
+        """Expected bytes on disk for the whole generation."""
+        per_value = MEASURED_BYTES_PER_VALUE.get(self.keepbits)
+        if per_value is None:
+            bits = 32 if self.keepbits is None else 1 + 8 + self.keepbits
+            per_value = -(-bits // 8)
+        return self.generation_bytes / 4 * per_value
+
+    @property
+    def rate_needed(self) -> float:
+        """Decoded bytes per second the host must write to keep up at `step_seconds` a step."""
+        return self.step_bytes / self.step_seconds
+
+    def __str__(self) -> str:
+        return "\n".join(
+            [
+                f"maps: {self.layers} layers × {self.heads} heads × {self.rows} token rows × "
+                f"{self.grid[0]}×{self.grid[1]}, {' + '.join(self.directions)}, {self.steps} "
+                f"steps",
+                f"per step: {_size(self.step_bytes)} decoded",
+                f"per generation: {_size(self.generation_bytes)} decoded, about "
+                f"{_size(self.stored_bytes)} on disk",
+                f"needs {_size(self.rate_needed)}/s decoded at {self.step_seconds} s a step",
+            ]
+        )
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def estimate(
+    pipe: Any,
+    call: Mapping[str, Any],
+    *,
+    layers: Selector | None = None,
+    heads: Selector | None = None,
+    steps: Selector | None = None,
+    directions: Sequence[str] = fmt.DIRECTIONS,
+    keep_tokens: tuple[int, int] | None = None,
+    keepbits: int | None = fmt.DEFAULT_KEEPBITS,
+    step_seconds: float = H100_STEP_SECONDS,
+    entity_names: Sequence[str] | None = None,
+) -> Estimate:
+    """What `tracer.trace(pipe, ..., same options)` would record for `pipe(**call)`: nothing is
+    generated. `step_seconds` is the step time the recording must keep up with."""
+    adapter = adapter_for(pipe, entity_names)
+    chosen = select_layers(adapter.layers(), layers)
+    n_heads = len(select_indices("head", heads, chosen[0].heads))
+    generation = adapter.generation(call)
+    text = generation.text
+    keep = range(*keep_tokens) if keep_tokens is not None else ()
+    rows = token_rows(text, text.length, sorted(keep))
+    height = int(generation.attrs.get("height") or call.get("height") or 1024)
+    width = int(generation.attrs.get("width") or call.get("width") or 1024)
+    n_steps = int(call.get("num_inference_steps") or 28)
+    # FLUX's latent tokens are 2×2 patches of the VAE's 8× downsampled latents: 16 pixels a side.
+    return Estimate(
+        layers=len(chosen),
+        heads=n_heads,
+        rows=len(rows),
+        grid=(height // 16, width // 16),
+        steps=len(select_indices("step", steps, n_steps)),
+        directions=fmt.check_directions(directions),
+        keepbits=fmt.check_keepbits(keepbits),
+        step_seconds=step_seconds,
+    )
