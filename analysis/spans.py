@@ -25,7 +25,7 @@ SpanRequest = str | tuple[int, int]
 Spans = Sequence[SpanRequest] | Mapping[str, SpanRequest]
 
 _RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-_WORD = re.compile(r"\w+(?:['’]\w+)*")
+WORD = re.compile(r"\w+(?:['’]\w+)*")  # a word of a prompt, for the tracer's spans too
 PROMPT_SEGMENT = "prompt"
 TOKENS_SUFFIX = "_tokens"  # the stored rows beside a view: `txt2img_tokens`, `img2txt_tokens`
 
@@ -43,7 +43,7 @@ def _phrase(phrase: str, attrs: Mapping[str, Any], segment: str | None = None) -
             return found
         others = {str(o["segment"]) for o in attrs.get(sf.WORDS, [])} - {PROMPT_SEGMENT}
         return sorted({p for name in others for p in _phrase(phrase, attrs, name)})
-    wanted = [w.lower() for w in _WORD.findall(phrase)]
+    wanted = [w.lower() for w in WORD.findall(phrase)]
     occurrences = [o for o in attrs.get(sf.WORDS, []) if o["segment"] == segment]
     found: set[int] = set()
     for i in range(len(occurrences) - len(wanted) + 1):
@@ -122,6 +122,31 @@ def _requests(spans: Spans | None, attrs: Mapping[str, Any]) -> dict[str, SpanRe
     return {_label(request): request for request in spans}
 
 
+def _combine(
+    maps: xr.DataArray, picked: list[int], rows: Sequence[sf.TokenRow], direction: str
+) -> xr.DataArray:
+    """The span of rows `picked`: their sum (img2txt), or their mean over positions (txt2img).
+
+    Sums of float32 values (times small integers) are exact in float64, so the one rounding is
+    the final division and cast, whatever order dask sums in. Rows of one token are summed
+    with a float64 accumulator, without a float64 copy of them; only padding rows, which
+    weigh their count, are converted.
+    """
+    single = [i for i in picked if rows[i].count == 1]
+    runs = [i for i in picked if rows[i].count > 1]
+    parts = []
+    if single:
+        parts.append(maps.isel(token=single).sum("token", dtype=np.float64, skipna=False))
+    if runs:
+        weights = [rows[i].count if direction == "txt2img" else 1 for i in runs]
+        counted = maps.isel(token=runs).astype(np.float64) * xr.DataArray(weights, dims="token")
+        parts.append(counted.sum("token", skipna=False))
+    total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    if direction == "txt2img":
+        total = total / sum(rows[i].count for i in picked)
+    return total
+
+
 def span_view(tokens: xr.Dataset, spans: Spans | None = None) -> xr.Dataset:
     """The run of `tokens` (dims step, layer, head, token, y, x) with its maps per span too.
 
@@ -143,20 +168,11 @@ def span_view(tokens: xr.Dataset, spans: Spans | None = None) -> xr.Dataset:
         check_answerable(name, wanted, rows)
         chosen[name] = wanted
         picked = [i for i, row in enumerate(rows) if set(row.positions) & set(wanted)]
-        counts = np.array([rows[i].count for i in picked], dtype=np.float64)
         for direction, out in views.items():
             if len(picked) == 1:  # a row's own mean and sum: the stored values themselves
                 out.append(tokens[direction].isel(token=picked[0], drop=True))
                 continue
-            # Sums of float32 values times small integers are exact in float64, so the one
-            # rounding is the final division and cast, whatever order dask sums in.
-            rows_of_span = tokens[direction].isel(token=picked).astype(np.float64)
-            if direction == "txt2img":
-                weight = xr.DataArray(counts, dims="token")
-                summed = (rows_of_span * weight).sum("token", skipna=False) / counts.sum()
-            else:
-                summed = rows_of_span.sum("token", skipna=False)
-            out.append(summed.astype(np.float32))
+            out.append(_combine(tokens[direction], picked, rows, direction).astype(np.float32))
     labels = xr.DataArray(np.array(list(chosen), dtype=object), dims="span")
     order = [d for d in sf.SPAN_DIMS if d in tokens[next(iter(views))].dims or d == "span"]
     data = {d: xr.concat(v, dim=labels).transpose(*order, ...) for d, v in views.items()}

@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lambda: results["store"].update({main: isolated("bench.store_size:measure", geometry=geo)}),
     )
     section("rows", lambda: results.update(rows=isolated("bench.rows:measure")))
+    section("codecs", lambda: results.update(codecs=isolated("bench.codecs:measure")))
     section("rate", lambda: results.update(rate=rate.figures()))
     section("analysis", lambda: results.update(analysis=_analysis(args.quick)))
     results["total_seconds"] = earlier + time.perf_counter() - started

@@ -409,6 +409,31 @@ def _rate(r: dict[str, Any]) -> str:
     )
 
 
+def _codecs(r: dict[str, Any]) -> str:
+    """Compressor choice on real maps (bench/codecs.py)."""
+    if "codecs" not in r:
+        return ""
+    rows = [
+        [
+            c["codec"],
+            f"{c['encode_mb_s']:,.0f} MB/s",
+            f"{c['decode_mb_s']:,.0f} MB/s",
+            f"{c['bytes_per_value']:.3f} B",
+        ]
+        for c in r["codecs"]["codecs"]
+    ]
+    return "\n\n".join(
+        [
+            "## Compressor choice",
+            f"{r['codecs']['chunks']} stored chunks (24 heads × 64×64) of a real demo "
+            "recording's maps, bit-rounded to keepbits 9 as stored; one thread (Blosc's own "
+            "threads off), so per core; best of 3. The format uses LZ4-5 with bit-shuffle.",
+            _table(["compressor", "encode", "decode", "stored per value"], rows),
+            "Command: `python -m bench` (section `codecs`, `bench/codecs.py`).",
+        ]
+    )
+
+
 def _analysis(r: dict[str, Any]) -> str:
     a = r["analysis"]
     w, m, c = a["write"], a["mean"], a["cli"]
@@ -455,6 +480,7 @@ def render(r: dict[str, Any]) -> str:
         _memory(r),
         _store(r),
         _rows(r),
+        _codecs(r),
         _rate(r),
         _analysis(r),
         limits(r),

@@ -79,7 +79,7 @@ def describe(name: str, geo: Geometry) -> str:
         "untraced": "nothing",
         "attnscope": (
             f"all {layers} layers, all heads and steps, txt2img + img2txt per text token (the "
-            "padding summed in one row), Zarr with bit-rounding + zstd"
+            "padding summed in one row), Zarr with bit-rounding + LZ4"
         ),
         "attnscope-recompute": "same as attnscope",
         "seed": (

@@ -7,12 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from analysis.errors import SpanError
+from analysis.spans import WORD, SpanRequest
 from analysis.store_format import TokenRow
-
-# What a user may ask for: a word or phrase of the prompt, or a raw [start, stop) token range.
-SpanRequest = str | tuple[int, int]
-
-_WORD = re.compile(r"\w+(?:['’]\w+)*")
 
 
 @dataclass(frozen=True)
@@ -79,7 +75,7 @@ class Span:
 
 def words(text: str) -> list[tuple[str, int, int]]:
     """The words of `text` with their character ranges."""
-    return [(m.group(0), m.start(), m.end()) for m in _WORD.finditer(text)]
+    return [(m.group(0), m.start(), m.end()) for m in WORD.finditer(text)]
 
 
 def _content_indices(segment: Segment) -> list[int]:
