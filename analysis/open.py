@@ -201,14 +201,18 @@ CHUNK_BYTES = 32 * 2**20
 
 
 def _default_chunks(group: zarr.Group) -> dict[str, int]:
-    """Dask chunks of whole stored maps: one step and span, all heads, as many layers as fit."""
+    """Dask chunks of whole stored maps: one step, all heads, as many layers as fit; all token
+    rows at once (version 2: every span is read from the same chunks, each chunk once) or one
+    span (version 1)."""
     arrays = [group[name] for name in sf.DIRECTIONS if name in group]
     if not arrays:
         return {}
-    _, n_layer, n_head, _, ny, nx = arrays[0].shape
+    _, n_layer, n_head, n_rows, ny, nx = arrays[0].shape
     per_layer = n_head * ny * nx * arrays[0].dtype.itemsize
-    rows = arrays[0].metadata.dimension_names[3]  # token (or span, in version 1)
-    return {"step": 1, "layer": max(1, min(n_layer, CHUNK_BYTES // per_layer)), rows: 1}
+    if arrays[0].metadata.dimension_names[3] == "span":
+        return {"step": 1, "layer": max(1, min(n_layer, CHUNK_BYTES // per_layer)), "span": 1}
+    layers = max(1, min(n_layer, CHUNK_BYTES // (per_layer * n_rows)))
+    return {"step": 1, "layer": layers, "token": -1}
 
 
 def open_trace(
@@ -230,8 +234,8 @@ def open_trace(
     `token`). Only metadata and coordinates are read. A partial or failed run warns
     (PartialRunWarning) naming its missing steps and keeps only its complete ones
     (`complete_only=False` keeps them all, NaN where unwritten). `chunks` overrides the dask
-    chunks of the stored rows (default: one step and one row, all heads and as many layers as
-    fit in CHUNK_BYTES, a whole number of stored chunks; a selection reads only the stored
+    chunks of the stored rows (default: one step, all token rows and heads, and as many layers
+    as fit in CHUNK_BYTES, a whole number of stored chunks; a selection reads only the stored
     chunks it needs). `storage_options` go to fsspec for URLs.
     """
     where = location(path)

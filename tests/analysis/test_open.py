@@ -28,9 +28,10 @@ def test_open_gives_the_run_lazily_with_the_format_dims(store):
         da = ds[name]
         assert da.dims == sf.SPAN_DIMS
         assert isinstance(da.data, dask.array.Array)
-        # Whole stored chunks (a map of all heads); here all 5 layers fit in one dask chunk.
+        # Whole stored chunks (maps of all heads), all 7 token rows of a step together, so each
+        # is read once for every span; here all 5 layers fit in one dask chunk.
         assert rows[name].dims == sf.DIMS
-        assert rows[name].data.chunksize == (1, 5, 3, 1, 6, 10)
+        assert rows[name].data.chunksize == (1, 5, 3, 7, 6, 10)
         assert da.data.chunksize == (1, 5, 3, 1, 6, 10)
         np.testing.assert_array_equal(da.values, expected[name])
     assert ds.sizes["y"] == 6 and ds.sizes["x"] == 10
@@ -42,7 +43,7 @@ def test_open_gives_the_run_lazily_with_the_format_dims(store):
 
 def test_dask_chunks_follow_the_size_budget_or_the_caller(store, monkeypatch):
     path, expected = store
-    layer_bytes = 3 * 6 * 10 * 4  # all heads of one map
+    layer_bytes = 3 * 6 * 10 * 4 * 7  # all heads of one map, for all 7 token rows
     monkeypatch.setattr(analysis_open, "CHUNK_BYTES", 2 * layer_bytes + 1)
     ds = analysis.open_trace(path)
     assert ds.txt2img.data.chunks[1] == (2, 2, 1)
