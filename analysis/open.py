@@ -196,8 +196,8 @@ def _partial_message(info: RunInfo, where: str, complete_only: bool) -> str | No
 
 # Bytes of one dask chunk by default: large enough that a reduction over a FLUX run is a few
 # hundred tasks rather than tens of thousands, small enough that a laptop's threads each holding
-# a couple of chunks stay within a few hundred MB.
-CHUNK_BYTES = 32 * 2**20
+# a couple of chunks (and a span's float64 sum of one) stay within a few hundred MB.
+CHUNK_BYTES = 16 * 2**20
 
 
 def _default_chunks(group: zarr.Group) -> dict[str, int]:
