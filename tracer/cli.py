@@ -318,15 +318,22 @@ def _estimate(
     return estimate(
         pipe,
         _call_arguments(args, prompt, seed) | eligen,
-        layers=args.layers,
-        heads=args.heads,
-        steps=args.steps,
-        directions=args.directions,
-        keep_tokens=args.keep_tokens,
-        keepbits=None if args.lossless else args.keepbits,
         step_seconds=args.step_seconds,
         entity_names=entity_names,
+        **_recorded(args),
     )
+
+
+def _recorded(args: argparse.Namespace) -> dict[str, Any]:
+    """What `record` records, as options of `tracer.trace` (and of `tracer.estimate`)."""
+    return {
+        "layers": args.layers,
+        "heads": args.heads,
+        "steps": args.steps,
+        "directions": args.directions,
+        "keep_tokens": args.keep_tokens,
+        "keepbits": None if args.lossless else args.keepbits,
+    }
 
 
 def _check_disk(out: str, costs: list[Any]) -> None:
@@ -441,14 +448,9 @@ def _record(
             pipe,
             args.out,
             spans=spans,
-            layers=args.layers,
-            heads=args.heads,
-            steps=args.steps,
-            directions=args.directions,
-            keep_tokens=args.keep_tokens,
             chunk_size=args.chunk_size,
-            keepbits=None if args.lossless else args.keepbits,
             entity_names=entity_names,
+            **_recorded(args),
         ) as recorder:
             for prompt, seed in todo:
                 pipe(**_call_arguments(args, prompt, seed), **eligen)
