@@ -28,6 +28,7 @@ from .consistency import run_findings
 from .errors import SpanError
 from .selection import SelectionError, describe_values
 from .spans import Spans, span_view
+from .zarr_pipeline import pipeline_for
 
 PathLike = str | os.PathLike | Store
 
@@ -256,7 +257,7 @@ def open_trace(
         )
     group = root[info.name]
     _refuse_inconsistent(group, info, arrays, where)
-    with sf.quiet_zarr():
+    with sf.quiet_zarr(), pipeline_for(root.store):
         if chunks is None:
             chunks = _default_chunks(group)
             # Our chunks hold whole stored chunks of the maps; xarray warns only because they

@@ -101,7 +101,7 @@ def verify(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> 
         if "zarr.json" not in keys:
             return report  # not a Zarr v3 store at all: nothing below to check
         # A damaged root hides nothing below it: every run is still checked.
-    partials = sorted(k for k in keys if k.endswith(".partial"))
+    partials = sorted(_partial_prefixes(keys))
     for key in partials[:MAX_FINDINGS_PER_ARRAY]:
         report.note("store", f"stray temporary file {key} left by an interrupted write")
     if len(partials) > MAX_FINDINGS_PER_ARRAY:
@@ -343,3 +343,15 @@ def format_report(report: Report) -> str:
         lines.append(f"  {finding.level:<5}  {finding.where}: {finding.message}")
     lines.append(("ok: " if report.ok else "FAILED: ") + report.summary())
     return "\n".join(lines)
+
+
+def _partial_prefixes(keys: set[str]) -> set[str]:
+    """Temporary files and folders (`*.partial`) among store keys, each named once."""
+    found = set()
+    for key in keys:
+        parts = key.split("/")
+        for i, part in enumerate(parts):
+            if part.endswith(".partial"):
+                found.add("/".join(parts[: i + 1]))
+                break
+    return found

@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 PROMPT = "a cat on a red chair"
+# The GPU case: a 20-word prompt (26 token rows with the demo tokenizers).
+PROMPT_20_WORDS = (
+    "a photo of a small grey cat sitting on a red velvet chair beside a window in the morning light"
+)
 RESULT_TAG = "BENCH-RESULT "
 
 
@@ -43,6 +47,7 @@ class Geometry:
     steps: int
     dtype: str = "float32"
     device: str = "cpu"
+    prompt: str = PROMPT
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -71,7 +76,18 @@ GEOMETRIES = {
     "flux-cpu": Geometry("flux-cpu", 2, 4, 8, 128, 512, 1024, 1024, 2),
     # FLUX.1-dev's transformer at 1024², random weights in bf16: GPU only.
     "flux-dev-gpu": Geometry(
-        "flux-dev-gpu", 19, 38, 24, 128, 512, 1024, 1024, 28, dtype="bfloat16", device="cuda"
+        "flux-dev-gpu",
+        19,
+        38,
+        24,
+        128,
+        512,
+        1024,
+        1024,
+        28,
+        dtype="bfloat16",
+        device="cuda",
+        prompt=PROMPT_20_WORDS,
     ),
 }
 
@@ -112,7 +128,7 @@ def generate(pipe: Any, geo: Geometry, steps: int | None = None) -> Any:
     import torch
 
     out = pipe(
-        PROMPT,
+        geo.prompt,
         num_inference_steps=steps or geo.steps,
         height=geo.height,
         width=geo.width,

@@ -7,9 +7,17 @@ into a real store) with FLUX.1-dev-shaped steps (57 layers × 24 heads × the to
 a 64×64 latent grid (real maps compress as maps do; random numbers do not), one step every
 `--period` seconds, on 1 and then 2 host cores (`sched_setaffinity`), each in a fresh process.
 
+The maps arrive already rounded to the default keepbits, as they leave a GPU (tracer.rounding
+rounds them there, before the copy), so the host does here what it does on a GPU box: copy
+each layer into the step buffer, encode the step's shards (zarrs, on every core), sync them and
+rename them into place (tracer.durable), list the step.
+
 It reports, per core count: sustained decoded MB/s (a step's bytes over the time from its first
 put() to being durable, in steady state), how long put() made the generation wait (the
-backpressure: the writer never lets memory grow), and the unthrottled rate. The projection to an
+backpressure: the writer never lets memory grow), the unthrottled rate, the same without fsync
+(what durability costs) and on zarr-python's own codec pipeline (the baseline), and the fixed
+costs: laying down the run (`create_seconds`) and the
+flush after the last put (`close_seconds`). The projection to an
 H100 host assumes the measured per-core rate and the measured 1 → 2 core scaling hold per doubling
 of cores: traced / untraced = max(1, bytes per step / (rate on N cores × step time)).
 
@@ -34,6 +42,7 @@ LAYERS, HEADS, GRID = 57, 24, (64, 64)
 TOKEN_ROWS = 26  # a 20-word prompt: its tokens, </s> and the padding row
 H100_STEP_SECONDS = 0.15  # FLUX.1-dev, 1024², bf16, one step
 HOSTS = (8, 16)
+BASELINE = "unthrottled, zarr-python's pipeline"
 
 
 def _demo_maps(path: Path) -> dict[str, Any]:
@@ -70,12 +79,17 @@ def measure(cores: int, steps: int, period: float) -> dict[str, Any]:
     import torch
 
     from analysis import store_format as fmt
+    from analysis.zarr_pipeline import ENV
+    from tracer.rounding import bitround_
     from tracer.store import create_run
     from tracer.writer import TraceWriter
 
     torch.set_num_threads(cores)
     with scratch("rate") as workdir:
-        demo = _demo_maps(workdir / "demo.zarr")
+        demo = {
+            d: bitround_(v, fmt.DEFAULT_KEEPBITS)
+            for d, v in _demo_maps(workdir / "demo.zarr").items()
+        }
         # One layer's [heads, rows, y*x] maps per direction, cycling through the demo's maps.
         per_layer = HEADS * TOKEN_ROWS
         maps = {
@@ -101,10 +115,22 @@ def measure(cores: int, steps: int, period: float) -> dict[str, Any]:
         )
         attrs = {fmt.STATUS: fmt.RECORDING, fmt.STEPS_COMPLETE: [], fmt.TEXT_LEN: 512}
         results = {}
-        for name, pace in (("paced", period), ("unthrottled", 0.0)):
+        variants = (("paced", period, True), ("unthrottled", 0.0, True))
+        for name, pace, fsync in (
+            *variants,
+            ("unthrottled, no fsync", 0.0, False),
+            (BASELINE, 0.0, True),
+        ):
+            # The baseline: the same writer on zarr-python's own codec pipeline.
+            os.environ[ENV] = "zarr" if name == BASELINE else "zarrs"
             store = workdir / f"{name}.zarr"
-            _, group = create_run(str(store), coords, attrs, fmt.DIRECTIONS, fmt.DEFAULT_KEEPBITS)
-            writer = TraceWriter(group, directions=list(fmt.DIRECTIONS), n_layers=LAYERS)
+            created = time.perf_counter()
+            # The maps arrive rounded, as from the GPU (rounded there before the copy), so the
+            # writer is not asked to round them again on the host.
+            _, group = create_run(str(store), coords, attrs, fmt.DIRECTIONS, None)
+            writer = TraceWriter(
+                group, directions=list(fmt.DIRECTIONS), n_layers=LAYERS, fsync=fsync
+            )
             waited, start = 0.0, time.perf_counter()
             for step in range(steps):
                 due = start + step * pace
@@ -113,6 +139,7 @@ def measure(cores: int, steps: int, period: float) -> dict[str, Any]:
                     before = time.perf_counter()
                     writer.put(step, layer, {d: maps[d][layer] for d in fmt.DIRECTIONS})
                     waited += time.perf_counter() - before
+            last_put = time.perf_counter()
             writer.close()
             elapsed = time.perf_counter() - start
             step_bytes = 2 * LAYERS * HEADS * TOKEN_ROWS * GRID[0] * GRID[1] * 4
@@ -120,6 +147,8 @@ def measure(cores: int, steps: int, period: float) -> dict[str, Any]:
                 "seconds": elapsed,
                 "decoded_mb_s": steps * step_bytes / elapsed / 1e6,
                 "put_wait_seconds": waited,
+                "create_seconds": start - created,
+                "close_seconds": time.perf_counter() - last_put,
                 "stored_bytes": sum(p.stat().st_size for p in store.rglob("*") if p.is_file()),
             }
     return {"cores": cores, "steps": steps, "period": period, "step_bytes": step_bytes} | results
@@ -137,6 +166,13 @@ def project(by_cores: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "decoded_mb_s_per_core": one,
         "scaling_1_to_2_cores": scaling,
         "needed_mb_s_at_h100": step_bytes / H100_STEP_SECONDS / 1e6,
+        "fsync_cost": by_cores[2]["unthrottled, no fsync"]["decoded_mb_s"]
+        / by_cores[2]["unthrottled"]["decoded_mb_s"],
+        "create_run_ms": by_cores[2]["paced"]["create_seconds"] * 1e3,
+        "zarrs_over_zarr_python": {
+            cores: runs["unthrottled"]["decoded_mb_s"] / runs[BASELINE]["decoded_mb_s"]
+            for cores, runs in by_cores.items()
+        },
     }
     for host in HOSTS:
         rate = one * scaling ** math.log2(host) * 1e6

@@ -25,11 +25,17 @@ def attnscope(
     pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None, lse: str = "kernel"
 ) -> dict[str, Any]:
     """Every layer, head and step, both directions, every token row, compressed on disk."""
+    import analysis
     import tracer
 
     with tracer.trace(pipe, workdir / "trace.zarr", progress=False, lse=lse):
         generate(pipe, geo, steps)
-    return {"path": str(workdir / "trace.zarr")}
+    recorded = analysis.open_trace(workdir / "trace.zarr", tokens=True)
+    return {
+        "path": str(workdir / "trace.zarr"),
+        "token_rows": recorded.sizes["token"],
+        "decoded_bytes": int(recorded.txt2img.nbytes + recorded.img2txt.nbytes),
+    }
 
 
 def attnscope_recompute(

@@ -372,6 +372,11 @@ class Recorder:
                 f"{run.grid} grid, then {call.text_len} on {call.grid}"
             )
         done = len(run.writer.steps_complete)
+        writing = run.writer.progress()
+        run.progress.set_postfix_str(
+            f"writing {writing.decoded_mb_s:.0f} MB/s decoded, {writing.backlog} steps pending",
+            refresh=False,
+        )
         run.progress.update(done - run.progress.n)
 
     def _finish_step(self, run: _Run) -> None:

@@ -3,10 +3,11 @@
 The tracer hands over, per (step, layer), one map per direction (`[H, T, Y*X]` float32, on the
 model's device). `TraceWriter` rounds them to the run's `keepbits` where they are (on the GPU,
 before the copy), gets them off the device without stalling it, assembles a whole step on the
-host, and a background thread writes that step as one shard per direction. Only after
-those writes returned does it list the step in the run's `steps_complete` attribute, so a step
-that is listed is intact whatever happens next (kill -9 included): zarr's LocalStore writes every
-object, shards and `zarr.json` alike, to a temporary file and renames it over the target.
+host, and a background thread writes that step as one shard per direction: encoded by zarrs
+on every core and, on a local disk, staged, synced and renamed into place (tracer.durable). Only
+after those writes returned does it list the step in the run's `steps_complete` attribute (and,
+on a local disk, sync that too), so a step that is listed is intact whatever happens next, kill
+-9 and power loss included: every object reaches its key whole, by a rename.
 
 Memory and backpressure: at most `max_pending` steps are accepted and not yet durable. Each owns
 one host buffer per direction (`[L, H, T, Y, X]` float32, pinned when CUDA is available) taken
@@ -27,21 +28,27 @@ Threading contract:
 
 from __future__ import annotations
 
+import math
 import operator
 import queue
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import zarr
+from zarr.storage import LocalStore
 
 from analysis import store_format as sf
 from analysis.errors import WriterError
+from analysis.zarr_pipeline import pipeline_for
+from tracer.durable import StagedShards, sync_file
 from tracer.rounding import bitround_
 
-__all__ = ["TraceWriter", "WriterError"]
+__all__ = ["Progress", "TraceWriter", "WriterError"]
 
 
 @dataclass(eq=False)
@@ -68,6 +75,14 @@ class _Item:
 _STOP = object()  # queue sentinel: no more items
 
 
+@dataclass(frozen=True)
+class Progress:
+    """How a writer keeps up: what the progress bar shows."""
+
+    backlog: int  # steps accepted and not yet durable (at most max_pending)
+    decoded_mb_s: float  # decoded MB made durable per second since the first put()
+
+
 class TraceWriter:
     """Writes the attention maps of one run, step by step, from a background thread.
 
@@ -75,6 +90,8 @@ class TraceWriter:
     skeleton from `store_format.run_skeleton`, written with `compute=False`). `directions` are
     the variables to fill, `n_layers` the recorded layers per step (the arrays' `layer` size),
     and `max_pending` how many whole steps may be buffered or in flight before `put()` blocks.
+    `fsync=False` skips syncing to the disk (a listed step then survives a crash of the process,
+    not of the machine).
     """
 
     def __init__(
@@ -84,6 +101,7 @@ class TraceWriter:
         directions: Sequence[str],
         n_layers: int,
         max_pending: int = 2,
+        fsync: bool = True,
     ) -> None:
         directions = sf.check_directions(directions)
         n_layers = operator.index(n_layers)
@@ -96,7 +114,9 @@ class TraceWriter:
             raise ValueError(f"run group {run.path!r} is open read-only; open it with mode='r+'")
 
         arrays: dict[str, zarr.Array] = {}
-        with sf.quiet_zarr():  # runs recorded before rounding moved here carry a numcodecs codec
+        # Runs recorded before rounding moved here carry a numcodecs codec (quiet_zarr); the
+        # arrays are opened for zarrs, which encodes a step's chunks on all cores.
+        with sf.quiet_zarr(), pipeline_for(run.store):
             for name in directions:
                 if name not in run.array_keys():
                     raise ValueError(
@@ -118,6 +138,15 @@ class TraceWriter:
 
         self._run = run
         self._arrays = arrays
+        # On a local disk each step's shard is staged, synced and renamed into place, and the
+        # listing synced after it (tracer.durable); other stores write through zarr.
+        self._local = isinstance(run.store, LocalStore)
+        self._fsync = fsync
+        self._staged = (
+            {name: StagedShards(array, fsync=fsync) for name, array in arrays.items()}
+            if self._local
+            else {}
+        )
         # The rounding each variable's values carry (its `keepbits` attribute): done here, on
         # the maps' own device before they are copied (tracer.rounding).
         self._keepbits = {name: sf.check_keepbits(sf.keepbits_of(a)) for name, a in arrays.items()}
@@ -147,6 +176,7 @@ class TraceWriter:
         self._listed: list[int] = [int(v) for v in run.attrs.get(sf.STEPS_COMPLETE, [])]
         self._skipped: list[list[Any]] = [list(p) for p in run.attrs.get(sf.SKIPPED, [])]
         self._durable: list[int] = []  # positions made durable by this writer, in order
+        self._first_put: float | None = None  # time.perf_counter() of the first put()
         self._error: WriterError | None = None
         self._closed = False  # no more put()
         self._aborted = False
@@ -165,6 +195,15 @@ class TraceWriter:
         """Step positions this writer has made durable so far, in the order they completed."""
         with self._cond:
             return list(self._durable)
+
+    def progress(self) -> Progress:
+        """The backlog and the write rate so far."""
+        with self._cond:
+            backlog, durable, first = len(self._slots), len(self._durable), self._first_put
+        seconds = time.perf_counter() - first if first is not None else 0.0
+        step_bytes = len(self._directions) * 4 * math.prod(self._step_shape)
+        rate = durable * step_bytes / seconds / 1e6 if seconds > 0 else 0.0
+        return Progress(backlog=backlog, decoded_mb_s=rate)
 
     def put(self, step_pos: int, layer_pos: int, maps: Mapping[str, torch.Tensor]) -> None:
         """Hand over the maps of one (step, layer): `{direction: [H, T, Y*X] float32}` (T rows).
@@ -208,6 +247,8 @@ class TraceWriter:
                     f"step {self._step_values[step_pos]} (position {step_pos}) is already listed "
                     f"in the run's {sf.STEPS_COMPLETE}; it is not rewritten"
                 )
+            if self._first_put is None:
+                self._first_put = time.perf_counter()
             slot = self._slots.get(step_pos)
             if slot is None:
                 slot = self._open_slot(step_pos)
@@ -251,6 +292,7 @@ class TraceWriter:
             self._queue.put(_STOP)
             self._thread.join()
             self._finished = True
+            self._remove_staging()
             with self._cond:
                 incomplete = sorted(self._slots.values(), key=lambda s: s.step_pos)
                 if self._error is None and incomplete:
@@ -290,6 +332,12 @@ class TraceWriter:
         self._queue.put(_STOP)
         self._thread.join(timeout)
         self._finished = True
+        if not self._thread.is_alive():
+            self._remove_staging()
+
+    def _remove_staging(self) -> None:
+        for staged in self._staged.values():
+            staged.close()
 
     def __enter__(self) -> TraceWriter:
         return self
@@ -433,7 +481,10 @@ class TraceWriter:
         for name in self._directions:
             try:
                 # The buffer is exactly one shard: zarr encodes it whole and stores one object.
-                self._arrays[name][step_pos] = slot.host[name].numpy()
+                if name in self._staged:
+                    self._staged[name].write(step_pos, slot.host[name].numpy())
+                else:
+                    self._arrays[name][step_pos] = slot.host[name].numpy()
             except Exception as exc:
                 self._fail(
                     f"writing step {value} (position {step_pos}) of {name!r} failed: "
@@ -452,6 +503,8 @@ class TraceWriter:
         try:
             # Only after the data writes returned: a listed step is intact.
             self._run.update_attributes(attrs)
+            if self._local and self._fsync:
+                sync_file(Path(self._run.store.root) / self._run.path / "zarr.json")
         except Exception as exc:
             self._fail(
                 f"listing step {value} (position {step_pos}) in {sf.STEPS_COMPLETE} failed: "

@@ -94,6 +94,34 @@ def _install_hook(hook: dict[str, Any], notify: int, control: int, root: str) ->
 
     local._put = put
 
+    # Step shards on a local disk are written aside and renamed to their key (tracer.durable):
+    # the hook acts on that rename, a `mid` one leaving the staged file torn, as a kill would.
+    from tracer.durable import StagedShards
+
+    real_move = StagedShards._move_into_place
+
+    def move_into_place(staged: Path, final: Path) -> None:
+        key = Path(final).relative_to(root).as_posix()
+        if not matches(key, None):
+            return real_move(staged, final)
+        state["done"] = True
+        mode = hook.get("mode", "before")
+        if mode == "fail":
+            code = getattr(errno_module, hook.get("errno", "ENOSPC"))
+            raise OSError(code, os.strerror(code), str(final))
+        if mode == "mid":
+            os.truncate(staged, os.path.getsize(staged) // 2)
+            stop(key)
+            raise SystemExit("a `mid` hook is only ever killed")
+        if mode == "before":
+            stop(key)
+            return real_move(staged, final)
+        real_move(staged, final)
+        stop(key)
+        return None
+
+    StagedShards._move_into_place = staticmethod(move_into_place)
+
 
 def _child(command: dict[str, Any], notify: int, control: int) -> None:
     """The forked child: set up, run `attnscope ARGV`, exit with its status."""

@@ -28,7 +28,7 @@ import zarr
 from zarr.storage import LocalStore, WrapperStore
 
 from analysis import store_format as sf
-from tracer.writer import TraceWriter, WriterError
+from tracer.writer import Progress, TraceWriter, WriterError
 
 GROUP = "run-0000"
 STEPS = (0, 2, 4, 6, 8)  # coordinate values differ from positions on purpose
@@ -75,8 +75,11 @@ def make_run(
     directions: Sequence[str] = sf.DIRECTIONS,
     steps_complete: Sequence[int] = (),
     hook: Callable[[str], None] | None = None,
+    wrapped: bool = True,
 ) -> zarr.Group:
-    """Lay down a run skeleton the way the session does and open it r+ (optionally hooked)."""
+    """Lay down a run skeleton the way the session does and open it r+, through a store
+    wrapper (optionally hooked; written by zarr) or, `wrapped=False`, as the local folder the
+    session opens (shards staged and renamed into place by tracer.durable)."""
     coords = sf.run_coords(
         steps=STEPS,
         timesteps=[1000.0 - 100 * i for i in range(len(STEPS))],
@@ -104,6 +107,8 @@ def make_run(
         zarr_format=3,
         consolidated=False,
     )
+    if not wrapped:
+        return zarr.open_group(LocalStore(path), path=GROUP, mode="r+")
     return zarr.open_group(HookedStore(LocalStore(path), hook), path=GROUP, mode="r+")
 
 
@@ -191,9 +196,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
 
 @pytest.mark.parametrize("keepbits", [None, 9])
 @pytest.mark.parametrize("directions", [sf.DIRECTIONS, ("img2txt",)])
-def test_round_trip_scrambled(tmp_path: Path, keepbits: int | None, directions: tuple) -> None:
+@pytest.mark.parametrize("store", ["local", "wrapped"])
+def test_round_trip_scrambled(
+    tmp_path: Path, keepbits: int | None, directions: tuple, store: str
+) -> None:
     path = tmp_path / "t.zarr"
-    run = make_run(path, keepbits=keepbits, directions=directions)
+    run = make_run(path, keepbits=keepbits, directions=directions, wrapped=store == "wrapped")
     rng = np.random.default_rng(0)
     skipped = 3  # a step position never put: it must read NaN and stay unlisted
     order = [key for key in all_keys() if key[0] != skipped]
@@ -220,6 +228,7 @@ def test_round_trip_scrambled(tmp_path: Path, keepbits: int | None, directions: 
         assert_stored(ds, step_pos, layer_pos, put_maps, keepbits)
     for name in directions:
         assert np.isnan(ds[name].sel(step=STEPS[skipped]).values).all()
+    assert not list(path.rglob("*.partial"))  # no staging folder left behind
     if keepbits is not None:
         # The bound is the only slack: rounding did happen, so the check above had teeth.
         some = maps[order[0]][directions[0]].numpy()
@@ -330,6 +339,7 @@ def test_backpressure_blocks_and_bounds_pending(tmp_path: Path) -> None:
         time.sleep(0.3)
         assert calls[-1] == (2, 0)
         assert len(returned) == max_pending * N_LAYERS
+        assert writer.progress() == Progress(backlog=max_pending, decoded_mb_s=0.0)
         # Step 0 written (one shard per direction): step 2 goes in, step 3 waits.
         release(len(sf.DIRECTIONS))
         wait_until(lambda: len(calls) == (max_pending + 1) * N_LAYERS + 1)
@@ -342,6 +352,8 @@ def test_backpressure_blocks_and_bounds_pending(tmp_path: Path) -> None:
     assert "error" not in result, result
     writer.close()
     assert max(ahead) <= max_pending
+    progress = writer.progress()
+    assert progress.backlog == 0 and progress.decoded_mb_s > 0
     ds = read_run(path)
     assert ds.attrs[sf.STEPS_COMPLETE] == list(STEPS)
     for (step_pos, layer_pos), put_maps in maps.items():

@@ -1,0 +1,152 @@
+"""`python -m bench.gpu`: FLUX.1-dev's transformer on a GPU, untraced against traced.
+
+Builds a full-shape random-weight `FluxTransformer2DModel` from FLUX.1-dev's configuration (19
+double and 38 single blocks, 24 heads of 128) on the device, in bf16, with no download, inside
+the demo pipeline (tiny random text encoders and VAE; the prompt is 20 words). Then times 28
+steps at 1024², latents out, untraced and traced with default settings, as pairs
+(bench.overhead), and writes: traced / untraced wall time, the GPU memory tracing adds, the bytes
+written and the decoded GB/s the recording sustained.
+
+The GPU box has torch but no registry, so what else this needs travels as wheels:
+
+    here:   python -m bench.gpu --wheels wheels --python 3.12   # downloads requires()
+    there:  python -m bench.gpu --install wheels --json $OUT/gpu.json
+
+`--smoke` runs the same code at the CPU quick geometry (what the test suite does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+# What a traced generation imports (the modules run here, on the CPU, import the same).
+MODULES = (
+    "tracer",
+    "tracer.demo",
+    "analysis",
+    "bench.overhead",
+    "bench.variants",
+    "dask.array",
+    "zarrs",
+    "psutil",
+)
+
+
+def requires() -> list[str]:
+    """Distributions those modules import, at the versions installed here, less torch's own."""
+    import importlib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    for module in MODULES:
+        importlib.import_module(module)
+    owners = importlib.metadata.packages_distributions()
+    imported = {d for m in list(sys.modules) for d in owners.get(m.split(".")[0], [])}
+    # torch and what it installs with it are on the GPU box already.
+    there, todo = set(), ["torch", "torchvision"]
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in there or not _installed(name):
+            continue
+        there.add(name)
+        for line in importlib.metadata.requires(name) or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    keep = sorted(d for d in imported if canonicalize_name(d) not in there | {"attnscope"})
+    return [f"{d}=={importlib.metadata.version(d)}" for d in keep]
+
+
+def download(folder: Path, python: str | None) -> list[str]:
+    """Binary wheels of `requires()` into `folder`; returns the pins."""
+    pins = requires()
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(folder)]
+    if python:
+        command += ["--only-binary=:all:", "--python-version", python]
+        command += ["--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64"]
+    subprocess.run([*command, *pins], check=True)
+    return pins
+
+
+def install(folder: Path) -> None:
+    """Install the carried wheels (no registry), except distributions already installed."""
+    wheels = [
+        str(wheel)
+        for wheel in sorted(folder.glob("*.whl"))
+        if not _installed(wheel.name.split("-")[0])  # torch, numpy: the box's own
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "-q", *wheels],
+        check=True,
+    )
+
+
+def _installed(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def measure(smoke: bool) -> dict[str, Any]:
+    """Time untraced and traced generations; the figures for docs/benchmarks.md."""
+    import torch
+
+    from bench.common import GEOMETRIES
+    from bench.overhead import measure as pairs_of
+
+    geo = GEOMETRIES["quick" if smoke else "flux-dev-gpu"]
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("bench.gpu needs a CUDA device (or --smoke for the CPU quick geometry)")
+    started = time.perf_counter()
+    result = pairs_of(asdict(geo), {"attnscope": 1})
+    traced = result["outputs"]["attnscope"]
+    peak = result["cuda_peak"]
+    return {
+        "geometry": asdict(geo),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "traced_over_untraced": result["ratio"]["attnscope"],
+        "median_wall": result["median_wall"],
+        "breakdown": result["breakdown"],
+        "gpu_memory_added_bytes": peak["attnscope"] - peak["untraced"] if peak else None,
+        "bytes_written": traced["bytes"],
+        "token_rows": traced["token_rows"],
+        "decoded_bytes": traced["decoded_bytes"],
+        "decoded_gb_s": traced["decoded_bytes"] / traced["wall"] / 1e9,
+        "seconds_in_all": time.perf_counter() - started,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n")[0])
+    parser.add_argument("--wheels", type=Path, help="download the wheels it needs here; exit")
+    parser.add_argument("--python", help="with --wheels: the GPU box's Python, e.g. 3.12")
+    parser.add_argument("--install", type=Path, help="install carried wheels from here first")
+    parser.add_argument("--smoke", action="store_true", help="CPU quick geometry, for tests")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+    if args.wheels:
+        args.wheels.mkdir(parents=True, exist_ok=True)
+        print("\n".join(download(args.wheels, args.python)))
+        return 0
+    if args.install:
+        install(args.install)
+    figures = measure(args.smoke)
+    print(json.dumps(figures, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Durable step shards on a local disk: encode aside, sync, then rename into place.
+
+A step of one direction is one shard, hundreds of MB at FLUX.1-dev's shape. zarrs encodes it on
+all cores but writes it in place, so a kill mid-write would leave a torn shard under the step's
+real key; and neither zarrs nor zarr's LocalStore calls fsync, so a power loss could lose a step
+already listed complete. Here each shard is written into a staging copy of the array (a
+`*.partial` folder inside the array's folder, which no Zarr reader looks into), synced, and
+renamed to its key; the folders the rename made new are synced too. Only then does the writer
+list the step. A crash leaves at worst the staging folder, which `attnscope verify` notes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import LocalStore
+
+from analysis.zarr_pipeline import pipeline_for
+
+
+class StagedShards:
+    """Writes whole-step shards of one attention array of a local store (LocalStore)."""
+
+    def __init__(self, array: zarr.Array, *, fsync: bool = True) -> None:
+        if not isinstance(array.store, LocalStore):
+            raise TypeError(f"staged shards need a local store, got {type(array.store).__name__}")
+        self._array = array
+        self._fsync = fsync
+        self._folder = Path(array.store.root) / array.path
+        self._staging_folder = self._folder / f"staging.{uuid.uuid4().hex}.partial"
+        # The staging array is the real one, one step long: same chunks, shard and codecs.
+        metadata = array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
+        document = json.loads(metadata.to_bytes())
+        document["shape"] = [1, *array.shape[1:]]
+        self._staging_folder.mkdir()
+        (self._staging_folder / "zarr.json").write_text(json.dumps(document))
+        store = LocalStore(self._staging_folder)
+        with pipeline_for(store):
+            self._staging = zarr.open_array(store, mode="r+", zarr_format=3)
+        self._staged = self._staging_folder / self._staging.metadata.encode_chunk_key(
+            (0,) * array.ndim
+        )
+
+    def write(self, step_pos: int, values: np.ndarray) -> None:
+        """Store `values` (one whole step) as step position `step_pos`'s shard, durably."""
+        self._staging[0] = values
+        final = self._folder / self._array.metadata.encode_chunk_key(
+            (step_pos,) + (0,) * (self._array.ndim - 1)
+        )
+        if not self._staged.exists():
+            return  # every value was the fill value (NaN): zarr stores no shard, nor do we
+        if self._fsync:
+            _sync(self._staged)
+        new_folders = _make_folders(final.parent)
+        self._move_into_place(self._staged, final)
+        if self._fsync:
+            # The new name, and every folder made for it, recorded in its parent folder.
+            for folder in {final.parent, *(f.parent for f in new_folders)}:
+                _sync(folder)
+
+    def close(self) -> None:
+        """Remove the staging folder (nothing in it is needed once every step is in place)."""
+        shutil.rmtree(self._staging_folder, ignore_errors=True)
+
+    @staticmethod
+    def _move_into_place(staged: Path, final: Path) -> None:
+        os.replace(staged, final)
+
+
+def sync_file(path: Path) -> None:
+    """Make `path`'s bytes and its entry in its folder reach the disk."""
+    _sync(path)
+    _sync(path.parent)
+
+
+def _sync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; return those created, outermost first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+    return list(reversed(missing))
