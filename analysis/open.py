@@ -70,7 +70,11 @@ def read_only_store(path: PathLike, storage_options: Mapping[str, Any] | None = 
         return path if path.read_only else path.with_read_only(True)
     text = os.fspath(path)
     if "://" in text:
-        return FsspecStore.from_url(text, read_only=True, storage_options=storage_options)
+        store = FsspecStore.from_url(text, read_only=True, storage_options=storage_options)
+        # fsspec reuses file system instances and their cached listings; a store is read as it
+        # is now (a recorder may have added runs since this process last looked).
+        store.fs.invalidate_cache()
+        return store
     if storage_options:
         raise ValueError(f"storage_options apply to fsspec URLs only, not to the path {text!r}")
     if not os.path.exists(text):
@@ -204,7 +208,8 @@ CHUNK_BYTES = 16 * 2**20
 def _default_chunks(group: zarr.Group) -> dict[str, int]:
     """Dask chunks of whole stored maps: one step, all heads, as many layers as fit; all token
     rows at once (version 2: every span is read from the same chunks, each chunk once) or one
-    span (version 1)."""
+    span (version 1). Over the network (fsspec URLs) one layer a chunk, so a question about
+    one map fetches that layer's rows, not the step's."""
     arrays = [group[name] for name in sf.DIRECTIONS if name in group]
     if not arrays:
         return {}
@@ -213,6 +218,8 @@ def _default_chunks(group: zarr.Group) -> dict[str, int]:
     if arrays[0].metadata.dimension_names[3] == "span":
         return {"step": 1, "layer": max(1, min(n_layer, CHUNK_BYTES // per_layer)), "span": 1}
     layers = max(1, min(n_layer, CHUNK_BYTES // (per_layer * n_rows)))
+    if not isinstance(group.store, LocalStore):
+        layers = 1
     return {"step": 1, "layer": layers, "token": -1}
 
 

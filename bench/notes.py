@@ -90,7 +90,9 @@ def _gpu(r: dict[str, Any]) -> str:
         )
     return (
         "**GPU at FLUX.1-dev's shape: not measured here** (no CUDA device on this machine; "
-        "`python -m bench` runs it whenever `torch.cuda.is_available()`). On CUDA the tap takes "
+        "`python -m bench` runs it whenever `torch.cuda.is_available()`, and `python -m "
+        "bench.gpu` is the prepared script for a bare GPU box: it carries its wheels, see its "
+        "docstring). On CUDA the tap takes "
         "the flash or memory-efficient kernel's lse (the kernels FLUX's unmasked bf16 "
         "attention gets), verified bit-identical against SDPA's own output once per call "
         "signature; cuDNN attention falls back to recomputing. The capture then costs a few "

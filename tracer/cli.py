@@ -210,7 +210,7 @@ def _entities(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, Any
     return names, call
 
 
-def _is_trace_store(path: Path) -> bool:
+def _is_trace_store(path: Path | str) -> bool:
     """Whether `path` is an attnscope trace store (of any format version)."""
     from analysis import trust
     from analysis.open import read_only_store
@@ -229,9 +229,12 @@ def _check_out(args: argparse.Namespace) -> bool:
     recorder creates at the same moment) is refused unless --overwrite, which replaces attnscope
     trace stores only, never another folder or file.
     """
-    out = Path(args.out)
     if args.append:
         return False  # the tracer itself refuses anything that is not a trace store
+    if _is_url(args.out):
+        _check_url_out(args)
+        return False
+    out = Path(args.out)
     if out.exists() or out.is_symlink():
         if not args.overwrite:
             raise UsageError(
@@ -336,8 +339,34 @@ def _recorded(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _is_url(out: str) -> bool:
+    return "://" in out
+
+
+def _check_url_out(args: argparse.Namespace) -> None:
+    """--out on an object store: refuse an existing store unless --overwrite (then remove it)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(args.out)
+    if not fs.exists(root):
+        return
+    if not args.overwrite:
+        raise UsageError(
+            f"record: {args.out} already exists; pass --append to add a run to it or "
+            f"--overwrite to replace it"
+        )
+    if not _is_trace_store(args.out):
+        raise UsageError(
+            f"record: --overwrite replaces attnscope trace stores only, and {args.out} is not "
+            f"one (no zarr.json with {fmt.FORMAT_ATTR!r}); remove it yourself if you mean it"
+        )
+    fs.rm(root, recursive=True)
+
+
 def _check_disk(out: str, costs: list[Any]) -> None:
     """Refuse a recording that cannot fit on the disk it goes to (local paths)."""
+    if _is_url(out):
+        return  # an object store says when it is full, as a failed write
     folder = Path(out)
     while not folder.exists():
         folder = folder.parent
@@ -369,6 +398,8 @@ def _complete_runs(path: str) -> set[tuple[str, int]]:
     """(prompt, seed) of the runs already complete in the store at `path`, if there is one."""
     from analysis.open import list_runs
 
+    if _is_url(path):
+        return {(r.attrs.get(fmt.PROMPT), r.attrs.get(fmt.SEED)) for r in _url_runs(path)}
     folder = Path(path)
     if not (folder / "zarr.json").exists():
         return set()  # nothing recorded yet (or not a store: the tracer refuses to write there)
@@ -379,6 +410,20 @@ def _complete_runs(path: str) -> set[tuple[str, int]]:
         return set()  # no run laid down yet (a name may be claimed by a recorder starting now)
     runs = list_runs(path)
     return {(run.attrs.get(fmt.PROMPT), run.attrs.get(fmt.SEED)) for run in runs if run.is_complete}
+
+
+def _url_runs(path: str) -> list[Any]:
+    """The complete runs of the store at URL `path`; none if there is no store there yet."""
+    from analysis.open import list_runs
+
+    try:
+        return [run for run in list_runs(path) if run.is_complete]
+    except FileNotFoundError:
+        return []
+    except fmt.FormatError:
+        if not _is_trace_store(path):
+            return []  # nothing recorded there yet; the tracer refuses a foreign store
+        raise
 
 
 def run_record(args: argparse.Namespace) -> int:

@@ -1,15 +1,18 @@
 """Creating trace stores and run groups (the writer fills them step by step).
 
-Several recorders may append to one store at once (processes on one machine, one folder): on a
-local path both the store's creation and each run's name are claimed exclusively, so each gets
-its own run and neither rewrites the other's objects. The root's `zarr.json` is created whole,
-format attribute included, with one exclusive link (never rewritten afterwards); a run name is
-claimed by creating its folder (`mkdir` fails if another recorder made it first). Store URLs
-(fsspec) get the same retry on a taken name but no exclusive claim.
+Several recorders may append to one store at once (processes on one machine, one folder, or
+many machines, one bucket): each run's name is claimed exclusively, so each recorder gets its
+own run and none rewrites another's objects. On a local path the root's `zarr.json` is created
+whole, format attribute included, with one exclusive link (never rewritten afterwards), and a
+run name is claimed by creating its folder (`mkdir` fails if another recorder made it first).
+On an object store (fsspec URL) a run name is claimed by creating the run's `zarr.json` with a
+conditional write (`If-None-Match: *`, which S3 and the common S3-compatible servers honour):
+it fails if another recorder wrote it first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -69,11 +72,38 @@ def _create_root(folder: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def _create_root_url(path: str) -> None:
+    """The same as `_create_root`, on an object store: one conditional write of zarr.json."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    if fs.exists(f"{root}/zarr.json"):
+        return
+    if fs.exists(root) and fs.ls(root, detail=False):
+        # A recorder creating the store writes zarr.json before anything else: look again.
+        fs.invalidate_cache()
+        if fs.exists(f"{root}/zarr.json"):
+            return
+        raise fmt.FormatError(
+            f"{path} holds objects but no zarr.json: it is not a trace store, and attnscope "
+            f"will not write into it. Choose another path."
+        )
+    metadata = {
+        "attributes": {fmt.FORMAT_ATTR: fmt.FORMAT_VERSION},
+        "zarr_format": 3,
+        "node_type": "group",
+    }
+    with contextlib.suppress(FileExistsError):  # another recorder created it first: fine
+        fs.pipe_file(f"{root}/zarr.json", json.dumps(metadata).encode(), mode="create")
+
+
 def open_store(path: str) -> zarr.Group:
     """The root group of the trace store at `path`, created if missing; never a foreign store."""
     folder = _local(path)
     if folder is not None:
         _create_root(folder)
+    else:
+        _create_root_url(path)
     root = zarr.open_group(path, mode="a", zarr_format=3)
     attrs = dict(root.attrs)
     if fmt.FORMAT_ATTR in attrs:
@@ -107,19 +137,18 @@ def create_run(
     index = _next_index(root)
     while True:
         name = fmt.run_name(index)
-        if folder is not None:
-            try:
-                (folder / name).mkdir()  # the claim: fails if another recorder took the name
-            except FileExistsError:
-                index += 1
-                continue
         try:
+            if folder is not None:
+                (folder / name).mkdir()  # the claim: fails if another recorder took the name
+            else:
+                _claim_url(path, name)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
                 dataset.to_zarr(
                     path,
                     group=name,
-                    mode="w-",
+                    # On a URL the claim is the run's own (placeholder) zarr.json.
+                    mode="w-" if folder is not None else "a",
                     compute=False,
                     encoding=encoding,
                     zarr_format=3,
@@ -130,6 +159,23 @@ def create_run(
             # Another recorder took this name first: take the next one.
             index += 1
     return name, zarr.open_group(path, path=name, mode="r+")
+
+
+def _claim_url(path: str, name: str) -> None:
+    """Claim run `name` of the store at URL `path`: create its group's zarr.json, exclusively.
+
+    Raises FileExistsError when another recorder created it first. The placeholder holds the
+    run's attributes (status `recording`), so a reader meanwhile sees a run being laid down.
+    """
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    metadata = {
+        "attributes": {fmt.STATUS: fmt.RECORDING},
+        "zarr_format": 3,
+        "node_type": "group",
+    }
+    fs.pipe_file(f"{root}/{name}/zarr.json", json.dumps(metadata).encode(), mode="create")
 
 
 def write_variable(run: zarr.Group, name: str, variable: xr.DataArray) -> None:
