@@ -374,7 +374,8 @@ class Recorder:
         done = len(run.writer.steps_complete)
         writing = run.writer.progress()
         run.progress.set_postfix_str(
-            f"writing {writing.decoded_mb_s:.0f} MB/s decoded, {writing.backlog} steps pending",
+            f"writing {writing.decoded_mb_s:.0f} MB/s decoded, {writing.backlog} "
+            f"step{'' if writing.backlog == 1 else 's'} pending",
             refresh=False,
         )
         run.progress.update(done - run.progress.n)

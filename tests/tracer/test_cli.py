@@ -33,6 +33,12 @@ def test_demo_record_writes_a_complete_run(tmp_path):
     assert ds.image.shape == (128, 128, 3)
 
 
+def test_the_progress_bar_shows_the_write_rate_and_backlog(tmp_path, capsys):
+    assert record("--out", str(tmp_path / "demo.zarr"), "--num-inference-steps", "3") == 0
+    bar = capsys.readouterr().err
+    assert re.search(r"writing \d+ MB/s decoded, [0-2] steps? pending", bar), bar
+
+
 def test_existing_store_needs_append_or_overwrite(tmp_path, capsys):
     out = tmp_path / "s.zarr"
     assert record("--out", str(out)) == 0
