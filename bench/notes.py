@@ -150,7 +150,7 @@ def _store(r: dict[str, Any], main: str) -> str:
     lines = [
         f"**Store size.** Bit rounding keeps {s['keepbits']} mantissa bits (relative error "
         f"≤ {s['error_bound']:.2e}; measured maxima are in the table above), then bit-shuffled "
-        "Zstd packs what is left. Per value, the limit for these values if their kept mantissa "
+        "LZ4 packs what is left. Per value, the limit for these values if their kept mantissa "
         "bits are incompressible is the entropy of the exponent plus the kept bits:"
     ]
     for name, d in s["directions"].items():
@@ -189,10 +189,11 @@ def _analysis(r: dict[str, Any]) -> str:
     )
     return (
         f"**Analysis ({rate:,.0f} MB/s, peak RSS {m['peak_rss'] / 1e6:,.0f} MB).** The "
-        "reduction is bound by decoding: Blosc (bit-shuffle + Zstd) and the CRC32C of every "
-        "chunk. Plain zarr decoding the same store one step shard per thread (as many threads "
-        f"as cores) and summing with NumPy runs at {decode:,.0f} MB/s on this machine, "
-        f"{overhead}. Memory stays flat because each dask task holds one chunk of 32 MiB at "
+        "reduction is bound by decoding: Blosc (bit-shuffle + LZ4) and the CRC32C of every "
+        "chunk, through zarrs. Plain zarr (its own pipeline) decoding the same store one step "
+        "shard per thread (as many threads as cores) and summing with NumPy runs at "
+        f"{decode:,.0f} MB/s on this machine, "
+        f"{overhead}. Memory stays flat because each dask task holds one chunk of 16 MiB at "
         "most (whole stored maps) and the mean is accumulated chunk by chunk.\n\n"
         f"**Time to first heatmap ({c['one_map_seconds']:.2f} s).** Reading one map is a few "
         f"milliseconds; a cold interpreter that imports the CLI (xarray, dask, zarr, "
