@@ -11,7 +11,9 @@ quantities are linear in the tokens, so a span is computed exactly from the rows
 
 from __future__ import annotations
 
+import functools
 import re
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -96,12 +98,20 @@ def positions(request: SpanRequest, attrs: Mapping[str, Any]) -> list[int]:
     return found
 
 
+def _rows_covered(chosen: Sequence[int], rows: Sequence[sf.TokenRow]) -> dict[int, int]:
+    """{row index: how many of its text positions `chosen` holds}, for the rows it touches."""
+    row_of = _row_of(tuple(rows))
+    covered: dict[int, int] = {}
+    for index in (row_of[p] for p in chosen if p in row_of):
+        covered[index] = covered.get(index, 0) + 1
+    return covered
+
+
 def check_answerable(name: str, chosen: Sequence[int], rows: Sequence[sf.TokenRow]) -> None:
     """Raise SpanError if the positions split a padding row (stored only as a whole)."""
-    wanted = set(chosen)
-    for row in rows:
-        inside = len(wanted.intersection(row.positions))
-        if row.count > 1 and 0 < inside < row.count:
+    for index, inside in _rows_covered(sorted(set(chosen)), rows).items():
+        row = rows[index]
+        if row.count > 1 and inside < row.count:
             last = row.position + row.count - 1
             raise SpanError(
                 f"span {name!r} covers {inside} of the {row.count} padding tokens of "
@@ -110,6 +120,12 @@ def check_answerable(name: str, chosen: Sequence[int], rows: Sequence[sf.TokenRo
                 f"or any mix of them; to ask about single padding tokens, record with "
                 f"keep_tokens=({row.position}, {last + 1})"
             )
+
+
+@functools.lru_cache(maxsize=8)
+def _row_of(rows: tuple[sf.TokenRow, ...]) -> Mapping[int, int]:
+    """Which token row holds each text position (built once per run's rows)."""
+    return types.MappingProxyType({p: i for i, row in enumerate(rows) for p in row.positions})
 
 
 def _requests(spans: Spans | None, attrs: Mapping[str, Any]) -> dict[str, SpanRequest]:
@@ -167,7 +183,7 @@ def span_view(tokens: xr.Dataset, spans: Spans | None = None) -> xr.Dataset:
         wanted = positions(request, attrs)
         check_answerable(name, wanted, rows)
         chosen[name] = wanted
-        picked = [i for i, row in enumerate(rows) if set(row.positions) & set(wanted)]
+        picked = sorted(_rows_covered(sorted(set(wanted)), rows))
         for direction, out in views.items():
             if len(picked) == 1:  # a row's own mean and sum: the stored values themselves
                 out.append(tokens[direction].isel(token=picked[0], drop=True))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Geometry, build_pipeline, du, log, median, scratch
-from bench.variants import VARIANTS
+from bench.variants import VARIANTS, decoded
 
 
 def _schedule(pairs: dict[str, int]) -> list[str]:
@@ -51,6 +51,8 @@ def measure(geometry: dict[str, Any], pairs: dict[str, int]) -> dict[str, Any]:
         if geo.device == "cuda":
             recorded["cuda_peak"] = torch.cuda.max_memory_allocated()
         recorded["bytes"] = du(workdir)
+        if name.startswith("attnscope"):
+            recorded |= decoded(recorded["path"])
         return recorded
 
     with scratch("warmup") as workdir:  # first-call costs (allocator, kernels) out of pair 1

@@ -25,14 +25,19 @@ def attnscope(
     pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None, lse: str = "kernel"
 ) -> dict[str, Any]:
     """Every layer, head and step, both directions, every token row, compressed on disk."""
-    import analysis
     import tracer
 
     with tracer.trace(pipe, workdir / "trace.zarr", progress=False, lse=lse):
         generate(pipe, geo, steps)
-    recorded = analysis.open_trace(workdir / "trace.zarr", tokens=True)
+    return {"path": str(workdir / "trace.zarr")}
+
+
+def decoded(path: str) -> dict[str, int]:
+    """Token rows and decoded bytes of the trace at `path` (metadata only; not timed)."""
+    import analysis
+
+    recorded = analysis.open_trace(path, tokens=True)
     return {
-        "path": str(workdir / "trace.zarr"),
         "token_rows": recorded.sizes["token"],
         "decoded_bytes": int(recorded.txt2img.nbytes + recorded.img2txt.nbytes),
     }
