@@ -34,6 +34,13 @@ def _local(path: str) -> Path | None:
     return None if "://" in str(path) else Path(path)
 
 
+def _group_json(attributes: Mapping[str, Any]) -> str:
+    """A Zarr v3 group's zarr.json with these attributes, written whole in one create."""
+    return json.dumps(
+        {"attributes": dict(attributes), "zarr_format": 3, "node_type": "group"}, indent=2
+    )
+
+
 def _create_root(folder: Path) -> None:
     """Create the store's root group, format attribute included, unless it exists: exclusive."""
     if folder.exists() and not folder.is_dir():
@@ -50,13 +57,9 @@ def _create_root(folder: Path) -> None:
                 f"attnscope will not write into it. Choose another path."
             )
     folder.mkdir(parents=True, exist_ok=True)
-    metadata = {
-        "attributes": {fmt.FORMAT_ATTR: fmt.FORMAT_VERSION},
-        "zarr_format": 3,
-        "node_type": "group",
-    }
+    metadata = _group_json({fmt.FORMAT_ATTR: fmt.FORMAT_VERSION})
     temporary = folder / f"zarr.{uuid.uuid4().hex}.partial"
-    temporary.write_text(json.dumps(metadata, indent=2))
+    temporary.write_text(metadata)
     try:
         os.link(temporary, target)  # atomic and exclusive: another recorder may have won
     except FileExistsError:
@@ -88,13 +91,9 @@ def _create_root_url(path: str) -> None:
             f"{path} holds objects but no zarr.json: it is not a trace store, and attnscope "
             f"will not write into it. Choose another path."
         )
-    metadata = {
-        "attributes": {fmt.FORMAT_ATTR: fmt.FORMAT_VERSION},
-        "zarr_format": 3,
-        "node_type": "group",
-    }
+    metadata = _group_json({fmt.FORMAT_ATTR: fmt.FORMAT_VERSION})
     with contextlib.suppress(FileExistsError):  # another recorder created it first: fine
-        fs.pipe_file(f"{root}/zarr.json", json.dumps(metadata).encode(), mode="create")
+        fs.pipe_file(f"{root}/zarr.json", metadata.encode(), mode="create")
 
 
 def open_store(path: str) -> zarr.Group:
@@ -170,12 +169,8 @@ def _claim_url(path: str, name: str) -> None:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(path)
-    metadata = {
-        "attributes": {fmt.STATUS: fmt.RECORDING},
-        "zarr_format": 3,
-        "node_type": "group",
-    }
-    fs.pipe_file(f"{root}/{name}/zarr.json", json.dumps(metadata).encode(), mode="create")
+    metadata = _group_json({fmt.STATUS: fmt.RECORDING})
+    fs.pipe_file(f"{root}/{name}/zarr.json", metadata.encode(), mode="create")
 
 
 def write_variable(run: zarr.Group, name: str, variable: xr.DataArray) -> None:

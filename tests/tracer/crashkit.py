@@ -68,29 +68,37 @@ def _install_hook(hook: dict[str, Any], notify: int, control: int, root: str) ->
         os.write(notify, (json.dumps({"event": "paused", "key": key}) + "\n").encode())
         os.read(control, 1)  # the server kills us here, or lets us go on
 
-    def put(path: Path, value: Any, exclusive: bool = False) -> int:
-        key = Path(path).relative_to(root).as_posix()
-        if not matches(key, value):
-            return real_put(path, value, exclusive=exclusive)
+    def act(key: str, target: Path, write: Any, tear: Any) -> Any:
+        """Do the hooked write `write()` as the hook's mode says; `tear()` leaves it half done."""
         state["done"] = True
         mode = hook.get("mode", "before")
         if mode == "fail":
             code = getattr(errno_module, hook.get("errno", "ENOSPC"))
-            raise OSError(code, os.strerror(code), str(path))
+            raise OSError(code, os.strerror(code), str(target))
         if mode == "mid":
+            tear()
+            stop(key)
+            raise SystemExit("a `mid` hook is only ever killed")
+        if mode == "before":
+            stop(key)
+            return write()
+        written = write()
+        stop(key)
+        return written
+
+    def put(path: Path, value: Any, exclusive: bool = False) -> int:
+        key = Path(path).relative_to(root).as_posix()
+        if not matches(key, value):
+            return real_put(path, value, exclusive=exclusive)
+
+        def tear() -> None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             data = bytes(value.as_buffer_like())
             with open(Path(path).with_suffix(f".{uuid.uuid4().hex}.partial"), "wb") as file:
                 file.write(data[: len(data) // 2])
                 file.flush()
-            stop(key)
-            raise SystemExit("a `mid` hook is only ever killed")
-        if mode == "before":
-            stop(key)
-            return real_put(path, value, exclusive=exclusive)
-        written = real_put(path, value, exclusive=exclusive)
-        stop(key)
-        return written
+
+        return act(key, path, lambda: real_put(path, value, exclusive=exclusive), tear)
 
     local._put = put
 
@@ -104,21 +112,12 @@ def _install_hook(hook: dict[str, Any], notify: int, control: int, root: str) ->
         key = Path(final).relative_to(root).as_posix()
         if not matches(key, None):
             return real_move(staged, final)
-        state["done"] = True
-        mode = hook.get("mode", "before")
-        if mode == "fail":
-            code = getattr(errno_module, hook.get("errno", "ENOSPC"))
-            raise OSError(code, os.strerror(code), str(final))
-        if mode == "mid":
-            os.truncate(staged, os.path.getsize(staged) // 2)
-            stop(key)
-            raise SystemExit("a `mid` hook is only ever killed")
-        if mode == "before":
-            stop(key)
-            return real_move(staged, final)
-        real_move(staged, final)
-        stop(key)
-        return None
+        return act(
+            key,
+            final,
+            lambda: real_move(staged, final),
+            lambda: os.truncate(staged, os.path.getsize(staged) // 2),
+        )
 
     StagedShards._move_into_place = staticmethod(move_into_place)
 
