@@ -208,6 +208,7 @@ class Recorder:
                 raise TapError("the pipeline never called its denoiser: nothing was recorded")
             self._finish_step(run)
             run.writer.close()
+            self._show_progress(run, final=True)
             image = self.adapter.image(output)
             if image is not None:
                 write_variable(run.group, "image", fmt.image_variable(image))
@@ -371,14 +372,21 @@ class Recorder:
                 f"token layout changed during generation: {run.text_len} text tokens on a "
                 f"{run.grid} grid, then {call.text_len} on {call.grid}"
             )
-        done = len(run.writer.steps_complete)
+        self._show_progress(run)
+
+    @staticmethod
+    def _show_progress(run: _Run, *, final: bool = False) -> None:
+        """Steps durable, the write rate and the backlog. tqdm redraws at most every 0.1 s, so
+        the final state is drawn explicitly: a short run would otherwise never show it."""
         writing = run.writer.progress()
         run.progress.set_postfix_str(
             f"writing {writing.decoded_mb_s:.0f} MB/s decoded, {writing.backlog} "
             f"step{'' if writing.backlog == 1 else 's'} pending",
             refresh=False,
         )
-        run.progress.update(done - run.progress.n)
+        run.progress.update(len(run.writer.steps_complete) - run.progress.n)
+        if final:
+            run.progress.refresh()
 
     def _finish_step(self, run: _Run) -> None:
         """Tell the writer which layers of the step just recorded never ran their attention (a
