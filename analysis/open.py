@@ -287,7 +287,8 @@ def open_trace(
             _diagnose(group, arrays, info.name, where)
             raise
     ds = ds.assign_coords(small)
-    with sf.quiet_zarr():
+    # The maps are read through the arrays opened here: under pipeline_for, zarrs decodes them.
+    with sf.quiet_zarr(), pipeline_for(root.store):
         ds, dropped = _checked_variables(ds, group, info, where)
     ds.attrs.update(run=info.name, store=where)
     if dropped:
