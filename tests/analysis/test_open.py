@@ -185,3 +185,14 @@ def test_the_dataset_matches_plain_xarray(store):
     xr.testing.assert_identical(
         ours.txt2img.reset_coords(drop=True), plain.txt2img.reset_coords(drop=True)
     )
+
+
+def test_maps_of_a_local_store_are_decoded_by_zarrs(store):
+    """The arrays dask reads from are opened for zarrs (analysis.zarr_pipeline), not only the
+    ones xarray opened: a read through zarr-python's pipeline is four times slower."""
+    path, _ = store
+    data = analysis.open_trace(path, tokens=True).txt2img.data
+    checked = [v for v in data.dask.values() if isinstance(v, analysis.trust.CheckedArray)]
+    assert len(checked) == 1
+    pipeline = checked[0].array._async_array.codec_pipeline
+    assert type(pipeline).__name__ == "ZarrsCodecPipeline"
