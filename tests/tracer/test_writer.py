@@ -485,7 +485,7 @@ def test_close_with_incomplete_step_raises_and_leaves_it_unwritten(tmp_path: Pat
 
 
 KILL_CHILD = """
-import os, signal, sys
+import asyncio, os, signal, sys
 import torch, zarr
 from zarr.storage import LocalStore, WrapperStore
 from tracer.writer import TraceWriter
@@ -496,6 +496,9 @@ class KillStore(WrapperStore):
 
     async def set(self, key, value):
         if key.startswith("run-0000/img2txt/c/2/"):  # step position 2, after its txt2img shard
+            # The directions are stored side by side: die once the txt2img shard is in.
+            while not await self._store.exists("run-0000/txt2img/c/2/0/0/0/0/0"):
+                await asyncio.sleep(0.01)
             os.kill(os.getpid(), signal.SIGKILL)
         await self._store.set(key, value)
 

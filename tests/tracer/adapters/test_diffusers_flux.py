@@ -16,6 +16,17 @@ def pipe():
     return demo_pipeline(seed=0, max_sequence_length=16)
 
 
+@pytest.fixture(autouse=True)
+def active_backend_restored():
+    """`set_attention_backend` also sets diffusers' process-wide active backend, which
+    `reset_attention_backend` leaves alone: later tests in this process must not inherit it."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before, _ = _AttentionBackendRegistry.get_active_backend()
+    yield
+    _AttentionBackendRegistry.set_active_backend(before)
+
+
 def test_a_module_on_a_non_sdpa_backend_is_refused_before_the_store_exists(pipe, tmp_path):
     pipe.transformer.set_attention_backend("flex")
     path = tmp_path / "never.zarr"
