@@ -44,8 +44,8 @@ def _overhead(r: dict[str, Any], main: str) -> str:
         "computing;",
         f"- creating the run group: {b.get('start_run', math.nan):.2f} s once per run (a dozen "
         "small Zarr objects: metadata and coordinates);",
-        f"- the writer thread's compression and writes: {b.get('writer_step', math.nan):.2f} s "
-        "in all, beside the generation on the other core, of which the last step's write is "
+        f"- the writer's compression and writes: {b.get('writer_step', math.nan):.2f} s of "
+        "thread time in all, beside the generation, of which the last step's write is "
         "waited for at the end (a step is durable when the call returns).",
     ]
     if b:

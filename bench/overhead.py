@@ -108,9 +108,10 @@ def _timing_parts() -> Iterator[dict[str, float]]:
     """Seconds spent in the tracer's parts during one traced generation (wrapped functions).
 
     `start_run` (creating the run group), `capture` (the capture math, on the generation's
-    thread), `writer_put`, and `writer_step` (compressing and writing a step, on the writer's
-    thread, in parallel with the generation).
+    thread), `writer_put`, and `writer_step` (compressing and writing a step's shards, on the
+    writer's store threads, in parallel with the generation: thread-seconds, summed).
     """
+    import tracer.durable as durable
     import tracer.session as session
     import tracer.writer as writer
 
@@ -119,7 +120,7 @@ def _timing_parts() -> Iterator[dict[str, float]]:
         (session.Recorder, "_start_run", "start_run"),
         (session, "attention_maps", "capture"),
         (writer.TraceWriter, "put", "writer_put"),
-        (writer.TraceWriter, "_write_step", "writer_step"),
+        (durable.StagedShards, "write", "writer_step"),
     ]
     originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]
 

@@ -11,7 +11,6 @@ list the step. A crash leaves at worst the staging folder, which `attnscope veri
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -35,31 +34,27 @@ class StagedShards:
         self._fsync = fsync
         self._folder = Path(array.store.root) / array.path
         self._staging_folder = self._folder / f"staging.{uuid.uuid4().hex}.partial"
-        # The staging array is the real one, one step long: same chunks, shard and codecs.
+        # The staging array is a copy of the real one (same shape, chunks, shard and codecs), so
+        # each step has its own staged key and several steps may be written at once.
         metadata = array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
-        document = json.loads(metadata.to_bytes())
-        document["shape"] = [1, *array.shape[1:]]
         self._staging_folder.mkdir()
-        (self._staging_folder / "zarr.json").write_text(json.dumps(document))
+        (self._staging_folder / "zarr.json").write_bytes(metadata.to_bytes())
         store = LocalStore(self._staging_folder)
         with pipeline_for(store):
             self._staging = zarr.open_array(store, mode="r+", zarr_format=3)
-        self._staged = self._staging_folder / self._staging.metadata.encode_chunk_key(
-            (0,) * array.ndim
-        )
 
     def write(self, step_pos: int, values: np.ndarray) -> None:
-        """Store `values` (one whole step) as step position `step_pos`'s shard, durably."""
-        self._staging[0] = values
-        final = self._folder / self._array.metadata.encode_chunk_key(
-            (step_pos,) + (0,) * (self._array.ndim - 1)
-        )
-        if not self._staged.exists():
+        """Store `values` (one whole step) as step position `step_pos`'s shard, durably. Calls
+        for different steps may run at once, from different threads."""
+        self._staging[step_pos] = values
+        key = self._array.metadata.encode_chunk_key((step_pos,) + (0,) * (self._array.ndim - 1))
+        staged, final = self._staging_folder / key, self._folder / key
+        if not staged.exists():
             return  # every value was the fill value (NaN): zarr stores no shard, nor do we
         if self._fsync:
-            _sync(self._staged)
+            _sync(staged)
         new_folders = _make_folders(final.parent)
-        self._move_into_place(self._staged, final)
+        self._move_into_place(staged, final)
         if self._fsync:
             # The new name, and every folder made for it, recorded in its parent folder.
             for folder in {final.parent, *(f.parent for f in new_folders)}:

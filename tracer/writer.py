@@ -18,11 +18,13 @@ them are taken; it never drops a map and never lets memory grow.
 Threading contract:
 - Call `put()` from one thread (the generation loop). The writer assumes that one producer; it
   is what lets `put()` tell a wait that would never end from a slow disk.
-- While the writer is open (until `close()` or `abort()` returned) its thread rewrites the run
-  group's attributes (`steps_complete`). Zarr writes `zarr.json` whole from the `Group` object's
-  in-memory attributes, so do not write run attributes from another thread meanwhile. Afterwards,
-  write them through the same `run` object (it holds the up-to-date `steps_complete`) or reopen
-  the group; a stale `Group` object would write the old list back.
+- While the writer is open (until `close()` or `abort()` returned) its lister thread rewrites
+  the run group's attributes (`steps_complete`). Zarr writes `zarr.json` whole from the `Group`
+  object's in-memory attributes, so do not write run attributes from another thread meanwhile.
+  Afterwards, write them through the same `run` object (it holds the up-to-date
+  `steps_complete`) or reopen the group; a stale `Group` object would write the old list back.
+- Three kinds of background thread: one absorbs the maps into step buffers, a pool stores the
+  shards (every pending step's, side by side), and one lists the stored steps in order.
 - On CUDA, the device-to-host copy is queued on the tensor's device's *current stream*, so maps
   must be produced on that stream (as the tracer does) and not modified in place afterwards.
 """
@@ -35,7 +37,7 @@ import queue
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,11 +187,20 @@ class TraceWriter:
         self._finished = False  # close() or abort() has returned once
 
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._stores = ThreadPoolExecutor(len(directions), thread_name_prefix="attnscope-store")
+        # Every pending step's shards may be in flight at once: a step is encoded while the one
+        # before it is still being written out and synced (bench.rate).
+        self._stores = ThreadPoolExecutor(
+            len(directions) * max_pending, thread_name_prefix="attnscope-store"
+        )
+        self._stored: queue.SimpleQueue[Any] = queue.SimpleQueue()  # (slot, futures), in order
         self._thread = threading.Thread(
             target=self._work, name=f"attnscope-writer-{run.path}", daemon=True
         )
+        self._lister = threading.Thread(
+            target=self._list_steps, name=f"attnscope-lister-{run.path}", daemon=True
+        )
         self._thread.start()
+        self._lister.start()
 
     # ----------------------------------------------------------------------------- foreground
 
@@ -294,6 +305,7 @@ class TraceWriter:
             self._closed = True
             self._queue.put(_STOP)
             self._thread.join()
+            self._lister.join()
             self._stores.shutdown()
             self._finished = True
             self._remove_staging()
@@ -316,16 +328,18 @@ class TraceWriter:
     def abort(self, timeout: float = 10.0) -> None:
         """Stop without writing further steps (generation failed); never hangs.
 
-        A step whose write is already under way finishes (and is listed if it succeeds); nothing
-        queued after it is written. Waits at most `timeout` seconds for the worker thread, which
-        is a daemon and is left to finish its current write on its own past that. A put()
-        blocked in another thread raises WriterError. Does not raise.
+        Steps whose writes are already under way (at most `max_pending`) finish, and are listed
+        if they succeed; nothing after them is written. Waits at most `timeout` seconds for the
+        background threads, which are left to finish their current writes on their own past
+        that. A put() blocked in another thread raises WriterError. Does not raise.
         """
         if self._finished:
             return
         with self._cond:
             self._closed = True
             self._aborted = True
+            # Shards whose writes have not begun are dropped; those under way finish.
+            self._stores.shutdown(wait=False, cancel_futures=True)
             self._cond.notify_all()
         # Drop queued maps now (frees their memory) so the worker reaches the sentinel at once.
         while True:
@@ -334,9 +348,11 @@ class TraceWriter:
             except queue.Empty:
                 break
         self._queue.put(_STOP)
+        deadline = time.monotonic() + timeout
         self._thread.join(timeout)
+        self._lister.join(max(0.0, deadline - time.monotonic()))
         self._finished = True
-        if not self._thread.is_alive():
+        if not self._thread.is_alive() and not self._lister.is_alive():
             self._stores.shutdown()
             self._remove_staging()
 
@@ -450,23 +466,27 @@ class TraceWriter:
         try:
             while True:
                 item = self._queue.get()
-                if item is _STOP or self._aborted:
+                if item is _STOP or self._aborted or self._error is not None:
                     return
                 step_pos = item.slot.step_pos
                 self._absorb(item)
                 step_pos = None
-        except _Stop:
-            return  # the failure is recorded already, with its step and cause
         except BaseException as exc:
-            where = (
-                f"step {self._step_values[step_pos]} (position {step_pos})"
-                if step_pos is not None
-                else "no particular step"
+            self._fail(
+                f"the background writer failed at {self._where(step_pos)}: "
+                f"{type(exc).__name__}: {exc}",
+                exc,
             )
-            self._fail(f"the background writer failed at {where}: {type(exc).__name__}: {exc}", exc)
+        finally:
+            self._stored.put(_STOP)  # the lister lists what was handed over, then ends
+
+    def _where(self, step_pos: int | None) -> str:
+        if step_pos is None:
+            return "no particular step"
+        return f"step {self._step_values[step_pos]} (position {step_pos})"
 
     def _absorb(self, item: _Item) -> None:
-        """Bring one (step, layer) into its step's host buffer; write the step when whole."""
+        """Bring one (step, layer) into its step's host buffer; store the step when whole."""
         slot = item.slot
         for event in item.events:
             event.synchronize()  # waits on this thread only, not on the producer's stream
@@ -478,11 +498,14 @@ class TraceWriter:
                 slot.host[name][item.layer_pos].fill_(float("nan"))
         slot.filled += 1
         if slot.filled == self._n_layers:
-            self._write_step(slot)
+            self._store_step(slot)
 
-    def _write_step(self, slot: _Slot) -> None:
+    def _store_step(self, slot: _Slot) -> None:
+        """Start writing the step's shards, one per direction, side by side; the lister thread
+        lists the step once they are all stored. zarrs spreads one shard's chunks over the
+        cores, but copying a shard in and writing it out are serial: several shards in flight
+        keep more cores (and the disk) busy."""
         step_pos = slot.step_pos
-        value = self._step_values[step_pos]
 
         def store(name: str) -> None:
             # The buffer is exactly one shard: zarr encodes it whole and stores one object.
@@ -491,11 +514,35 @@ class TraceWriter:
             else:
                 self._arrays[name][step_pos] = slot.host[name].numpy()
 
-        # The directions' shards are stored side by side: zarrs spreads one shard's chunks over
-        # the cores, but copying it in and writing it out are serial, so two shards in flight
-        # keep more cores busy (bench.rate).
-        stored = {name: self._stores.submit(store, name) for name in self._directions}
+        with self._cond:
+            if self._aborted:
+                return  # abort() came: this step is not begun
+            futures = {name: self._stores.submit(store, name) for name in self._directions}
+        self._stored.put((slot, futures))
+
+    def _list_steps(self) -> None:
+        """The lister thread: list each stored step, in the order the steps were completed."""
+        while True:
+            entry = self._stored.get()
+            if entry is _STOP:
+                return
+            try:
+                self._list_step(*entry)
+            except _Stop:
+                return  # the failure is recorded already, with its step and cause
+            except BaseException as exc:
+                where = self._where(entry[0].step_pos)
+                self._fail(
+                    f"the background writer failed at {where}: {type(exc).__name__}: {exc}", exc
+                )
+                return
+
+    def _list_step(self, slot: _Slot, stored: Mapping[str, Future[None]]) -> None:
+        step_pos = slot.step_pos
+        value = self._step_values[step_pos]
         for name, future in stored.items():
+            if future.cancelled():
+                raise _Stop  # abort() came before this step's writes began: it is not listed
             exc = future.exception()
             if exc is not None:
                 self._fail(
@@ -534,4 +581,4 @@ class TraceWriter:
 
 
 class _Stop(Exception):
-    """Raised inside the worker after it recorded its own failure, to end the thread."""
+    """Raised inside the lister to end it: it recorded its failure already, or abort() came."""

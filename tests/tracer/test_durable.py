@@ -66,7 +66,7 @@ def test_the_shard_and_every_folder_made_for_it_are_synced(tmp_path, monkeypatch
     folder = tmp_path / "s.zarr" / "txt2img"
     shard = folder / array.metadata.encode_chunk_key((2, 0, 0, 0, 0, 0))
     # The bytes before the rename (under their staging name), then each new folder's parent.
-    assert synced[0].endswith(".partial/c/0/0/0/0/0/0")
+    assert synced[0].endswith(".partial/c/2/0/0/0/0/0")
     expected = {str(p) for p in list(shard.parents)[:7]}  # from c/2/0/0/0/0 up to txt2img
     assert str(folder) in expected
     assert set(synced[1:]) == expected
