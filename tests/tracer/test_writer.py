@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ MAP_SHAPE = (N_HEADS, len(TOKENS), GRID[0] * GRID[1])
 TIMEOUT = 10.0
 
 
+HOOK_THREADS = ThreadPoolExecutor(32, thread_name_prefix="test-hook")
+
+
 class HookedStore(WrapperStore):
     """A store that runs `hook(key)` (in a worker thread) before every write, to stall or fail."""
 
@@ -52,7 +56,9 @@ class HookedStore(WrapperStore):
 
     async def set(self, key: str, value: Any) -> None:
         if self.hook is not None:
-            await asyncio.to_thread(self.hook, key)
+            # Not zarr's executor (asyncio.to_thread): it may have as few threads as there are
+            # cores, and a stalled hook holding one would stall the writes of other steps.
+            await asyncio.get_running_loop().run_in_executor(HOOK_THREADS, self.hook, key)
         await self._store.set(key, value)
 
 
