@@ -9,8 +9,9 @@ a 64×64 latent grid (real maps compress as maps do; random numbers do not), one
 
 The maps arrive already rounded to the default keepbits, as they leave a GPU (tracer.rounding
 rounds them there, before the copy), so the host does here what it does on a GPU box: copy
-each layer into the step buffer, encode the step's shards (zarrs, on every core), sync them and
-rename them into place (tracer.durable), list the step.
+each layer into the step buffer, encode the step's shards (zarrs, on every core; both directions
+and the pending steps side by side), sync them and rename them into place (tracer.durable), list
+the step.
 
 It reports, per core count: sustained decoded MB/s (a step's bytes over the time from its first
 put() to being durable, in steady state), how long put() made the generation wait (the
@@ -70,6 +71,21 @@ def _demo_maps(path: Path) -> dict[str, Any]:
         values = rows[f"{direction}"].isel(step=-1).values  # layer, head, token, y, x
         out[direction] = torch.from_numpy(values.reshape(-1, GRID[0] * GRID[1]).copy())
     return out
+
+
+def disk_sync_mb_s(folder: Path, megabytes: int = 256) -> float:
+    """This disk's sequential write rate with fsync: the ceiling for durable steps here."""
+    block = os.urandom(2**20)
+    path = folder / "disk-rate.bin"
+    start = time.perf_counter()
+    with open(path, "wb") as file:
+        for _ in range(megabytes):
+            file.write(block)
+        file.flush()
+        os.fsync(file.fileno())
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return megabytes * 2**20 / seconds / 1e6
 
 
 def measure(cores: int, steps: int, period: float) -> dict[str, Any]:
@@ -151,7 +167,14 @@ def measure(cores: int, steps: int, period: float) -> dict[str, Any]:
                 "close_seconds": time.perf_counter() - last_put,
                 "stored_bytes": sum(p.stat().st_size for p in store.rglob("*") if p.is_file()),
             }
-    return {"cores": cores, "steps": steps, "period": period, "step_bytes": step_bytes} | results
+        disk = disk_sync_mb_s(workdir)
+    return {
+        "cores": cores,
+        "steps": steps,
+        "period": period,
+        "step_bytes": step_bytes,
+        "disk_sync_mb_s": disk,
+    } | results
 
 
 def project(by_cores: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -169,6 +192,9 @@ def project(by_cores: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "fsync_cost": by_cores[2]["unthrottled, no fsync"]["decoded_mb_s"]
         / by_cores[2]["unthrottled"]["decoded_mb_s"],
         "create_run_ms": by_cores[2]["paced"]["create_seconds"] * 1e3,
+        # What this disk allows: its fsync'd write rate times the compression ratio.
+        "disk_ceiling_decoded_mb_s": by_cores[2]["disk_sync_mb_s"]
+        * (step_bytes * by_cores[2]["steps"] / by_cores[2]["unthrottled"]["stored_bytes"]),
         "zarrs_over_zarr_python": {
             cores: runs["unthrottled"]["decoded_mb_s"] / runs[BASELINE]["decoded_mb_s"]
             for cores, runs in by_cores.items()
