@@ -2,6 +2,7 @@
 
     import analysis
     ds = analysis.open_trace("cat.zarr")                      # lazy xarray.Dataset of one run
+    sweep = analysis.open_sweep("sweep.zarr")                 # every run, along a `run` dim
     m = ds.txt2img.sel(span="cat").mean(["step", "layer"])
     analysis.heatmap(m.sel(head=3), path="cat-head3.png")
 
@@ -45,6 +46,7 @@ _EXPORTS = {
         "similarity_matrix",
     ),
     "store_format": ("FORMAT_VERSION", "FormatError"),
+    "sweep": ("open_sweep",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -68,6 +70,7 @@ __all__ = [
     "mask_agreement",
     "mask_to_grid",
     "open_store",
+    "open_sweep",
     "open_trace",
     "overlay",
     "rank_heads",
@@ -96,6 +99,7 @@ if TYPE_CHECKING:
     from .plot import animate, describe, drift_curve, grid, heatmap, overlay, similarity_matrix
     from .selection import REDUCTIONS, SelectionError, reduce, resolve, select
     from .store_format import FORMAT_VERSION, FormatError
+    from .sweep import open_sweep
 
 
 def __getattr__(name: str) -> Any:

@@ -161,7 +161,8 @@ def _list_runs(root: zarr.Group, where: str) -> list[RunInfo]:
     return infos
 
 
-def _pick(infos: list[RunInfo], run: str | int | None, where: str) -> RunInfo:
+def pick_run(infos: list[RunInfo], run: str | int | None, where: str) -> RunInfo:
+    """The run named (`"run-0003"`) or counted (`3`) among `infos`; None: the latest."""
     if run is None:
         return infos[-1]
     if isinstance(run, (int, np.integer)) or (isinstance(run, str) and run.isdigit()):
@@ -254,7 +255,7 @@ def open_trace(
             f"{where} is a format-1 store: its runs hold the spans chosen when recording, not "
             f"token rows"
         )
-    info = _pick(_list_runs(root, where), run, where)
+    info = pick_run(_list_runs(root, where), run, where)
     arrays = trust.check_run(root.store, info.name, where)
     message = _partial_message(info, where, complete_only)
     if complete_only and info.steps and not set(info.steps) & set(info.steps_complete):
@@ -455,7 +456,7 @@ def trace_info(
     where = location(path)
     root = open_store(path, storage_options)
     infos = _list_runs(root, where)
-    info = _pick(infos, run, where)
+    info = pick_run(infos, run, where)
     trust.check_run(root.store, info.name, where)
     group = root[info.name]
     with sf.quiet_zarr():
