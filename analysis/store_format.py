@@ -131,6 +131,8 @@ BATCH_INDEX = "batch_index"
 LSE_SOURCES = ("kernel", "recompute")
 
 RUN_PREFIX = "run-"
+# The root folder of a shared sweep's job claims (tracer.claims): JSON objects, no Zarr node.
+CLAIMS = "claims"
 _RUN_NAME = re.compile(r"^run-(\d{4,})$")
 
 # Mantissa bits kept by the bit-rounding filter: relative error <= 2**-(keepbits + 1).

@@ -108,7 +108,7 @@ def verify(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> 
         report.note("store", f"... and {len(partials) - MAX_FINDINGS_PER_ARRAY} more")
     runs = []
     for entry in trust.list_dir(store, ""):
-        if entry == "zarr.json" or entry.endswith(".partial"):
+        if entry in ("zarr.json", sf.CLAIMS) or entry.endswith(".partial"):
             continue
         if sf.run_index(entry) is not None:
             if trust.exists(store, f"{entry}/zarr.json"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import torch
 from analysis import store_format as fmt
 from analysis.cli.args import integers, names, positive
 from analysis.errors import AttnscopeError, UsageError, WriterError
+from tracer.claims import DEFAULT_LEASE_SECONDS
 from tracer.spans import parse_span_argument
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,7 +59,16 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
         default=None,
         metavar="FILE",
         help="a prompt sweep: one prompt per line, one run each (times --seeds); rerunning "
-        "the same command resumes it, skipping runs already complete",
+        "the same command resumes it, skipping runs already complete. Started N times on one "
+        "store (N GPUs or boxes), the workers split it: each run is claimed in the store",
+    )
+    parser.add_argument(
+        "--lease",
+        type=positive(float),
+        default=DEFAULT_LEASE_SECONDS,
+        metavar="SECONDS",
+        help="a sweep worker that has not renewed its claim for this long is taken for dead: "
+        f"another records its run again (default {DEFAULT_LEASE_SECONDS:.0f})",
     )
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--true-cfg-scale", type=float, default=1.0)
@@ -426,6 +438,59 @@ def _url_runs(path: str) -> list[Any]:
         raise
 
 
+def _claimed(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> Iterator[tuple[str, int]]:
+    """The jobs this process is to record, each under its claim while the caller records it.
+
+    A single run needs no claim. In a sweep, a job another worker holds is left to it and
+    looked at again once the rest are done: it ends complete, or its claim expires and is taken
+    over here (the dead worker's run marked `failed: abandoned`). Returns when every job is
+    complete in the store.
+    """
+    if args.prompts is None:
+        yield from jobs
+        return
+    from tracer.claims import Claims
+    from tracer.store import open_store
+
+    open_store(args.out)  # the root before the claims folder: never a folder without zarr.json
+    claims = Claims(args.out, args.lease)
+    pending = list(jobs)
+    while pending:
+        done = _complete_runs(args.out)
+        pending = [job for job in pending if job not in done]
+        held = []
+        for job in pending:
+            taken = claims.take(*job)
+            if taken is None:
+                held.append(job)
+                continue
+            if taken[1] is not None:
+                _abandon(args.out, *job)
+            with claims.heartbeat(*job, taken[0]):
+                yield job
+        if held and held == pending:
+            time.sleep(min(args.lease / 4, 5.0))  # their workers finish them, or their leases end
+        pending = held
+
+
+def _abandon(out: str, prompt: str, seed: int) -> None:
+    """Mark the runs of (prompt, seed) still `recording` as `failed: abandoned`: their worker
+    let its claim expire."""
+    import zarr
+
+    from analysis.open import list_runs
+
+    for run in list_runs(out):
+        same = (run.attrs.get(fmt.PROMPT), run.attrs.get(fmt.SEED)) == (prompt, seed)
+        if same and run.status == fmt.RECORDING:
+            group = zarr.open_group(out, path=run.name, mode="r+")
+            group.attrs.update({fmt.STATUS: fmt.failed("abandoned")})
+            print(
+                f"{run.name} ({prompt!r}, seed {seed}) was abandoned; recording it again",
+                file=sys.stderr,
+            )
+
+
 def run_record(args: argparse.Namespace) -> int:
     """Load the pipeline, generate each asked run under `tracer.trace`, report what was written."""
     spans = None
@@ -497,7 +562,7 @@ def _record(
             entity_names=entity_names,
             **_recorded(args),
         ) as recorder:
-            for prompt, seed in todo:
+            for prompt, seed in _claimed(args, todo):
                 pipe(**_call_arguments(args, prompt, seed), **eligen)
                 print(f"recorded {recorder.last_run} into {args.out}", file=sys.stderr)
     except (WriterError, OSError) as error:

@@ -89,7 +89,7 @@ def test_two_recorders_appending_at_once_get_separate_runs(server, references, t
     assert verify(store).ok
 
 
-def test_two_sweeps_appending_at_once_interleave_whole_runs(server, references, tmp_path):
+def test_two_sweeps_started_at_once_split_the_prompts(server, references, tmp_path):
     store = tmp_path / "shared.zarr"
     children = []
     for i, order in enumerate(((CAT, DOG), (DOG, CAT))):
@@ -102,10 +102,42 @@ def test_two_sweeps_appending_at_once_interleave_whole_runs(server, references, 
     for child in children:
         assert child.wait().rc == 0, child.output
     runs = analysis.list_runs(store)
-    # Both started before either finished a run, so each records both prompts: four whole runs.
-    assert [r.name for r in runs] == [sf.run_name(i) for i in range(4)]
+    # Each claimed its first prompt before laying down a run, and left the other's to it.
+    assert [r.name for r in runs] == [sf.run_name(i) for i in range(2)]
     prompts = sorted(assert_run_matches(store, r.name, references) for r in runs)
-    assert prompts == sorted([CAT, CAT, DOG, DOG])
+    assert prompts == sorted([CAT, DOG])
+    assert verify(store).ok
+
+
+def test_a_killed_sweep_worker_s_run_is_taken_over_and_each_job_recorded_once(
+    server, references, tmp_path
+):
+    store = tmp_path / "shared.zarr"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{CAT}\n{DOG}\n")
+    argv = record(store, "--prompts", str(prompts), "--seeds", "0,1", "--lease", "3")
+    jobs = {(CAT, 0), (CAT, 1), (DOG, 0), (DOG, 1)}
+    # The first worker claims (CAT, 0) and dies inside its step 1.
+    dead = server.start(argv, hook={"key": r"run-\d+/txt2img/c/1/.*"}, root=store)
+    assert dead.paused, dead.output
+    [abandoned] = analysis.list_runs(store)
+    dead.kill()
+    # Two more workers split the rest, and one of them records (CAT, 0) once its lease ends.
+    workers = [server.start(argv, hook=RUN_METADATA, root=store) for _ in range(2)]
+    for worker in workers:
+        assert worker.paused, worker.output
+        worker.release()
+    for worker in workers:
+        assert worker.wait().rc == 0, worker.output
+    runs = {r.name: r for r in analysis.list_runs(store)}
+    assert runs[abandoned.name].status == sf.failed("abandoned")
+    complete = [r for r in runs.values() if r.is_complete]
+    recorded = sorted((r.attrs["prompt"], r.attrs["seed"]) for r in complete)
+    assert recorded == sorted(jobs)  # each exactly once
+    for run in complete:
+        if run.attrs["seed"] == 0:
+            assert_run_matches(store, run.name, references)
+    assert "was abandoned; recording it again" in "".join(w.output for w in workers)
     assert verify(store).ok
 
 
