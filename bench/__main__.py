@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import analysis_speed, rate
+from bench import analysis_speed, rate, s3
 from bench.common import FIXED_MMAP_THRESHOLD, GEOMETRIES, geometry, isolated, log, scratch
 from bench.report import render
 
@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     section("codecs", lambda: results.update(codecs=isolated("bench.codecs:measure")))
     section("rate", lambda: results.update(rate=rate.figures()))
     section("analysis", lambda: results.update(analysis=_analysis(args.quick)))
+    section("s3", lambda: results.update(s3=s3.figures(pairs=2 if args.quick else 3)))
     results["total_seconds"] = earlier + time.perf_counter() - started
     return results
 

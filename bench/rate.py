@@ -19,8 +19,9 @@ backpressure: the writer never lets memory grow), the unthrottled rate, the same
 (what durability costs) and on zarr-python's own codec pipeline (the baseline), and the fixed
 costs: laying down the run (`create_seconds`) and the
 flush after the last put (`close_seconds`). The projection to an
-H100 host assumes the measured per-core rate and the measured 1 → 2 core scaling hold per doubling
-of cores: traced / untraced = max(1, bytes per step / (rate on N cores × step time)).
+H100 host assumes the measured per-core rate and the measured 1 → 2 core scaling (at most 2) hold
+per doubling of cores: traced / untraced = max(1, bytes per step / (rate on N cores × step
+time)).
 
     python -m bench rate                     # prints the figures
     python -m bench rate --json rate.json    # and writes them as JSON
@@ -73,7 +74,7 @@ def _demo_maps(path: Path) -> dict[str, Any]:
     return out
 
 
-def disk_sync_mb_s(folder: Path, megabytes: int = 256) -> float:
+def disk_sync_mb_s(folder: Path, megabytes: int = 1024) -> float:
     """This disk's sequential write rate with fsync: the ceiling for durable steps here."""
     block = os.urandom(2**20)
     path = folder / "disk-rate.bin"
@@ -200,8 +201,11 @@ def project(by_cores: dict[int, dict[str, Any]]) -> dict[str, Any]:
             for cores, runs in by_cores.items()
         },
     }
+    # A measured 1 -> 2 scaling above 2 is noise (the cores are shared): never project faster
+    # than one core's rate times the cores.
+    per_doubling = min(scaling, 2.0)
     for host in HOSTS:
-        rate = one * scaling ** math.log2(host) * 1e6
+        rate = one * per_doubling ** math.log2(host) * 1e6
         out[f"projected_ratio_h100_{host}_cores"] = max(
             1.0, step_bytes / (rate * H100_STEP_SECONDS)
         )

@@ -417,8 +417,9 @@ def _rate(r: dict[str, Any]) -> str:
             f"Per core {rate['decoded_mb_s_per_core']:,.0f} MB/s decoded, "
             f"{rate['scaling_1_to_2_cores']:.2f}× from 1 to 2 cores. An H100 needs "
             f"{rate['needed_mb_s_at_h100']:,.0f} MB/s (one step every 0.15 s). Projected "
-            f"traced/untraced, assuming the per-core rate and the 1 → 2 scaling hold per "
-            f"doubling of cores: {rate['projected_ratio_h100_8_cores']:.1f}× on 8 cores, "
+            f"traced/untraced, assuming the per-core rate and the 1 → 2 scaling (at most 2: "
+            f"more is the shared cores' noise) hold per doubling of cores: "
+            f"{rate['projected_ratio_h100_8_cores']:.1f}× on 8 cores, "
             f"{rate['projected_ratio_h100_16_cores']:.1f}× on 16. zarrs against zarr-python's "
             f"pipeline: "
             + ", ".join(
@@ -430,6 +431,38 @@ def _rate(r: dict[str, Any]) -> str:
             f"no writer makes steps durable here faster than "
             f"{rate['disk_ceiling_decoded_mb_s']:,.0f} MB/s decoded.",
             "Command: `python -m bench rate --json rate.json`.",
+        ]
+    )
+
+
+def _s3(r: dict[str, Any]) -> str:
+    """Through a bucket against local disk (bench/s3.py)."""
+    s3 = r.get("s3")
+    if not s3:
+        return ""
+    store = s3["analysis_store"]
+    rows = [
+        [
+            where,
+            f"{s3['overhead'][where]['ratio']:.3f} "
+            f"({', '.join(f'{x:.2f}' for x in s3['overhead'][where]['runs'])})",
+            f"{s3['analysis_mb_s'][where]:,.0f} MB/s",
+        ]
+        for where in ("local disk", "bucket")
+    ]
+    return "\n\n".join(
+        [
+            "## Through an S3 bucket",
+            f"moto's S3 server on 127.0.0.1 against this machine's disk. Recording: the "
+            f"{s3['geometry']} geometry's generation traced into each, traced/untraced in "
+            "alternating pairs (median, then each pair). Reading: the mean over step, layer and "
+            f"head of every span of a synthetic store of shape {store['shape']} "
+            f"({_size(store['decoded_bytes'])} decoded, {_size(store['stored_bytes'])} stored), "
+            "copied into the bucket, read through each. moto's server is one Python process "
+            "answering one request at a time: the bucket column measures it, not S3; against "
+            "a real bucket the figures are its network's latency and bandwidth.",
+            _table(["store", "tracing overhead", "analysis, decoded"], rows),
+            "Command: `python -m bench` (section `s3`).",
         ]
     )
 
@@ -507,6 +540,7 @@ def render(r: dict[str, Any]) -> str:
         _rows(r),
         _codecs(r),
         _rate(r),
+        _s3(r),
         _analysis(r),
         limits(r),
         method(r),

@@ -7,11 +7,12 @@ on an object store a conditional write (`If-None-Match: *`), through fsspec for 
 creates attempt n of a job records it; the others go on to the next job.
 
 While it records, the owner rewrites its claim every `lease / 4` seconds (a heartbeat). A claim
-whose heartbeat is older than `lease` belongs to a worker that died: another worker claims the
-next attempt (again exclusively, so one taker wins), marks the dead worker's run of the job
-(status still `recording`) `failed: abandoned`, and records the job again. The lease must
-exceed the longest pause of a living worker (clocks of different machines are compared, so allow
-for their skew too).
+whose heartbeat is older than `lease`, or whose holder ran on this machine and is no longer
+running, belongs to a worker that died: another worker claims the next attempt (again
+exclusively, so one taker wins), marks the dead worker's run of the job (status still
+`recording`) `failed: abandoned`, and records the job again. The lease must exceed the longest
+pause of a living worker (clocks of different machines are compared, so allow for their skew
+too).
 """
 
 from __future__ import annotations
@@ -66,9 +67,13 @@ class Claims:
         """The job's newest claim, or None if nobody has claimed it."""
         key = job_key(prompt, seed)
         self.fs.invalidate_cache(self.folder)
+        try:
+            names = self.fs.ls(self.folder, detail=False)
+        except FileNotFoundError:
+            names = []  # an object store has no empty folders: no claim made yet
         attempts = sorted(
             int(name.rsplit("/", 1)[-1].split(".")[1])
-            for name in self.fs.ls(self.folder, detail=False)
+            for name in names
             if name.rsplit("/", 1)[-1].startswith(f"{key}.") and name.endswith(".json")
         )
         if not attempts:
@@ -81,8 +86,14 @@ class Claims:
         return Claim(attempts[-1], document["worker"], document["heartbeat"])
 
     def expired(self, claim: Claim) -> bool:
-        """Whether the claim's holder has not renewed it for longer than the lease."""
-        return time.time() - claim.heartbeat > self.lease
+        """Whether the claim's holder is gone: it has not renewed the claim for longer than the
+        lease, or it ran on this machine and its process has ended (a sweep rerun after a crash
+        need not wait for the lease)."""
+        if time.time() - claim.heartbeat > self.lease:
+            return True
+        host, _, rest = claim.worker.partition(":")
+        pid = rest.partition(":")[0]
+        return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
 
     def take(self, prompt: str, seed: int) -> tuple[Claim, Claim | None] | None:
         """Claim the job if nobody holds it or its holder's lease ran out: (our claim, the
@@ -132,3 +143,14 @@ class Claims:
         }
         path = self._path(job_key(prompt, seed), claim.attempt)
         self.fs.pipe_file(path, json.dumps(document).encode(), mode=mode)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user's
+    return True

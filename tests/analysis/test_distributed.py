@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster, get_task_stream
+from synthetic_trace import Run
 
 import analysis
 from analysis.cli import main
@@ -45,6 +46,17 @@ def test_reductions_and_comparisons_run_on_the_cluster(cluster, store):
     vectors = np.moveaxis(expected["img2txt"][:, :, :, 2], 2, 0).reshape(3, -1).astype(np.float64)
     norms = np.linalg.norm(vectors, axis=1)
     np.testing.assert_allclose(sim.values, vectors @ vectors.T / np.outer(norms, norms), rtol=1e-9)
+
+
+def test_a_mean_over_the_runs_of_a_sweep_runs_on_the_cluster(cluster, make_store):
+    cat = {"prompt": [0, 1, 2, 3, 4, 5], "cat": [1]}
+    path, expected = make_store(Run(spans=cat, seed=1), Run(spans=cat, seed=2))
+    with Client(cluster) as client, get_task_stream(client) as tasks:
+        sweep = analysis.open_sweep(path)
+        mean = sweep.txt2img.sel(span="cat").mean(["run", "step"]).compute()
+    assert any(name.startswith("mean") for name in task_names(tasks))
+    maps = np.stack([expected[run]["txt2img"][:, :, :, 1] for run in ("run-0000", "run-0001")])
+    np.testing.assert_allclose(mean.values, maps.mean(axis=(0, 1)), rtol=1e-6)
 
 
 def test_the_cli_computes_on_the_scheduler_it_is_given(cluster, store, tmp_path, capsys):
