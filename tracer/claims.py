@@ -6,9 +6,10 @@ object `claims/<job>.<attempt>.json` beside the runs, exclusively: a local exclu
 on an object store a conditional write (`If-None-Match: *`), through fsspec for both. Whoever
 creates attempt n of a job records it; the others go on to the next job.
 
-While it records, the owner rewrites its claim every `lease / 4` seconds (a heartbeat). A claim
-whose heartbeat is older than `lease`, or whose holder ran on this machine and is no longer
-running, belongs to a worker that died: another worker claims the next attempt (again
+While it records, the owner rewrites its claim every `lease / 4` seconds (a heartbeat), and
+releases it when the job ends, done or failed (its heartbeat set to 0). A claim whose heartbeat
+is older than `lease`, or whose holder ran on this machine and is no longer running, belongs to
+a worker that died (or let it go): another worker claims the next attempt (again
 exclusively, so one taker wins), marks the dead worker's run of the job (status still
 `recording`) `failed: abandoned`, and records the job again. The lease must exceed the longest
 pause of a living worker (clocks of different machines are compared, so allow for their skew
@@ -111,7 +112,8 @@ class Claims:
 
     @contextlib.contextmanager
     def heartbeat(self, prompt: str, seed: int, claim: Claim) -> Iterator[None]:
-        """Renew the claim every lease / 4 seconds, from a thread, while the block runs."""
+        """Renew the claim every lease / 4 seconds, from a thread, while the block runs; then
+        release it (however the block ended): a job done or failed holds nobody up."""
         stop = threading.Event()
 
         def beat() -> None:
@@ -127,6 +129,8 @@ class Claims:
         finally:
             stop.set()
             thread.join()
+            with contextlib.suppress(OSError):  # unreleased, it expires with the lease
+                self._write(prompt, seed, Claim(claim.attempt, claim.worker, 0.0), "overwrite")
 
     def _path(self, key: str, attempt: int) -> str:
         return f"{self.folder}/{key}.{attempt}.json"

@@ -464,9 +464,11 @@ def _claimed(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> Iterator[
             if taken is None:
                 held.append(job)
                 continue
-            if taken[1] is not None:
-                _abandon(args.out, *job)
-            with claims.heartbeat(*job, taken[0]):
+            with claims.heartbeat(*job, taken[0]):  # released when the block ends
+                if job in _complete_runs(args.out):
+                    continue  # its last holder finished it, then let the claim go
+                if taken[1] is not None:
+                    _abandon(args.out, *job)
                 yield job
         if held and held == pending:
             time.sleep(min(args.lease / 4, 5.0))  # their workers finish them, or their leases end
