@@ -243,6 +243,19 @@ def serve() -> None:
 # -------------------------------------------------------------------------------- test side
 
 
+def wait_until_listed(store: Path, run: str, steps: list[int]) -> None:
+    """Wait until the run lists exactly `steps` complete. A child paused inside step N still
+    lists the steps before it: their shards are written alongside step N's, by other threads."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        document = json.loads((Path(store) / run / "zarr.json").read_text())
+        listed = document["attributes"].get("steps_complete", [])
+        if listed == steps:
+            return
+        assert time.monotonic() < deadline, f"{run} lists {listed}, never {steps}"
+        time.sleep(0.02)
+
+
 class RecorderServer:
     """The test's handle on a server process (start it once per module: imports take seconds)."""
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from crashkit import RecorderServer
+from crashkit import RecorderServer, wait_until_listed
 
 import analysis
 from analysis import store_format as sf
@@ -160,6 +160,7 @@ def test_a_reader_during_a_recording_sees_only_complete_steps(server, references
     hook = {"key": "run-0000/img2txt/c/2/0/0/0/0/0"}
     child = server.start(record(store, "--prompt", CAT), hook=hook, root=store)
     assert child.paused, child.output
+    wait_until_listed(store, "run-0000", [0, 1])
     reference = references[CAT]
 
     plain = xr.open_zarr(store, group="run-0000", consolidated=False)
@@ -190,6 +191,7 @@ def test_a_reader_of_one_run_is_undisturbed_by_another_being_appended(server, re
     hook = {"key": "run-0001/txt2img/c/1/0/0/0/0/0"}
     child = server.start(record(store, "--append", "--prompt", DOG), hook=hook, root=store)
     assert child.paused
+    wait_until_listed(store, "run-0001", [0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ds = analysis.open_trace(store, run=0, tokens=True)

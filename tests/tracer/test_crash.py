@@ -20,7 +20,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from crashkit import RecorderServer
+from crashkit import RecorderServer, wait_until_listed
 
 import analysis
 from analysis import store_format as sf
@@ -121,6 +121,8 @@ def test_sigkill_leaves_a_store_that_opens_with_every_listed_step_intact(
     store = tmp_path / "killed.zarr"
     child = server.start(record(store), hook=hook, root=store)
     assert child.paused, f"the kill point was never reached: {child.event}\n{child.output}"
+    if listed and hook.get("mode") == "mid" and "c/" in hook["key"]:
+        wait_until_listed(store, "run-0000", listed)
     assert child.kill().killed
     missing = [s for s in ALL if s not in listed]
 
@@ -201,7 +203,9 @@ def test_a_sweep_killed_mid_run_resumes_and_records_that_run_again(server, tmp_p
     assert server.start(sweep(untouched)).rc == 0
     store = tmp_path / "sweep.zarr"
     hook = {"key": "run-0001/txt2img/c/2/0/0/0/0/0"}
-    assert server.start(sweep(store), hook=hook, root=store).kill().killed
+    killed = server.start(sweep(store), hook=hook, root=store)
+    wait_until_listed(store, "run-0001", [0, 1])
+    assert killed.kill().killed
 
     resumed = server.start(sweep(store))
     assert resumed.rc == 0, resumed.output
