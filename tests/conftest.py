@@ -17,24 +17,18 @@ from bench.s3 import moto_server
 class S3Server:
     """Where the server listens, and how a client reaches it."""
 
-    endpoint: str
+    env: dict[str, str]  # the standard AWS environment variables that point any client at it
 
     @property
-    def env(self) -> dict[str, str]:
-        """The standard AWS environment variables that point any client at this server."""
-        return {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": self.endpoint,
-        }
+    def endpoint(self) -> str:
+        return self.env["AWS_ENDPOINT_URL"]
 
     @property
     def storage_options(self) -> dict[str, Any]:
         """fsspec/s3fs options for this server."""
         return {
-            "key": "testing",
-            "secret": "testing",
+            "key": self.env["AWS_ACCESS_KEY_ID"],
+            "secret": self.env["AWS_SECRET_ACCESS_KEY"],
             "client_kwargs": {"endpoint_url": self.endpoint},
         }
 
@@ -50,7 +44,7 @@ class S3Server:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     with moto_server() as env:
-        yield S3Server(env["AWS_ENDPOINT_URL"])
+        yield S3Server(env)
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 The tracer hands over, per (step, layer), one map per direction (`[H, T, Y*X]` float32, on the
 model's device). `TraceWriter` rounds them to the run's `keepbits` where they are (on the GPU,
 before the copy), gets them off the device without stalling it, assembles a whole step on the
-host, and a background thread writes that step as one shard per direction, the directions side
+host, and background threads write that step as one shard per direction, the directions side
 by side: encoded by zarrs on every core and, on a local disk, staged, synced and renamed into
 place (tracer.durable). Only after those writes returned does it list the step in the run's
 `steps_complete` attribute (and, on a local disk, sync that too), so a step that is listed is
@@ -472,18 +472,18 @@ class TraceWriter:
                 self._absorb(item)
                 step_pos = None
         except BaseException as exc:
-            self._fail(
-                f"the background writer failed at {self._where(step_pos)}: "
-                f"{type(exc).__name__}: {exc}",
-                exc,
-            )
+            self._fail_at(step_pos, exc)
         finally:
             self._stored.put(_STOP)  # the lister lists what was handed over, then ends
 
-    def _where(self, step_pos: int | None) -> str:
-        if step_pos is None:
-            return "no particular step"
-        return f"step {self._step_values[step_pos]} (position {step_pos})"
+    def _fail_at(self, step_pos: int | None, exc: BaseException) -> None:
+        """Record an unexpected failure of a background thread, naming its step."""
+        where = (
+            f"step {self._step_values[step_pos]} (position {step_pos})"
+            if step_pos is not None
+            else "no particular step"
+        )
+        self._fail(f"the background writer failed at {where}: {type(exc).__name__}: {exc}", exc)
 
     def _absorb(self, item: _Item) -> None:
         """Bring one (step, layer) into its step's host buffer; store the step when whole."""
@@ -531,10 +531,7 @@ class TraceWriter:
             except _Stop:
                 return  # the failure is recorded already, with its step and cause
             except BaseException as exc:
-                where = self._where(entry[0].step_pos)
-                self._fail(
-                    f"the background writer failed at {where}: {type(exc).__name__}: {exc}", exc
-                )
+                self._fail_at(entry[0].step_pos, exc)
                 return
 
     def _list_step(self, slot: _Slot, stored: Mapping[str, Future[None]]) -> None:
