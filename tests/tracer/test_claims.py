@@ -57,11 +57,11 @@ def test_an_expired_claim_is_taken_over_as_the_next_attempt(store):
 
 
 def test_the_heartbeat_keeps_a_claim_alive_past_its_lease_then_releases_it(store):
-    holder, other = Claims(store, lease=1.0), Claims(store, lease=60)
+    holder, other = Claims(store, lease=2.0), Claims(store, lease=60)
     mine, _ = holder.take("a fox", 0)
-    with holder.heartbeat("a fox", 0, mine):  # a beat every 0.25 s
-        time.sleep(2.0)
-        assert Claims(store, lease=1.0).take("a fox", 0) is None
+    with holder.heartbeat("a fox", 0, mine):  # a beat every 0.5 s
+        time.sleep(3.0)
+        assert Claims(store, lease=2.0).take("a fox", 0) is None
     # The job ended (done or failed): its claim is let go at once, whatever the lease.
     taken = other.take("a fox", 0)
     assert taken is not None and taken[1].attempt == 0

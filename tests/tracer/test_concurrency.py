@@ -115,14 +115,16 @@ def test_a_killed_sweep_worker_s_run_is_taken_over_and_each_job_recorded_once(
     store = tmp_path / "shared.zarr"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{CAT}\n{DOG}\n")
-    argv = record(store, "--prompts", str(prompts), "--seeds", "0,1", "--lease", "3")
+    # A long lease: the killed worker is known dead at once (its process is gone from this
+    # machine), and a busy CI box must not make a living worker's heartbeat look late.
+    argv = record(store, "--prompts", str(prompts), "--seeds", "0,1", "--lease", "120")
     jobs = {(CAT, 0), (CAT, 1), (DOG, 0), (DOG, 1)}
     # The first worker claims (CAT, 0) and dies inside its step 1.
     dead = server.start(argv, hook={"key": r"run-\d+/txt2img/c/1/.*"}, root=store)
     assert dead.paused, dead.output
     [abandoned] = analysis.list_runs(store)
     dead.kill()
-    # Two more workers split the rest, and one of them records (CAT, 0) once its lease ends.
+    # Two more workers split the rest, and one of them takes (CAT, 0) over.
     workers = [server.start(argv, hook=RUN_METADATA, root=store) for _ in range(2)]
     for worker in workers:
         assert worker.paused, worker.output
