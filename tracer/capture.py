@@ -34,15 +34,18 @@ def attention_maps(
     directions: Sequence[str] = DIRECTIONS,
     chunk_size: int = 256,
     lse: torch.Tensor | None = None,
+    n_image: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Text/image attention maps of one batch element of a joint attention.
 
     ``q``, ``k``: ``[H, N, D]`` post-RoPE queries and keys; tokens ``[0, text_len)`` are text, the
-    rest image. ``mask``: ``None`` or broadcastable to ``[H, N, N]``, boolean (True = may attend)
-    or additive float. ``span_members``: bool ``[S, text_len]``, the text tokens of each span.
+    next ``n_image`` (default: all the rest) image; any after those (a reference image's tokens)
+    take part in the softmax but get no map. ``mask``: ``None`` or broadcastable to
+    ``[H, N, N]``, boolean (True = may attend) or additive float. ``span_members``: bool
+    ``[S, text_len]``, the text tokens of each span.
 
     With P = softmax over all N keys of ``q·kᵀ·scale + mask`` (float32), returns for each asked
-    direction a float32 ``[H, S, N - text_len]`` tensor on ``q``'s device:
+    direction a float32 ``[H, S, n_image]`` tensor on ``q``'s device:
 
     - ``txt2img[h, s, p]``: mean over the span's text queries i of ``P[h, i, text_len + p]``;
     - ``img2txt[h, s, p]``: sum over the span's text keys j of ``P[h, text_len + p, j]``.
@@ -69,6 +72,12 @@ def attention_maps(
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    n_image = n_tokens - text_len if n_image is None else _as_int("n_image", n_image)
+    if not 0 < n_image <= n_tokens - text_len:
+        raise ValueError(
+            f"n_image must be in [1, {n_tokens - text_len}] for N = {n_tokens} tokens and "
+            f"text_len = {text_len}, got {n_image}"
+        )
     _check_span_members(span_members, text_len)
     mask3 = _as_3d_mask(mask, heads, n_tokens)
     if lse is not None:
@@ -76,7 +85,6 @@ def attention_maps(
 
     maps: dict[str, torch.Tensor] = {}
     n_rows = int(span_members.any(dim=0).sum())  # text queries (txt2img) = span keys (img2txt)
-    n_image = n_tokens - text_len
     work = (
         2
         * heads
@@ -94,15 +102,15 @@ def attention_maps(
         for direction in wanted:
             if direction == "txt2img":
                 maps[direction] = _txt2img(
-                    q32, k32, mask3, scale, text_len, span_members, chunk_size
+                    q32, k32, mask3, scale, text_len, n_image, span_members, chunk_size
                 )
             elif lse is not None:
                 maps[direction] = _img2txt_from_lse(
-                    q32, k32, mask3, scale, text_len, span_members, chunk_size, lse
+                    q32, k32, mask3, scale, text_len, n_image, span_members, chunk_size, lse
                 )
             else:
                 maps[direction] = _img2txt(
-                    q32, k32, mask3, scale, text_len, span_members, chunk_size
+                    q32, k32, mask3, scale, text_len, n_image, span_members, chunk_size
                 )
     return maps
 
@@ -243,10 +251,11 @@ def _txt2img(
     mask3: torch.Tensor | None,
     scale: float,
     text_len: int,
+    n_image: int,
     span_members: torch.Tensor,
     chunk_size: int,
 ) -> torch.Tensor:
-    heads, n_tokens, _ = q32.shape
+    heads = q32.shape[0]
     device = q32.device
     # Only the text queries of some span are needed. Rows and span-mean weights are built where
     # span_members lives (the CPU, normally: no accelerator sync), then sent without blocking.
@@ -257,7 +266,7 @@ def _txt2img(
     weights = weights.to(device, non_blocking=True)
     n_spans, n_rows = weights.shape
 
-    out = torch.zeros(heads, n_spans, n_tokens - text_len, dtype=torch.float32, device=device)
+    out = torch.zeros(heads, n_spans, n_image, dtype=torch.float32, device=device)
     k_t = k32.transpose(1, 2)
     for start in range(0, n_rows, chunk_size):
         chunk = rows[start : start + chunk_size]
@@ -266,7 +275,7 @@ def _txt2img(
         )
         # Folding each row's 1/sum into the [H, S, rows] span weights saves a pass over the block.
         w = weights[:, start : start + chunk_size] * inv_sums.unsqueeze(1)
-        out.baddbmm_(w, exps[:, :, text_len:])
+        out.baddbmm_(w, exps[:, :, text_len : text_len + n_image])
     return out
 
 
@@ -299,13 +308,13 @@ def _img2txt(
     mask3: torch.Tensor | None,
     scale: float,
     text_len: int,
+    n_image: int,
     span_members: torch.Tensor,
     chunk_size: int,
 ) -> torch.Tensor:
     heads, n_tokens, dim = q32.shape
     device = q32.device
     n_spans = span_members.shape[0]
-    n_image = n_tokens - text_len
 
     # sum_{j in s} P[i, j] = (P @ V)[i, s] with V[j, s] = 1 if text key j is in span s: a fused
     # attention kernel computes it exactly, normalised over all keys, without the N x N map.
@@ -317,7 +326,7 @@ def _img2txt(
     values[:text_len, :n_spans] = span_members.t()
     values = values.to(device, non_blocking=True).expand(1, heads, -1, -1)
     if width > dim:
-        q32 = F.pad(q32[:, text_len:], (0, width - dim))
+        q32 = F.pad(q32[:, text_len : text_len + n_image], (0, width - dim))
         k32 = F.pad(k32, (0, width - dim))
         first = 0
     else:
@@ -349,13 +358,13 @@ def _img2txt_from_lse(
     mask3: torch.Tensor | None,
     scale: float,
     text_len: int,
+    n_image: int,
     span_members: torch.Tensor,
     chunk_size: int,
     lse: torch.Tensor,
 ) -> torch.Tensor:
     heads, n_tokens, _ = q32.shape
     device = q32.device
-    n_image = n_tokens - text_len
     # sum_{j in s} P[i, j] = sum_{j in s} exp(q_i·k_j·scale + mask_ij - lse_i): only the text keys
     # of some span are needed, with lse_i, the kernel's normaliser over all keys.
     keys = span_members.any(dim=0).nonzero().flatten()
@@ -363,7 +372,7 @@ def _img2txt_from_lse(
     keys = keys.to(device, non_blocking=True)
     weights = weights.to(device, non_blocking=True)
     k_t = k32.index_select(1, keys).transpose(1, 2).contiguous()  # [H, D, K]
-    lse_image = lse[:, text_len:].to(torch.float32).unsqueeze(-1)  # [H, n_image, 1]
+    lse_image = lse[:, text_len : text_len + n_image].to(torch.float32)[..., None]  # [H, P, 1]
     if mask3 is not None and mask3.shape[2] > 1:
         mask3 = mask3.index_select(2, keys)
 

@@ -20,6 +20,7 @@ from analysis.selection import pick
 from tracer.adapters import adapter_for
 from tracer.adapters.base import Adapter, DenoiserCall, Generation, Layer
 from tracer.capture import attention_maps
+from tracer.layout import canonical_order, reorder
 from tracer.spans import (
     Span,
     SpanRequest,
@@ -96,8 +97,7 @@ class _Run:
     timesteps: np.ndarray | None = None
     step_positions: dict[int, int] = field(default_factory=dict)  # step -> position in store
     members: torch.Tensor | None = None
-    text_len: int = 0
-    grid: tuple[int, int] = (0, 0)
+    layout: DenoiserCall | None = None  # where text and image tokens sit (the first call's)
     step: int = -1
     calls_this_step: int = 0
     recording: int | None = None  # store position of the step being recorded, if any
@@ -296,7 +296,7 @@ class Recorder:
         )
         run.timesteps = timesteps
         run.step_positions = {step: i for i, step in enumerate(steps)}
-        run.text_len, run.grid = call.text_len, call.grid
+        run.layout = call
         members = torch.zeros(len(run.rows), call.text_len, dtype=torch.bool)
         for i, row in enumerate(run.rows):
             members[i, row.position : row.position + row.count] = True
@@ -367,10 +367,13 @@ class Recorder:
         run.open_step = run.recording
         # Only the recorded (conditional) branch must keep the layout: an unconditional one may
         # lay its text out differently (DiffSynth EliGen puts entity prompts in the cond branch).
-        if is_cond and (call.text_len, call.grid) != (run.text_len, run.grid):
+        if is_cond and call.layout != run.layout.layout:
+            before = run.layout
             raise UnsupportedModelError(
-                f"token layout changed during generation: {run.text_len} text tokens on a "
-                f"{run.grid} grid, then {call.text_len} on {call.grid}"
+                f"token layout changed during generation: {before.text_len} text tokens on a "
+                f"{before.grid} grid, then {call.text_len} on {call.grid} (text from "
+                f"{before.text_start}, then {call.text_start}; image from {before.image_first}, "
+                f"then {call.image_first})"
             )
         self._show_progress(run)
 
@@ -404,30 +407,43 @@ class Recorder:
 
     def _capture(self, layer: str, call: AttentionCall) -> None:
         run = self._run
-        query, key = call.query[0], call.key[0]
-        lse = None if call.lse is None else call.lse[0]  # the kernel's, when it gave one
+        layout = run.layout
+        batch = layout.batch_index
+        query, key = call.query[batch], call.key[batch]
+        lse = None if call.lse is None else call.lse[batch]  # the kernel's, when it gave one
         mask = call.mask
         if mask is not None:
             if mask.ndim == 4:
-                mask = mask[0]
+                mask = mask[batch if mask.shape[0] > 1 else 0]
             if self._head_index is not None and mask.ndim == 3 and mask.shape[0] > 1:
                 mask = mask[self._head_index.to(mask.device)]
         if self._head_index is not None:
             index = self._head_index.to(query.device)
             query, key = query[index], key[index]
             lse = None if lse is None else lse[index.to(lse.device)]
-        n_image = run.grid[0] * run.grid[1]
-        if query.shape[1] != run.text_len + n_image:
+        n_image = layout.grid[0] * layout.grid[1]
+        n_tokens = query.shape[1]
+        if (
+            max(layout.text_start + layout.text_len, layout.image_first + n_image) > n_tokens
+            or call.key.shape[2] != n_tokens
+        ):
             raise TapError(
-                f"{layer}: attention over {query.shape[1]} tokens, expected {run.text_len} text "
-                f"+ {n_image} image tokens"
+                f"{layer}: attention of {n_tokens} queries over {call.key.shape[2]} keys, "
+                f"expected {layout.text_len} text tokens from {layout.text_start} and "
+                f"{n_image} image tokens from {layout.image_first} in one joint sequence"
             )
+        order = canonical_order(
+            n_tokens, layout.text_start, layout.text_len, layout.image_first, n_image
+        )
+        if order is not None:
+            query, key, mask, lse = reorder(order, query, key, mask, lse)
         maps = attention_maps(
             query,
             key,
             mask=mask,
             scale=call.scale,
-            text_len=run.text_len,
+            text_len=layout.text_len,
+            n_image=n_image,
             span_members=run.members,
             directions=self.options.directions,
             chunk_size=self.options.chunk_size,

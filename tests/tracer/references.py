@@ -28,7 +28,22 @@ def reference(
     text_len: int,
     members: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """The definitions, literally: float64 softmax of the whole N x N map, then slice."""
+    """The definitions, literally, for text tokens first and image tokens after them."""
+    n = q.shape[1]
+    return reference_at(q, k, mask, scale, range(text_len), range(text_len, n), members)
+
+
+def reference_at(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    text: range,
+    image: range,
+    members: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The definitions, literally: float64 softmax of the whole N x N map, then the text rows
+    against the image columns (and back), wherever in the sequence they are."""
     logits = torch.einsum("hid,hjd->hij", q.double(), k.double()) * scale
     if mask is not None:
         m = mask
@@ -39,10 +54,9 @@ def reference(
     dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
     probs = torch.softmax(logits, dim=-1).masked_fill(dead, 0.0)
     w = members.double()
-    txt2img = torch.einsum(
-        "si,hip->hsp", w / w.sum(1, keepdim=True), probs[:, :text_len, text_len:]
-    )
-    img2txt = torch.einsum("sj,hpj->hsp", w, probs[:, text_len:, :text_len])
+    text, image = list(text), list(image)
+    txt2img = torch.einsum("si,hip->hsp", w / w.sum(1, keepdim=True), probs[:, text][:, :, image])
+    img2txt = torch.einsum("sj,hpj->hsp", w, probs[:, image][:, :, text])
     return {"txt2img": txt2img, "img2txt": img2txt}
 
 

@@ -37,11 +37,29 @@ class Generation:
 
 @dataclass(frozen=True)
 class DenoiserCall:
-    """One call of the denoiser: which step of the schedule, and the token layout."""
+    """One call of the denoiser: which step of the schedule, and the token layout.
+
+    Text tokens sit at `[text_start, text_start + text_len)` of the joint sequence and the image
+    tokens, row-major on `grid`, from `image_start` (default: right after the text). Any other
+    tokens (a reference image's) take part in the softmax but get no map.
+    """
 
     timestep: float  # in the scheduler's units (the values of `scheduler.timesteps`)
     text_len: int
-    grid: tuple[int, int]  # latent token grid (rows, cols), row-major after the text tokens
+    grid: tuple[int, int]  # latent token grid (rows, cols)
+    text_start: int = 0
+    image_start: int | None = None
+    batch_index: int = 0  # the batch element that is the conditional generation of the prompt
+
+    @property
+    def image_first(self) -> int:
+        """Where the image tokens begin in the joint sequence."""
+        return self.text_start + self.text_len if self.image_start is None else self.image_start
+
+    @property
+    def layout(self) -> tuple[int, int, int, int, tuple[int, int]]:
+        """Everything that places tokens, to tell a changed layout from the same one."""
+        return (self.text_start, self.text_len, self.image_first, self.batch_index, self.grid)
 
 
 class Adapter(ABC):
