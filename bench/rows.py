@@ -33,11 +33,11 @@ def _layouts(prompt: str) -> dict[str, Any]:
     """Format 1's span members and format 2's token rows for `prompt`, as bool [rows, 512]."""
     import torch
 
-    from tracer.adapters.text import t5_segment
+    from tracer.adapters.text import padded_segment
     from tracer.demo import demo_t5_tokenizer
     from tracer.spans import TextTokens, default_spans, token_rows
 
-    segment = t5_segment(demo_t5_tokenizer(TEXT_LEN), "prompt", prompt, 0, TEXT_LEN)
+    segment = padded_segment(demo_t5_tokenizer(TEXT_LEN), "prompt", prompt, 0, TEXT_LEN)
     text = TextTokens((segment,), TEXT_LEN)
     spans = [span.indices for span in default_spans(text)]
     rows = [list(row.positions) for row in token_rows(text, TEXT_LEN)]

@@ -37,7 +37,7 @@ from tracer.adapters.base import (
     library_versions,
     token_grid,
 )
-from tracer.adapters.text import t5_segment
+from tracer.adapters.text import padded_segment
 from tracer.spans import TextTokens
 
 # Call arguments whose feature changes the token layout in a way attnscope can't map yet.
@@ -177,12 +177,12 @@ class DiffSynthFlux(Adapter):
         names = self._names(len(entity_prompts))
 
         segments = [
-            t5_segment(pipe.tokenizer_2, name, text, i * length, length)
+            padded_segment(pipe.tokenizer_2, name, text, i * length, length)
             for i, (name, text) in enumerate(zip(names, entity_prompts, strict=True))
         ]
         if prompt is not None:
             first = len(entity_prompts) * length
-            segments.append(t5_segment(pipe.tokenizer_2, "prompt", prompt, first, length))
+            segments.append(padded_segment(pipe.tokenizer_2, "prompt", prompt, first, length))
         text = TextTokens(segments=tuple(segments), length=(len(entity_prompts) + 1) * length)
 
         attrs = {

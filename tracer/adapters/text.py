@@ -1,4 +1,4 @@
-"""Text helpers the adapters share: how a T5 prompt becomes a segment of the joint sequence."""
+"""Text helpers the adapters share: a tokenized prompt as a segment of the joint sequence."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ from analysis.errors import UnsupportedModelError
 from tracer.spans import Segment
 
 
-def t5_segment(tokenizer: Any, name: str, text: str, first: int, length: int) -> Segment:
-    """One prompt as the FLUX pipelines tokenize it for T5 (padded to `length`), placed at `first`.
+def padded_segment(tokenizer: Any, name: str, text: str, first: int, length: int) -> Segment:
+    """One prompt tokenized as the pipelines do for T5 or CLIP (padded to `length`), at `first`.
 
-    The same call diffusers' `FluxPipeline` and DiffSynth's prompt units make, plus the offsets
-    (for words), the special-token mask (for the `prompt` span) and the padding.
+    The same call diffusers' FLUX and SD3 pipelines and DiffSynth's prompt units make, plus the
+    offsets (for words), the special-token mask (for the segment's span) and the padding.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise UnsupportedModelError(
             f"attnscope finds words through the tokenizer's offsets, which needs a fast "
-            f"tokenizer; tokenizer_2 is {type(tokenizer).__name__}"
+            f"tokenizer; the {name!r} tokenizer is {type(tokenizer).__name__}"
         )
     encoded = tokenizer(
         text,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from analysis.errors import UnsupportedModelError
-from tracer.adapters.text import t5_segment
+from tracer.adapters.text import padded_segment
 from tracer.demo import demo_t5_tokenizer
 
 
 def test_a_segment_is_the_tokenizer_s_padded_encoding_placed_at_first():
     tokenizer = demo_t5_tokenizer(16)
-    segment = t5_segment(tokenizer, "prompt", "a cat on a red chair", 32, 16)
+    segment = padded_segment(tokenizer, "prompt", "a cat on a red chair", 32, 16)
     encoded = tokenizer(
         "a cat on a red chair", padding="max_length", max_length=16, return_special_tokens_mask=True
     )
@@ -28,5 +28,5 @@ def test_a_slow_tokenizer_is_refused_naming_it():
     class Slow:
         is_fast = False
 
-    with pytest.raises(UnsupportedModelError, match="needs a fast tokenizer; tokenizer_2 is Slow"):
-        t5_segment(Slow(), "prompt", "a cat", 0, 8)
+    with pytest.raises(UnsupportedModelError, match="needs a fast tokenizer; the 'prompt' tokenizer is Slow"):
+        padded_segment(Slow(), "prompt", "a cat", 0, 8)

@@ -1,0 +1,107 @@
+"""What every diffusers pipeline adapter shares: the transformer, scheduler, output and versions.
+
+A family adapter says which transformer classes it traces, how its denoiser call lays out the
+joint sequence (`denoiser_call`), and how its prompts become text tokens (`generation`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from tracer.adapters.base import (
+    Adapter,
+    DenoiserCall,
+    first_of,
+    image_to_uint8,
+    jsonable,
+    library_versions,
+    seed_of,
+)
+
+
+class DiffusersAdapter(Adapter):
+    """A diffusers pipeline whose `transformer` is one of `transformer_classes`."""
+
+    backend = "diffusers"
+    transformer_classes: ClassVar[tuple[str, ...]]  # class names in the `diffusers` namespace
+    # What the pipeline divides scheduler timesteps by before handing them to the transformer.
+    timestep_scale: ClassVar[float] = 1.0
+
+    @classmethod
+    def matches(cls, pipe: Any) -> bool:
+        import diffusers
+
+        classes = tuple(
+            getattr(diffusers, name) for name in cls.transformer_classes if hasattr(diffusers, name)
+        )
+        return bool(classes) and isinstance(getattr(pipe, "transformer", None), classes)
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The denoiser."""
+        return self.pipe.transformer
+
+    def denoiser_call(self, bound: Mapping[str, Any]) -> DenoiserCall:
+        """The step and token layout of one transformer call, from its bound arguments."""
+        raise NotImplementedError
+
+    def watch_denoiser(self, on_call: Callable[[DenoiserCall], None]) -> Callable[[], None]:
+        signature = inspect.signature(self.transformer.forward)
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            on_call(self.denoiser_call(signature.bind_partial(*args, **kwargs).arguments))
+
+        handle = self.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+        return handle.remove
+
+    def timestep_of(self, timestep: Any) -> float:
+        """The scheduler timestep of a transformer's `timestep` argument."""
+        return float(torch.as_tensor(timestep).reshape(-1)[0]) * self.timestep_scale
+
+    def call_attrs(self, arguments: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+        """The run attributes these call arguments give (the first of a batch, None dropped)."""
+        attrs = {name: first_of(arguments.get(name)) for name in names}
+        attrs["seed"] = seed_of(arguments.get("generator"))
+        return {key: value for key, value in attrs.items() if value is not None}
+
+    def schedule(self, first_timestep: float) -> tuple[np.ndarray, np.ndarray]:
+        scheduler = self.pipe.scheduler
+        timesteps = scheduler.timesteps.detach().float().cpu().numpy()
+        sigmas = getattr(scheduler, "sigmas", None)
+        sigmas = (
+            sigmas.detach().float().cpu().numpy()[: len(timesteps)]
+            if sigmas is not None
+            else timesteps / 1000.0
+        )
+        start = int(np.argmin(np.abs(timesteps - first_timestep)))
+        return timesteps[start:].astype(np.float64), sigmas[start:].astype(np.float64)
+
+    def image(self, output: Any) -> np.ndarray | None:
+        images = getattr(output, "images", None)
+        if images is None and isinstance(output, tuple) and output:
+            images = output[0]
+        if images is None or isinstance(images, str) or len(images) == 0:
+            return None
+        return image_to_uint8(images[0])
+
+    def run_attrs(self) -> dict[str, Any]:
+        pipe, transformer = self.pipe, self.transformer
+        config = getattr(transformer, "config", {})
+        return super().run_attrs() | {
+            "model": str(
+                getattr(pipe, "name_or_path", None)
+                or config.get("_name_or_path")
+                or f"{type(transformer).__name__} built in code"
+            ),
+            "model_revision": str(config.get("_diffusers_version", "")),
+            "scheduler": type(pipe.scheduler).__name__,
+            "scheduler_config": jsonable(dict(pipe.scheduler.config)),
+            "transformer_config": jsonable(dict(config)),
+            "dtype": str(transformer.dtype).removeprefix("torch."),
+            "versions": library_versions("torch", "diffusers", "transformers", "attnscope"),
+        }
