@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import shutil
 import sys
 import time
@@ -19,6 +20,13 @@ from tracer.claims import DEFAULT_LEASE_SECONDS
 from tracer.spans import parse_span_argument
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# `--demo FAMILY`: the module and function building its small random-weight pipeline.
+DEMOS = {
+    "flux": ("tracer.demo", "demo_pipeline"),
+    "sd3": ("tracer.demo_sd3", "demo_sd3_pipeline"),
+    "chroma": ("tracer.demo_chroma", "demo_chroma_pipeline"),
+}
 
 
 def _pixels(text: str) -> int:
@@ -44,13 +52,21 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
     parser = subparsers.add_parser(
         verb,
         help=help,
-        description="Run a FLUX pipeline and record every traced attention into a store. "
+        description="Run a pipeline (FLUX, SD3, Chroma) and record every traced attention into a "
+        "store. "
         "--layers, --heads and --steps take the selection syntax of every verb: names, lists "
         "(0,3,5), inclusive ranges (0:7), globs, a layer kind (single) or KIND:GLOB.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="local path or hub id of a FLUX pipeline")
-    source.add_argument("--demo", action="store_true", help="a small random-weight FLUX (CPU)")
+    source.add_argument("--model", help="local path or hub id of a diffusers pipeline")
+    source.add_argument(
+        "--demo",
+        nargs="?",
+        const="flux",
+        choices=sorted(DEMOS),
+        default=None,
+        help="a small random-weight pipeline of a family (CPU; default flux)",
+    )
     parser.add_argument("--out", required=True, help="trace store to write (a .zarr path)")
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", default=None, help="the prompt (demo default: a cat)")
@@ -71,8 +87,12 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
         f"another records its run again (default {DEFAULT_LEASE_SECONDS:.0f})",
     )
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--true-cfg-scale", type=float, default=1.0)
-    parser.add_argument("--guidance-scale", type=float, default=3.5)
+    parser.add_argument(
+        "--true-cfg-scale", type=float, default=None, help="(FLUX) default: the pipeline's"
+    )
+    parser.add_argument(
+        "--guidance-scale", type=float, default=None, help="default: the pipeline's"
+    )
     parser.add_argument("--num-inference-steps", "--num-steps", type=positive(int), default=None)
     parser.add_argument("--height", type=_pixels, default=None)
     parser.add_argument("--width", type=_pixels, default=None)
@@ -148,9 +168,8 @@ def _load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype) ->
     if args.backend == "diffsynth":
         return _load_diffsynth(args, device, dtype)
     if args.demo:
-        from tracer.demo import demo_pipeline
-
-        return demo_pipeline(seed=args.seed).to(device)
+        module, function = DEMOS[args.demo]
+        return getattr(importlib.import_module(module), function)(seed=args.seed).to(device)
     from diffusers import DiffusionPipeline
 
     local = Path(args.model).exists()
@@ -168,6 +187,10 @@ def _one_progress_bar(pipe: Any) -> None:
 
 def _load_diffsynth(args: argparse.Namespace, device: str, dtype: torch.dtype) -> Any:
     if args.demo:
+        if args.demo != "flux":
+            raise UsageError(
+                f"record: --backend diffsynth runs FLUX only; --demo {args.demo} runs on diffusers"
+            )
         from tracer.demo_diffsynth import demo_diffsynth_pipeline
 
         return demo_diffsynth_pipeline(seed=args.seed, device=device)

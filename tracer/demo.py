@@ -51,10 +51,14 @@ __all__ = [
     "DEMO_CORPUS",
     "DEMO_SIZES",
     "DemoSizes",
+    "demo_clip_config",
     "demo_clip_tokenizer",
     "demo_pipeline",
     "demo_sizes",
+    "demo_t5_config",
     "demo_t5_tokenizer",
+    "demo_vae",
+    "frozen",
 ]
 
 # Training text for both tokenizers: image-prompt English, so that the words prompts use most
@@ -311,13 +315,13 @@ def _rope_axes(head_dim: int) -> tuple[int, int, int]:
     return head_dim - yx, yx // 2, yx // 2
 
 
-def demo_t5_config(tokenizer: Any, **overrides: Any) -> T5Config:
+def demo_t5_config(tokenizer: Any, d_model: int = _T5_D_MODEL, **overrides: Any) -> T5Config:
     """A tiny T5 v1.1 encoder config (the family FLUX uses) for `tokenizer`'s vocabulary."""
     return T5Config(
         vocab_size=len(tokenizer),
-        d_model=_T5_D_MODEL,
+        d_model=d_model,
         d_kv=8,
-        d_ff=2 * _T5_D_MODEL,
+        d_ff=2 * d_model,
         num_layers=2,
         num_heads=4,
         relative_attention_num_buckets=8,
@@ -329,6 +333,56 @@ def demo_t5_config(tokenizer: Any, **overrides: Any) -> T5Config:
         decoder_start_token_id=tokenizer.pad_token_id,
         **overrides,
     )
+
+
+def demo_clip_config(tokenizer: Any) -> CLIPTextConfig:
+    """A tiny CLIP text encoder config for `tokenizer`'s vocabulary (77 positions, as CLIP's)."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=_CLIP_HIDDEN,
+        intermediate_size=2 * _CLIP_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=_CLIP_MAX_LENGTH,
+        projection_dim=_CLIP_HIDDEN,
+        hidden_act="quick_gelu",
+        # CLIPTextModel pools at the first eos_token_id; with the legacy value 2 it would take
+        # the argmax id instead, which is wrong for this vocabulary.
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def demo_vae(latent_channels: int, *, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """A tiny random-weight AutoencoderKL that downsamples by 8, without quant convs."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        # Four levels: the pipelines derive their VAE factor 8 from len(block_out_channels).
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=latent_channels,
+        sample_size=128,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def frozen(module: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """`module` in eval mode without gradients, as from_pretrained returns it, cast to dtype."""
+    # Freshly constructed modules are in training mode (from_pretrained returns eval mode).
+    module.eval().requires_grad_(False)
+    if dtype != torch.float32:
+        # The plain nn.Module cast: diffusers' override warns about modules to keep in float32
+        # whenever the list exists, even when it is empty, as it is for these classes.
+        torch.nn.Module.to(module, dtype)
+    return module
 
 
 def demo_pipeline(
@@ -370,23 +424,7 @@ def demo_pipeline(
     # fork_rng: seeding must not leak into the caller's global RNG (tests, the generation itself).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=_CLIP_HIDDEN,
-                intermediate_size=2 * _CLIP_HIDDEN,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=_CLIP_MAX_LENGTH,
-                projection_dim=_CLIP_HIDDEN,
-                hidden_act="quick_gelu",
-                # CLIPTextModel pools at the first eos_token_id; with the legacy value 2 it would
-                # take the argmax id instead, which is wrong for this vocabulary.
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = CLIPTextModel(demo_clip_config(tokenizer))
         text_encoder_2 = T5EncoderModel(demo_t5_config(tokenizer_2))
         transformer = FluxTransformer2DModel(
             patch_size=1,
@@ -400,23 +438,8 @@ def demo_pipeline(
             guidance_embeds=guidance_embeds,
             axes_dims_rope=axes,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            # Four levels: FluxPipeline derives its VAE factor 8 from len(block_out_channels).
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            latent_channels=_LATENT_CHANNELS,
-            sample_size=128,
-            # FLUX.1's latent normalisation and its VAE without quant convs.
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        # FLUX.1's latent normalisation.
+        vae = demo_vae(_LATENT_CHANNELS, scaling_factor=0.3611, shift_factor=0.1159)
     # FLUX.1's scheduler config: resolution-dependent shift of the sigmas.
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
@@ -428,14 +451,8 @@ def demo_pipeline(
         max_image_seq_len=4096,
     )
 
-    modules = (text_encoder, text_encoder_2, transformer, vae)
-    for module in modules:
-        # Freshly constructed modules are in training mode (from_pretrained returns eval mode).
-        module.eval().requires_grad_(False)
-        if dtype != torch.float32:
-            # The plain nn.Module cast: diffusers' override warns about modules to keep in float32
-            # whenever the list exists, even when it is empty, as it is for these classes.
-            torch.nn.Module.to(module, dtype)
+    for module in (text_encoder, text_encoder_2, transformer, vae):
+        frozen(module, dtype)
 
     pipe = FluxPipeline(
         scheduler=scheduler,

@@ -41,6 +41,13 @@ class TextTokens:
 
     segments: tuple[Segment, ...]
     length: int  # text tokens in the attention sequence (the text_len of the capture)
+    # The segments that tokenize the prompt itself, where its words are looked up: one for FLUX,
+    # CLIP's and T5's for SD3 (a word then has tokens in each).
+    prompt_segments: tuple[str, ...] = ("prompt",)
+
+    def prompts(self) -> list[Segment]:
+        """The prompt's segments that this text has."""
+        return [s for s in self.segments if s.name in self.prompt_segments]
 
     def segment(self, name: str) -> Segment:
         """The segment called `name`."""
@@ -99,38 +106,35 @@ def _make_span(name: str, indices: Sequence[int], text: TextTokens) -> Span:
     return Span(name, tuple(indices), tuple(text.token(i) for i in indices))
 
 
-def default_spans(text: TextTokens, prompt_segment: str = "prompt") -> list[Span]:
-    """One span per segment (its content tokens), then one per distinct word of the prompt."""
+def default_spans(text: TextTokens) -> list[Span]:
+    """One span per segment (its content tokens), then one per distinct word of the prompt,
+    holding its tokens in every segment of the prompt."""
     spans = [_make_span(s.name, _content_indices(s), text) for s in text.segments]
     spans = [span for span in spans if span.indices]
     taken = {span.name for span in spans}
-    try:
-        segment = text.segment(prompt_segment)
-    except KeyError:
-        return spans
-    for word, _, _ in words(segment.text):
-        name = word.lower()
-        if name in taken:
-            continue
-        indices = _phrase_indices(segment, word)
-        if indices:
-            spans.append(_make_span(name, indices, text))
-            taken.add(name)
+    for segment in text.prompts():
+        for word, _, _ in words(segment.text):
+            name = word.lower()
+            indices = _prompt_indices(text, word)
+            if name not in taken and indices:
+                spans.append(_make_span(name, indices, text))
+                taken.add(name)
     return spans
 
 
-def resolve_spans(
-    requests: Mapping[str, SpanRequest] | None,
-    text: TextTokens,
-    prompt_segment: str = "prompt",
-) -> list[Span]:
+def _prompt_indices(text: TextTokens, phrase: str) -> list[int]:
+    """Tokens of every prompt segment overlapping whole-word matches of `phrase`."""
+    return sorted({i for segment in text.prompts() for i in _phrase_indices(segment, phrase)})
+
+
+def resolve_spans(requests: Mapping[str, SpanRequest] | None, text: TextTokens) -> list[Span]:
     """The spans of a run: the defaults when `requests` is None, else segments plus requests.
 
     A string names the word(s) of the prompt it matches (through the tokenizer's offsets); a
     `(start, stop)` pair is a raw token range of the text sequence, padding included.
     """
     if requests is None:
-        return default_spans(text, prompt_segment)
+        return default_spans(text)
     if not isinstance(requests, Mapping):
         raise SpanError(
             f"spans must map names to a word or (start, stop), got {type(requests).__name__}"
@@ -143,20 +147,19 @@ def resolve_spans(
     for name, request in requests.items():
         if not isinstance(name, str) or not name:
             raise SpanError(f"span names must be non-empty strings, got {name!r}")
-        spans.append(_make_span(name, _resolve_one(name, request, text, prompt_segment), text))
+        spans.append(_make_span(name, _resolve_one(name, request, text), text))
     return spans
 
 
-def _resolve_one(
-    name: str, request: SpanRequest, text: TextTokens, prompt_segment: str
-) -> list[int]:
+def _resolve_one(name: str, request: SpanRequest, text: TextTokens) -> list[int]:
     if isinstance(request, str):
-        segment = text.segment(prompt_segment)
-        indices = _phrase_indices(segment, request) if request.strip() else []
+        indices = _prompt_indices(text, request) if request.strip() else []
         if not indices:
-            known = sorted({w.lower() for w, _, _ in words(segment.text)})
+            prompts = text.prompts()
+            shown = prompts[0].text if prompts else ""
+            known = sorted({w.lower() for s in prompts for w, _, _ in words(s.text)})
             raise SpanError(
-                f"span {name!r}: {request!r} matches no word of the prompt {segment.text!r}; "
+                f"span {name!r}: {request!r} matches no word of the prompt {shown!r}; "
                 f"words it has: {known}"
             )
         return indices

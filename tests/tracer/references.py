@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,3 +84,47 @@ def stored_rows(ds: Any) -> list[list[int]]:
         list(range(p, p + c))
         for p, c in zip(ds.token.values.tolist(), ds.token_count.values.tolist(), strict=True)
     ]
+
+
+class SdpaLog:
+    """Records q, k, mask, scale of every joint attention SDPA call (the test's own tap)."""
+
+    def __init__(self, n_tokens: int):
+        self.n_tokens = n_tokens
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]] = []
+
+    def install(self, monkeypatch):
+        original = torch.nn.functional.scaled_dot_product_attention
+
+        def logged(query, key, value, attn_mask=None, *args, scale=None, **kwargs):
+            if query.shape[-2] == self.n_tokens:
+                s = 1.0 / query.shape[-1] ** 0.5 if scale is None else scale
+                mask = None if attn_mask is None else attn_mask.clone()
+                self.calls.append((query.clone(), key.clone(), mask, s))
+            return original(query, key, value, attn_mask, *args, scale=scale, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", logged)
+
+
+def assert_rows_match_float64(ds, calls, text: range, image: range, batch: int = 0) -> None:
+    """Every stored token row of the run `ds`, at every step, layer and head, equals the
+    float64 softmax of the logged call (one per layer and step, in order) within the bound;
+    `text` and `image` are where those tokens sit in the joint sequence."""
+    bound = stated_bound(ds.attrs)
+    rows = stored_rows(ds)
+    members = torch.zeros(len(rows), len(text), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        members[i, row] = True
+    n_layers = ds.sizes["layer"]
+    assert len(calls) == ds.sizes["step"] * n_layers
+    for step in range(ds.sizes["step"]):
+        for layer in range(n_layers):
+            q, k, mask, scale = calls[step * n_layers + layer]
+            if mask is not None and mask.dim() == 4:
+                mask = mask[batch if mask.shape[0] > 1 else 0]
+            want = reference_at(q[batch], k[batch], mask, scale, text, image, members)
+            for direction, expected in want.items():
+                stored = ds[f"{direction}_tokens"].isel(step=step, layer=layer).values
+                np.testing.assert_allclose(
+                    stored, expected.numpy().reshape(stored.shape), rtol=bound + 1e-5, atol=1e-6
+                )

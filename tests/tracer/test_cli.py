@@ -77,9 +77,26 @@ def test_prompt_sweep_resumes_skipping_complete_runs(tmp_path, capsys):
     assert len(runs(out)) == 5
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers' own, from Chroma's blocks
+@pytest.mark.parametrize(
+    ("family", "pipeline", "segments"),
+    [("sd3", "StableDiffusion3Pipeline", ["clip", "t5"]), ("chroma", "ChromaPipeline", ["prompt"])],
+)
+def test_each_family_demo_records_and_draws(tmp_path, family, pipeline, segments):
+    out, png = tmp_path / f"{family}.zarr", tmp_path / "cat.png"
+    argv = ["record", "--demo", family, "--num-inference-steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    ds = runs(out)["run-0000"]
+    assert ds.attrs["status"] == "complete" and ds.attrs["pipeline"] == pipeline
+    assert list(ds.attrs["segments"]) == segments
+    assert main(["heatmap", str(out), "--span", "cat", "--out", str(png)]) == 0
+    assert png.stat().st_size > 0
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (("--demo", "sd3", "--backend", "diffsynth"), "diffsynth runs FLUX only"),
         (("--span", "zebra"), "'zebra' matches no word of the prompt"),
         (("--span", "x=5:900"), r"token range \(5, 900\) is out of range"),
         (("--heads", "9"), r"head 9 is out of range: head must be in 0\.\.3"),

@@ -10,7 +10,7 @@ import torch
 import xarray as xr
 import zarr
 from diffusers import FluxPipeline
-from references import stated_bound, stored_rows
+from references import SdpaLog, stated_bound, stored_rows
 
 import analysis
 import tracer
@@ -36,26 +36,6 @@ def generate(pipe, *, seed=0, steps=3, height=128, width=128, **kwargs):
         output_type="np",
         **kwargs,
     )
-
-
-class SdpaLog:
-    """Records q, k, mask, scale of every joint attention SDPA call (the test's own tap)."""
-
-    def __init__(self, n_tokens: int):
-        self.n_tokens = n_tokens
-        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]] = []
-
-    def install(self, monkeypatch):
-        original = torch.nn.functional.scaled_dot_product_attention
-
-        def logged(query, key, value, attn_mask=None, *args, scale=None, **kwargs):
-            if query.shape[-2] == self.n_tokens:
-                s = 1.0 / query.shape[-1] ** 0.5 if scale is None else scale
-                mask = None if attn_mask is None else attn_mask.clone()
-                self.calls.append((query.clone(), key.clone(), mask, s))
-            return original(query, key, value, attn_mask, *args, scale=scale, **kwargs)
-
-        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", logged)
 
 
 def reference_maps(q, k, mask, scale, spans, text_len):

@@ -8,8 +8,9 @@ from typing import Any
 from tracer.adapters.base import Adapter, UnsupportedModelError
 from tracer.adapters.diffsynth_flux import DiffSynthFlux
 from tracer.adapters.diffusers_flux import DiffusersFlux
+from tracer.adapters.diffusers_sd3 import DiffusersSD3
 
-ADAPTERS: list[type[Adapter]] = [DiffusersFlux, DiffSynthFlux]
+ADAPTERS: list[type[Adapter]] = [DiffusersFlux, DiffusersSD3, DiffSynthFlux]
 
 
 def adapter_for(pipe: Any, entity_names: Sequence[str] | None = None) -> Adapter:

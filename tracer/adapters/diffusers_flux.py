@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from tracer.adapters.base import (
@@ -63,6 +64,11 @@ class DiffusersFlux(DiffusersAdapter):
                     f"computed whole on one device"
                 )
 
+    @property
+    def masks_padding(self) -> bool:
+        """Whether the transformer masks T5's padding out of the joint attention (Chroma)."""
+        return type(self.transformer).__name__ == "ChromaTransformer2DModel"
+
     def generation(self, arguments: Mapping[str, Any]) -> Generation:
         pipe = self.pipe
         prompt = first_of(arguments.get("prompt"))
@@ -83,6 +89,12 @@ class DiffusersFlux(DiffusersAdapter):
             text = TextTokens(segments=(), length=max_len)
         else:
             segment = padded_segment(t5_tokenizer, "prompt", t5_prompt, 0, max_len)
+            if self.masks_padding and any(segment.padding):
+                # Chroma's mask hides T5's padding but its first token, which is attended as
+                # any other: it gets a row of its own, apart from the (all-zero) rest.
+                padding = list(segment.padding)
+                padding[padding.index(True)] = False
+                segment = replace(segment, padding=tuple(padding))
             text = TextTokens(segments=(segment,), length=len(segment.tokens))
         return Generation(text=text, attrs=attrs)
 
