@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import analysis_speed, rate, s3
+from bench import analysis_speed, families, rate, s3
 from bench.common import FIXED_MMAP_THRESHOLD, GEOMETRIES, geometry, isolated, log, scratch
 from bench.report import render
 
@@ -155,6 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     section("rate", lambda: results.update(rate=rate.figures()))
     section("analysis", lambda: results.update(analysis=_analysis(args.quick)))
     section("s3", lambda: results.update(s3=s3.figures(pairs=2 if args.quick else 3)))
+    section("families", lambda: results.update(families=families.figures(2 if args.quick else 3)))
     results["total_seconds"] = earlier + time.perf_counter() - started
     return results
 

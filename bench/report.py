@@ -467,6 +467,50 @@ def _s3(r: dict[str, Any]) -> str:
     )
 
 
+def _families(r: dict[str, Any]) -> str:
+    """Tracing overhead per model family (bench/families.py)."""
+    found = r.get("families")
+    if not found:
+        return ""
+    from bench.families import STEPS, TEXT_LEN
+
+    rows = [
+        [
+            f["pipeline"],
+            f"{f['untraced_s']:.2f} s",
+            f"{f['ratio']['attnscope']:.3f} {_ok(f['ratio']['attnscope'] <= 1.10)}",
+            _size(f["bytes"]["attnscope"]),
+            f"{f['ratio']['amd']:.2f}",
+            _size(f["bytes"]["amd"]),
+        ]
+        for f in found.values()
+    ]
+    return "\n\n".join(
+        [
+            "## Model families",
+            f"Each family's demo pipeline at one geometry: 4 heads × 64, four joint attentions, "
+            f"{TEXT_LEN} T5 tokens (SD3 adds 77 CLIP positions), a 32×32 token grid, {STEPS} "
+            "steps, each pipeline's own guidance (SD3 batches its guided pair, Chroma runs it as "
+            "a second call). Every head, step, layer and both directions, for attnscope and "
+            "attention-map-diffusers (its `AttentionCapture`, saved raw). Ratios are medians "
+            f"of traced/untraced pairs in alternating order ({next(iter(found.values()))['pairs']} "
+            "per recorder). Target for attnscope: ≤ 1.10 and below the peer.",
+            _table(
+                [
+                    "pipeline",
+                    "untraced",
+                    "attnscope",
+                    "attnscope store",
+                    "attention-map-diffusers",
+                    "its files",
+                ],
+                rows,
+            ),
+            "Command: `python -m bench` (section `families`).",
+        ]
+    )
+
+
 def _codecs(r: dict[str, Any]) -> str:
     """Compressor choice on real maps (bench/codecs.py)."""
     if "codecs" not in r:
@@ -541,6 +585,7 @@ def render(r: dict[str, Any]) -> str:
         _codecs(r),
         _rate(r),
         _s3(r),
+        _families(r),
         _analysis(r),
         limits(r),
         method(r),

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import family_kit
 import numpy as np
 import pytest
-import torch
 from references import SdpaLog, assert_rows_match_float64
 
 import analysis
@@ -12,7 +12,7 @@ import tracer
 from tracer.demo_chroma import demo_chroma_pipeline
 
 TEXT_LEN = 24
-PROMPT = "a cat on a red chair"
+PROMPT = family_kit.PROMPT
 GRID = (6, 8)  # 96 x 128 pixels: VAE factor 8, 2x2 packing
 
 
@@ -22,16 +22,7 @@ def pipe():
 
 
 def generate(pipe, seed=0, **kwargs):
-    return pipe(
-        PROMPT,
-        height=GRID[0] * 16,
-        width=GRID[1] * 16,
-        num_inference_steps=3,
-        max_sequence_length=TEXT_LEN,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-        **kwargs,
-    )
+    return family_kit.generate(pipe, text_len=TEXT_LEN, grid=GRID, seed=seed, **kwargs)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers' own FluxPosEmbed deprecation

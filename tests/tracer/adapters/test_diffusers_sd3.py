@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import family_kit
 import numpy as np
 import pytest
-import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from references import SdpaLog, assert_rows_match_float64
 
@@ -15,7 +15,7 @@ from tracer.demo_sd3 import demo_sd3_pipeline
 
 T5_LEN, CLIP_LEN = 16, 77
 TEXT_LEN = CLIP_LEN + T5_LEN
-PROMPT = "a cat on a red chair"
+PROMPT = family_kit.PROMPT
 GRID = (8, 6)  # 128 x 96 pixels: VAE factor 8, 2x2 patches
 
 
@@ -25,16 +25,7 @@ def pipe():
 
 
 def generate(pipe, seed=0, **kwargs):
-    return pipe(
-        PROMPT,
-        height=GRID[0] * 16,
-        width=GRID[1] * 16,
-        num_inference_steps=3,
-        max_sequence_length=T5_LEN,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-        **kwargs,
-    )
+    return family_kit.generate(pipe, text_len=T5_LEN, grid=GRID, seed=seed, **kwargs)
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 5.0], ids=["unguided", "guided batch"])
