@@ -494,7 +494,11 @@ def _families(r: dict[str, Any]) -> str:
             "a second call). Every head, step, layer and both directions, for attnscope and "
             "attention-map-diffusers (its `AttentionCapture`, saved raw). Ratios are medians "
             f"of traced/untraced pairs in alternating order ({next(iter(found.values()))['pairs']} "
-            "per recorder). Target for attnscope: ≤ 1.10 and below the peer.",
+            "per recorder). Target for attnscope: ≤ 1.10 and below the peer. These generations "
+            "last about a second, so a run's fixed cost (laying the run down, syncing its last "
+            "step) weighs far more than at the FLUX CPU geometry of *Tracing overhead*; "
+            "attention-map-diffusers' FLUX processor records the double-stream blocks only "
+            "(see *Tracing overhead*).",
             _table(
                 [
                     "pipeline",
