@@ -131,6 +131,7 @@ def test_a_pipeline_that_is_not_flux_is_refused_before_anything_is_written(tmp_p
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("attnscope: error: record: attnscope can't trace a ")
     assert "DDPMPipeline; supported: diffusers (" in err and "diffsynth (" in err
+    assert "diffusers (FLUX.1, Chroma)" in err and "diffusers (SD3, SD3.5)" in err
     assert not out.exists()
 
 

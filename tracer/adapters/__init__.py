@@ -28,7 +28,7 @@ def adapter_for(pipe: Any, entity_names: Sequence[str] | None = None) -> Adapter
                     f"has no EliGen entities; only diffsynth FluxImagePipeline runs have them"
                 )
             return adapter(pipe, entity_names=entity_names)
-    supported = ", ".join(f"{a.backend} ({a.__doc__.splitlines()[0]})" for a in ADAPTERS)
+    supported = ", ".join(f"{a.backend} ({a.families})" for a in ADAPTERS)
     raise UnsupportedModelError(
         f"attnscope can't trace a {type(pipe).__module__}.{type(pipe).__name__}; "
         f"supported: {supported}"

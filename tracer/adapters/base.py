@@ -66,6 +66,7 @@ class Adapter(ABC):
     """One model family: its joint attentions, token layout, text and denoising steps."""
 
     backend: ClassVar[str]
+    families: ClassVar[str]  # the model families it traces, as an unsupported model is told
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe

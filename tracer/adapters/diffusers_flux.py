@@ -25,6 +25,7 @@ SDPA_BACKENDS = ("native", "_native_math", "_native_flash", "_native_efficient",
 class DiffusersFlux(DiffusersAdapter):
     """Traces diffusers FLUX.1 and Chroma: T5 text tokens first, then the packed image tokens."""
 
+    families = "FLUX.1, Chroma"
     transformer_classes = ("FluxTransformer2DModel", "ChromaTransformer2DModel")
     timestep_scale = 1000.0  # the pipelines hand the transformer `timestep / 1000`
 

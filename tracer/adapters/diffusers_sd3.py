@@ -27,6 +27,7 @@ CLIP_SEGMENT, T5_SEGMENT = "clip", "t5"
 class DiffusersSD3(DiffusersAdapter):
     """Traces diffusers SD3/SD3.5: image tokens first, then CLIP (77) and T5 text tokens."""
 
+    families = "SD3, SD3.5"
     transformer_classes = ("SD3Transformer2DModel",)
 
     def layers(self) -> list[Layer]:
