@@ -102,7 +102,7 @@ class DiffSynthFlux(Adapter):
     """DiffSynth-Studio FLUX.1 (`FluxImagePipeline` with a `FluxDiT`), EliGen entities included."""
 
     backend = "diffsynth"
-    families = "FLUX.1 FluxImagePipeline, EliGen included"
+    families = "DiffSynth-Studio FLUX.1 (`FluxImagePipeline` with a `FluxDiT`), EliGen included"
 
     def __init__(self, pipe: Any, entity_names: Sequence[str] | None = None) -> None:
         """Trace `pipe`; `entity_names` names the EliGen entities' spans (default entity0, ...)."""
