@@ -10,20 +10,16 @@ figure is the median over pairs; the recorders' pairs are interleaved.
 
 from __future__ import annotations
 
-import importlib
 import time
 from typing import Any
 
 from bench.common import PROMPT_20_WORDS, du, log, median, scratch
 
+# Each family's demo (`record --demo FAMILY`) with four joint attentions.
 FAMILIES = {
-    "flux": ("tracer.demo", "demo_pipeline", {"num_layers": 2, "num_single_layers": 2}),
-    "sd3": ("tracer.demo_sd3", "demo_sd3_pipeline", {"num_layers": 4}),
-    "chroma": (
-        "tracer.demo_chroma",
-        "demo_chroma_pipeline",
-        {"num_layers": 2, "num_single_layers": 2},
-    ),
+    "flux": {"num_layers": 2, "num_single_layers": 2},
+    "sd3": {"num_layers": 4},
+    "chroma": {"num_layers": 2, "num_single_layers": 2},
 }
 TEXT_LEN, SIDE, STEPS = 128, 512, 8
 RECORDERS = ("attnscope", "amd")
@@ -45,14 +41,15 @@ def measure(family: str, pairs: int) -> dict[str, Any]:
 
     import tracer
     from bench.baselines import attention_map_diffusers
+    from tracer.cli import load_demo
 
-    module, function, layers = FAMILIES[family]
-    pipe = getattr(importlib.import_module(module), function)(
+    pipe = load_demo(
+        family,
         seed=0,
         max_sequence_length=TEXT_LEN,
         num_attention_heads=4,
         attention_head_dim=64,
-        **layers,
+        **FAMILIES[family],
     )
 
     def generate() -> None:

@@ -29,6 +29,12 @@ DEMOS = {
 }
 
 
+def load_demo(family: str, **kwargs: Any) -> Any:
+    """The small random-weight pipeline of `family` (a key of DEMOS), built with `kwargs`."""
+    module, function = DEMOS[family]
+    return getattr(importlib.import_module(module), function)(**kwargs)
+
+
 def _pixels(text: str) -> int:
     """An image side in pixels: at least one FLUX latent token (16 pixels)."""
     value = positive(int)(text)
@@ -168,8 +174,7 @@ def _load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype) ->
     if args.backend == "diffsynth":
         return _load_diffsynth(args, device, dtype)
     if args.demo:
-        module, function = DEMOS[args.demo]
-        return getattr(importlib.import_module(module), function)(seed=args.seed).to(device)
+        return load_demo(args.demo, seed=args.seed).to(device)
     from diffusers import DiffusionPipeline
 
     local = Path(args.model).exists()

@@ -433,7 +433,7 @@ class Recorder:
                 f"{n_image} image tokens from {layout.image_first} in one joint sequence"
             )
         order = canonical_order(
-            n_tokens, layout.text_start, layout.text_len, layout.image_first, n_image
+            n_tokens, layout.text_start, layout.text_len, layout.image_first, n_image, query.device
         )
         if order is not None:
             query, key, mask, lse = reorder(order, query, key, mask, lse)

@@ -115,8 +115,10 @@ def default_spans(text: TextTokens) -> list[Span]:
     for segment in text.prompts():
         for word, _, _ in words(segment.text):
             name = word.lower()
+            if name in taken:
+                continue
             indices = _prompt_indices(text, word)
-            if name not in taken and indices:
+            if indices:
                 spans.append(_make_span(name, indices, text))
                 taken.add(name)
     return spans

@@ -7,6 +7,7 @@ joint sequence (`denoiser_call`), and how its prompts become text tokens (`gener
 from __future__ import annotations
 
 import inspect
+from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -46,9 +47,9 @@ class DiffusersAdapter(Adapter):
         """The denoiser."""
         return self.pipe.transformer
 
+    @abstractmethod
     def denoiser_call(self, bound: Mapping[str, Any]) -> DenoiserCall:
         """The step and token layout of one transformer call, from its bound arguments."""
-        raise NotImplementedError
 
     def watch_denoiser(self, on_call: Callable[[DenoiserCall], None]) -> Callable[[], None]:
         signature = inspect.signature(self.transformer.forward)

@@ -68,7 +68,9 @@ class DiffusersFlux(DiffusersAdapter):
     @property
     def masks_padding(self) -> bool:
         """Whether the transformer masks T5's padding out of the joint attention (Chroma)."""
-        return type(self.transformer).__name__ == "ChromaTransformer2DModel"
+        from diffusers import ChromaTransformer2DModel
+
+        return isinstance(self.transformer, ChromaTransformer2DModel)
 
     def generation(self, arguments: Mapping[str, Any]) -> Generation:
         pipe = self.pipe
