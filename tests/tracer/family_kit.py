@@ -10,11 +10,17 @@ PROMPT = "a cat on a red chair"
 
 
 def generate(
-    pipe: Any, *, text_len: int, grid: tuple[int, int], seed: int = 0, **kwargs: Any
+    pipe: Any,
+    *,
+    text_len: int,
+    grid: tuple[int, int],
+    seed: int = 0,
+    prompt: str | list[str] = PROMPT,
+    **kwargs: Any,
 ) -> Any:
-    """Three steps of `PROMPT` at 16 pixels per token (VAE factor 8, 2x2 packing or patches)."""
+    """Three steps of `prompt` at 16 pixels per token (VAE factor 8, 2x2 packing or patches)."""
     return pipe(
-        PROMPT,
+        prompt,
         height=grid[0] * 16,
         width=grid[1] * 16,
         num_inference_steps=3,

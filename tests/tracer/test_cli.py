@@ -80,7 +80,11 @@ def test_prompt_sweep_resumes_skipping_complete_runs(tmp_path, capsys):
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers' own, from Chroma's blocks
 @pytest.mark.parametrize(
     ("family", "pipeline", "segments"),
-    [("sd3", "StableDiffusion3Pipeline", ["clip", "t5"]), ("chroma", "ChromaPipeline", ["prompt"])],
+    [
+        ("sd3", "StableDiffusion3Pipeline", ["clip", "t5"]),
+        ("chroma", "ChromaPipeline", ["prompt"]),
+        ("qwen-image", "QwenImagePipeline", ["prompt"]),
+    ],
 )
 def test_each_family_demo_records_and_draws(tmp_path, family, pipeline, segments):
     out, png = tmp_path / f"{family}.zarr", tmp_path / "cat.png"

@@ -17,12 +17,17 @@ import torch
 from tracer.adapters.base import (
     Adapter,
     DenoiserCall,
+    Layer,
+    UnsupportedModelError,
     first_of,
     image_to_uint8,
     jsonable,
     library_versions,
     seed_of,
 )
+
+# diffusers attention backends that end in torch's scaled_dot_product_attention.
+SDPA_BACKENDS = ("native", "_native_math", "_native_flash", "_native_efficient", "_native_cudnn")
 
 
 class DiffusersAdapter(Adapter):
@@ -59,6 +64,29 @@ class DiffusersAdapter(Adapter):
 
         handle = self.transformer.register_forward_pre_hook(hook, with_kwargs=True)
         return handle.remove
+
+    def check_attention(self, layers: list[Layer]) -> None:
+        """Families whose processors go through `dispatch_attention_fn` (most, in diffusers 0.42)
+        need a backend that ends in torch's SDPA, on one device."""
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        active = _AttentionBackendRegistry.get_active_backend()[0]
+        for layer in layers:
+            processor = getattr(layer.attention, "processor", None)
+            backend = getattr(processor, "_attention_backend", None) or active
+            name = getattr(backend, "value", backend)
+            if name not in SDPA_BACKENDS:
+                raise UnsupportedModelError(
+                    f"{layer.name} runs its attention through diffusers' {name!r} backend; "
+                    f"attnscope reads q and k at torch's scaled_dot_product_attention, so use "
+                    f"one of {list(SDPA_BACKENDS)}: pipe.transformer.set_attention_backend("
+                    f"'native'), or unset DIFFUSERS_ATTN_BACKEND"
+                )
+            if getattr(processor, "_parallel_config", None) is not None:
+                raise UnsupportedModelError(
+                    f"{layer.name} runs context-parallel attention; attnscope traces attention "
+                    f"computed whole on one device"
+                )
 
     def timestep_of(self, timestep: Any) -> float:
         """The scheduler timestep of a transformer's `timestep` argument."""

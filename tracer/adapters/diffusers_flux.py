@@ -10,16 +10,12 @@ from tracer.adapters.base import (
     DenoiserCall,
     Generation,
     Layer,
-    UnsupportedModelError,
     first_of,
     token_grid,
 )
 from tracer.adapters.diffusers_common import DiffusersAdapter
 from tracer.adapters.text import padded_segment
 from tracer.spans import TextTokens
-
-# diffusers attention backends that end in torch's scaled_dot_product_attention.
-SDPA_BACKENDS = ("native", "_native_math", "_native_flash", "_native_efficient", "_native_cudnn")
 
 
 class DiffusersFlux(DiffusersAdapter):
@@ -43,27 +39,6 @@ class DiffusersFlux(DiffusersAdapter):
                 name = f"{prefix}.{index}"
                 layers.append(Layer(name, kind, block.attn, int(block.attn.heads)))
         return layers
-
-    def check_attention(self, layers: list[Layer]) -> None:
-        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-        active = _AttentionBackendRegistry.get_active_backend()[0]
-        for layer in layers:
-            processor = getattr(layer.attention, "processor", None)
-            backend = getattr(processor, "_attention_backend", None) or active
-            name = getattr(backend, "value", backend)
-            if name not in SDPA_BACKENDS:
-                raise UnsupportedModelError(
-                    f"{layer.name} runs its attention through diffusers' {name!r} backend; "
-                    f"attnscope reads q and k at torch's scaled_dot_product_attention, so use "
-                    f"one of {list(SDPA_BACKENDS)}: pipe.transformer.set_attention_backend("
-                    f"'native'), or unset DIFFUSERS_ATTN_BACKEND"
-                )
-            if getattr(processor, "_parallel_config", None) is not None:
-                raise UnsupportedModelError(
-                    f"{layer.name} runs context-parallel attention; attnscope traces attention "
-                    f"computed whole on one device"
-                )
 
     @property
     def masks_padding(self) -> bool:

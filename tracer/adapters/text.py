@@ -42,3 +42,36 @@ def padded_segment(tokenizer: Any, name: str, text: str, first: int, length: int
         content=content,
         padding=tuple(not keep for keep in encoded["attention_mask"]),
     )
+
+
+def templated_segment(
+    tokenizer: Any, name: str, text: str, template: str, drop: int, length: int
+) -> Segment:
+    """`text` inside a chat `template` (`{}` marks where), tokenized as Qwen-Image's pipeline
+    does: up to `length + drop` tokens, unpadded, less the first `drop`, at position 0.
+
+    Only the tokens of `text` itself are content; the template's tokens that stay are kept as
+    tokens of their own (the model attends them), with offsets relative to `text`.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise UnsupportedModelError(
+            f"attnscope finds words through the tokenizer's offsets, which needs a fast "
+            f"tokenizer; the {name!r} tokenizer is {type(tokenizer).__name__}"
+        )
+    at = template.index("{}")
+    encoded = tokenizer(
+        template.format(text),
+        max_length=length + drop,
+        truncation=True,
+        return_offsets_mapping=True,
+    )
+    ids, offsets = encoded["input_ids"][drop:], encoded["offset_mapping"][drop:]
+    offsets = tuple((int(s) - at, int(e) - at) for s, e in offsets)
+    return Segment(
+        name=name,
+        text=text,
+        first=0,
+        tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
+        offsets=offsets,
+        content=tuple(start < len(text) and end > max(start, 0) for start, end in offsets),
+    )
