@@ -26,6 +26,7 @@ DEMOS = {
     "flux": ("tracer.demo", "demo_pipeline"),
     "sd3": ("tracer.demo_sd3", "demo_sd3_pipeline"),
     "chroma": ("tracer.demo_chroma", "demo_chroma_pipeline"),
+    "flux2": ("tracer.demo_flux2", "demo_flux2_pipeline"),
     "qwen-image": ("tracer.demo_qwen_image", "demo_qwen_image_pipeline"),
 }
 

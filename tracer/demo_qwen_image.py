@@ -31,7 +31,7 @@ __all__ = ["demo_qwen_image_pipeline", "demo_qwen_tokenizer"]
 
 _LATENT_CHANNELS = 16
 _TEXT_HIDDEN = 32
-_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 _QWEN_VOCAB_SIZE = 1000
 
 

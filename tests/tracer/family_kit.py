@@ -20,7 +20,7 @@ def generate(
 ) -> Any:
     """Three steps of `prompt` at 16 pixels per token (VAE factor 8, 2x2 packing or patches)."""
     return pipe(
-        prompt,
+        prompt=prompt,
         height=grid[0] * 16,
         width=grid[1] * 16,
         num_inference_steps=3,

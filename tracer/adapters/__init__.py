@@ -8,10 +8,17 @@ from typing import Any
 from tracer.adapters.base import Adapter, UnsupportedModelError
 from tracer.adapters.diffsynth_flux import DiffSynthFlux
 from tracer.adapters.diffusers_flux import DiffusersFlux
+from tracer.adapters.diffusers_flux2 import DiffusersFlux2
 from tracer.adapters.diffusers_qwen_image import DiffusersQwenImage
 from tracer.adapters.diffusers_sd3 import DiffusersSD3
 
-ADAPTERS: list[type[Adapter]] = [DiffusersFlux, DiffusersSD3, DiffusersQwenImage, DiffSynthFlux]
+ADAPTERS: list[type[Adapter]] = [
+    DiffusersFlux,
+    DiffusersFlux2,
+    DiffusersSD3,
+    DiffusersQwenImage,
+    DiffSynthFlux,
+]
 
 
 def adapter_for(pipe: Any, entity_names: Sequence[str] | None = None) -> Adapter:

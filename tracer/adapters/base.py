@@ -159,8 +159,16 @@ def jsonable(value: Any) -> Any:
 
 
 def token_grid(img_ids: torch.Tensor) -> tuple[int, int]:
-    """The (rows, cols) latent grid of FLUX image ids, checked to be row-major and complete."""
-    ids = img_ids.reshape(-1, img_ids.shape[-1])[:, 1:3].round().long().cpu()
+    """The (rows, cols) latent grid of FLUX image ids (`[N, 3]`, FLUX.2's `[B, N, 4]`), checked
+    to be row-major and complete.
+
+    The generated image's tokens lead; reference images' (Kontext, FLUX.2 editing) follow with
+    another first id, and are not part of the grid.
+    """
+    ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+    ids = ids.round().long().cpu()
+    others = (ids[:, 0] != ids[0, 0]).nonzero()
+    ids = ids[: int(others[0]) if len(others) else len(ids), 1:3]
     rows, cols = int(ids[:, 0].max()) + 1, int(ids[:, 1].max()) + 1
     expected = torch.arange(rows * cols)
     if ids.shape[0] != rows * cols or not torch.equal(ids[:, 0] * cols + ids[:, 1], expected):

@@ -64,8 +64,8 @@ class DiffusersQwenImage(DiffusersAdapter):
             "prompt",
             prompt,
             pipe.prompt_template_encode,
+            min(int(pipe.tokenizer_max_length), max_len),
             drop=int(pipe.prompt_template_encode_start_idx),
-            length=min(int(pipe.tokenizer_max_length), max_len),
         )
         return Generation(
             text=TextTokens(segments=(segment,), length=len(segment.tokens)), attrs=attrs

@@ -44,11 +44,37 @@ def padded_segment(tokenizer: Any, name: str, text: str, first: int, length: int
     )
 
 
+def chat_template(tokenizer: Any, **options: Any) -> str:
+    """The text a chat tokenizer renders for one user message, with `{}` where the message goes
+    (a `str.format` template); `options` as the pipeline passes them (`enable_thinking`)."""
+    marker = "\ue000"  # a private-use character: in no template
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}],
+        tokenize=False,
+        add_generation_prompt=True,
+        **options,
+    )
+    before, after = rendered.split(marker)
+    return (
+        before.replace("{", "{{").replace("}", "}}")
+        + "{}"
+        + after.replace("{", "{{").replace("}", "}}")
+    )
+
+
 def templated_segment(
-    tokenizer: Any, name: str, text: str, template: str, drop: int, length: int
+    tokenizer: Any,
+    name: str,
+    text: str,
+    template: str,
+    length: int,
+    *,
+    drop: int = 0,
+    padded: bool = False,
 ) -> Segment:
-    """`text` inside a chat `template` (`{}` marks where), tokenized as Qwen-Image's pipeline
-    does: up to `length + drop` tokens, unpadded, less the first `drop`, at position 0.
+    """`text` inside a prompt `template` (`{}` marks where), tokenized as the pipelines that wrap
+    prompts in a chat template do: up to `length + drop` tokens, less the first `drop` (Qwen-Image
+    drops the system part), padded to `length` when `padded` (FLUX.2), at position 0.
 
     Only the tokens of `text` itself are content; the template's tokens that stay are kept as
     tokens of their own (the model attends them), with offsets relative to `text`.
@@ -63,9 +89,11 @@ def templated_segment(
         template.format(text),
         max_length=length + drop,
         truncation=True,
+        padding="max_length" if padded else False,
         return_offsets_mapping=True,
     )
     ids, offsets = encoded["input_ids"][drop:], encoded["offset_mapping"][drop:]
+    padding = tuple(not keep for keep in encoded["attention_mask"][drop:])
     offsets = tuple((int(s) - at, int(e) - at) for s, e in offsets)
     return Segment(
         name=name,
@@ -73,5 +101,9 @@ def templated_segment(
         first=0,
         tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
         offsets=offsets,
-        content=tuple(start < len(text) and end > max(start, 0) for start, end in offsets),
+        content=tuple(
+            not pad and start < len(text) and end > max(start, 0)
+            for (start, end), pad in zip(offsets, padding, strict=True)
+        ),
+        padding=padding,
     )

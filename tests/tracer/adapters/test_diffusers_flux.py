@@ -7,6 +7,7 @@ import torch
 
 import tracer
 from analysis.errors import UnsupportedModelError
+from tracer.adapters.base import token_grid
 from tracer.adapters.diffusers_flux import DiffusersFlux
 from tracer.demo import demo_pipeline
 
@@ -47,3 +48,21 @@ def test_sdpa_backends_are_traced(pipe, backend):
 def test_a_pipeline_built_in_code_is_named_by_its_transformer(pipe):
     assert DiffusersFlux(pipe).run_attrs()["model"] == "FluxTransformer2DModel built in code"
     assert isinstance(pipe.transformer, torch.nn.Module)
+
+
+def grid_ids(rows, cols, first=0, width=3):
+    """Image ids as the FLUX pipelines make them: (first, row, col[, 0]) in row-major order."""
+    ids = torch.zeros(rows * cols, width)
+    ids[:, 0] = first
+    ids[:, 1] = torch.arange(rows).repeat_interleave(cols)
+    ids[:, 2] = torch.arange(cols).repeat(rows)
+    return ids
+
+
+def test_the_grid_is_the_generated_images_tokens_before_any_reference_images():
+    kontext = torch.cat([grid_ids(2, 3), grid_ids(4, 4, first=1)])  # FLUX.1 Kontext
+    assert token_grid(kontext) == (2, 3)
+    flux2 = torch.cat([grid_ids(3, 5, width=4), grid_ids(2, 2, first=10, width=4)])
+    assert token_grid(flux2.expand(2, -1, -1)) == (3, 5)  # FLUX.2: batched (B, N, 4)
+    with pytest.raises(UnsupportedModelError, match="not a complete row-major 2x3 grid"):
+        token_grid(grid_ids(2, 3)[[0, 2, 1, 3, 4, 5]])
