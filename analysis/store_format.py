@@ -49,7 +49,7 @@ TOKEN_COORDS = ("token_text", "token_segment", "token_count", "token_padding")
 DIRECTIONS = ("txt2img", "img2txt")
 IMAGE_DIMS = ("image_y", "image_x", "rgb")
 ENTITY_MASK_DIMS = ("entity", "y", "x")  # on the latent token grid, as the model applied it
-LAYER_KINDS = ("double", "single")
+LAYER_KINDS = ("double", "single", "cross")
 BRANCHES = ("cond", "uncond")
 
 # Zarr v3 data types by kind, as `zarr.json` names them.
@@ -105,6 +105,9 @@ ERROR_BOUND = "error_bound"  # largest relative error of a stored map value (0.0
 CAPTURE = "capture"  # what was asked to be recorded: a `Capture` as a dict
 CREATED = "created"  # ISO 8601 UTC time the run was laid down
 ENTITY_PROMPTS = "entity_prompts"  # EliGen entity prompts, in entity order
+# Optional: direction -> why the model's attention has no such maps (Sana: cross-attention has no
+# txt2img). A direction absent for this reason is not a narrowed capture nor lost data.
+DIRECTIONS_ABSENT = "directions_absent"
 PROMPT = "prompt"
 SEED = "seed"
 NUM_STEPS = "num_inference_steps"

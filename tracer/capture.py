@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from analysis.store_format import DIRECTIONS, check_directions
 
-__all__ = ["attention_maps"]
+__all__ = ["attention_maps", "cross_attention_maps"]
 
 _NEG_INF = float("-inf")
 
@@ -115,6 +115,49 @@ def attention_maps(
     return maps
 
 
+def cross_attention_maps(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    scale: float,
+    span_members: torch.Tensor,
+    chunk_size: int = 256,
+) -> dict[str, torch.Tensor]:
+    """Image-to-text maps of one batch element of a cross-attention (image queries, text keys).
+
+    ``q``: ``[H, P, D]`` queries of the image tokens (row-major on the grid); ``k``: ``[H, T, D]``
+    keys of the text tokens. ``mask``: ``None`` or broadcastable to ``[H, P, T]``, boolean (True
+    = may attend) or additive float. ``span_members``: bool ``[S, T]``.
+
+    With P = softmax over the T text keys of ``q·kᵀ·scale + mask`` (float32), returns
+    ``{"img2txt": [H, S, P]}``: the sum over the span's text keys j of ``P[h, p, j]``. No text
+    query attends the image, so there is no ``txt2img``. A query row the mask forbids entirely
+    contributes zeros; ``chunk_size`` queries are processed at a time.
+    """
+    heads, n_image, _ = _check_qk(q, k, joint=False)
+    text_len = k.shape[1]
+    chunk_size = _as_int("chunk_size", chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    _check_span_members(span_members, text_len)
+    mask3 = _as_3d_mask(mask, heads, n_image, text_len)
+    work = 4 * heads * q.shape[-1] * n_image * text_len
+    with torch.no_grad(), _cpu_threads_for(work, q.device):
+        maps = _img2txt(
+            q.to(torch.float32),
+            k.to(torch.float32),
+            mask3,
+            scale,
+            text_len,
+            n_image,
+            span_members,
+            chunk_size,
+            first_query=0,
+        )
+    return {"img2txt": maps}
+
+
 @contextlib.contextmanager
 def _cpu_threads_for(flops: float, device: torch.device) -> Iterator[None]:
     """One intra-op thread for a small capture on the CPU, the current number otherwise.
@@ -148,7 +191,8 @@ def _as_int(name: str, value: object) -> int:
         raise ValueError(f"{name} must be an int, got {type(value).__name__}") from None
 
 
-def _check_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int]:
+def _check_qk(q: torch.Tensor, k: torch.Tensor, *, joint: bool = True) -> tuple[int, int, int]:
+    """[H, N, D] of q; a joint attention's k has q's shape, a cross-attention's its own N."""
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -158,16 +202,20 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int]:
             )
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if q.shape != k.shape:
+    if (q.shape if joint else (q.shape[0], q.shape[2])) != (
+        k.shape if joint else (k.shape[0], k.shape[2])
+    ):
+        same = "shape [H, N, D]" if joint else "heads and head dim [H, ·, D]"
         raise ValueError(
-            f"q and k must have the same shape [H, N, D], got q {tuple(q.shape)} and "
-            f"k {tuple(k.shape)}"
+            f"q and k must have the same {same}, got q {tuple(q.shape)} and k {tuple(k.shape)}"
         )
     if q.device != k.device:
         raise ValueError(f"q and k must be on the same device, got {q.device} and {k.device}")
     heads, n_tokens, dim = q.shape
-    if heads == 0 or n_tokens == 0 or dim == 0:
-        raise ValueError(f"q and k must be non-empty [H, N, D], got shape {tuple(q.shape)}")
+    if heads == 0 or n_tokens == 0 or dim == 0 or k.shape[1] == 0:
+        raise ValueError(
+            f"q and k must be non-empty [H, N, D], got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
     return heads, n_tokens, dim
 
 
@@ -200,15 +248,18 @@ def _check_lse(lse: torch.Tensor, q: torch.Tensor) -> None:
         )
 
 
-def _as_3d_mask(mask: torch.Tensor | None, heads: int, n_tokens: int) -> torch.Tensor | None:
-    """The mask as a view ``[1 or H, 1 or N, 1 or N]`` (broadcast dims kept at size 1)."""
+def _as_3d_mask(
+    mask: torch.Tensor | None, heads: int, n_tokens: int, n_keys: int | None = None
+) -> torch.Tensor | None:
+    """The mask as a view ``[1 or H, 1 or N, 1 or K]`` (broadcast dims kept at size 1); K = N
+    unless the keys are others (cross-attention)."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"mask must be None or a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise ValueError(f"mask must be bool or floating point, got {mask.dtype}")
-    expected = (heads, n_tokens, n_tokens)
+    expected = (heads, n_tokens, n_tokens if n_keys is None else n_keys)
     leading, trailing = mask.shape[:-3], mask.shape[-3:]
     try:
         broadcast = torch.broadcast_shapes(trailing, expected)
@@ -216,7 +267,7 @@ def _as_3d_mask(mask: torch.Tensor | None, heads: int, n_tokens: int) -> torch.T
         broadcast = None
     if any(size != 1 for size in leading) or broadcast != torch.Size(expected):
         raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to [H, N, N] = {list(expected)}"
+            f"mask of shape {tuple(mask.shape)} does not broadcast to [H, N, K] = {list(expected)}"
         )
     if leading:
         mask = mask.reshape(trailing)
@@ -311,8 +362,13 @@ def _img2txt(
     n_image: int,
     span_members: torch.Tensor,
     chunk_size: int,
+    first_query: int | None = None,
 ) -> torch.Tensor:
-    heads, n_tokens, dim = q32.shape
+    """Image queries from `first_query` (default: right after the text) against all keys of k,
+    whose first `text_len` are the text."""
+    heads, _, dim = q32.shape
+    n_keys = k32.shape[1]
+    first_query = text_len if first_query is None else first_query
     device = q32.device
     n_spans = span_members.shape[0]
 
@@ -322,21 +378,21 @@ def _img2txt(
     # unfused one): pad V with zero columns or, when there are more spans than head dims, pad q
     # and k with zero dims (q·k is unchanged), to a multiple of 8 for the CUDA kernels' alignment.
     width = dim if n_spans <= dim else -(-n_spans // 8) * 8
-    values = torch.zeros(n_tokens, width, dtype=torch.float32, device=span_members.device)
+    values = torch.zeros(n_keys, width, dtype=torch.float32, device=span_members.device)
     values[:text_len, :n_spans] = span_members.t()
     values = values.to(device, non_blocking=True).expand(1, heads, -1, -1)
     if width > dim:
-        q32 = F.pad(q32[:, text_len : text_len + n_image], (0, width - dim))
+        q32 = F.pad(q32[:, first_query : first_query + n_image], (0, width - dim))
         k32 = F.pad(k32, (0, width - dim))
         first = 0
     else:
-        first = text_len
+        first = first_query
     q4, k4 = q32.unsqueeze(0), k32.unsqueeze(0)
 
     out = torch.empty(heads, n_spans, n_image, dtype=torch.float32, device=device)
     for start in range(0, n_image, chunk_size):
         stop = min(start + chunk_size, n_image)
-        mask_rows = _mask_rows(mask3, slice(text_len + start, text_len + stop))
+        mask_rows = _mask_rows(mask3, slice(first_query + start, first_query + stop))
         attn_mask = None
         if mask_rows is not None:
             attn_mask = mask_rows.unsqueeze(0)

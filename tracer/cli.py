@@ -28,6 +28,7 @@ DEMOS = {
     "chroma": ("tracer.demo_chroma", "demo_chroma_pipeline"),
     "flux2": ("tracer.demo_flux2", "demo_flux2_pipeline"),
     "qwen-image": ("tracer.demo_qwen_image", "demo_qwen_image_pipeline"),
+    "sana": ("tracer.demo_sana", "demo_sana_pipeline"),
 }
 
 

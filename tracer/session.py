@@ -19,7 +19,7 @@ from analysis.errors import TapError, UnsupportedModelError, UsageError
 from analysis.selection import pick
 from tracer.adapters import adapter_for
 from tracer.adapters.base import Adapter, DenoiserCall, Generation, Layer
-from tracer.capture import attention_maps
+from tracer.capture import attention_maps, cross_attention_maps
 from tracer.layout import canonical_order, reorder
 from tracer.spans import (
     Span,
@@ -127,10 +127,12 @@ class Recorder:
         self.layers = select_layers(all_layers, options.layers)
         self.adapter.check_attention(self.layers)
         self.layer_positions = {layer.name: i for i, layer in enumerate(self.layers)}
+        self._cross_layers = {layer.name for layer in self.layers if layer.kind == "cross"}
         n_heads = self.layers[0].heads
         self.heads = select_indices("head", options.heads, n_heads)
         self._head_index = None if len(self.heads) == n_heads else torch.tensor(self.heads)
         fmt.check_directions(options.directions)
+        self.directions = self._model_directions(options.directions)
         fmt.check_keepbits(options.keepbits)
         if not isinstance(options.chunk_size, int) or options.chunk_size < 1:
             raise UsageError(f"chunk_size must be a positive integer, got {options.chunk_size!r}")
@@ -147,6 +149,18 @@ class Recorder:
         self._unwatch = None
         self._run: _Run | None = None
         open_store(self.path)
+
+    def _model_directions(self, asked: Sequence[str]) -> tuple[str, ...]:
+        """The asked directions the model's attention has (a cross-attention has no txt2img)."""
+        absent = self.adapter.absent_directions
+        kept = tuple(d for d in asked if d not in absent)
+        if not kept:
+            reasons = "; ".join(f"no {d}: {absent[d]}" for d in asked)
+            raise UsageError(
+                f"directions {list(asked)} asked, but this model has {reasons}; ask for "
+                f"{[d for d in fmt.DIRECTIONS if d not in absent]}"
+            )
+        return kept
 
     @property
     def last_run(self) -> str | None:
@@ -281,7 +295,7 @@ class Recorder:
         )
         attrs = self._run_attrs(run, call, steps)
         run.name, run.group = create_run(
-            self.path, coords, attrs, self.options.directions, self.options.keepbits
+            self.path, coords, attrs, self.directions, self.options.keepbits
         )
         self.runs.append(run.name)
         generation = run.generation
@@ -290,7 +304,7 @@ class Recorder:
             write_variable(run.group, "entity_mask", masks)
         run.writer = TraceWriter(
             run.group,
-            directions=list(self.options.directions),
+            directions=list(self.directions),
             n_layers=len(self.layers),
             max_pending=self.options.max_pending_steps,
         )
@@ -334,10 +348,11 @@ class Recorder:
                     seg.name: [seg.first, seg.stop] for seg in run.generation.text.segments
                 },
                 fmt.ENTITY_PROMPTS: run.generation.attrs.get(fmt.ENTITY_PROMPTS, []),
+                fmt.DIRECTIONS_ABSENT: dict(self.adapter.absent_directions),
                 fmt.TEXT_LEN: call.text_len,
                 fmt.ERROR_BOUND: fmt.relative_error_bound(options.keepbits),
                 fmt.CAPTURE: fmt.Capture(
-                    directions=tuple(options.directions),
+                    directions=self.directions,
                     layers=tuple(layer.name for layer in self.layers),
                     heads=tuple(self.heads),
                     steps=tuple(steps),
@@ -422,13 +437,32 @@ class Recorder:
             query, key = query[index], key[index]
             lse = None if lse is None else lse[index.to(lse.device)]
         n_image = layout.grid[0] * layout.grid[1]
+        if layer in self._cross_layers:
+            maps = self._cross_maps(layer, layout, query, key, mask, call.scale, n_image)
+        else:
+            maps = self._joint_maps(layer, layout, query, key, mask, call.scale, lse, n_image)
+        run.writer.put(run.recording, self.layer_positions[layer], maps)
+        run.put_layers.add(self.layer_positions[layer])
+
+    def _joint_maps(
+        self,
+        layer: str,
+        layout: DenoiserCall,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+        lse: torch.Tensor | None,
+        n_image: int,
+    ) -> dict[str, torch.Tensor]:
+        """The maps of a joint attention: text and image tokens in one sequence."""
         n_tokens = query.shape[1]
         if (
             max(layout.text_start + layout.text_len, layout.image_first + n_image) > n_tokens
-            or call.key.shape[2] != n_tokens
+            or key.shape[1] != n_tokens
         ):
             raise TapError(
-                f"{layer}: attention of {n_tokens} queries over {call.key.shape[2]} keys, "
+                f"{layer}: attention of {n_tokens} queries over {key.shape[1]} keys, "
                 f"expected {layout.text_len} text tokens from {layout.text_start} and "
                 f"{n_image} image tokens from {layout.image_first} in one joint sequence"
             )
@@ -437,20 +471,43 @@ class Recorder:
         )
         if order is not None:
             query, key, mask, lse = reorder(order, query, key, mask, lse)
-        maps = attention_maps(
+        return attention_maps(
             query,
             key,
             mask=mask,
-            scale=call.scale,
+            scale=scale,
             text_len=layout.text_len,
             n_image=n_image,
-            span_members=run.members,
-            directions=self.options.directions,
+            span_members=self._run.members,
+            directions=self.directions,
             chunk_size=self.options.chunk_size,
             lse=lse,
         )
-        run.writer.put(run.recording, self.layer_positions[layer], maps)
-        run.put_layers.add(self.layer_positions[layer])
+
+    def _cross_maps(
+        self,
+        layer: str,
+        layout: DenoiserCall,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+        n_image: int,
+    ) -> dict[str, torch.Tensor]:
+        """The maps of a cross-attention: image queries against the text keys only."""
+        if query.shape[1] != n_image or key.shape[1] != layout.text_len:
+            raise TapError(
+                f"{layer}: cross-attention of {query.shape[1]} queries over {key.shape[1]} "
+                f"keys, expected {n_image} image queries over {layout.text_len} text keys"
+            )
+        return cross_attention_maps(
+            query,
+            key,
+            mask=mask,
+            scale=scale,
+            span_members=self._run.members,
+            chunk_size=self.options.chunk_size,
+        )
 
 
 @contextlib.contextmanager

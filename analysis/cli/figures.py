@@ -139,7 +139,9 @@ def _variable(ds: xr.Dataset, args: argparse.Namespace) -> xr.DataArray:
         raise SelectionError(f"{ds.attrs['run']} holds no attention maps ({sf.DIRECTIONS})")
     direction = args.direction or present[0]
     if direction not in present:
-        raise SelectionError(f"this run has no {direction!r} maps; it has {present}")
+        why = ds.attrs.get(sf.DIRECTIONS_ABSENT, {}).get(direction)
+        because = f" (the model has none: {why})" if why else ""
+        raise SelectionError(f"this run has no {direction!r} maps{because}; it has {present}")
     return ds[direction]
 
 

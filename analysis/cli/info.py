@@ -65,6 +65,8 @@ def describe(info: dict[str, Any]) -> str:
     kinds = ", ".join(f"{n} {k}" for k, n in run["layer_kinds"].items())
     lines.append(f"  dims      {dims}" + (f"  (layers: {kinds})" if kinds else ""))
     lines.append(f"  steps     {describe_values(run['steps'])}")
+    for direction, why in (attrs.get(sf.DIRECTIONS_ABSENT) or {}).items():
+        lines.append(f"  no {direction}  {why}")
     if run["skipped"]:
         lines.append(
             f"  skipped   {run['skipped']} (step, layer) maps not computed: a cache hook "

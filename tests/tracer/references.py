@@ -61,6 +61,22 @@ def reference_at(
     return {"txt2img": txt2img, "img2txt": img2txt}
 
 
+def cross_reference(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float, members: torch.Tensor
+) -> torch.Tensor:
+    """img2txt of a cross-attention, literally: float64 softmax of the image queries over the
+    text keys, summed over each span's keys: ``[H, S, P]``."""
+    logits = torch.einsum("hpd,htd->hpt", q.double(), k.double()) * scale
+    if mask is not None:
+        m = mask
+        while m.dim() > 3:
+            m = m[0]
+        logits = logits.masked_fill(~m, NEG_INF) if m.dtype == torch.bool else logits + m.double()
+    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    probs = torch.softmax(logits, dim=-1).masked_fill(dead, 0.0)
+    return torch.einsum("hpt,st->hsp", probs, members.double())
+
+
 def allocation_sizes(prof) -> list[int]:
     """Bytes of every single CPU allocation the profiler saw."""
     try:
@@ -87,21 +103,31 @@ def stored_rows(ds: Any) -> list[list[int]]:
 
 
 class SdpaLog:
-    """Records q, k, mask, scale of every joint attention SDPA call (the test's own tap)."""
+    """Records q, k, mask, scale of every joint attention SDPA call (the test's own tap).
 
-    def __init__(self, n_tokens: int):
+    Calls made inside a logged call (the capture's own, run by the tracer's tap from within the
+    model's call) are not the model's, and are not logged.
+    """
+
+    def __init__(self, n_tokens: int, n_keys: int | None = None):
         self.n_tokens = n_tokens
+        self.n_keys = n_tokens if n_keys is None else n_keys  # others: a cross-attention's
         self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]] = []
 
     def install(self, monkeypatch):
         original = torch.nn.functional.scaled_dot_product_attention
+        inside = []
 
         def logged(query, key, value, attn_mask=None, *args, scale=None, **kwargs):
-            if query.shape[-2] == self.n_tokens:
+            if not inside and query.shape[-2] == self.n_tokens and key.shape[-2] == self.n_keys:
                 s = 1.0 / query.shape[-1] ** 0.5 if scale is None else scale
                 mask = None if attn_mask is None else attn_mask.clone()
                 self.calls.append((query.clone(), key.clone(), mask, s))
-            return original(query, key, value, attn_mask, *args, scale=scale, **kwargs)
+            inside.append(True)
+            try:
+                return original(query, key, value, attn_mask, *args, scale=scale, **kwargs)
+            finally:
+                inside.pop()
 
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", logged)
 
@@ -128,3 +154,25 @@ def assert_rows_match_float64(ds, calls, text: range, image: range, batch: int =
                 np.testing.assert_allclose(
                     stored, expected.numpy().reshape(stored.shape), rtol=bound + 1e-5, atol=1e-6
                 )
+
+
+def assert_cross_rows_match_float64(ds, calls, batch: int = 0) -> None:
+    """Every stored img2txt token row of a cross-attention run `ds`, at every step, layer and
+    head, equals the float64 softmax of the logged call (one per layer and step, in order)."""
+    bound = stated_bound(ds.attrs)
+    rows = stored_rows(ds)
+    members = torch.zeros(len(rows), ds.attrs["text_len"], dtype=torch.bool)
+    for i, row in enumerate(rows):
+        members[i, row] = True
+    n_layers = ds.sizes["layer"]
+    assert len(calls) == ds.sizes["step"] * n_layers
+    for step in range(ds.sizes["step"]):
+        for layer in range(n_layers):
+            q, k, mask, scale = calls[step * n_layers + layer]
+            if mask is not None and mask.dim() == 4:
+                mask = mask[batch if mask.shape[0] > 1 else 0]
+            expected = cross_reference(q[batch], k[batch], mask, scale, members)
+            stored = ds.img2txt_tokens.isel(step=step, layer=layer).values
+            np.testing.assert_allclose(
+                stored, expected.numpy().reshape(stored.shape), rtol=bound + 1e-5, atol=1e-6
+            )

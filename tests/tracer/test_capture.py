@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from references import NEG_INF, allocation_sizes, reference
+from references import NEG_INF, allocation_sizes, cross_reference, reference
 
-from tracer.capture import attention_maps
+from tracer.capture import attention_maps, cross_attention_maps
 
 ATOL, RTOL = 1e-6, 1e-5
 
@@ -422,3 +422,44 @@ def test_memory_is_bounded_by_the_chunk(mask_kind: str) -> None:
         )
     largest = max(allocation_sizes(prof))
     assert largest <= 1.5 * block, f"largest allocation {largest} B > 1.5 x {block} B"
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-attention: image queries against text keys only (Sana)
+
+
+@pytest.mark.parametrize(
+    "mask_kind", ["none", "bool keys", "float [1, H, 1, T]", "bool [P, T] with dead rows"]
+)
+@pytest.mark.parametrize("n_spans", [3, 40], ids=["few spans", "more spans than head dims"])
+def test_cross_attention_img2txt_matches_float64_reference(mask_kind, n_spans) -> None:
+    gen = torch.Generator().manual_seed(11)
+    heads, n_image, text_len, dim = 3, 35, 13, 16
+    q = torch.randn(heads, n_image, dim, generator=gen)
+    k = torch.randn(heads, text_len, dim, generator=gen)
+    mask = {
+        "none": None,
+        "bool keys": torch.arange(text_len) < 9,
+        # Sana's: padding as an additive -10000 bias, per head.
+        "float [1, H, 1, T]": torch.where(torch.arange(text_len) < 9, 0.0, -10000.0).expand(
+            1, heads, 1, text_len
+        ),
+        "bool [P, T] with dead rows": (torch.rand(n_image, text_len, generator=gen) < 0.6)
+        & (torch.arange(n_image) % 7 != 0)[:, None],
+    }[mask_kind]
+    members = make_members(gen, n_spans, text_len, 0.3)
+    scale = dim**-0.5
+    got = cross_attention_maps(q, k, mask=mask, scale=scale, span_members=members, chunk_size=8)
+    assert list(got) == ["img2txt"]
+    want = cross_reference(q, k, mask, scale, members)
+    torch.testing.assert_close(got["img2txt"].double(), want, atol=ATOL, rtol=RTOL)
+    if mask_kind == "bool [P, T] with dead rows":
+        assert not got["img2txt"][:, :, ::7].any()  # rows the mask forbids: exactly zero
+
+
+def test_cross_attention_rejects_keys_of_another_width() -> None:
+    q, k = torch.randn(2, 5, 8), torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"same heads and head dim \[H, ·, D\]"):
+        cross_attention_maps(
+            q, k, mask=None, scale=1.0, span_members=torch.ones(1, 3, dtype=torch.bool)
+        )

@@ -10,6 +10,7 @@ from tracer.adapters.diffsynth_flux import DiffSynthFlux
 from tracer.adapters.diffusers_flux import DiffusersFlux
 from tracer.adapters.diffusers_flux2 import DiffusersFlux2
 from tracer.adapters.diffusers_qwen_image import DiffusersQwenImage
+from tracer.adapters.diffusers_sana import DiffusersSana
 from tracer.adapters.diffusers_sd3 import DiffusersSD3
 
 ADAPTERS: list[type[Adapter]] = [
@@ -17,6 +18,7 @@ ADAPTERS: list[type[Adapter]] = [
     DiffusersFlux2,
     DiffusersSD3,
     DiffusersQwenImage,
+    DiffusersSana,
     DiffSynthFlux,
 ]
 

@@ -20,7 +20,7 @@ class Layer:
     """A traced joint attention: its block path (`transformer_blocks.3`), kind and module."""
 
     name: str
-    kind: str  # "double" or "single"
+    kind: str  # "double" or "single" (joint attention), "cross" (image queries, text keys)
     attention: torch.nn.Module
     heads: int
 
@@ -67,6 +67,8 @@ class Adapter(ABC):
 
     backend: ClassVar[str]
     families: ClassVar[str]  # the model families it traces, as an unsupported model is told
+    # Directions the model's attention does not have, with why (the store says so).
+    absent_directions: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe

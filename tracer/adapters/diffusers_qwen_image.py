@@ -59,13 +59,14 @@ class DiffusersQwenImage(DiffusersAdapter):
         }
         if prompt is None:
             return Generation(text=TextTokens(segments=(), length=0), attrs=attrs)
+        drop = int(pipe.prompt_template_encode_start_idx)
         segment = templated_segment(
             pipe.tokenizer,
             "prompt",
             prompt,
             pipe.prompt_template_encode,
-            min(int(pipe.tokenizer_max_length), max_len),
-            drop=int(pipe.prompt_template_encode_start_idx),
+            min(int(pipe.tokenizer_max_length), max_len) + drop,
+            keep=slice(drop, None),
         )
         return Generation(
             text=TextTokens(segments=(segment,), length=len(segment.tokens)), attrs=attrs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from analysis.errors import UnsupportedModelError
@@ -69,12 +70,15 @@ def templated_segment(
     template: str,
     length: int,
     *,
-    drop: int = 0,
+    keep: slice | Sequence[int] = slice(None),
     padded: bool = False,
+    padding_side: str | None = None,
 ) -> Segment:
     """`text` inside a prompt `template` (`{}` marks where), tokenized as the pipelines that wrap
-    prompts in a chat template do: up to `length + drop` tokens, less the first `drop` (Qwen-Image
-    drops the system part), padded to `length` when `padded` (FLUX.2), at position 0.
+    prompts in a template do: up to `length` tokens, padded to `length` when `padded` (FLUX.2,
+    Sana), of which the positions `keep` stay (Qwen-Image drops the system part, Sana keeps
+    the first token and the last ones), at position 0. `padding_side` as the pipeline sets it
+    (default: the tokenizer's own).
 
     Only the tokens of `text` itself are content; the template's tokens that stay are kept as
     tokens of their own (the model attends them), with offsets relative to `text`.
@@ -87,14 +91,20 @@ def templated_segment(
     at = template.index("{}")
     encoded = tokenizer(
         template.format(text),
-        max_length=length + drop,
+        max_length=length,
         truncation=True,
         padding="max_length" if padded else False,
         return_offsets_mapping=True,
+        **({} if padding_side is None else {"padding_side": padding_side}),
     )
-    ids, offsets = encoded["input_ids"][drop:], encoded["offset_mapping"][drop:]
-    padding = tuple(not keep for keep in encoded["attention_mask"][drop:])
-    offsets = tuple((int(s) - at, int(e) - at) for s, e in offsets)
+    positions = range(len(encoded["input_ids"]))
+    positions = positions[keep] if isinstance(keep, slice) else [positions[i] for i in keep]
+    ids = [encoded["input_ids"][i] for i in positions]
+    padding = tuple(not encoded["attention_mask"][i] for i in positions)
+    offsets = tuple(
+        (int(encoded["offset_mapping"][i][0]) - at, int(encoded["offset_mapping"][i][1]) - at)
+        for i in positions
+    )
     return Segment(
         name=name,
         text=text,
