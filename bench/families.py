@@ -1,28 +1,52 @@
 """Tracing overhead per model family at one comparable geometry, beside attention-map-diffusers.
 
-Each family's demo pipeline is built with the same transformer width (4 heads × 64), four joint
-attentions, 128 T5 tokens (SD3 adds its 77 CLIP positions) and a 32×32 token grid (512², FLUX's
-and Chroma's 2×2 packing, SD3's 2×2 patches), and run at its pipeline's own guidance defaults:
-SD3 batches its guided pair, Chroma runs it as a second call, FLUX.1-dev embeds it. As in
-bench/overhead.py, each ratio is a pair (untraced, then traced, in alternating order), and the
-figure is the median over pairs; the recorders' pairs are interleaved.
+Each family's demo pipeline is built with the same transformer width (4 heads × 64), four traced
+attentions, up to 128 text tokens (T5 padded to 128; SD3 adds its 77 CLIP positions; FLUX.2 pads
+its chat-templated prompt to 128; Qwen-Image keeps its templated prompt unpadded; Sana keeps 128
+of Gemma's) and a 32×32 token grid (512² with 2×2 packing or patches; 1024² for Sana's factor-32
+autoencoder), and run at its pipeline's own guidance defaults: SD3 and Sana batch their guided
+pair, Chroma and FLUX.2 [klein] run it as a second call, FLUX.1-dev embeds it, Qwen-Image runs
+unguided without a negative prompt. attention-map-diffusers runs beside it where it supports the
+family (not Qwen-Image). As in bench/overhead.py, each ratio is a pair (untraced, then traced, in
+alternating order), and the figure is the median over pairs; the recorders' pairs are
+interleaved.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from bench.common import PROMPT_20_WORDS, du, log, median, scratch
 
-# Each family's demo (`record --demo FAMILY`) with four joint attentions.
-FAMILIES = {
-    "flux": {"num_layers": 2, "num_single_layers": 2},
-    "sd3": {"num_layers": 4},
-    "chroma": {"num_layers": 2, "num_single_layers": 2},
-}
 TEXT_LEN, SIDE, STEPS = 128, 512, 8
-RECORDERS = ("attnscope", "amd")
+WIDTH = {"num_attention_heads": 4, "attention_head_dim": 64}
+DOUBLE_AND_SINGLE = {"num_layers": 2, "num_single_layers": 2}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How each family's demo (`record --demo FAMILY`) is built and called for the benchmark."""
+
+    demo: dict[str, Any]
+    call: dict[str, Any] = field(default_factory=dict)
+    side: int = SIDE
+    recorders: tuple[str, ...] = ("attnscope", "amd")
+
+
+FAMILIES = {
+    "flux": Family({"max_sequence_length": TEXT_LEN, **DOUBLE_AND_SINGLE}),
+    "sd3": Family({"max_sequence_length": TEXT_LEN, "num_layers": 4}),
+    "chroma": Family({"max_sequence_length": TEXT_LEN, **DOUBLE_AND_SINGLE}),
+    "flux2": Family(DOUBLE_AND_SINGLE),
+    "qwen-image": Family({"num_layers": 4}, recorders=("attnscope",)),
+    "sana": Family(
+        {"num_layers": 4, "num_cross_attention_heads": 4},
+        call={"use_resolution_binning": False},
+        side=2 * SIDE,
+    ),
+}
 
 
 def figures(pairs: int) -> dict[str, Any]:
@@ -43,24 +67,19 @@ def measure(family: str, pairs: int) -> dict[str, Any]:
     from bench.baselines import attention_map_diffusers
     from tracer.cli import load_demo
 
-    pipe = load_demo(
-        family,
-        seed=0,
-        max_sequence_length=TEXT_LEN,
-        num_attention_heads=4,
-        attention_head_dim=64,
-        **FAMILIES[family],
-    )
+    spec = FAMILIES[family]
+    pipe = load_demo(family, seed=0, **WIDTH, **spec.demo)
 
     def generate() -> None:
         pipe(
-            PROMPT_20_WORDS,
-            height=SIDE,
-            width=SIDE,
+            prompt=PROMPT_20_WORDS,
+            height=spec.side,
+            width=spec.side,
             num_inference_steps=STEPS,
             max_sequence_length=TEXT_LEN,
             generator=torch.Generator().manual_seed(0),
             output_type="latent",
+            **spec.call,
         )
 
     def timed(recorder: str | None) -> tuple[float, int]:
@@ -76,11 +95,11 @@ def measure(family: str, pairs: int) -> dict[str, Any]:
             return time.perf_counter() - start, du(workdir)
 
     timed(None)  # first-call costs out of pair 1
-    ratios: dict[str, list[float]] = {name: [] for name in RECORDERS}
+    ratios: dict[str, list[float]] = {name: [] for name in spec.recorders}
     untraced: list[float] = []
     stored: dict[str, int] = {}
     for i in range(pairs):
-        for name in RECORDERS:
+        for name in spec.recorders:
             first, second = (None, name) if i % 2 == 0 else (name, None)
             times = {first: timed(first), second: timed(second)}
             untraced.append(times[None][0])

@@ -480,19 +480,23 @@ def _families(r: dict[str, Any]) -> str:
             f"{f['untraced_s']:.2f} s",
             f"{f['ratio']['attnscope']:.3f} {_ok(f['ratio']['attnscope'] <= 1.10)}",
             _size(f["bytes"]["attnscope"]),
-            f"{f['ratio']['amd']:.2f}",
-            _size(f["bytes"]["amd"]),
+            f"{f['ratio']['amd']:.2f}" if "amd" in f["ratio"] else "not supported",
+            _size(f["bytes"]["amd"]) if "amd" in f["bytes"] else "—",
         ]
         for f in found.values()
     ]
     return "\n\n".join(
         [
             "## Model families",
-            f"Each family's demo pipeline at one geometry: 4 heads × 64, four joint attentions, "
-            f"{TEXT_LEN} T5 tokens (SD3 adds 77 CLIP positions), a 32×32 token grid, {STEPS} "
-            "steps, each pipeline's own guidance (SD3 batches its guided pair, Chroma runs it as "
-            "a second call). Every head, step, layer and both directions, for attnscope and "
-            "attention-map-diffusers (its `AttentionCapture`, saved raw). Ratios are medians "
+            f"Each family's demo pipeline at one geometry: 4 heads × 64, four traced attentions, "
+            f"up to {TEXT_LEN} text tokens (T5 padded to {TEXT_LEN}, SD3 adds 77 CLIP positions; "
+            "FLUX.2's chat-templated prompt padded, Qwen-Image's unpadded, Sana's 128 Gemma "
+            f"tokens), a 32×32 token grid, {STEPS} steps, each pipeline's own guidance (SD3 and "
+            "Sana batch their guided pair, Chroma and FLUX.2 [klein] run it as a second call, "
+            "Qwen-Image runs unguided without a negative prompt). Every head, step, layer and "
+            "direction the model has (Sana: img2txt only), for attnscope and "
+            "attention-map-diffusers (its `AttentionCapture`, saved raw) where it supports the "
+            "family (it refuses Qwen-Image's processor). Ratios are medians "
             f"of traced/untraced pairs in alternating order ({next(iter(found.values()))['pairs']} "
             "per recorder). Target for attnscope: ≤ 1.10 and below the peer. These generations "
             "last about a second, so a run's fixed cost (laying the run down, syncing its last "

@@ -88,6 +88,19 @@ class DiffusersAdapter(Adapter):
                     f"computed whole on one device"
                 )
 
+    @staticmethod
+    def require_processor(layers: list[Layer], processor_class: type, fix: str) -> None:
+        """For families whose processor calls SDPA itself: every layer must run
+        `processor_class`, else UnsupportedModelError naming the layer and `fix`."""
+        for layer in layers:
+            processor = getattr(layer.attention, "processor", None)
+            if not isinstance(processor, processor_class):
+                raise UnsupportedModelError(
+                    f"{layer.name} runs its attention through {type(processor).__name__}; "
+                    f"attnscope reads q and k at torch's scaled_dot_product_attention, which "
+                    f"{processor_class.__name__} calls: {fix}"
+                )
+
     def timestep_of(self, timestep: Any) -> float:
         """The scheduler timestep of a transformer's `timestep` argument."""
         return float(torch.as_tensor(timestep).reshape(-1)[0]) * self.timestep_scale

@@ -18,7 +18,6 @@ from tracer.adapters.base import (
     DenoiserCall,
     Generation,
     Layer,
-    UnsupportedModelError,
     first_of,
 )
 from tracer.adapters.diffusers_common import DiffusersAdapter
@@ -47,14 +46,11 @@ class DiffusersSana(DiffusersAdapter):
     def check_attention(self, layers: list[Layer]) -> None:
         from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
 
-        for layer in layers:
-            processor = getattr(layer.attention, "processor", None)
-            if not isinstance(processor, SanaAttnProcessor2_0):
-                raise UnsupportedModelError(
-                    f"{layer.name} runs its cross-attention through "
-                    f"{type(processor).__name__}; attnscope reads q and k at torch's "
-                    f"scaled_dot_product_attention, which SanaAttnProcessor2_0 calls"
-                )
+        self.require_processor(
+            layers,
+            SanaAttnProcessor2_0,
+            "for each block, block.attn2.set_processor(SanaAttnProcessor2_0())",
+        )
 
     def timestep_of(self, timestep: Any) -> float:
         # The pipeline hands the transformer the scheduler's timestep times this config value.

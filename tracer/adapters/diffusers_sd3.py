@@ -14,7 +14,6 @@ from tracer.adapters.base import (
     DenoiserCall,
     Generation,
     Layer,
-    UnsupportedModelError,
     first_of,
 )
 from tracer.adapters.diffusers_common import DiffusersAdapter
@@ -40,15 +39,11 @@ class DiffusersSD3(DiffusersAdapter):
     def check_attention(self, layers: list[Layer]) -> None:
         from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-        for layer in layers:
-            processor = getattr(layer.attention, "processor", None)
-            if not isinstance(processor, JointAttnProcessor2_0):
-                raise UnsupportedModelError(
-                    f"{layer.name} runs its attention through {type(processor).__name__}; "
-                    f"attnscope reads q and k at torch's scaled_dot_product_attention, which "
-                    f"JointAttnProcessor2_0 calls: pipe.transformer.set_attn_processor("
-                    f"JointAttnProcessor2_0())"
-                )
+        self.require_processor(
+            layers,
+            JointAttnProcessor2_0,
+            "pipe.transformer.set_attn_processor(JointAttnProcessor2_0())",
+        )
 
     def generation(self, arguments: Mapping[str, Any]) -> Generation:
         pipe = self.pipe

@@ -6,7 +6,7 @@ import family_kit
 import numpy as np
 import pytest
 import torch
-from references import SdpaLog, assert_cross_rows_match_float64
+from references import SdpaLog, assert_rows_match_float64
 
 import analysis
 import tracer
@@ -53,7 +53,7 @@ def test_img2txt_equals_float64_softmax_over_the_text_keys(
     assert ds.img2txt_tokens.shape[:3] == (3, 2, 4) and ds.img2txt_tokens.shape[-2:] == GRID
     guided = guidance_scale > 1
     assert {q.shape[0] for q, *_ in log.calls} == {2 if guided else 1}
-    assert_cross_rows_match_float64(ds, log.calls, batch=1 if guided else 0)
+    assert_rows_match_float64(ds, log.calls, batch=1 if guided else 0)
     # The padding is masked (an additive -10000): no image token attends it at all.
     padding = ds.isel(token=-1)
     assert bool(padding.token_padding)
