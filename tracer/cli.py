@@ -29,6 +29,7 @@ DEMOS = {
     "flux2": ("tracer.demo_flux2", "demo_flux2_pipeline"),
     "qwen-image": ("tracer.demo_qwen_image", "demo_qwen_image_pipeline"),
     "sana": ("tracer.demo_sana", "demo_sana_pipeline"),
+    "z-image": ("tracer.demo_z_image", "demo_z_image_pipeline"),
 }
 
 

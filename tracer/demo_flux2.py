@@ -15,6 +15,8 @@ image = pipe("a cat on a red chair", height=128, width=128, num_inference_steps=
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import (
     AutoencoderKLFlux2,
@@ -27,7 +29,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from tracer.demo import frozen
 from tracer.demo_qwen_image import demo_qwen_tokenizer
 
-__all__ = ["demo_flux2_pipeline"]
+__all__ = ["demo_flux2_pipeline", "demo_qwen3_encoder", "demo_qwen3_tokenizer"]
 
 _LATENT_CHANNELS = 8  # the VAE's; the transformer sees them 2x2-patchified
 _TEXT_HIDDEN = 16
@@ -47,6 +49,32 @@ _CHAT_TEMPLATE = (
 )
 
 
+def demo_qwen3_tokenizer() -> Any:
+    """The demo's Qwen tokenizer with Qwen3's chat template (thinking on or off)."""
+    tokenizer = demo_qwen_tokenizer()
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    return tokenizer
+
+
+def demo_qwen3_encoder(tokenizer: Any, num_hidden_layers: int) -> Qwen3ForCausalLM:
+    """A tiny random-weight Qwen3 (seeded by the caller) for `tokenizer`'s vocabulary."""
+    return Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=_TEXT_HIDDEN,
+            intermediate_size=2 * _TEXT_HIDDEN,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=512,
+            bos_token_id=None,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
 def demo_flux2_pipeline(
     *,
     seed: int = 0,
@@ -60,25 +88,10 @@ def demo_flux2_pipeline(
 
     Pass `max_sequence_length` to each call as well: the pipeline's own default is 512.
     """
-    tokenizer = demo_qwen_tokenizer()
-    tokenizer.chat_template = _CHAT_TEMPLATE
+    tokenizer = demo_qwen3_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = Qwen3ForCausalLM(
-            Qwen3Config(
-                vocab_size=len(tokenizer),
-                hidden_size=_TEXT_HIDDEN,
-                intermediate_size=2 * _TEXT_HIDDEN,
-                num_hidden_layers=_TEXT_LAYERS,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                head_dim=8,
-                max_position_embeddings=512,
-                bos_token_id=None,
-                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = demo_qwen3_encoder(tokenizer, _TEXT_LAYERS)
         quarter = attention_head_dim // 4
         transformer = Flux2Transformer2DModel(
             patch_size=1,

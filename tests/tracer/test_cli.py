@@ -86,6 +86,7 @@ def test_prompt_sweep_resumes_skipping_complete_runs(tmp_path, capsys):
         ("qwen-image", "QwenImagePipeline", ["prompt"]),
         ("flux2", "Flux2KleinPipeline", ["prompt"]),
         ("sana", "SanaPipeline", ["prompt"]),
+        ("z-image", "ZImagePipeline", ["prompt"]),
     ],
 )
 def test_each_family_demo_records_and_draws(tmp_path, family, pipeline, segments):

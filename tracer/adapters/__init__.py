@@ -12,6 +12,7 @@ from tracer.adapters.diffusers_flux2 import DiffusersFlux2
 from tracer.adapters.diffusers_qwen_image import DiffusersQwenImage
 from tracer.adapters.diffusers_sana import DiffusersSana
 from tracer.adapters.diffusers_sd3 import DiffusersSD3
+from tracer.adapters.diffusers_z_image import DiffusersZImage
 
 ADAPTERS: list[type[Adapter]] = [
     DiffusersFlux,
@@ -19,6 +20,7 @@ ADAPTERS: list[type[Adapter]] = [
     DiffusersSD3,
     DiffusersQwenImage,
     DiffusersSana,
+    DiffusersZImage,
     DiffSynthFlux,
 ]
 
