@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[tracer,diffsynth,test,bench]'
+	$(PY) -m pip install -q -e '.[tracer,diffsynth,test,bench,view]'
 	touch $@
 
 demo: setup

@@ -32,8 +32,10 @@ def write_store(
     single: int = 38,
     heads: int = 24,
     grid: tuple[int, int] = (64, 64),
+    words: tuple[str, ...] = WORDS,
 ) -> dict[str, Any]:
-    """Write the synthetic run with tracer.store + tracer.writer. Fresh interpreter."""
+    """Write the synthetic run with tracer.store + tracer.writer: one row per word, one of
+    padding. Fresh interpreter."""
     import numpy as np
     import torch
 
@@ -43,9 +45,9 @@ def write_store(
 
     layers = [f"transformer_blocks.{i}" for i in range(double)]
     layers += [f"single_transformer_blocks.{i}" for i in range(single)]
-    spans = {"prompt": list(range(len(WORDS)))} | {w: [i] for i, w in enumerate(WORDS)}
-    rows = [fmt.TokenRow(i, 1, word, "prompt") for i, word in enumerate(WORDS)]
-    rows.append(fmt.TokenRow(len(WORDS), 512 - len(WORDS), "<pad>", "prompt", padding=True))
+    spans = {"prompt": list(range(len(words)))} | {w: [i] for i, w in enumerate(words)}
+    rows = [fmt.TokenRow(i, 1, word, "prompt") for i, word in enumerate(words)]
+    rows.append(fmt.TokenRow(len(words), 512 - len(words), "<pad>", "prompt", padding=True))
     coords = fmt.run_coords(
         steps=list(range(steps)),
         timesteps=np.linspace(1000, 1000 / steps, steps),
@@ -60,8 +62,8 @@ def write_store(
         fmt.STATUS: fmt.RECORDING,
         fmt.STEPS_COMPLETE: [],
         fmt.SPANS: spans,
-        fmt.SPAN_TOKENS: {name: [WORDS[i] for i in idx] for name, idx in spans.items()},
-        "prompt": " ".join(WORDS),
+        fmt.SPAN_TOKENS: {name: [words[i] for i in idx] for name, idx in spans.items()},
+        "prompt": " ".join(words),
         "text_len": 512,
         "error_bound": fmt.relative_error_bound(fmt.DEFAULT_KEEPBITS),
     }

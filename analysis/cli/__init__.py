@@ -44,6 +44,10 @@ VERBS = {
     "heatmap": Verb("analysis.cli.figures", "one map, reduced over the dims you name"),
     "heads": Verb("analysis.cli.figures", "a grid of heads and their similarity matrix"),
     "steps": Verb("analysis.cli.figures", "a grid of steps, the drift curve, a GIF over timesteps"),
+    "view": Verb(
+        "analysis.cli.view",
+        "explore steps, layers, heads and spans in the browser, or --export one span's page",
+    ),
     "verify": Verb(
         "analysis.cli.verify",
         "decode every chunk of every run and check the metadata (exit 1 if damaged)",

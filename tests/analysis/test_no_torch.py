@@ -44,6 +44,7 @@ def test_the_cli_draws_every_figure_without_torch(make_store, no_torch, tmp_path
         "overlay": ["heatmap", str(path), "--span", "cat", "--overlay", "-o", "over.png"],
         "heads": ["heads", str(path), "--span", "cat", "--layer", "double:*", "-o", "heads.png"],
         "steps": ["steps", str(path), "--span", "mat", "--gif", "-o", "steps.png"],
+        "view": ["view", str(path), "--export", "cat.html", "--span", "cat"],
     }
     outputs = {}
     for verb, argv in verbs.items():
@@ -51,6 +52,7 @@ def test_the_cli_draws_every_figure_without_torch(make_store, no_torch, tmp_path
         assert done.returncode == 0, f"{verb}: {done.stderr}"
         outputs[verb] = done.stdout
     assert "run-0000  complete" in outputs["info"]
+    assert "window.ATTNSCOPE_EXPORT" in (tmp_path / "cat.html").read_text()
     figures = ["map.png", "over.png", "heads.png", "heads-similarity.png"]
     figures += ["steps.png", "steps-drift.png", "steps.gif"]
     for name in figures:

@@ -1,0 +1,152 @@
+"""What the viewer asks of a store: run metadata and the maps of one selection, as plain arrays.
+
+Every map is read lazily through `analysis.open_trace` (token rows) and `span_view`, so only the
+chunks a selection needs are decoded; the HTTP layer (`analysis.view.app`) only turns these
+answers into JSON. A position along `step`, `layer` or `head` is an index, or `"mean"` for the
+mean over that dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .. import store_format as sf
+from ..compare import head_similarity, step_drift
+from ..errors import SelectionError
+from ..open import PartialRunWarning, list_runs, open_trace, trace_info
+from ..spans import span_view
+
+MEAN = "mean"
+POSITION_DIMS = ("step", "layer", "head")
+
+
+def position(dim: str, value: str | int, size: int) -> int | str:
+    """An index along `dim` (of `size`), or MEAN, from a request's text."""
+    if value == MEAN:
+        return MEAN
+    try:
+        index = int(value)
+    except (TypeError, ValueError):
+        index = None
+    if index is None or not 0 <= index < size:
+        raise SelectionError(
+            f"{dim} {value!r} is not a position of this run: give an index 0..{size - 1} "
+            f"or {MEAN!r}"
+        )
+    return index
+
+
+@functools.cache
+def colormap(name: str = "magma") -> list[list[int]]:
+    """A matplotlib colormap as 256 RGB triples, so the page draws as the CLI's figures do."""
+    import matplotlib
+
+    table = matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3]
+    return (table * 255).round().astype(int).tolist()
+
+
+class ViewStore:
+    """One trace store, read for the viewer: each run opened once, lazily, and kept."""
+
+    def __init__(self, path: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.path = path
+        self.storage_options = dict(storage_options or {})
+        self._tokens = functools.lru_cache(maxsize=4)(self._open)
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run: name, status, prompt."""
+        return [
+            {"name": info.name, "status": info.status, "prompt": info.attrs.get(sf.PROMPT)}
+            for info in list_runs(self.path, storage_options=self.storage_options)
+        ]
+
+    def _open(self, run: str | None) -> xr.Dataset:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PartialRunWarning)
+            return open_trace(self.path, run, storage_options=self.storage_options, tokens=True)
+
+    def tokens(self, run: str | None) -> xr.Dataset:
+        """The run's token rows (dims step, layer, head, token, y, x), lazy."""
+        return self._tokens(run)
+
+    def meta(self, run: str | None) -> dict[str, Any]:
+        """What the page needs to lay itself out: the run summary, the labels along each dim
+        and the directions the run has (and why any is absent)."""
+        ds = self.tokens(run)
+        info = trace_info(self.path, ds.attrs["run"], storage_options=self.storage_options)
+        present = [d for d in sf.DIRECTIONS if d in ds.data_vars]
+        return {
+            "store": info["store"],
+            "runs": info["runs"],
+            "run": info["run"],
+            "directions": present,
+            "directions_absent": dict(ds.attrs.get(sf.DIRECTIONS_ABSENT) or {}),
+            "steps": [int(s) for s in ds.step.values],
+            "timesteps": [float(t) for t in ds.timestep.values],
+            "layers": [str(name) for name in ds.layer.values],
+            "layer_kinds": [str(kind) for kind in ds.layer_kind.values],
+            "heads": [int(h) for h in ds["head"].values],
+            "grid": [int(ds.sizes["y"]), int(ds.sizes["x"])],
+            "has_image": "image" in ds.data_vars,
+            "colormap": colormap(),
+        }
+
+    def _span(self, run: str | None, direction: str, span: str) -> xr.DataArray:
+        ds = self.tokens(run)
+        if direction not in ds.data_vars:
+            why = (ds.attrs.get(sf.DIRECTIONS_ABSENT) or {}).get(direction)
+            present = [d for d in sf.DIRECTIONS if d in ds.data_vars]
+            raise SelectionError(
+                f"{ds.attrs['run']} has no {direction!r} maps"
+                + (f" (the model has none: {why})" if why else "")
+                + f"; it has {present}"
+            )
+        view = span_view(ds[[direction]].assign_attrs(ds.attrs), {span: span})
+        return view[direction].sel(span=span, drop=True)
+
+    def _at(self, da: xr.DataArray, **where: str | int) -> xr.DataArray:
+        for dim, value in where.items():
+            index = position(dim, value, da.sizes[dim])
+            da = da.mean(dim) if index == MEAN else da.isel({dim: index})
+        return da
+
+    def map(
+        self, run: str | None, direction: str, span: str, step: str, layer: str, head: str
+    ) -> np.ndarray:
+        """One (y, x) map of a span, at a step, layer and head (each an index or "mean")."""
+        da = self._at(self._span(run, direction, span), step=step, layer=layer, head=head)
+        return np.asarray(da.values, dtype=np.float32)
+
+    def heads(
+        self, run: str | None, direction: str, span: str, step: str, layer: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every head's (y, x) map of a span at a step and layer, and the heads' similarity
+        (Pearson correlation, head × head)."""
+        da = self._at(self._span(run, direction, span), step=step, layer=layer).compute()
+        similarity = head_similarity(da, metric="correlation")
+        return np.asarray(da.values, np.float32), np.asarray(similarity.values, np.float64)
+
+    def drift(
+        self, run: str | None, direction: str, span: str, layer: str, head: str
+    ) -> np.ndarray:
+        """How far each step's map is from the final step's (Jensen–Shannon, bits)."""
+        da = self._at(self._span(run, direction, span), layer=layer, head=head).compute()
+        return np.asarray(step_drift(da, metric="js").values, np.float64)
+
+    def image_png(self, run: str | None) -> bytes:
+        """The generated image as PNG bytes."""
+        import matplotlib.image
+
+        ds = self.tokens(run)
+        if "image" not in ds.data_vars:
+            raise SelectionError(f"{ds.attrs['run']} holds no generated image")
+        out = io.BytesIO()
+        matplotlib.image.imsave(out, np.asarray(ds.image.values), format="png")
+        return out.getvalue()

@@ -1,0 +1,295 @@
+// attnscope view: one page over one store. Every number drawn comes from the server's JSON
+// (/api/...), or, in an exported file, from the same answers embedded in it.
+"use strict";
+
+const MEAN = "mean";
+const state = { run: null, direction: null, span: null, step: MEAN, layer: MEAN, head: MEAN };
+let meta = null;
+let lockedMax = null;
+let anchor = null; // the first token of a shift-click range
+
+const $ = (id) => document.getElementById(id);
+
+function queryKey(path, params) {
+  const keys = Object.keys(params).filter((k) => params[k] !== null).sort();
+  return path + "?" + keys.map((k) => `${k}=${encodeURIComponent(params[k])}`).join("&");
+}
+
+async function api(path, params) {
+  const exported = window.ATTNSCOPE_EXPORT;
+  if (exported) {
+    const answer = exported.answers[queryKey(path, params)];
+    if (answer === undefined) {
+      throw new Error("this exported view holds one slider off its mean at a time; move the " +
+        "others back to mean (or open the store with attnscope view)");
+    }
+    return answer;
+  }
+  const response = await fetch(queryKey(path, params));
+  const body = await response.json();
+  if (!response.ok) {
+    const error = new Error(body.error || `HTTP ${response.status}`);
+    error.damaged = Boolean(body.damaged);
+    throw error;
+  }
+  return body;
+}
+
+function showError(error) {
+  const box = $("error");
+  box.hidden = error === null;
+  box.textContent = error === null ? "" : (error.damaged ? "damaged data: " : "") + error.message;
+  $("stack").classList.toggle("damaged", Boolean(error && error.damaged));
+}
+
+// -- drawing --------------------------------------------------------------------------------
+
+function paint(canvas, values, low, high) {
+  const rows = values.length, cols = values[0].length;
+  canvas.width = cols;
+  canvas.height = rows;
+  const context = canvas.getContext("2d");
+  const pixels = context.createImageData(cols, rows);
+  const span = high > low ? high - low : 1;
+  for (let y = 0; y < rows; y++) {
+    for (let x = 0; x < cols; x++) {
+      const v = values[y][x];
+      const at = 4 * (y * cols + x);
+      if (v === null) { pixels.data[at + 3] = 0; continue; }
+      const rgb = meta.colormap[Math.max(0, Math.min(255, Math.round(255 * (v - low) / span)))];
+      pixels.data.set([rgb[0], rgb[1], rgb[2], 255], at);
+    }
+  }
+  context.putImageData(pixels, 0, 0);
+}
+
+function paintColorbar(low, high) {
+  const bar = $("colorbar").getContext("2d");
+  meta.colormap.forEach((rgb, i) => {
+    bar.fillStyle = `rgb(${rgb[0]},${rgb[1]},${rgb[2]})`;
+    bar.fillRect(i, 0, 1, 12);
+  });
+  $("scale").textContent = `scale ${low.toPrecision(3)} … ${high.toPrecision(3)}`;
+}
+
+function paintDrift(drift) {
+  const canvas = $("drift"), context = canvas.getContext("2d");
+  context.clearRect(0, 0, canvas.width, canvas.height);
+  const finite = drift.filter((v) => v !== null);
+  const top = Math.max(...finite, 1e-12), n = drift.length;
+  const px = (i) => 20 + (n > 1 ? i / (n - 1) : 0) * (canvas.width - 30);
+  const py = (v) => canvas.height - 15 - (v / top) * (canvas.height - 30);
+  context.strokeStyle = "#555";
+  context.beginPath();
+  drift.forEach((v, i) => { if (v !== null) context[i ? "lineTo" : "moveTo"](px(i), py(v)); });
+  context.stroke();
+  if (state.step !== MEAN) {
+    context.fillStyle = "#d33";
+    const v = drift[Number(state.step)];
+    if (v !== null) context.fillRect(px(Number(state.step)) - 3, py(v) - 3, 6, 6);
+  }
+  context.fillStyle = "#333";
+  context.fillText(top.toPrecision(2), 0, 12);
+}
+
+// -- state ----------------------------------------------------------------------------------
+
+function readUrl() {
+  const exported = window.ATTNSCOPE_EXPORT;
+  const query = new URLSearchParams(exported ? exported.state : window.location.search);
+  for (const key of Object.keys(state)) if (query.has(key)) state[key] = query.get(key);
+}
+
+function writeUrl() {
+  if (window.ATTNSCOPE_EXPORT) return;
+  const query = new URLSearchParams();
+  for (const [key, value] of Object.entries(state)) if (value !== null) query.set(key, value);
+  window.history.replaceState(null, "", "?" + query.toString());
+}
+
+function sliderPosition(dim) {
+  const slider = $(dim);
+  return Number(slider.value) === Number(slider.max) ? MEAN : String(slider.value);
+}
+
+function setSlider(dim, labels) {
+  const slider = $(dim);
+  slider.max = String(labels.length); // the last position is the mean
+  slider.value = state[dim] === MEAN ? slider.max : state[dim];
+  $(`${dim}-label`).value = state[dim] === MEAN ? MEAN : labels[Number(state[dim])];
+}
+
+function selection() {
+  return { run: state.run, direction: state.direction, span: state.span };
+}
+
+// -- updates --------------------------------------------------------------------------------
+
+async function drawMap() {
+  const params = { ...selection(), step: state.step, layer: state.layer, head: state.head };
+  const answer = await api("api/map", params);
+  const low = 0, high = $("lock").checked && lockedMax !== null ? lockedMax : answer.max || 1;
+  lockedMax = high;
+  paint($("map"), answer.values, low, high);
+  paintColorbar(low, high);
+  $("map").dataset.values = JSON.stringify(answer.values);
+}
+
+async function drawDrift() {
+  const answer = await api("api/drift", { ...selection(), layer: state.layer, head: state.head });
+  paintDrift(answer.drift);
+}
+
+async function drawHeads() {
+  if ($("grid-body").hidden) return;
+  const answer = await api("api/heads", { ...selection(), step: state.step, layer: state.layer });
+  const grid = $("grid");
+  grid.replaceChildren();
+  answer.maps.forEach((values, head) => {
+    const figure = document.createElement("figure");
+    const canvas = document.createElement("canvas");
+    paint(canvas, values, 0, answer.max || 1);
+    canvas.addEventListener("click", () => { state.head = String(head); update(); });
+    figure.append(canvas, `head ${meta.heads[head]}`);
+    grid.append(figure);
+  });
+  const similarity = answer.similarity.map((row) => row.map((v) => (v === null ? null : v)));
+  paint($("similarity"), similarity, -1, 1);
+}
+
+async function update() {
+  writeUrl();
+  for (const [dim, labels] of [["step", meta.steps], ["layer", meta.layers], ["head", meta.heads]]) {
+    setSlider(dim, labels);
+  }
+  markTokens();
+  try {
+    await drawMap();
+    await drawDrift();
+    await drawHeads();
+    showError(null);
+  } catch (error) {
+    showError(error);
+    $("map").getContext("2d").clearRect(0, 0, $("map").width, $("map").height);
+  }
+}
+
+// -- the prompt -----------------------------------------------------------------------------
+
+function spanOf(token) {
+  return `${token.position}:${token.position + token.count}`;
+}
+
+function spanPositions() {
+  const range = /^(\d+):(\d+)$/.exec(state.span || "");
+  if (range) {
+    const first = Number(range[1]);
+    return Array.from({ length: Number(range[2]) - first }, (_, i) => first + i);
+  }
+  const named = meta.run.spans[state.span];
+  return named ? named.tokens : [];
+}
+
+function markTokens() {
+  $("span").value = state.span;
+  const chosen = new Set(spanPositions());
+  for (const chip of $("tokens").children) {
+    const first = Number(chip.dataset.position), count = Number(chip.dataset.count);
+    let hit = false;
+    for (let p = first; p < first + count; p++) hit = hit || chosen.has(p);
+    chip.classList.toggle("chosen", hit);
+  }
+}
+
+function layOut() {
+  $("where").textContent = meta.store;
+  $("run").replaceChildren(...meta.runs.map((r) => new Option(`${r.name} (${r.status})`, r.name)));
+  $("run").value = meta.run.name;
+  state.run = meta.run.name;
+  const tokens = $("tokens");
+  tokens.replaceChildren(...meta.run.tokens.map((token) => {
+    const chip = document.createElement("span");
+    chip.textContent = token.count > 1 ? `${token.text}×${token.count}` : token.text;
+    chip.dataset.position = token.position;
+    chip.dataset.count = token.count;
+    chip.title = `${token.segment} ${spanOf(token)}`;
+    if (token.count > 1) chip.classList.add("padding");
+    chip.addEventListener("click", (event) => {
+      if (event.shiftKey && anchor !== null) {
+        const first = Math.min(anchor.position, token.position);
+        const last = Math.max(anchor.position + anchor.count, token.position + token.count);
+        state.span = `${first}:${last}`;
+      } else {
+        anchor = token;
+        state.span = spanOf(token);
+      }
+      update();
+    });
+    return chip;
+  }));
+  $("spans").replaceChildren(...Object.keys(meta.run.spans).map((name) => {
+    const button = document.createElement("button");
+    button.textContent = name;
+    button.addEventListener("click", () => { state.span = name; update(); });
+    return button;
+  }));
+  const directions = $("directions");
+  directions.replaceChildren(directions.firstElementChild);
+  for (const name of ["txt2img", "img2txt"]) {
+    const label = document.createElement("label");
+    const radio = Object.assign(document.createElement("input"), { type: "radio", name: "direction", value: name });
+    radio.disabled = !meta.directions.includes(name);
+    radio.checked = name === state.direction;
+    label.title = meta.directions_absent[name] || "";
+    radio.addEventListener("change", () => { state.direction = name; update(); });
+    label.append(radio, ` ${name}`);
+    directions.append(label);
+  }
+  const image = $("image");
+  image.hidden = !meta.has_image;
+  if (meta.has_image) {
+    image.src = window.ATTNSCOPE_EXPORT ? window.ATTNSCOPE_EXPORT.image : `api/image?run=${meta.run.name}`;
+  }
+}
+
+async function load() {
+  try {
+    meta = await api("api/meta", { run: state.run });
+  } catch (error) {
+    showError(error);
+    return;
+  }
+  if (!meta.directions.includes(state.direction)) state.direction = meta.directions[0];
+  if (state.span === null) state.span = Object.keys(meta.run.spans)[0];
+  layOut();
+  await update();
+}
+
+function wire() {
+  for (const dim of ["step", "layer", "head"]) {
+    $(dim).addEventListener("input", () => { state[dim] = sliderPosition(dim); update(); });
+  }
+  $("span").addEventListener("change", () => { state.span = $("span").value.trim(); update(); });
+  $("run").addEventListener("change", () => { state.run = $("run").value; load(); });
+  $("opacity").addEventListener("input", () => { $("map").style.opacity = $("opacity").value / 100; });
+  $("map").style.opacity = $("opacity").value / 100;
+  $("lock").addEventListener("change", () => update());
+  $("grid-toggle").addEventListener("click", () => {
+    $("grid-body").hidden = !$("grid-body").hidden;
+    $("grid-toggle").textContent = $("grid-body").hidden ? "show" : "hide";
+    update();
+  });
+  $("map").addEventListener("mousemove", (event) => {
+    const values = JSON.parse($("map").dataset.values || "null");
+    if (!values) return;
+    const box = $("map").getBoundingClientRect();
+    const y = Math.floor(((event.clientY - box.top) / box.height) * values.length);
+    const x = Math.floor(((event.clientX - box.left) / box.width) * values[0].length);
+    const v = values[y] && values[y][x];
+    $("cursor").textContent = v === undefined ? "" : `y ${y} x ${x}: ${v === null ? "not computed" : v.toPrecision(4)}`;
+  });
+}
+
+readUrl();
+wire();
+load();

@@ -1,0 +1,125 @@
+"""The viewer's JSON answers against plain xarray over the same store, and its refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+from synthetic_trace import Run, open_plain, token_rows
+
+from analysis.view.app import create_app
+from analysis.view.maps import ViewStore
+
+
+@pytest.fixture
+def client(store):
+    path, _ = store
+    return TestClient(create_app(ViewStore(str(path))))
+
+
+def row_of(token):
+    return next(i for i, row in enumerate(token_rows()) if row.text == token)
+
+
+def test_meta_lays_out_the_run(client, store):
+    meta = client.get("/api/meta").json()
+    plain = open_plain(store[0], "run-0000")
+    assert meta["run"]["name"] == "run-0000" and meta["directions"] == ["txt2img", "img2txt"]
+    assert meta["steps"] == plain.step.values.tolist()
+    assert meta["layers"] == plain.layer.values.tolist()
+    assert meta["grid"] == [6, 10] and len(meta["colormap"]) == 256 and meta["has_image"]
+    assert [t["text"] for t in meta["run"]["tokens"]] == [r.text for r in token_rows()]
+
+
+@pytest.mark.parametrize("direction", ["txt2img", "img2txt"])
+@pytest.mark.parametrize(
+    ("step", "layer", "head"), [(2, 3, 1), ("mean", 0, 2), (1, "mean", "mean")]
+)
+def test_a_map_is_the_stored_row_at_those_positions(client, store, direction, step, layer, head):
+    params = dict(direction=direction, span="cat", step=step, layer=layer, head=head)
+    answer = client.get("/api/map", params=params).json()
+    rows = open_plain(store[0], "run-0000")[direction].isel(token=row_of("cat")).values
+    expected = rows.astype(np.float64)  # (step, layer, head, y, x)
+    for position in (step, layer, head):  # each takes the leading dim away
+        expected = expected.mean(0) if position == "mean" else expected[position]
+    np.testing.assert_allclose(np.array(answer["values"]), expected, rtol=1e-6)
+    assert answer["max"] == pytest.approx(expected.max(), rel=1e-6)
+
+
+def test_a_phrase_is_the_mean_or_sum_of_its_rows(client, store):
+    plain = open_plain(store[0], "run-0000")
+    # "on a": the rows of "on" (position 2) and of the "a" after it (position 3).
+    for direction, combine in (("txt2img", np.mean), ("img2txt", np.sum)):
+        params = dict(direction=direction, span="on a", step=0, layer=1, head=0)
+        answer = client.get("/api/map", params=params).json()
+        rows = plain[direction].isel(step=0, layer=1, head=0, token=[2, 3]).values
+        np.testing.assert_allclose(answer["values"], combine(rows.astype(np.float64), 0), rtol=1e-6)
+
+
+def test_heads_grid_and_similarity(client, store):
+    params = dict(direction="txt2img", span="mat", step=1, layer=2)
+    answer = client.get("/api/heads", params=params).json()
+    rows = open_plain(store[0], "run-0000").txt2img.isel(step=1, layer=2, token=row_of("mat"))
+    maps = rows.values.astype(np.float64)
+    np.testing.assert_allclose(answer["maps"], maps, rtol=1e-6)
+    flat = maps.reshape(len(maps), -1)
+    np.testing.assert_allclose(answer["similarity"], np.corrcoef(flat), atol=1e-6)
+
+
+def test_drift_is_zero_at_the_final_step(client):
+    drift = client.get("/api/drift", params=dict(direction="img2txt", span="cat")).json()["drift"]
+    assert len(drift) == 4 and drift[-1] == pytest.approx(0.0, abs=1e-9) and drift[0] > 0
+
+
+def test_the_image_is_served_as_png(client):
+    response = client.get("/api/image")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.content.startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "message"),
+    [
+        (dict(run="run-0009"), 404, "unknown run 'run-0009'"),
+        (dict(span="zebra"), 400, "unknown span 'zebra'"),
+        (dict(step="9"), 404, "step '9' is not a position of this run: give an index 0..3"),
+        (dict(head="x"), 404, "head 'x' is not a position"),
+        (dict(direction="sideways"), 404, "has no 'sideways' maps"),
+    ],
+)
+def test_bad_input_answers_json_with_a_4xx_never_a_trace(client, params, status, message):
+    response = client.get("/api/map", params=dict(direction="txt2img", span="cat") | params)
+    assert response.status_code == status
+    assert message in response.json()["error"] and "Traceback" not in response.text
+
+
+def test_a_direction_the_model_lacks_is_named_with_why(make_store):
+    path, _ = make_store(Run(directions=("img2txt",)))
+    import zarr
+
+    zarr.open_group(path, path="run-0000").attrs["directions_absent"] = {"txt2img": "no queries"}
+    client = TestClient(create_app(ViewStore(str(path))))
+    assert client.get("/api/meta").json()["directions_absent"] == {"txt2img": "no queries"}
+    response = client.get("/api/map", params=dict(direction="txt2img", span="cat"))
+    assert response.status_code == 404 and "(the model has none: no queries)" in response.text
+
+
+def test_a_damaged_chunk_is_answered_as_damaged_never_drawn(store):
+    path, _ = store
+    shard = path / "run-0000" / "txt2img" / "c" / "2" / "0" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    client = TestClient(create_app(ViewStore(str(path))))
+    response = client.get("/api/map", params=dict(direction="txt2img", span="cat", step=2))
+    assert response.status_code == 409 and response.json()["damaged"]
+    assert "run-0000/txt2img" in response.json()["error"]
+    ok = client.get("/api/map", params=dict(direction="txt2img", span="cat", step=1))
+    assert ok.status_code == 200  # the intact steps still answer
+
+
+@pytest.mark.parametrize(
+    "url", ["/static/../maps.py", "/static/%2e%2e/maps.py", "/..%2f..%2fpyproject.toml"]
+)
+def test_no_path_from_the_url_reaches_the_file_system(client, url):
+    assert client.get(url).status_code == 404
