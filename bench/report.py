@@ -519,6 +519,55 @@ def _families(r: dict[str, Any]) -> str:
     )
 
 
+def _view(r: dict[str, Any]) -> str:
+    """`attnscope view` on a full-FLUX-shaped store (bench/view.py)."""
+    found = r.get("view")
+    if not found:
+        return ""
+    shape = " × ".join(str(n) for n in found["store"]["shape"])
+    rows = [
+        [
+            "first map after the page load",
+            f"{found['first_map_s']:.2f} s",
+            "≤ 1.5 s",
+            _ok(found["first_map_s"] <= 1.5),
+        ],
+        [
+            "repaint per slider move, median",
+            f"{1000 * found['repaint_median_s']:.0f} ms",
+            "≤ 150 ms",
+            _ok(found["repaint_median_s"] <= 0.150),
+        ],
+        [
+            "repaint per slider move, 95th percentile",
+            f"{1000 * found['repaint_p95_s']:.0f} ms",
+            "≤ 400 ms",
+            _ok(found["repaint_p95_s"] <= 0.400),
+        ],
+        [
+            "server peak memory (RSS)",
+            _size(found["server_peak_rss"]),
+            "< 500 MB",
+            _ok(found["server_peak_rss"] < 500e6),
+        ],
+    ]
+    return "\n\n".join(
+        [
+            "## Viewer",
+            f"`attnscope view` on a synthetic store of FLUX.1-dev's shape ({shape}: step, layer, "
+            f"head, token row, y, x; txt2img; {_size(found['store']['decoded_bytes'])} decoded, "
+            f"{_size(found['store']['stored_bytes'])} on disk), written by the real writer. The "
+            "server runs as `attnscope view --no-browser`; headless Chromium loads the page "
+            "(the final step, every layer and head averaged) and moves the step, layer and head "
+            f"sliders at random, {found['moves']} moves, each timed until the new map is drawn. "
+            "The drift curve and head grid wait for the sliders to rest (250 ms), so they are "
+            "not asked for while scrubbing.",
+            _table(["measure", "this machine", "target", ""], rows),
+            "Command: `python -m bench` (section `view`), or `python -m bench.view`.",
+        ]
+    )
+
+
 def _codecs(r: dict[str, Any]) -> str:
     """Compressor choice on real maps (bench/codecs.py)."""
     if "codecs" not in r:
@@ -594,6 +643,7 @@ def render(r: dict[str, Any]) -> str:
         _rate(r),
         _s3(r),
         _families(r),
+        _view(r),
         _analysis(r),
         limits(r),
         method(r),

@@ -70,7 +70,17 @@ class ViewStore:
     def _open(self, run: str | None) -> xr.Dataset:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PartialRunWarning)
-            return open_trace(self.path, run, storage_options=self.storage_options, tokens=True)
+            # Splitting a shard into its stored chunks is the point, not a performance hazard.
+            warnings.filterwarnings("ignore", "The specified chunks separate", UserWarning)
+            # One dask chunk per stored chunk (one step, layer and token row, all heads): a map
+            # reads the rows of its span only, not whole steps of every row.
+            return open_trace(
+                self.path,
+                run,
+                storage_options=self.storage_options,
+                tokens=True,
+                chunks={"step": 1, "layer": 1, "token": 1},
+            )
 
     def tokens(self, run: str | None) -> xr.Dataset:
         """The run's token rows (dims step, layer, head, token, y, x), lazy."""
@@ -98,7 +108,12 @@ class ViewStore:
             "colormap": colormap(),
         }
 
-    def _span(self, run: str | None, direction: str, span: str) -> xr.DataArray:
+    def _span(self, run: str | None, direction: str, span: str, **where: str | int) -> xr.DataArray:
+        """A span's maps at the positions `where` names (an index, or MEAN over that dim).
+
+        The indexed positions are taken from the stored rows first, so only their chunks enter
+        the computation; then the span's rows are combined; then the means are taken.
+        """
         ds = self.tokens(run)
         if direction not in ds.data_vars:
             why = (ds.attrs.get(sf.DIRECTIONS_ABSENT) or {}).get(direction)
@@ -108,20 +123,18 @@ class ViewStore:
                 + (f" (the model has none: {why})" if why else "")
                 + f"; it has {present}"
             )
-        view = span_view(ds[[direction]].assign_attrs(ds.attrs), {span: span})
-        return view[direction].sel(span=span, drop=True)
-
-    def _at(self, da: xr.DataArray, **where: str | int) -> xr.DataArray:
-        for dim, value in where.items():
-            index = position(dim, value, da.sizes[dim])
-            da = da.mean(dim) if index == MEAN else da.isel({dim: index})
-        return da
+        at = {dim: position(dim, value, ds.sizes[dim]) for dim, value in where.items()}
+        rows = ds[[direction]].isel({dim: i for dim, i in at.items() if i != MEAN})
+        view = span_view(rows.assign_attrs(ds.attrs), {span: span})
+        return (
+            view[direction].sel(span=span, drop=True).mean([d for d, i in at.items() if i == MEAN])
+        )
 
     def map(
         self, run: str | None, direction: str, span: str, step: str, layer: str, head: str
     ) -> np.ndarray:
         """One (y, x) map of a span, at a step, layer and head (each an index or "mean")."""
-        da = self._at(self._span(run, direction, span), step=step, layer=layer, head=head)
+        da = self._span(run, direction, span, step=step, layer=layer, head=head)
         return np.asarray(da.values, dtype=np.float32)
 
     def heads(
@@ -129,7 +142,7 @@ class ViewStore:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Every head's (y, x) map of a span at a step and layer, and the heads' similarity
         (Pearson correlation, head × head)."""
-        da = self._at(self._span(run, direction, span), step=step, layer=layer).compute()
+        da = self._span(run, direction, span, step=step, layer=layer).compute()
         similarity = head_similarity(da, metric="correlation")
         return np.asarray(da.values, np.float32), np.asarray(similarity.values, np.float64)
 
@@ -137,7 +150,7 @@ class ViewStore:
         self, run: str | None, direction: str, span: str, layer: str, head: str
     ) -> np.ndarray:
         """How far each step's map is from the final step's (Jensen–Shannon, bits)."""
-        da = self._at(self._span(run, direction, span), layer=layer, head=head).compute()
+        da = self._span(run, direction, span, layer=layer, head=head).compute()
         return np.asarray(step_drift(da, metric="js").values, np.float64)
 
     def image_png(self, run: str | None) -> bytes:

@@ -3,9 +3,12 @@
 "use strict";
 
 const MEAN = "mean";
+const RESTING_MS = 250; // how long the sliders rest before the slower panels are asked for
 const state = { run: null, direction: null, span: null, step: MEAN, layer: MEAN, head: MEAN };
 let meta = null;
 let lockedMax = null;
+let drawn = 0; // the latest update: answers to older ones are not drawn
+const drifts = new Map(); // drift curves by their selection: a step move does not change them
 let anchor = null; // the first token of a shift-click range
 
 const $ = (id) => document.getElementById(id);
@@ -125,9 +128,10 @@ function selection() {
 
 // -- updates --------------------------------------------------------------------------------
 
-async function drawMap() {
+async function drawMap(update) {
   const params = { ...selection(), step: state.step, layer: state.layer, head: state.head };
   const answer = await api("api/map", params);
+  if (update !== drawn) return;
   const low = 0, high = $("lock").checked && lockedMax !== null ? lockedMax : answer.max || 1;
   lockedMax = high;
   paint($("map"), answer.values, low, high);
@@ -135,14 +139,25 @@ async function drawMap() {
   $("map").dataset.values = JSON.stringify(answer.values);
 }
 
-async function drawDrift() {
-  const answer = await api("api/drift", { ...selection(), layer: state.layer, head: state.head });
-  paintDrift(answer.drift);
+async function drawDrift(update) {
+  const key = queryKey("api/drift", { ...selection(), layer: state.layer, head: state.head });
+  if (!drifts.has(key)) {
+    drifts.set(key, api("api/drift", { ...selection(), layer: state.layer, head: state.head }));
+  }
+  let drift;
+  try {
+    drift = (await drifts.get(key)).drift;
+  } catch (error) {
+    drifts.delete(key);
+    throw error;
+  }
+  if (update === drawn) paintDrift(drift);
 }
 
-async function drawHeads() {
+async function drawHeads(update) {
   if ($("grid-body").hidden) return;
   const answer = await api("api/heads", { ...selection(), step: state.step, layer: state.layer });
+  if (update !== drawn) return;
   const grid = $("grid");
   grid.replaceChildren();
   answer.maps.forEach((values, head) => {
@@ -158,20 +173,29 @@ async function drawHeads() {
 }
 
 async function update() {
+  const current = ++drawn;
   writeUrl();
   for (const [dim, labels] of [["step", meta.steps], ["layer", meta.layers], ["head", meta.heads]]) {
     setSlider(dim, labels);
   }
   markTokens();
-  try {
-    await drawMap();
-    await drawDrift();
-    await drawHeads();
-    showError(null);
-  } catch (error) {
+  const failed = (error) => {
+    if (current !== drawn) return;
     showError(error);
     $("map").getContext("2d").clearRect(0, 0, $("map").width, $("map").height);
+  };
+  try {
+    await drawMap(current);
+    showError(null);
+  } catch (error) {
+    failed(error);
+    return;
   }
+  // The map first; the drift curve and the head grid follow once the sliders rest, so scrubbing
+  // asks the server for maps only.
+  await new Promise((resolve) => setTimeout(resolve, window.ATTNSCOPE_EXPORT ? 0 : RESTING_MS));
+  if (current !== drawn) return;
+  await Promise.all([drawDrift(current), drawHeads(current)]).catch(failed);
 }
 
 // -- the prompt -----------------------------------------------------------------------------
@@ -260,6 +284,10 @@ async function load() {
     return;
   }
   if (!meta.directions.includes(state.direction)) state.direction = meta.directions[0];
+  // The final step first, where the image has formed (a mean over every step reads them all).
+  if (!new URLSearchParams(window.location.search).has("step") && !window.ATTNSCOPE_EXPORT) {
+    state.step = String(meta.steps.length - 1);
+  }
   if (state.span === null) state.span = Object.keys(meta.run.spans)[0];
   layOut();
   await update();

@@ -107,9 +107,7 @@ def test_a_direction_the_model_lacks_is_named_with_why(make_store):
 def test_a_damaged_chunk_is_answered_as_damaged_never_drawn(store):
     path, _ = store
     shard = path / "run-0000" / "txt2img" / "c" / "2" / "0" / "0" / "0" / "0" / "0"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    shard.write_bytes(bytes(data))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # its index is lost
     client = TestClient(create_app(ViewStore(str(path))))
     response = client.get("/api/map", params=dict(direction="txt2img", span="cat", step=2))
     assert response.status_code == 409 and response.json()["damaged"]

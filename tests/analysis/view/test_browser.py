@@ -104,9 +104,10 @@ def test_click_slide_switch_and_grid_show_the_stored_maps(page, browser, url, st
     page.goto(url)
     first = received(page)
     assert first.shape == (6, 10)
+    assert "step=4" in page.url  # the final step first
     cat = page.locator("#tokens span", has_text="cat")
     values = settle(page, cat.click)
-    np.testing.assert_allclose(values, expected(store, "txt2img", "cat"), rtol=1e-5)
+    np.testing.assert_allclose(values, expected(store, "txt2img", "cat", step=4), rtol=1e-5)
     assert "span=1%3A2" in page.url
     values = settle(page, lambda: slide(page, "step", 3))
     np.testing.assert_allclose(values, expected(store, "txt2img", "cat", step=3), rtol=1e-5)
@@ -129,7 +130,7 @@ def test_click_slide_switch_and_grid_show_the_stored_maps(page, browser, url, st
     assert page.errors == []
 
 
-def test_a_shift_click_makes_a_phrase_and_the_mean_slider_position_averages(page, url, store):
+def test_a_shift_click_makes_a_phrase_and_the_slider_end_averages(page, url, store):
     page.goto(url + "?span=cat&direction=txt2img")
     received(page)
     values = settle(page, lambda: page.locator("#tokens span", has_text="on").click())
@@ -137,6 +138,10 @@ def test_a_shift_click_makes_a_phrase_and_the_mean_slider_position_averages(page
         page, lambda: page.locator("#tokens span", has_text="mat").click(modifiers=["Shift"])
     )
     assert "span=2%3A5" in page.url  # "on a mat": positions 2..4
+    rows = open_plain(store, "run-0000").txt2img.isel(step=4, token=[2, 3, 4]).values
+    np.testing.assert_allclose(values, rows.astype(np.float64).mean(axis=(0, 1, 2)), rtol=1e-5)
+    values = settle(page, lambda: slide(page, "step", 5))  # the slider's right end: the mean
+    assert "step=mean" in page.url
     rows = open_plain(store, "run-0000").txt2img.isel(token=[2, 3, 4]).values.astype(np.float64)
     np.testing.assert_allclose(values, rows.mean(axis=(0, 1, 2, 3)), rtol=1e-5)
     assert page.errors == []
