@@ -90,11 +90,17 @@ def drift_answer(store: ViewStore, params: Params) -> dict[str, Any]:
     return {"drift": [v if math.isfinite(v) else None for v in values.tolist()]}
 
 
+def entity_answer(store: ViewStore, params: Params) -> dict[str, Any]:
+    """`/api/entity`: an EliGen entity's mask."""
+    return {"values": _finite(store.entity_mask(params.get("run"), _param(params, "entity")))}
+
+
 ANSWERS: dict[str, Callable[[ViewStore, Params], dict[str, Any]]] = {
     "api/meta": meta_answer,
     "api/map": map_answer,
     "api/heads": heads_answer,
     "api/drift": drift_answer,
+    "api/entity": entity_answer,
 }
 
 

@@ -37,6 +37,7 @@ def export(store: ViewStore, run: str, direction: str, span: str) -> str:
         wanted += [("api/map", base | means | {dim: str(i)}) for i in range(len(meta[dim + "s"]))]
     wanted.append(("api/heads", base | {"step": MEAN, "layer": MEAN}))
     wanted.append(("api/drift", base | {"layer": MEAN, "head": MEAN}))
+    wanted += [("api/entity", {"run": run, "entity": e}) for e in meta["run"]["entities"]]
     answers = {query_key(path, params): ANSWERS[path](store, params) for path, params in wanted}
     image = None
     if meta["has_image"]:

@@ -153,6 +153,16 @@ class ViewStore:
         da = self._span(run, direction, span, layer=layer, head=head).compute()
         return np.asarray(step_drift(da, metric="js").values, np.float64)
 
+    def entity_mask(self, run: str | None, entity: str) -> np.ndarray:
+        """An EliGen entity's mask as the model applied it (nonzero inside), as stored."""
+        ds = self.tokens(run)
+        names = [str(e) for e in ds["entity"].values] if "entity_mask" in ds.data_vars else []
+        if entity not in names:
+            raise SelectionError(
+                f"{ds.attrs['run']} has no entity {entity!r}; its entities: {names or 'none'}"
+            )
+        return np.asarray(ds.entity_mask.isel(entity=names.index(entity)).values, np.float32)
+
     def image_png(self, run: str | None) -> bytes:
         """The generated image as PNG bytes."""
         import matplotlib.image

@@ -7,6 +7,7 @@ const RESTING_MS = 250; // how long the sliders rest before the slower panels ar
 const state = { run: null, direction: null, span: null, step: MEAN, layer: MEAN, head: MEAN };
 let meta = null;
 let lockedMax = null;
+const masks = new Map(); // EliGen entity masks by name
 let drawn = 0; // the latest update: answers to older ones are not drawn
 const drifts = new Map(); // drift curves by their selection: a step move does not change them
 let anchor = null; // the first token of a shift-click range
@@ -63,6 +64,20 @@ function paint(canvas, values, low, high) {
       pixels.data.set([rgb[0], rgb[1], rgb[2], 255], at);
     }
   }
+  context.putImageData(pixels, 0, 0);
+}
+
+function paintMask(values) {
+  // An entity's mask over the map when its span is shown: where the model applied it.
+  const canvas = $("mask");
+  if (!values) { canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height); return; }
+  canvas.width = values[0].length;
+  canvas.height = values.length;
+  const context = canvas.getContext("2d");
+  const pixels = context.createImageData(canvas.width, canvas.height);
+  values.forEach((row, y) => row.forEach((v, x) => {
+    if (v) pixels.data.set([0, 220, 255, 255], 4 * (y * canvas.width + x));
+  }));
   context.putImageData(pixels, 0, 0);
 }
 
@@ -135,6 +150,7 @@ async function drawMap(update) {
   const low = 0, high = $("lock").checked && lockedMax !== null ? lockedMax : answer.max || 1;
   lockedMax = high;
   paint($("map"), answer.values, low, high);
+  paintMask(masks.get(state.span));
   paintColorbar(low, high);
   $("map").dataset.values = JSON.stringify(answer.values);
 }
@@ -256,6 +272,20 @@ function layOut() {
     button.textContent = name;
     button.addEventListener("click", () => { state.span = name; update(); });
     return button;
+  }));
+  masks.clear();
+  $("entities").replaceChildren(...meta.run.entities.map((name) => {
+    const figure = document.createElement("figure");
+    const canvas = document.createElement("canvas");
+    figure.title = `entity ${name}: its span, with its mask over the map`;
+    figure.append(canvas, ` ${name}`);
+    figure.addEventListener("click", () => { state.span = name; update(); });
+    api("api/entity", { run: state.run, entity: name }).then((answer) => {
+      masks.set(name, answer.values);
+      paint(canvas, answer.values, 0, 1);
+      if (state.span === name) paintMask(answer.values);
+    }).catch(showError);
+    return figure;
   }));
   const directions = $("directions");
   directions.replaceChildren(directions.firstElementChild);

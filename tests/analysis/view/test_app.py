@@ -121,3 +121,15 @@ def test_a_damaged_chunk_is_answered_as_damaged_never_drawn(store):
 )
 def test_no_path_from_the_url_reaches_the_file_system(client, url):
     assert client.get(url).status_code == 404
+
+
+def test_an_entity_mask_is_served_as_stored(make_store):
+    entities = {"kitten": (slice(0, 24), slice(0, 40))}
+    path, _ = make_store(Run(entities=entities))
+    client = TestClient(create_app(ViewStore(str(path))))
+    assert client.get("/api/meta").json()["run"]["entities"] == ["kitten"]
+    answer = client.get("/api/entity", params={"entity": "kitten"}).json()
+    stored = open_plain(path, "run-0000").entity_mask.sel(entity="kitten").values
+    np.testing.assert_array_equal(np.array(answer["values"]), stored)
+    missing = client.get("/api/entity", params={"entity": "puppy"})
+    assert missing.status_code == 404 and "its entities: ['kitten']" in missing.json()["error"]

@@ -3,10 +3,12 @@ what it received and drew is checked against plain xarray over the same store.""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +38,9 @@ def store(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def url(store):
+@contextlib.contextmanager
+def serving(store: Path) -> Iterator[str]:
+    """The viewer of `store` on a free loopback port, in a thread; its address."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -49,9 +52,17 @@ def url(store):
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}/"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def url(store):
+    with serving(store) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +103,16 @@ def expected(store, direction, token, step="mean", layer="mean", head="mean") ->
     for position in (step, layer, head):
         values = values.mean(0) if position == "mean" else values[position]
     return values
+
+
+def expected_span(store, span, step=-1) -> np.ndarray:
+    """A stored span's txt2img at a step (default the final), mean over layers and heads, from
+    the positions the store's attributes name and its rows, in NumPy."""
+    plain = open_plain(store, "run-0000")
+    positions = set(plain.attrs["spans"][span])
+    picked = [i for i, row in enumerate(token_rows()) if set(row.positions) & positions]
+    rows = plain.txt2img.values.astype(np.float64)
+    return rows[step][:, :, picked].mean(axis=(0, 1, 2))
 
 
 def slide(page, dim, value):
@@ -170,3 +191,33 @@ def test_an_exported_page_shows_the_same_maps_without_a_server(page, store, tmp_
     np.testing.assert_allclose(values, expected(store, "txt2img", "cat", step=2), rtol=1e-5)
     page.screenshot(path=SHOTS / "export.png", full_page=True)
     assert page.errors == []
+
+
+def test_entities_are_listed_with_their_masks(page, make_store):
+    path, _ = make_store(Run(entities={"kitten": (slice(0, 24), slice(0, 40))}))
+    with serving(path) as address:
+        page.goto(address + "?span=cat")
+        received(page)
+        page.wait_for_function("document.querySelectorAll('#entities canvas').length === 1")
+        values = settle(page, lambda: page.click("#entities figure"))
+        assert "span=kitten" in page.url
+        np.testing.assert_allclose(values, expected_span(path, "kitten"), rtol=1e-5)
+        drawn = page.evaluate(
+            "Array.from(document.getElementById('mask').getContext('2d')"
+            ".getImageData(0, 0, 80, 48).data).filter((v, i) => i % 4 === 3 && v > 0).length"
+        )
+        assert drawn > 0  # the mask is drawn over the map
+    assert page.errors == []
+
+
+def test_a_damaged_chunk_is_shown_as_damaged_never_drawn(page, make_store):
+    path, _ = make_store(Run())
+    shard = path / "run-0000" / "txt2img" / "c" / "3" / "0" / "0" / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with serving(path) as address:
+        page.goto(address + "?span=cat&step=3")
+        page.wait_for_selector("#error:not([hidden])")
+        assert page.inner_text("#error").startswith("damaged data: run-0000/txt2img")
+        assert "damaged" in page.get_attribute("#stack", "class")
+        assert page.evaluate("document.getElementById('map').dataset.values") is None
+        page.screenshot(path=SHOTS / "damaged.png")
