@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
-from synthetic_trace import Run, open_plain, token_rows
+from synthetic_trace import Run, open_plain, token_rows, write_store
 
 from analysis.view.app import create_app
 from analysis.view.maps import ViewStore
@@ -133,3 +133,21 @@ def test_an_entity_mask_is_served_as_stored(make_store):
     np.testing.assert_array_equal(np.array(answer["values"]), stored)
     missing = client.get("/api/entity", params={"entity": "puppy"})
     assert missing.status_code == 404 and "its entities: ['kitten']" in missing.json()["error"]
+
+
+def test_a_bucket_store_is_served_as_the_local_one(s3, tmp_path):
+    import s3fs
+
+    local = tmp_path / "local.zarr"
+    write_store(local, [Run()])
+    url = f"s3://{s3.bucket()}/view.zarr"
+    s3fs.S3FileSystem(**s3.storage_options, skip_instance_cache=True).put(
+        str(local), url, recursive=True
+    )
+    remote = TestClient(create_app(ViewStore(url, s3.storage_options)))
+    here = TestClient(create_app(ViewStore(str(local))))
+    params = dict(direction="img2txt", span="on a", step=2, layer="mean", head=1)
+    answer = remote.get("/api/map", params=params)
+    assert answer.status_code == 200
+    assert answer.json() == here.get("/api/map", params=params).json()
+    assert remote.get("/api/meta").json()["store"] == url
