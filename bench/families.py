@@ -2,14 +2,15 @@
 
 Each family's demo pipeline is built with the same transformer width (4 heads × 64), four traced
 attentions, up to 128 text tokens (T5 padded to 128; SD3 adds its 77 CLIP positions; FLUX.2 pads
-its chat-templated prompt to 128; Qwen-Image and Z-Image keep theirs unpadded, Z-Image padding to
-32 itself; Sana keeps 128 of Gemma's) and a 32×32 token grid (512² with 2×2 packing or patches;
-1024² for Sana's factor-32 autoencoder), and run at its pipeline's own guidance defaults: SD3,
-Sana and Z-Image batch their guided pair, Chroma and FLUX.2 [klein] run it as a second call,
-FLUX.1-dev embeds it, Qwen-Image runs unguided without a negative prompt. attention-map-diffusers
-runs beside it where it supports the family (not Qwen-Image). As in bench/overhead.py, each ratio
-is a pair (untraced, then traced, in alternating order), and the figure is the median over pairs;
-the recorders' pairs are interleaved.
+its chat-templated prompt to 128; Qwen-Image, Z-Image and Lumina2 keep theirs unpadded, Z-Image
+padding to 32 itself, Lumina2 after its long system prompt; Sana keeps 128 of Gemma's) and a
+32×32 token grid (512² with 2×2 packing or patches; 1024² for Sana's factor-32 autoencoder), and
+run at its pipeline's own guidance defaults: SD3, Sana and Z-Image batch their guided pair,
+Chroma, FLUX.2 [klein] and Lumina2 run it as a second call, FLUX.1-dev embeds it, Qwen-Image runs
+unguided without a negative prompt. attention-map-diffusers runs beside it where it supports the
+family (not Qwen-Image nor Lumina2). As in bench/overhead.py, each ratio is a pair (untraced, then
+traced, in alternating order), and the figure is the median over pairs; the recorders' pairs are
+interleaved.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ FAMILIES = {
     "flux2": Family(DOUBLE_AND_SINGLE),
     "qwen-image": Family({"num_layers": 4}, recorders=("attnscope",)),
     "z-image": Family({"num_layers": 4}),
+    "lumina2": Family({"num_layers": 4}, recorders=("attnscope",)),
     "sana": Family(
         {"num_layers": 4, "num_cross_attention_heads": 4},
         call={"use_resolution_binning": False},

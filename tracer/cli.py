@@ -30,7 +30,12 @@ DEMOS = {
     "qwen-image": ("tracer.demo_qwen_image", "demo_qwen_image_pipeline"),
     "sana": ("tracer.demo_sana", "demo_sana_pipeline"),
     "z-image": ("tracer.demo_z_image", "demo_z_image_pipeline"),
+    "lumina2": ("tracer.demo_lumina2", "demo_lumina2_pipeline"),
 }
+
+# The text length of a demo's calls: 32 tokens, or what its prompt needs where that is more
+# (Lumina2 puts its system prompt before the prompt, and keeps what fits).
+DEMO_TEXT_LEN = {"lumina2": 256}
 
 
 def load_demo(family: str, **kwargs: Any) -> Any:
@@ -309,7 +314,7 @@ def _apply_defaults(args: argparse.Namespace) -> None:
             "num_inference_steps": 4,
             "height": 128,
             "width": 128,
-            "max_sequence_length": 32,
+            "max_sequence_length": DEMO_TEXT_LEN.get(args.demo, 32),
         }
     else:
         defaults = {"height": 1024, "width": 1024}

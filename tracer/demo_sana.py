@@ -37,7 +37,7 @@ _TEXT_HIDDEN = 32
 _GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
 _GEMMA_VOCAB_SIZE = 1000
 # Characters of the pipeline's own instruction beyond the corpus's, so it tokenizes without <unk>.
-_EXTRA_CHARACTERS = "\n'\":,.!?-()0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_EXTRA_CHARACTERS = "\n'\":,.!?-()<>0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # Sana's VAE factor: six levels of the DC autoencoder, each halving.
 _VAE_LEVELS = 6
 

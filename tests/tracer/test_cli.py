@@ -87,6 +87,7 @@ def test_prompt_sweep_resumes_skipping_complete_runs(tmp_path, capsys):
         ("flux2", "Flux2KleinPipeline", ["prompt"]),
         ("sana", "SanaPipeline", ["prompt"]),
         ("z-image", "ZImagePipeline", ["prompt"]),
+        ("lumina2", "Lumina2Pipeline", ["prompt"]),
     ],
 )
 def test_each_family_demo_records_and_draws(tmp_path, family, pipeline, segments):

@@ -9,6 +9,7 @@ from tracer.adapters.base import Adapter, UnsupportedModelError
 from tracer.adapters.diffsynth_flux import DiffSynthFlux
 from tracer.adapters.diffusers_flux import DiffusersFlux
 from tracer.adapters.diffusers_flux2 import DiffusersFlux2
+from tracer.adapters.diffusers_lumina2 import DiffusersLumina2
 from tracer.adapters.diffusers_qwen_image import DiffusersQwenImage
 from tracer.adapters.diffusers_sana import DiffusersSana
 from tracer.adapters.diffusers_sd3 import DiffusersSD3
@@ -21,6 +22,7 @@ ADAPTERS: list[type[Adapter]] = [
     DiffusersQwenImage,
     DiffusersSana,
     DiffusersZImage,
+    DiffusersLumina2,
     DiffSynthFlux,
 ]
 
