@@ -1,16 +1,15 @@
 """Tracing overhead per model family at one comparable geometry, beside attention-map-diffusers.
 
 Each family's demo pipeline is built with the same transformer width (4 heads × 64), four traced
-attentions, up to 128 text tokens (T5 padded to 128; SD3 adds its 77 CLIP positions; FLUX.2 pads
-its chat-templated prompt to 128; Qwen-Image, Z-Image and Lumina2 keep theirs unpadded, Z-Image
-padding to 32 itself, Lumina2 after its long system prompt; Sana keeps 128 of Gemma's) and a
-32×32 token grid (512² with 2×2 packing or patches; 1024² for Sana's factor-32 autoencoder), and
-run at its pipeline's own guidance defaults: SD3, Sana and Z-Image batch their guided pair,
-Chroma, FLUX.2 [klein] and Lumina2 run it as a second call, FLUX.1-dev embeds it, Qwen-Image runs
-unguided without a negative prompt. attention-map-diffusers runs beside it where it supports the
-family (not Qwen-Image nor Lumina2). As in bench/overhead.py, each ratio is a pair (untraced, then
-traced, in alternating order), and the figure is the median over pairs; the recorders' pairs are
-interleaved.
+attentions and a 32×32 token grid (512² with 2×2 packing or patches; 1024² for Sana's factor-32
+autoencoder), and called with `max_sequence_length=128`: each family then has its own text
+length (T5 padded to 128, SD3 with 77 CLIP positions before, FLUX.2 its chat template padded to
+128, Sana 128 of Gemma's; Qwen-Image, Z-Image, Lumina2 and CogView4 unpadded, in their own
+templates). Each runs at its pipeline's own guidance defaults (batched, as a second call, or
+embedded). attention-map-diffusers runs beside it where it supports the family (not Qwen-Image,
+Lumina2 or CogView4, whose processors it refuses). As in bench/overhead.py, each ratio is a pair
+(untraced, then traced, in alternating order), and the figure is the median over pairs; the
+recorders' pairs are interleaved.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ FAMILIES = {
     "qwen-image": Family({"num_layers": 4}, recorders=("attnscope",)),
     "z-image": Family({"num_layers": 4}),
     "lumina2": Family({"num_layers": 4}, recorders=("attnscope",)),
+    "cogview4": Family({"num_layers": 4}, recorders=("attnscope",)),
     "sana": Family(
         {"num_layers": 4, "num_cross_attention_heads": 4},
         call={"use_resolution_binning": False},

@@ -31,6 +31,7 @@ DEMOS = {
     "sana": ("tracer.demo_sana", "demo_sana_pipeline"),
     "z-image": ("tracer.demo_z_image", "demo_z_image_pipeline"),
     "lumina2": ("tracer.demo_lumina2", "demo_lumina2_pipeline"),
+    "cogview4": ("tracer.demo_cogview4", "demo_cogview4_pipeline"),
 }
 
 # The text length of a demo's calls: 32 tokens, or what its prompt needs where that is more

@@ -53,10 +53,12 @@ def _qwen_vocab() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], .
     return tuple(model["vocab"].items()), tuple((a, b) for a, b in model["merges"])
 
 
-def demo_qwen_tokenizer() -> Qwen2Tokenizer:
-    """A Qwen2 (fast, byte-level BPE) tokenizer trained on DEMO_CORPUS, with the chat markers."""
+def demo_qwen_tokenizer(*, add_bos_token: bool = False) -> Qwen2Tokenizer:
+    """A Qwen2 (fast, byte-level BPE) tokenizer trained on DEMO_CORPUS, with the chat markers;
+    `add_bos_token` starts every text with `<|endoftext|>` (as GLM-4's starts with its own)."""
     vocab, merges = _qwen_vocab()
-    tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges))
+    bos = {"bos_token": _QWEN_SPECIALS[0], "add_bos_token": True} if add_bos_token else {}
+    tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), **bos)
     tokenizer.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIALS[1:])})
     return tokenizer
 

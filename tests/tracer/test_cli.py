@@ -88,6 +88,7 @@ def test_prompt_sweep_resumes_skipping_complete_runs(tmp_path, capsys):
         ("sana", "SanaPipeline", ["prompt"]),
         ("z-image", "ZImagePipeline", ["prompt"]),
         ("lumina2", "Lumina2Pipeline", ["prompt"]),
+        ("cogview4", "CogView4Pipeline", ["prompt"]),
     ],
 )
 def test_each_family_demo_records_and_draws(tmp_path, family, pipeline, segments):

@@ -7,6 +7,7 @@ from typing import Any
 
 from tracer.adapters.base import Adapter, UnsupportedModelError
 from tracer.adapters.diffsynth_flux import DiffSynthFlux
+from tracer.adapters.diffusers_cogview4 import DiffusersCogView4
 from tracer.adapters.diffusers_flux import DiffusersFlux
 from tracer.adapters.diffusers_flux2 import DiffusersFlux2
 from tracer.adapters.diffusers_lumina2 import DiffusersLumina2
@@ -23,6 +24,7 @@ ADAPTERS: list[type[Adapter]] = [
     DiffusersSana,
     DiffusersZImage,
     DiffusersLumina2,
+    DiffusersCogView4,
     DiffSynthFlux,
 ]
 
