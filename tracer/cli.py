@@ -27,6 +27,7 @@ DEMOS = {
     "sd3": ("tracer.demo_sd3", "demo_sd3_pipeline"),
     "chroma": ("tracer.demo_chroma", "demo_chroma_pipeline"),
     "flux2": ("tracer.demo_flux2", "demo_flux2_pipeline"),
+    "flux2-dev": ("tracer.demo_flux2", "demo_flux2_dev_pipeline"),
     "qwen-image": ("tracer.demo_qwen_image", "demo_qwen_image_pipeline"),
     "sana": ("tracer.demo_sana", "demo_sana_pipeline"),
     "z-image": ("tracer.demo_z_image", "demo_z_image_pipeline"),
@@ -35,8 +36,8 @@ DEMOS = {
 }
 
 # The text length of a demo's calls: 32 tokens, or what its prompt needs where that is more
-# (Lumina2 puts its system prompt before the prompt, and keeps what fits).
-DEMO_TEXT_LEN = {"lumina2": 256}
+# (Lumina2 and FLUX.2 [dev] put a system prompt before the prompt, and keep what fits).
+DEMO_TEXT_LEN = {"lumina2": 256, "flux2-dev": 512}
 
 
 def load_demo(family: str, **kwargs: Any) -> Any:

@@ -85,6 +85,7 @@ def test_prompt_sweep_resumes_skipping_complete_runs(tmp_path, capsys):
         ("chroma", "ChromaPipeline", ["prompt"]),
         ("qwen-image", "QwenImagePipeline", ["prompt"]),
         ("flux2", "Flux2KleinPipeline", ["prompt"]),
+        ("flux2-dev", "Flux2Pipeline", ["prompt"]),
         ("sana", "SanaPipeline", ["prompt"]),
         ("z-image", "ZImagePipeline", ["prompt"]),
         ("lumina2", "Lumina2Pipeline", ["prompt"]),

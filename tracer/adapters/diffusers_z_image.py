@@ -22,7 +22,7 @@ from tracer.adapters.base import (
     first_of,
 )
 from tracer.adapters.diffusers_common import DiffusersAdapter
-from tracer.adapters.text import chat_template, templated_segment
+from tracer.adapters.text import chat_template, templated_segment, user_turn
 from tracer.spans import TextTokens
 
 # Z-Image pads the image tokens and the text tokens each to a multiple of this, with a learned
@@ -67,7 +67,7 @@ class DiffusersZImage(DiffusersAdapter):
         }
         if prompt is None:
             return Generation(text=TextTokens(segments=(), length=0), attrs=attrs)
-        template = chat_template(pipe.tokenizer, enable_thinking=True)
+        template = chat_template(user_turn(pipe.tokenizer, enable_thinking=True))
         segment = templated_segment(pipe.tokenizer, "prompt", prompt, template, max_len)
         # The transformer pads the text with its learned token (`cap_pad_token`), attended.
         pad = padded_length(len(segment.tokens)) - len(segment.tokens)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from analysis.errors import UnsupportedModelError
@@ -45,22 +45,31 @@ def padded_segment(tokenizer: Any, name: str, text: str, first: int, length: int
     )
 
 
-def chat_template(tokenizer: Any, **options: Any) -> str:
-    """The text a chat tokenizer renders for one user message, with `{}` where the message goes
-    (a `str.format` template); `options` as the pipeline passes them (`enable_thinking`)."""
+def chat_template(render: Callable[[str], str]) -> str:
+    """A prompt template (`str.format`, `{}` where the prompt goes) from `render`, which turns a
+    prompt into the text the pipeline's chat template makes of it."""
     marker = "\ue000"  # a private-use character: in no template
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": marker}],
-        tokenize=False,
-        add_generation_prompt=True,
-        **options,
-    )
-    before, after = rendered.split(marker)
+    before, after = render(marker).split(marker)
     return (
         before.replace("{", "{{").replace("}", "}}")
         + "{}"
         + after.replace("{", "{{").replace("}", "}}")
     )
+
+
+def user_turn(tokenizer: Any, **options: Any) -> Callable[[str], str]:
+    """`render` for `chat_template`: one user message in `tokenizer`'s chat template, with a
+    generation prompt and the pipeline's `options` (`enable_thinking`)."""
+
+    def render(text: str) -> str:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}],
+            tokenize=False,
+            add_generation_prompt=True,
+            **options,
+        )
+
+    return render
 
 
 def templated_segment(
@@ -73,12 +82,13 @@ def templated_segment(
     keep: slice | Sequence[int] = slice(None),
     padded: bool = False,
     padding_side: str | None = None,
+    add_special_tokens: bool = True,
 ) -> Segment:
     """`text` inside a prompt `template` (`{}` marks where), tokenized as the pipelines that wrap
     prompts in a template do: up to `length` tokens, padded to `length` when `padded` (FLUX.2,
     Sana), of which the positions `keep` stay (Qwen-Image drops the system part, Sana keeps
     the first token and the last ones), at position 0. `padding_side` as the pipeline sets it
-    (default: the tokenizer's own).
+    (default: the tokenizer's own); `add_special_tokens=False` where the template has them.
 
     Only the tokens of `text` itself are content; the template's tokens that stay are kept as
     tokens of their own (the model attends them), with offsets relative to `text`.
@@ -95,6 +105,7 @@ def templated_segment(
         truncation=True,
         padding="max_length" if padded else False,
         return_offsets_mapping=True,
+        add_special_tokens=add_special_tokens,
         **({} if padding_side is None else {"padding_side": padding_side}),
     )
     positions = range(len(encoded["input_ids"]))

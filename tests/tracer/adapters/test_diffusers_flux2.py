@@ -1,4 +1,4 @@
-"""diffusers FLUX.2 [klein]: chat-templated Qwen3 text, then the image, then reference images."""
+"""diffusers FLUX.2 [klein] and [dev]: chat-templated text, the image, then reference images."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from references import SdpaLog, assert_rows_match_float64
 import analysis
 import tracer
 from analysis.errors import UnsupportedModelError
-from tracer.demo_flux2 import demo_flux2_pipeline
+from tracer.demo_flux2 import demo_flux2_dev_pipeline, demo_flux2_pipeline
 
 TEXT_LEN = 40
 PROMPT = family_kit.PROMPT
@@ -96,3 +96,59 @@ def test_kv_cached_reference_attention_is_refused_before_a_store_exists(pipe, tm
     ):
         pass
     assert not path.exists()
+
+
+# FLUX.2 [dev]: Mistral 3 through a Pixtral processor, the system message before the prompt.
+DEV_TEXT_LEN = 512  # the demo tokenizer spells the system message in ~120 tokens
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return demo_flux2_dev_pipeline(seed=0)
+
+
+def dev_tokens(pipe, prompt):
+    """The tokens the pipeline's own processor call gives `prompt` (the independent reference)."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+    messages = format_input(prompts=[prompt], system_message=pipe.system_message)
+    encoded = pipe.tokenizer.apply_chat_template(
+        messages,
+        add_generation_prompt=False,
+        tokenize=True,
+        return_dict=True,
+        padding="max_length",
+        truncation=True,
+        max_length=DEV_TEXT_LEN,
+    )
+    return pipe.tokenizer.tokenizer.convert_ids_to_tokens(encoded["input_ids"][0])
+
+
+def test_dev_stores_the_processors_tokens_and_equals_float64_softmax(dev, tmp_path, monkeypatch):
+    n_image = GRID[0] * GRID[1]
+    log = SdpaLog(DEV_TEXT_LEN + n_image)
+    log.install(monkeypatch)
+    path = tmp_path / "flux2-dev.zarr"
+    with tracer.trace(dev, path, progress=False) as rec:
+        family_kit.generate(dev, text_len=DEV_TEXT_LEN, grid=GRID)
+    ds = analysis.open_trace(path, rec.last_run)
+    assert ds.attrs["pipeline"] == "Flux2Pipeline"
+    tokens = dev_tokens(dev, PROMPT)
+    real = tokens.index("<pad>")
+    assert ds.token_text.values.tolist() == [*tokens[:real], "<pad>"]
+    assert int(ds.isel(token=-1).token_count) == DEV_TEXT_LEN - real
+    assert ds.attrs["spans"]["cat"] == [tokens.index("Ġcat")]
+    assert "[SYSTEM_PROMPT]" in tokens[:2] and tokens[real - 1] == "[/INST]"
+    assert_rows_match_float64(
+        ds, log.calls, range(DEV_TEXT_LEN), range(DEV_TEXT_LEN, DEV_TEXT_LEN + n_image)
+    )
+
+
+def test_dev_output_is_bit_for_bit_unchanged(dev, tmp_path):
+    def run(seed):
+        return family_kit.generate(dev, text_len=DEV_TEXT_LEN, grid=GRID, seed=seed).images
+
+    plain = run(3)
+    with tracer.trace(dev, tmp_path / "t.zarr", progress=False):
+        traced = run(3)
+    assert np.array_equal(plain, traced)
