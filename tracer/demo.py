@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from diffusers import (
@@ -47,10 +47,13 @@ from transformers import (
     T5Tokenizer,
 )
 
+P = TypeVar("P")
+
 __all__ = [
     "DEMO_CORPUS",
     "DEMO_SIZES",
     "DemoSizes",
+    "assemble",
     "demo_clip_config",
     "demo_clip_tokenizer",
     "demo_pipeline",
@@ -385,6 +388,21 @@ def frozen(module: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch
     return module
 
 
+def assemble(pipeline: type[P], dtype: torch.dtype, **components: Any) -> P:
+    """`pipeline` built from `components`, its models frozen in `dtype` as from_pretrained
+    returns them, with a flow-matching scheduler unless one is given, and no progress bar."""
+    for component in components.values():
+        if isinstance(component, torch.nn.Module):
+            frozen(component, dtype)
+    components.setdefault(
+        "scheduler", FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    )
+    pipe = pipeline(**components)
+    # A tqdm bar per 4-step call is noise in tests and benchmarks; callers can turn it back on.
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def demo_pipeline(
     *,
     seed: int = 0,
@@ -451,10 +469,9 @@ def demo_pipeline(
         max_image_seq_len=4096,
     )
 
-    for module in (text_encoder, text_encoder_2, transformer, vae):
-        frozen(module, dtype)
-
-    pipe = FluxPipeline(
+    return assemble(
+        FluxPipeline,
+        dtype,
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
@@ -463,9 +480,6 @@ def demo_pipeline(
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
-    # A tqdm bar per 4-step call is noise in tests and benchmarks; callers can turn it back on.
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def demo_sizes(pipe: FluxPipeline, max_sequence_length: int | None = None) -> DemoSizes:

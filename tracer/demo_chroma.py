@@ -14,10 +14,10 @@ image = pipe("a cat on a red chair", height=128, width=128, num_inference_steps=
 from __future__ import annotations
 
 import torch
-from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from diffusers import ChromaPipeline, ChromaTransformer2DModel
 from transformers import T5EncoderModel
 
-from tracer.demo import _rope_axes, demo_t5_config, demo_t5_tokenizer, demo_vae, frozen
+from tracer.demo import _rope_axes, assemble, demo_t5_config, demo_t5_tokenizer, demo_vae
 
 __all__ = ["demo_chroma_pipeline"]
 
@@ -57,14 +57,11 @@ def demo_chroma_pipeline(
             approximator_layers=1,
         )
         vae = demo_vae(_LATENT_CHANNELS, scaling_factor=0.3611, shift_factor=0.1159)
-    for module in (text_encoder, transformer, vae):
-        frozen(module, dtype)
-    pipe = ChromaPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    return assemble(
+        ChromaPipeline,
+        dtype,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

@@ -14,10 +14,10 @@ image = pipe("a cat on a red chair", height=128, width=128, num_inference_steps=
 from __future__ import annotations
 
 import torch
-from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+from diffusers import CogView4Pipeline, CogView4Transformer2DModel
 from transformers import GlmConfig, GlmModel
 
-from tracer.demo import demo_vae, frozen
+from tracer.demo import assemble, demo_vae
 from tracer.demo_qwen_image import demo_qwen_tokenizer
 
 __all__ = ["demo_cogview4_pipeline"]
@@ -66,14 +66,11 @@ def demo_cogview4_pipeline(
             rope_axes_dim=(64, 64),
         )
         vae = demo_vae(_LATENT_CHANNELS, scaling_factor=1.0, shift_factor=0.0)
-    for module in (text_encoder, transformer, vae):
-        frozen(module, dtype)
-    pipe = CogView4Pipeline(
+    return assemble(
+        CogView4Pipeline,
+        dtype,
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

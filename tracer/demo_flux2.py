@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKLFlux2,
-    FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Pipeline,
     Flux2Transformer2DModel,
@@ -37,7 +36,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from tracer.demo import frozen
+from tracer.demo import assemble
 from tracer.demo_qwen_image import _qwen_vocab, demo_qwen_tokenizer
 
 __all__ = [
@@ -158,17 +157,14 @@ def demo_flux2_pipeline(
         transformer, vae = _denoiser_and_vae(
             num_layers, num_single_layers, num_attention_heads, attention_head_dim, False
         )
-    for module in (text_encoder, transformer, vae):
-        frozen(module, dtype)
-    pipe = Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    return assemble(
+        Flux2KleinPipeline,
+        dtype,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def demo_mistral_processor() -> PixtralProcessor:
@@ -241,14 +237,11 @@ def demo_flux2_dev_pipeline(
         transformer, vae = _denoiser_and_vae(
             num_layers, num_single_layers, num_attention_heads, attention_head_dim, True
         )
-    for module in (text_encoder, transformer, vae):
-        frozen(module, dtype)
-    pipe = Flux2Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    return assemble(
+        Flux2Pipeline,
+        dtype,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=processor,
         transformer=transformer,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

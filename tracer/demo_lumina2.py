@@ -15,16 +15,15 @@ image = pipe("a cat on a red chair", height=128, width=128, num_inference_steps=
 from __future__ import annotations
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
-from transformers import Gemma2Config, Gemma2Model
+from diffusers import Lumina2Pipeline, Lumina2Transformer2DModel
 
-from tracer.demo import demo_vae, frozen
-from tracer.demo_sana import demo_gemma_tokenizer
+from tracer.demo import assemble, demo_vae
+from tracer.demo_sana import demo_gemma_encoder, demo_gemma_tokenizer
 
 __all__ = ["demo_lumina2_pipeline"]
 
 _LATENT_CHANNELS = 16
-_TEXT_HIDDEN = 32
+_TEXT_HIDDEN = 32  # the demo Gemma2's
 
 
 def demo_lumina2_pipeline(
@@ -43,21 +42,7 @@ def demo_lumina2_pipeline(
     yx = 4 * ((attention_head_dim - attention_head_dim // 8) // 4)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = Gemma2Model(
-            Gemma2Config(
-                vocab_size=len(tokenizer),
-                hidden_size=_TEXT_HIDDEN,
-                intermediate_size=2 * _TEXT_HIDDEN,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                head_dim=16,
-                max_position_embeddings=512,
-                pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        )
+        text_encoder = demo_gemma_encoder(tokenizer)
         transformer = Lumina2Transformer2DModel(
             sample_size=16,
             patch_size=2,
@@ -73,14 +58,11 @@ def demo_lumina2_pipeline(
             cap_feat_dim=_TEXT_HIDDEN,
         )
         vae = demo_vae(_LATENT_CHANNELS, scaling_factor=0.3611, shift_factor=0.1159)
-    for module in (text_encoder, transformer, vae):
-        frozen(module, dtype)
-    pipe = Lumina2Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    return assemble(
+        Lumina2Pipeline,
+        dtype,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

@@ -18,14 +18,13 @@ import functools
 import torch
 from diffusers import (
     AutoencoderKLQwenImage,
-    FlowMatchEulerDiscreteScheduler,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
 from tokenizers import pre_tokenizers, trainers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from tracer.demo import _train, frozen
+from tracer.demo import _train, assemble
 
 __all__ = ["demo_qwen_image_pipeline", "demo_qwen_tokenizer"]
 
@@ -127,10 +126,9 @@ def demo_qwen_image_pipeline(
             num_res_blocks=1,
             temperal_downsample=[False, True, True],
         )
-    for module in (text_encoder, transformer, vae):
-        frozen(module, dtype)
-    pipe = QwenImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    pipe = assemble(
+        QwenImagePipeline,
+        dtype,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -141,5 +139,4 @@ def demo_qwen_image_pipeline(
     template = pipe.prompt_template_encode
     prefix = template[: template.index("{}")]
     pipe.prompt_template_encode_start_idx = len(tokenizer(prefix)["input_ids"])
-    pipe.set_progress_bar_config(disable=True)
     return pipe

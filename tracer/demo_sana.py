@@ -28,9 +28,9 @@ from diffusers import (
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
 
-from tracer.demo import DEMO_CORPUS, frozen
+from tracer.demo import DEMO_CORPUS, assemble
 
-__all__ = ["demo_gemma_tokenizer", "demo_sana_pipeline"]
+__all__ = ["demo_gemma_encoder", "demo_gemma_tokenizer", "demo_sana_pipeline"]
 
 _LATENT_CHANNELS = 8
 _TEXT_HIDDEN = 32
@@ -71,6 +71,26 @@ def demo_gemma_tokenizer() -> GemmaTokenizer:
     return GemmaTokenizer(vocab=dict(vocab), merges=list(merges), add_bos_token=True)
 
 
+def demo_gemma_encoder(tokenizer: GemmaTokenizer) -> Gemma2Model:
+    """A tiny random-weight Gemma2 (seeded by the caller) for `tokenizer`'s vocabulary; long
+    enough for Sana's instruction before the prompt."""
+    return Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=_TEXT_HIDDEN,
+            intermediate_size=2 * _TEXT_HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=4096,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+
+
 def demo_sana_pipeline(
     *,
     seed: int = 0,
@@ -90,21 +110,7 @@ def demo_sana_pipeline(
     inner = num_attention_heads * attention_head_dim
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = Gemma2Model(
-            Gemma2Config(
-                vocab_size=len(tokenizer),
-                hidden_size=_TEXT_HIDDEN,
-                intermediate_size=2 * _TEXT_HIDDEN,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                head_dim=16,
-                max_position_embeddings=4096,
-                pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        )
+        text_encoder = demo_gemma_encoder(tokenizer)
         transformer = SanaTransformer2DModel(
             in_channels=_LATENT_CHANNELS,
             out_channels=_LATENT_CHANNELS,
@@ -136,14 +142,12 @@ def demo_sana_pipeline(
             decoder_act_fns="silu",
             scaling_factor=0.41407,
         )
-    for module in (text_encoder, transformer, vae):
-        frozen(module, dtype)
-    pipe = SanaPipeline(
+    return assemble(
+        SanaPipeline,
+        dtype,
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True),
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

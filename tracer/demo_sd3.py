@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import torch
 from diffusers import (
-    FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
 from tracer.demo import (
+    assemble,
     demo_clip_config,
     demo_clip_tokenizer,
     demo_t5_config,
     demo_t5_tokenizer,
     demo_vae,
-    frozen,
 )
 
 __all__ = ["demo_sd3_pipeline"]
@@ -75,12 +74,10 @@ def demo_sd3_pipeline(
         )
         # SD3's latent normalisation.
         vae = demo_vae(_LATENT_CHANNELS, scaling_factor=1.5305, shift_factor=0.0609)
-    modules = (text_encoder, text_encoder_2, text_encoder_3, transformer, vae)
-    for module in modules:
-        frozen(module, dtype)
-    pipe = StableDiffusion3Pipeline(
+    return assemble(
+        StableDiffusion3Pipeline,
+        dtype,
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -89,5 +86,3 @@ def demo_sd3_pipeline(
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

@@ -14,9 +14,9 @@ image = pipe("a cat on a red chair", height=128, width=128, num_inference_steps=
 from __future__ import annotations
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+from diffusers import ZImagePipeline, ZImageTransformer2DModel
 
-from tracer.demo import demo_vae, frozen
+from tracer.demo import assemble, demo_vae
 from tracer.demo_flux2 import demo_qwen3_encoder, demo_qwen3_tokenizer
 
 __all__ = ["demo_z_image_pipeline"]
@@ -51,14 +51,11 @@ def demo_z_image_pipeline(
             axes_lens=[512, 64, 64],
         )
         vae = demo_vae(_LATENT_CHANNELS, scaling_factor=0.3611, shift_factor=0.1159)
-    for module in (text_encoder, transformer, vae):
-        frozen(module, dtype)
-    pipe = ZImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    return assemble(
+        ZImagePipeline,
+        dtype,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
