@@ -23,6 +23,7 @@ class DiffusersCogView4(DiffusersAdapter):
     """Traces diffusers CogView4: GLM text tokens first, then the image tokens."""
 
     families = "CogView4"
+    sdpa_processor = ("diffusers.models.transformers.transformer_cogview4", "CogView4AttnProcessor")
     transformer_classes = ("CogView4Transformer2DModel",)
 
     def layers(self) -> list[Layer]:
@@ -30,15 +31,6 @@ class DiffusersCogView4(DiffusersAdapter):
             Layer(f"transformer_blocks.{index}", "double", block.attn1, int(block.attn1.heads))
             for index, block in enumerate(self.transformer.transformer_blocks)
         ]
-
-    def check_attention(self, layers: list[Layer]) -> None:
-        from diffusers.models.transformers.transformer_cogview4 import CogView4AttnProcessor
-
-        self.require_processor(
-            layers,
-            CogView4AttnProcessor,
-            "pipe.transformer.set_attn_processor(CogView4AttnProcessor())",
-        )
 
     def generation(self, arguments: Mapping[str, Any]) -> Generation:
         pipe = self.pipe
@@ -68,9 +60,8 @@ class DiffusersCogView4(DiffusersAdapter):
 
     def denoiser_call(self, bound: Mapping[str, Any]) -> DenoiserCall:
         latents = bound["hidden_states"]  # [B, C, H, W]
-        patch = int(self.transformer.config.patch_size)
         return DenoiserCall(
             timestep=self.timestep_of(bound["timestep"]),
             text_len=int(bound["encoder_hidden_states"].shape[1]),
-            grid=(int(latents.shape[-2]) // patch, int(latents.shape[-1]) // patch),
+            grid=self.patched_grid(latents),
         )

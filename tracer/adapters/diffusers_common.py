@@ -6,6 +6,7 @@ joint sequence (`denoiser_call`), and how its prompts become text tokens (`gener
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
@@ -37,6 +38,9 @@ class DiffusersAdapter(Adapter):
     transformer_classes: ClassVar[tuple[str, ...]]  # class names in the `diffusers` namespace
     # What the pipeline divides scheduler timesteps by before handing them to the transformer.
     timestep_scale: ClassVar[float] = 1.0
+    # (module, class) of the processor a family's attention must run when it calls torch's SDPA
+    # itself instead of going through `dispatch_attention_fn`.
+    sdpa_processor: ClassVar[tuple[str, str] | None] = None
 
     @classmethod
     def matches(cls, pipe: Any) -> bool:
@@ -66,8 +70,12 @@ class DiffusersAdapter(Adapter):
         return handle.remove
 
     def check_attention(self, layers: list[Layer]) -> None:
-        """Families whose processors go through `dispatch_attention_fn` (most, in diffusers 0.42)
-        need a backend that ends in torch's SDPA, on one device."""
+        """Processors that go through `dispatch_attention_fn` (most, in diffusers 0.42) need a
+        backend that ends in torch's SDPA, on one device; a family whose processor calls SDPA
+        itself names that processor (`sdpa_processor`), and every layer must run it."""
+        if self.sdpa_processor is not None:
+            self._require_processor(layers)
+            return
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
         active = _AttentionBackendRegistry.get_active_backend()[0]
@@ -88,18 +96,28 @@ class DiffusersAdapter(Adapter):
                     f"computed whole on one device"
                 )
 
-    @staticmethod
-    def require_processor(layers: list[Layer], processor_class: type, fix: str) -> None:
-        """For families whose processor calls SDPA itself: every layer must run
-        `processor_class`, else UnsupportedModelError naming the layer and `fix`."""
+    def _require_processor(self, layers: list[Layer]) -> None:
+        module, name = self.sdpa_processor
+        wanted = getattr(importlib.import_module(module), name)
         for layer in layers:
             processor = getattr(layer.attention, "processor", None)
-            if not isinstance(processor, processor_class):
+            if not isinstance(processor, wanted):
                 raise UnsupportedModelError(
                     f"{layer.name} runs its attention through {type(processor).__name__}; "
                     f"attnscope reads q and k at torch's scaled_dot_product_attention, which "
-                    f"{processor_class.__name__} calls: {fix}"
+                    f"{name} calls: pipe.transformer.set_attn_processor({name}())"
                 )
+
+    def patched_grid(self, latents: torch.Tensor) -> tuple[int, int]:
+        """The token grid of `[B, C, H, W]` latents cut into the transformer's square patches."""
+        patch = int(self.transformer.config.patch_size)
+        return int(latents.shape[-2]) // patch, int(latents.shape[-1]) // patch
+
+    def negative_first_index(self, batch: int) -> int:
+        """The conditional generation's index in a `[negative, positive]` guided batch of size
+        `batch` (the first of its second half), or 0 unguided."""
+        guided = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and batch % 2 == 0
+        return batch // 2 if guided else 0
 
     def timestep_of(self, timestep: Any) -> float:
         """The scheduler timestep of a transformer's `timestep` argument."""

@@ -23,6 +23,10 @@ class DiffusersLumina2(DiffusersAdapter):
     """Traces diffusers Lumina2's joint layers: Gemma2 text tokens first, then image tokens."""
 
     families = "Lumina-Image 2.0"
+    sdpa_processor = (
+        "diffusers.models.transformers.transformer_lumina2",
+        "Lumina2AttnProcessor2_0",
+    )
     transformer_classes = ("Lumina2Transformer2DModel",)
 
     def layers(self) -> list[Layer]:
@@ -31,15 +35,6 @@ class DiffusersLumina2(DiffusersAdapter):
             Layer(f"layers.{index}", "single", block.attn, int(block.attn.heads))
             for index, block in enumerate(self.transformer.layers)
         ]
-
-    def check_attention(self, layers: list[Layer]) -> None:
-        from diffusers.models.transformers.transformer_lumina2 import Lumina2AttnProcessor2_0
-
-        self.require_processor(
-            layers,
-            Lumina2AttnProcessor2_0,
-            "pipe.transformer.set_attn_processor(Lumina2AttnProcessor2_0())",
-        )
 
     def timestep_of(self, timestep: Any) -> float:
         # The pipeline hands the transformer 1 - t / num_train_timesteps.
@@ -70,9 +65,8 @@ class DiffusersLumina2(DiffusersAdapter):
 
     def denoiser_call(self, bound: Mapping[str, Any]) -> DenoiserCall:
         latents = bound["hidden_states"]  # [B, C, H, W]
-        patch = int(self.transformer.config.patch_size)
         return DenoiserCall(
             timestep=self.timestep_of(bound["timestep"]),
             text_len=int(bound["encoder_attention_mask"][0].sum()),
-            grid=(int(latents.shape[-2]) // patch, int(latents.shape[-1]) // patch),
+            grid=self.patched_grid(latents),
         )

@@ -29,6 +29,7 @@ class DiffusersSana(DiffusersAdapter):
     """Traces diffusers Sana's cross-attention: image queries against Gemma2 text keys."""
 
     families = "Sana"
+    sdpa_processor = ("diffusers.models.transformers.sana_transformer", "SanaAttnProcessor2_0")
     transformer_classes = ("SanaTransformer2DModel",)
     absent_directions: ClassVar[Mapping[str, str]] = {
         "txt2img": "Sana's text enters through cross-attention, where image queries attend the "
@@ -42,15 +43,6 @@ class DiffusersSana(DiffusersAdapter):
             for index, block in enumerate(self.transformer.transformer_blocks)
             if getattr(block, "attn2", None) is not None
         ]
-
-    def check_attention(self, layers: list[Layer]) -> None:
-        from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
-
-        self.require_processor(
-            layers,
-            SanaAttnProcessor2_0,
-            "for each block, block.attn2.set_processor(SanaAttnProcessor2_0())",
-        )
 
     def timestep_of(self, timestep: Any) -> float:
         # The pipeline hands the transformer the scheduler's timestep times this config value.
@@ -91,13 +83,11 @@ class DiffusersSana(DiffusersAdapter):
 
     def denoiser_call(self, bound: Mapping[str, Any]) -> DenoiserCall:
         latents = bound["hidden_states"]  # [B, C, H, W]
-        patch = int(self.transformer.config.patch_size)
-        grid = (int(latents.shape[-2]) // patch, int(latents.shape[-1]) // patch)
-        batch = int(latents.shape[0])
-        guided = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and batch % 2 == 0
+        grid = self.patched_grid(latents)
         return DenoiserCall(
             timestep=self.timestep_of(bound["timestep"]),
             text_len=int(bound["encoder_hidden_states"].shape[1]),
             grid=grid,
-            batch_index=batch // 2 if guided else 0,
+            # A guided batch is [negative, positive].
+            batch_index=self.negative_first_index(int(latents.shape[0])),
         )

@@ -27,6 +27,7 @@ class DiffusersSD3(DiffusersAdapter):
     """Traces diffusers SD3/SD3.5: image tokens first, then CLIP (77) and T5 text tokens."""
 
     families = "SD3, SD3.5"
+    sdpa_processor = ("diffusers.models.attention_processor", "JointAttnProcessor2_0")
     transformer_classes = ("SD3Transformer2DModel",)
 
     def layers(self) -> list[Layer]:
@@ -35,15 +36,6 @@ class DiffusersSD3(DiffusersAdapter):
             Layer(f"transformer_blocks.{index}", "double", block.attn, int(block.attn.heads))
             for index, block in enumerate(self.transformer.transformer_blocks)
         ]
-
-    def check_attention(self, layers: list[Layer]) -> None:
-        from diffusers.models.attention_processor import JointAttnProcessor2_0
-
-        self.require_processor(
-            layers,
-            JointAttnProcessor2_0,
-            "pipe.transformer.set_attn_processor(JointAttnProcessor2_0())",
-        )
 
     def generation(self, arguments: Mapping[str, Any]) -> Generation:
         pipe = self.pipe
@@ -77,17 +69,13 @@ class DiffusersSD3(DiffusersAdapter):
 
     def denoiser_call(self, bound: Mapping[str, Any]) -> DenoiserCall:
         latents = bound["hidden_states"]  # [B, C, H, W], patchified row-major
-        patch = int(self.transformer.config.patch_size)
-        grid = (int(latents.shape[-2]) // patch, int(latents.shape[-1]) // patch)
-        # With classifier-free guidance the batch is [negative, positive]: the first prompt's
-        # conditional generation is the first of the second half.
-        batch = int(latents.shape[0])
-        guided = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and batch % 2 == 0
+        grid = self.patched_grid(latents)
         return DenoiserCall(
             timestep=self.timestep_of(bound["timestep"]),
             text_len=int(bound["encoder_hidden_states"].shape[1]),
             grid=grid,
             text_start=grid[0] * grid[1],
             image_start=0,
-            batch_index=batch // 2 if guided else 0,
+            # A guided batch is [negative, positive].
+            batch_index=self.negative_first_index(int(latents.shape[0])),
         )
