@@ -184,8 +184,7 @@ async function drawHeads(update) {
     figure.append(canvas, `head ${meta.heads[head]}`);
     grid.append(figure);
   });
-  const similarity = answer.similarity.map((row) => row.map((v) => (v === null ? null : v)));
-  paint($("similarity"), similarity, -1, 1);
+  paint($("similarity"), answer.similarity, -1, 1);
 }
 
 async function update() {
