@@ -46,9 +46,21 @@ def _param(params: Params, name: str, default: str | None = None) -> str:
     return value
 
 
+def _plain(value: Any) -> Any:
+    """`value` with its non-finite floats as text ("-inf"): JSON has no such numbers, and run
+    attributes may hold them (DPM-Solver's `lambda_min_clipped` is -inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
 def meta_answer(store: ViewStore, params: Params) -> dict[str, Any]:
     """`/api/meta`: the run's layout (ViewStore.meta)."""
-    return store.meta(params.get("run"))
+    return _plain(store.meta(params.get("run")))
 
 
 def map_answer(store: ViewStore, params: Params) -> dict[str, Any]:

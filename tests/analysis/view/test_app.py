@@ -151,3 +151,14 @@ def test_a_bucket_store_is_served_as_the_local_one(s3, tmp_path):
     assert answer.status_code == 200
     assert answer.json() == here.get("/api/map", params=params).json()
     assert remote.get("/api/meta").json()["store"] == url
+
+
+def test_run_attributes_json_cannot_hold_are_answered_as_text(store):
+    import zarr
+
+    path, _ = store
+    run = zarr.open_group(path, path="run-0000")
+    run.attrs["scheduler_config"] = {"lambda_min_clipped": float("-inf")}  # as DPM-Solver's
+    meta = TestClient(create_app(ViewStore(str(path)))).get("/api/meta")
+    assert meta.status_code == 200
+    assert meta.json()["run"]["attrs"]["scheduler_config"] == {"lambda_min_clipped": "-inf"}
