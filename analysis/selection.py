@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import numpy as np
 import xarray as xr
 
+from . import store_format as sf
 from .errors import SelectionError
 
 T = TypeVar("T", xr.DataArray, xr.Dataset)
@@ -261,6 +262,20 @@ def select(obj: T, selectors: Mapping[Hashable, Any] | None = None, **kwargs: An
         str(dim): resolve(obj, str(dim), sel) for dim, sel in wanted.items() if sel is not None
     }
     return obj.sel(indexers)
+
+
+def direction(ds: xr.Dataset, asked: str | None = None) -> str:
+    """The direction of `ds`'s maps to show: `asked`, or the first the run holds; a
+    SelectionError naming the ones it has, and why the model has none where the run says so."""
+    present = [name for name in sf.DIRECTIONS if name in ds.data_vars]
+    if not present:
+        raise SelectionError(f"{ds.attrs['run']} holds no attention maps ({sf.DIRECTIONS})")
+    chosen = asked or present[0]
+    if chosen not in present:
+        why = (ds.attrs.get(sf.DIRECTIONS_ABSENT) or {}).get(chosen)
+        because = f" (the model has none: {why})" if why else ""
+        raise SelectionError(f"{ds.attrs['run']} has no {chosen!r} maps{because}; it has {present}")
+    return chosen
 
 
 def reduce(da: xr.DataArray, over: Sequence[str] | str, how: str = "mean") -> xr.DataArray:

@@ -202,9 +202,8 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, *, joint: bool = True) -> tuple[
             )
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if (q.shape if joint else (q.shape[0], q.shape[2])) != (
-        k.shape if joint else (k.shape[0], k.shape[2])
-    ):
+    # A cross-attention's keys are as many as its text tokens, not its queries.
+    if any(q.shape[d] != k.shape[d] for d in ((0, 1, 2) if joint else (0, 2))):
         same = "shape [H, N, D]" if joint else "heads and head dim [H, ·, D]"
         raise ValueError(
             f"q and k must have the same {same}, got q {tuple(q.shape)} and k {tuple(k.shape)}"

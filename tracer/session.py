@@ -144,6 +144,7 @@ class Recorder:
             self._wants,
             self._capture,
             fetch_lse=options.lse == "kernel",
+            no_lse=self._cross_layers,
         )
         self._pipe_class: type | None = None
         self._unwatch = None

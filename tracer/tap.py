@@ -20,7 +20,7 @@ log-sum-exp.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -204,7 +204,8 @@ class _TapHook(ModelHook):
         tap = self.tap
         if not tap.wants(self.name):
             return forward(*args, **kwargs)
-        mode = _FirstSdpa(lambda call: tap.on_call(self.name, call), tap._checked, tap.fetch_lse)
+        fetch_lse = tap.fetch_lse and self.name not in tap.no_lse
+        mode = _FirstSdpa(lambda call: tap.on_call(self.name, call), tap._checked, fetch_lse)
         with mode:
             out = forward(*args, **kwargs)
         if not mode.seen:
@@ -223,9 +224,10 @@ class _TapHook(ModelHook):
 class AttentionTap:
     """Hooks the named attention modules so their SDPA inputs can be read.
 
-    `fetch_lse` takes each row's log-sum-exp from the model's own kernel where it can;
-    `lse_calls` counts the calls whose normalisers came from the kernel and those left to
-    recompute.
+    `fetch_lse` takes each row's log-sum-exp from the model's own kernel where it can, except for
+    the modules in `no_lse`, whose maps need none (a cross-attention's normalisers are over its
+    few text keys): their kernel runs as the model calls it. `lse_calls` counts the calls whose
+    normalisers came from the kernel and those left to recompute.
     """
 
     def __init__(
@@ -235,11 +237,13 @@ class AttentionTap:
         on_call: Callable[[str, AttentionCall], None],
         *,
         fetch_lse: bool = True,
+        no_lse: Collection[str] = (),
     ) -> None:
         self.modules = modules
         self.wants = wants
         self.on_call = on_call
         self.fetch_lse = fetch_lse
+        self.no_lse = frozenset(no_lse)
         self.lse_calls = {"kernel": 0, "recompute": 0}
         self._attached: list[tuple[torch.nn.Module, bool]] = []  # (module, registry was ours)
         self._checked: dict[tuple, bool] = {}  # lse kernels checked against SDPA (accelerators)

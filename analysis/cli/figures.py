@@ -19,7 +19,7 @@ from ..compare import DISTANCES, MAP_DIMS, SIMILARITIES, head_similarity, step_d
 from ..errors import SelectionError, SpanError, UsageError
 from ..open import open_trace
 from ..plot import animate, describe, drift_curve, grid, heatmap, overlay, similarity_matrix
-from ..selection import REDUCTIONS, reduce, select
+from ..selection import REDUCTIONS, direction, reduce, select
 from .args import DISTRIBUTED_HINT, opening, output_path, positive, storage_options, store_parent
 
 
@@ -134,15 +134,7 @@ def _check_style(args: argparse.Namespace) -> None:
 
 
 def _variable(ds: xr.Dataset, args: argparse.Namespace) -> xr.DataArray:
-    present = [name for name in sf.DIRECTIONS if name in ds.data_vars]
-    if not present:
-        raise SelectionError(f"{ds.attrs['run']} holds no attention maps ({sf.DIRECTIONS})")
-    direction = args.direction or present[0]
-    if direction not in present:
-        why = ds.attrs.get(sf.DIRECTIONS_ABSENT, {}).get(direction)
-        because = f" (the model has none: {why})" if why else ""
-        raise SelectionError(f"this run has no {direction!r} maps{because}; it has {present}")
-    return ds[direction]
+    return ds[direction(ds, args.direction)]
 
 
 def _selection(ds: xr.Dataset, args: argparse.Namespace) -> xr.DataArray:

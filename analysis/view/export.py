@@ -28,9 +28,10 @@ def query_key(path: str, params: dict[str, Any]) -> str:
 
 def export(store: ViewStore, run: str, direction: str, span: str) -> str:
     """The page of `run`'s `span` in `direction`, with every answer it can ask for inside."""
-    meta = store.meta(run)
+    meta = ANSWERS["api/meta"](store, {"run": run})
+    answers = {query_key("api/meta", {"run": run}): meta}
     base = {"run": run, "direction": direction, "span": span}
-    wanted: list[tuple[str, dict[str, Any]]] = [("api/meta", {"run": run})]
+    wanted: list[tuple[str, dict[str, Any]]] = []
     means = {"step": MEAN, "layer": MEAN, "head": MEAN}
     wanted.append(("api/map", base | means))
     for dim in ("step", "layer", "head"):
@@ -38,7 +39,7 @@ def export(store: ViewStore, run: str, direction: str, span: str) -> str:
     wanted.append(("api/heads", base | {"step": MEAN, "layer": MEAN}))
     wanted.append(("api/drift", base | {"layer": MEAN, "head": MEAN}))
     wanted += [("api/entity", {"run": run, "entity": e}) for e in meta["run"]["entities"]]
-    answers = {query_key(path, params): ANSWERS[path](store, params) for path, params in wanted}
+    answers |= {query_key(path, params): ANSWERS[path](store, params) for path, params in wanted}
     image = None
     if meta["has_image"]:
         image = "data:image/png;base64," + base64.b64encode(store.image_png(run)).decode()

@@ -20,7 +20,8 @@ import xarray as xr
 from .. import store_format as sf
 from ..compare import head_similarity, step_drift
 from ..errors import SelectionError
-from ..open import PartialRunWarning, list_runs, open_trace, trace_info
+from ..open import PartialRunWarning, open_trace, trace_info
+from ..selection import direction as pick_direction
 from ..spans import span_view
 
 MEAN = "mean"
@@ -59,13 +60,6 @@ class ViewStore:
         self.path = path
         self.storage_options = dict(storage_options or {})
         self._tokens = functools.lru_cache(maxsize=4)(self._open)
-
-    def runs(self) -> list[dict[str, Any]]:
-        """Every run: name, status, prompt."""
-        return [
-            {"name": info.name, "status": info.status, "prompt": info.attrs.get(sf.PROMPT)}
-            for info in list_runs(self.path, storage_options=self.storage_options)
-        ]
 
     def _open(self, run: str | None) -> xr.Dataset:
         with warnings.catch_warnings():
@@ -115,14 +109,7 @@ class ViewStore:
         the computation; then the span's rows are combined; then the means are taken.
         """
         ds = self.tokens(run)
-        if direction not in ds.data_vars:
-            why = (ds.attrs.get(sf.DIRECTIONS_ABSENT) or {}).get(direction)
-            present = [d for d in sf.DIRECTIONS if d in ds.data_vars]
-            raise SelectionError(
-                f"{ds.attrs['run']} has no {direction!r} maps"
-                + (f" (the model has none: {why})" if why else "")
-                + f"; it has {present}"
-            )
+        direction = pick_direction(ds, direction)
         at = {dim: position(dim, value, ds.sizes[dim]) for dim, value in where.items()}
         rows = ds[[direction]].isel({dim: i for dim, i in at.items() if i != MEAN})
         view = span_view(rows.assign_attrs(ds.attrs), {span: span})

@@ -8,12 +8,11 @@ Guidance runs the negative prompt as a second call.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 from tracer.adapters.base import DenoiserCall, Generation, Layer, first_of
 from tracer.adapters.diffusers_common import DiffusersAdapter
-from tracer.adapters.text import templated_segment
+from tracer.adapters.text import templated_segment, with_padding
 from tracer.spans import TextTokens
 
 TEXT_MULTIPLE = 16  # the pipeline left-pads the text to a multiple of this
@@ -47,13 +46,7 @@ class DiffusersCogView4(DiffusersAdapter):
             return Generation(text=TextTokens(segments=(), length=0), attrs=attrs)
         segment = templated_segment(pipe.tokenizer, "prompt", prompt, "{}", max_len)
         pad = (-len(segment.tokens)) % TEXT_MULTIPLE
-        segment = replace(
-            segment,
-            tokens=(pipe.tokenizer.pad_token,) * pad + segment.tokens,
-            offsets=((0, 0),) * pad + segment.offsets,
-            content=(False,) * pad + segment.content,
-            padding=(True,) * pad + segment.padding,
-        )
+        segment = with_padding(segment, pad, pipe.tokenizer.pad_token, before=True)
         return Generation(
             text=TextTokens(segments=(segment,), length=len(segment.tokens)), attrs=attrs
         )

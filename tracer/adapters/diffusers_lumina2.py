@@ -13,7 +13,7 @@ from typing import Any
 
 from tracer.adapters.base import DenoiserCall, Generation, Layer, first_of
 from tracer.adapters.diffusers_common import DiffusersAdapter
-from tracer.adapters.text import templated_segment
+from tracer.adapters.text import prompt_template, templated_segment
 from tracer.spans import TextTokens
 
 PROMPT_START = " <Prompt Start> "  # what the pipeline puts between the system prompt and prompt
@@ -56,7 +56,7 @@ class DiffusersLumina2(DiffusersAdapter):
         }
         if prompt is None:
             return Generation(text=TextTokens(segments=(), length=0), attrs=attrs)
-        template = (system + PROMPT_START).replace("{", "{{").replace("}", "}}") + "{}"
+        template = prompt_template(system + PROMPT_START)
         # The transformer keeps the real tokens only: the padded tokenization less its padding.
         segment = templated_segment(pipe.tokenizer, "prompt", prompt, template, max_len)
         return Generation(

@@ -21,7 +21,7 @@ from tracer.adapters.base import (
     first_of,
 )
 from tracer.adapters.diffusers_common import DiffusersAdapter
-from tracer.adapters.text import templated_segment
+from tracer.adapters.text import prompt_template, templated_segment
 from tracer.spans import TextTokens
 
 
@@ -73,7 +73,7 @@ class DiffusersSana(DiffusersAdapter):
             pipe.tokenizer,
             "prompt",
             text[0],
-            prefix.replace("{", "{{").replace("}", "}}") + "{}",
+            prompt_template(prefix),
             length,
             keep=[0, *range(-max_len + 1, 0)],
             padded=True,

@@ -11,7 +11,6 @@ different lengths are padded and masked.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 from tracer.adapters.base import (
@@ -22,7 +21,7 @@ from tracer.adapters.base import (
     first_of,
 )
 from tracer.adapters.diffusers_common import DiffusersAdapter
-from tracer.adapters.text import chat_template, templated_segment, user_turn
+from tracer.adapters.text import chat_template, templated_segment, user_turn, with_padding
 from tracer.spans import TextTokens
 
 # Z-Image pads the image tokens and the text tokens each to a multiple of this, with a learned
@@ -71,13 +70,7 @@ class DiffusersZImage(DiffusersAdapter):
         segment = templated_segment(pipe.tokenizer, "prompt", prompt, template, max_len)
         # The transformer pads the text with its learned token (`cap_pad_token`), attended.
         pad = padded_length(len(segment.tokens)) - len(segment.tokens)
-        segment = replace(
-            segment,
-            tokens=segment.tokens + (PAD_TOKEN,) * pad,
-            offsets=segment.offsets + ((0, 0),) * pad,
-            content=segment.content + (False,) * pad,
-            padding=segment.padding + (True,) * pad,
-        )
+        segment = with_padding(segment, pad, PAD_TOKEN)
         attrs["prompt_template"] = template
         return Generation(
             text=TextTokens(segments=(segment,), length=len(segment.tokens)), attrs=attrs

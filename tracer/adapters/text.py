@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from analysis.errors import UnsupportedModelError
 from tracer.spans import Segment
+
+
+def _require_fast(tokenizer: Any, name: str) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise UnsupportedModelError(
+            f"attnscope finds words through the tokenizer's offsets, which needs a fast "
+            f"tokenizer; the {name!r} tokenizer is {type(tokenizer).__name__}"
+        )
 
 
 def padded_segment(tokenizer: Any, name: str, text: str, first: int, length: int) -> Segment:
@@ -15,11 +24,7 @@ def padded_segment(tokenizer: Any, name: str, text: str, first: int, length: int
     The same call diffusers' FLUX and SD3 pipelines and DiffSynth's prompt units make, plus the
     offsets (for words), the special-token mask (for the segment's span) and the padding.
     """
-    if not getattr(tokenizer, "is_fast", False):
-        raise UnsupportedModelError(
-            f"attnscope finds words through the tokenizer's offsets, which needs a fast "
-            f"tokenizer; the {name!r} tokenizer is {type(tokenizer).__name__}"
-        )
+    _require_fast(tokenizer, name)
     encoded = tokenizer(
         text,
         padding="max_length",
@@ -45,16 +50,21 @@ def padded_segment(tokenizer: Any, name: str, text: str, first: int, length: int
     )
 
 
+def prompt_template(before: str, after: str = "") -> str:
+    """A `str.format` template putting the prompt between `before` and `after` (taken as they
+    are, braces included)."""
+
+    def literal(text: str) -> str:
+        return text.replace("{", "{{").replace("}", "}}")
+
+    return literal(before) + "{}" + literal(after)
+
+
 def chat_template(render: Callable[[str], str]) -> str:
-    """A prompt template (`str.format`, `{}` where the prompt goes) from `render`, which turns a
-    prompt into the text the pipeline's chat template makes of it."""
+    """The prompt template of `render`, which turns a prompt into the text the pipeline's chat
+    template makes of it."""
     marker = "\ue000"  # a private-use character: in no template
-    before, after = render(marker).split(marker)
-    return (
-        before.replace("{", "{{").replace("}", "}}")
-        + "{}"
-        + after.replace("{", "{{").replace("}", "}}")
-    )
+    return prompt_template(*render(marker).split(marker))
 
 
 def user_turn(tokenizer: Any, **options: Any) -> Callable[[str], str]:
@@ -70,6 +80,22 @@ def user_turn(tokenizer: Any, **options: Any) -> Callable[[str], str]:
         )
 
     return render
+
+
+def with_padding(segment: Segment, count: int, token: str, *, before: bool = False) -> Segment:
+    """`segment` with `count` padding positions of `token` after it (or `before` it): padding the
+    model adds to the tokenizer's text itself."""
+    pad = {
+        "tokens": (token,) * count,
+        "offsets": ((0, 0),) * count,
+        "content": (False,) * count,
+        "padding": (True,) * count,
+    }
+
+    def joined(name: str) -> tuple:
+        return pad[name] + getattr(segment, name) if before else getattr(segment, name) + pad[name]
+
+    return replace(segment, **{name: joined(name) for name in pad})
 
 
 def templated_segment(
@@ -93,11 +119,7 @@ def templated_segment(
     Only the tokens of `text` itself are content; the template's tokens that stay are kept as
     tokens of their own (the model attends them), with offsets relative to `text`.
     """
-    if not getattr(tokenizer, "is_fast", False):
-        raise UnsupportedModelError(
-            f"attnscope finds words through the tokenizer's offsets, which needs a fast "
-            f"tokenizer; the {name!r} tokenizer is {type(tokenizer).__name__}"
-        )
+    _require_fast(tokenizer, name)
     at = template.index("{}")
     encoded = tokenizer(
         template.format(text),

@@ -68,6 +68,8 @@ def test_the_store_says_txt2img_does_not_exist(pipe, tmp_path, capsys):
     assert "txt2img" not in ds and "img2txt" in ds
     assert ds.attrs["capture"]["directions"] == ["img2txt"]
     assert "cross-attention" in ds.attrs["directions_absent"]["txt2img"]
+    # Cross-attention maps need no kernel normaliser: the model's kernel runs as it calls it.
+    assert ds.attrs["lse_used"] == {"kernel": 0, "recompute": 3 * 2}
     png = tmp_path / "cat.png"
     assert main(["heatmap", str(path), "--span", "cat", "--out", str(png)]) == 0
     assert png.stat().st_size > 0
