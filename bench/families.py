@@ -1,15 +1,20 @@
-"""Tracing overhead per model family at one comparable geometry, beside attention-map-diffusers.
+"""Tracing overhead per model family at two comparable geometries, beside attention-map-diffusers.
 
-Each family's demo pipeline is built with the same transformer width (4 heads × 64), four traced
-attentions and a 32×32 token grid (512² with 2×2 packing or patches; 1024² for Sana's factor-32
-autoencoder), and called with `max_sequence_length=128`: each family then has its own text
-length (T5 padded to 128, SD3 with 77 CLIP positions before, FLUX.2 its chat template padded to
-128, Sana 128 of Gemma's; Qwen-Image, Z-Image, Lumina2 and CogView4 unpadded, in their own
-templates). Each runs at its pipeline's own guidance defaults (batched, as a second call, or
-embedded). attention-map-diffusers runs beside it where it supports the family (not Qwen-Image,
-Lumina2 or CogView4, whose processors it refuses). As in bench/overhead.py, each ratio is a pair
-(untraced, then traced, in alternating order), and the figure is the median over pairs; the
-recorders' pairs are interleaved.
+Each family's demo pipeline is built with four traced attentions at each geometry:
+- `small`: 4 heads × 64, a 32×32 token grid (512² with 2×2 packing or patches; 1024² for Sana's
+  factor-32 autoencoder), `max_sequence_length=128`, 8 steps: generations of about a second,
+  where a run's fixed cost weighs most. attention-map-diffusers runs beside attnscope here,
+  where it supports the family (not Qwen-Image, Lumina2 or CogView4, whose processors it
+  refuses).
+- `flux-cpu`: FLUX's CPU benchmark geometry (bench/overhead.py): 8 heads × 128, a 64×64 token
+  grid, `max_sequence_length=512`, 2 steps. attnscope only: attention-map-diffusers saves every
+  map raw, gigabytes per generation at this size.
+Each family has its own text length (T5 padded to the maximum, SD3 with 77 CLIP positions before,
+FLUX.2 its chat template padded; Sana Gemma's, padded; Qwen-Image, Z-Image, Lumina2 and CogView4
+unpadded, in their own templates), and runs at its pipeline's own guidance defaults (batched, as
+a second call, or embedded). As in bench/overhead.py, each ratio is a pair (untraced, then
+traced, in alternating order), and the figure is the median over pairs; the recorders' pairs are
+interleaved.
 """
 
 from __future__ import annotations
@@ -20,8 +25,23 @@ from typing import Any
 
 from bench.common import PROMPT_20_WORDS, du, log, median, scratch
 
-TEXT_LEN, SIDE, STEPS = 128, 512, 8
-WIDTH = {"num_attention_heads": 4, "attention_head_dim": 64}
+
+@dataclass(frozen=True)
+class Geometry:
+    """The transformer width, token grid, text length and steps every family is run at."""
+
+    heads: int
+    head_dim: int
+    grid: int  # token grid side
+    text_len: int  # max_sequence_length
+    steps: int
+    peers: bool  # whether attention-map-diffusers runs too
+
+
+GEOMETRIES = {
+    "small": Geometry(heads=4, head_dim=64, grid=32, text_len=128, steps=8, peers=True),
+    "flux-cpu": Geometry(heads=8, head_dim=128, grid=64, text_len=512, steps=2, peers=False),
+}
 DOUBLE_AND_SINGLE = {"num_layers": 2, "num_single_layers": 2}
 
 
@@ -31,38 +51,44 @@ class Family:
 
     demo: dict[str, Any]
     call: dict[str, Any] = field(default_factory=dict)
-    side: int = SIDE
-    recorders: tuple[str, ...] = ("attnscope", "amd")
+    pixels_per_token: int = 16  # 8× autoencoder, 2×2 patches
+    padded: bool = False  # whether the demo takes max_sequence_length (its padded text length)
+    peer: bool = True  # whether attention-map-diffusers supports it
 
 
 FAMILIES = {
-    "flux": Family({"max_sequence_length": TEXT_LEN, **DOUBLE_AND_SINGLE}),
-    "sd3": Family({"max_sequence_length": TEXT_LEN, "num_layers": 4}),
-    "chroma": Family({"max_sequence_length": TEXT_LEN, **DOUBLE_AND_SINGLE}),
+    "flux": Family(DOUBLE_AND_SINGLE, padded=True),
+    "sd3": Family({"num_layers": 4}, padded=True),
+    "chroma": Family(DOUBLE_AND_SINGLE, padded=True),
     "flux2": Family(DOUBLE_AND_SINGLE),
-    "qwen-image": Family({"num_layers": 4}, recorders=("attnscope",)),
+    "qwen-image": Family({"num_layers": 4}, peer=False),
     "z-image": Family({"num_layers": 4}),
-    "lumina2": Family({"num_layers": 4}, recorders=("attnscope",)),
-    "cogview4": Family({"num_layers": 4}, recorders=("attnscope",)),
+    "lumina2": Family({"num_layers": 4}, peer=False),
+    "cogview4": Family({"num_layers": 4}, peer=False),
     "sana": Family(
-        {"num_layers": 4, "num_cross_attention_heads": 4},
+        {"num_layers": 4},
         call={"use_resolution_binning": False},
-        side=2 * SIDE,
+        pixels_per_token=32,
     ),
 }
 
 
 def figures(pairs: int) -> dict[str, Any]:
-    """Every family, each in its own interpreter."""
+    """Every family at every geometry, each in its own interpreter."""
     from bench.common import isolated
 
     return {
-        family: isolated("bench.families:measure", family=family, pairs=pairs)
-        for family in FAMILIES
+        geometry: {
+            family: isolated(
+                "bench.families:measure", family=family, geometry=geometry, pairs=pairs
+            )
+            for family in FAMILIES
+        }
+        for geometry in GEOMETRIES
     }
 
 
-def measure(family: str, pairs: int) -> dict[str, Any]:
+def measure(family: str, geometry: str, pairs: int) -> dict[str, Any]:
     """Run in a fresh interpreter (bench.common.isolated): median traced/untraced per recorder."""
     import torch
 
@@ -70,16 +96,22 @@ def measure(family: str, pairs: int) -> dict[str, Any]:
     from bench.baselines import attention_map_diffusers
     from tracer.cli import load_demo
 
-    spec = FAMILIES[family]
-    pipe = load_demo(family, seed=0, **WIDTH, **spec.demo)
+    spec, shape = FAMILIES[family], GEOMETRIES[geometry]
+    width = {"num_attention_heads": shape.heads, "attention_head_dim": shape.head_dim}
+    if family == "sana":  # its cross-attention (the traced one) as wide as the others
+        width["num_cross_attention_heads"] = shape.heads
+    text = {"max_sequence_length": shape.text_len} if spec.padded else {}
+    pipe = load_demo(family, seed=0, **width, **spec.demo, **text)
+    side = shape.grid * spec.pixels_per_token
+    recorders = ("attnscope", "amd") if shape.peers and spec.peer else ("attnscope",)
 
     def generate() -> None:
         pipe(
             prompt=PROMPT_20_WORDS,
-            height=spec.side,
-            width=spec.side,
-            num_inference_steps=STEPS,
-            max_sequence_length=TEXT_LEN,
+            height=side,
+            width=side,
+            num_inference_steps=shape.steps,
+            max_sequence_length=shape.text_len,
             generator=torch.Generator().manual_seed(0),
             output_type="latent",
             **spec.call,
@@ -98,17 +130,17 @@ def measure(family: str, pairs: int) -> dict[str, Any]:
             return time.perf_counter() - start, du(workdir)
 
     timed(None)  # first-call costs out of pair 1
-    ratios: dict[str, list[float]] = {name: [] for name in spec.recorders}
+    ratios: dict[str, list[float]] = {name: [] for name in recorders}
     untraced: list[float] = []
     stored: dict[str, int] = {}
     for i in range(pairs):
-        for name in spec.recorders:
+        for name in recorders:
             first, second = (None, name) if i % 2 == 0 else (name, None)
             times = {first: timed(first), second: timed(second)}
             untraced.append(times[None][0])
             ratios[name].append(times[name][0] / times[None][0])
             stored[name] = times[name][1]
-            log(f"{family} {name} pair {i + 1}: {ratios[name][-1]:.3f}")
+            log(f"{family} at {geometry}, {name} pair {i + 1}: {ratios[name][-1]:.3f}")
     return {
         "family": family,
         "pipeline": type(pipe).__name__,

@@ -468,54 +468,63 @@ def _s3(r: dict[str, Any]) -> str:
 
 
 def _families(r: dict[str, Any]) -> str:
-    """Tracing overhead per model family (bench/families.py)."""
+    """Tracing overhead per model family at each geometry (bench/families.py)."""
     found = r.get("families")
     if not found:
         return ""
-    from bench.families import STEPS, TEXT_LEN
+    from bench.families import GEOMETRIES
 
-    rows = [
-        [
-            f["pipeline"],
-            f"{f['untraced_s']:.2f} s",
-            f"{f['ratio']['attnscope']:.3f} {_ok(f['ratio']['attnscope'] <= 1.10)}",
-            _size(f["bytes"]["attnscope"]),
-            f"{f['ratio']['amd']:.2f}" if "amd" in f["ratio"] else "not supported",
-            _size(f["bytes"]["amd"]) if "amd" in f["bytes"] else "—",
-        ]
-        for f in found.values()
+    parts = [
+        "## Model families",
+        "Each family's demo pipeline with four traced attentions, at two geometries (each "
+        "family's text as its pipeline lays it out: padded or not, in its template; see "
+        "bench/families.py), each pipeline's own guidance. Every head, step, layer and direction "
+        "the model has (Sana: img2txt only). Ratios are medians of traced/untraced pairs in "
+        "alternating order; target for attnscope: ≤ 1.10 and below the peer.",
     ]
-    return "\n\n".join(
-        [
-            "## Model families",
-            f"Each family's demo pipeline at one geometry: 4 heads × 64, four traced attentions, "
-            f"a 32×32 token grid, {STEPS} steps, `max_sequence_length={TEXT_LEN}` (each family's "
-            "text as its pipeline lays it out: padded or not, in its template; see "
-            "bench/families.py), each pipeline's own guidance. Every head, step, layer and "
-            "direction the model has (Sana: img2txt only), for attnscope and "
-            "attention-map-diffusers (its `AttentionCapture`, saved raw) where it supports the "
-            "family (it refuses Qwen-Image's, Lumina2's and CogView4's processors). Ratios are "
-            "medians of traced/untraced pairs in alternating order "
-            f"({next(iter(found.values()))['pairs']} "
-            "per recorder). Target for attnscope: ≤ 1.10 and below the peer. These generations "
-            "last about a second, so a run's fixed cost (laying the run down, syncing its last "
-            "step) weighs far more than at the FLUX CPU geometry of *Tracing overhead*; "
-            "attention-map-diffusers' FLUX processor records the double-stream blocks only "
-            "(see *Tracing overhead*).",
-            _table(
-                [
-                    "pipeline",
-                    "untraced",
-                    "attnscope",
-                    "attnscope store",
-                    "attention-map-diffusers",
-                    "its files",
-                ],
-                rows,
-            ),
-            "Command: `python -m bench` (section `families`).",
-        ]
-    )
+    for name, families in found.items():
+        shape = GEOMETRIES[name]
+        first = next(iter(families.values()))
+        parts.append(
+            f"### {name}: {shape.heads} heads × {shape.head_dim}, a {shape.grid}×{shape.grid} "
+            f"token grid, `max_sequence_length={shape.text_len}`, {shape.steps} steps, "
+            f"{first['pairs']} pairs per recorder"
+        )
+        if shape.peers:
+            parts.append(
+                "attention-map-diffusers (its `AttentionCapture`, saved raw) runs beside attnscope "
+                "where it supports the family (it refuses Qwen-Image's, Lumina2's and CogView4's "
+                "processors; its FLUX processor records the double-stream blocks only, see "
+                "*Tracing overhead*). These generations last about a second, so a run's fixed "
+                "cost (laying the run down, syncing its last step) and the writer's compression, "
+                "which shares the two cores with the model, weigh far more than at the FLUX CPU "
+                "geometry."
+            )
+        else:
+            parts.append(
+                "FLUX's CPU geometry of *Tracing overhead*. attnscope only: "
+                "attention-map-diffusers would save gigabytes of raw maps per generation here."
+            )
+        headers = ["pipeline", "untraced", "attnscope", "attnscope store"]
+        if shape.peers:
+            headers += ["attention-map-diffusers", "its files"]
+        rows = []
+        for f in families.values():
+            row = [
+                f["pipeline"],
+                f"{f['untraced_s']:.2f} s",
+                f"{f['ratio']['attnscope']:.3f} {_ok(f['ratio']['attnscope'] <= 1.10)}",
+                _size(f["bytes"]["attnscope"]),
+            ]
+            if shape.peers:
+                row += [
+                    f"{f['ratio']['amd']:.2f}" if "amd" in f["ratio"] else "not supported",
+                    _size(f["bytes"]["amd"]) if "amd" in f["bytes"] else "—",
+                ]
+            rows.append(row)
+        parts.append(_table(headers, rows))
+    parts.append("Command: `python -m bench` (section `families`).")
+    return "\n\n".join(parts)
 
 
 def _view(r: dict[str, Any]) -> str:

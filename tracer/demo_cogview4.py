@@ -61,7 +61,7 @@ def demo_cogview4_pipeline(
             text_embed_dim=_TEXT_HIDDEN,
             time_embed_dim=32,
             condition_dim=16,
-            pos_embed_max_size=32,
+            pos_embed_max_size=64,
             sample_size=16,
             rope_axes_dim=(64, 64),
         )

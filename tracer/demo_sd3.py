@@ -70,7 +70,7 @@ def demo_sd3_pipeline(
             joint_attention_dim=_T5_D_MODEL,
             caption_projection_dim=num_attention_heads * attention_head_dim,
             pooled_projection_dim=_CLIP_POOLED,
-            pos_embed_max_size=32,
+            pos_embed_max_size=64,
         )
         # SD3's latent normalisation.
         vae = demo_vae(_LATENT_CHANNELS, scaling_factor=1.5305, shift_factor=0.0609)

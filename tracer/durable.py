@@ -55,6 +55,13 @@ class StagedShards:
             _sync(staged)
         new_folders = _make_folders(final.parent)
         self._move_into_place(staged, final)
+        # The staged shard's folders are this step's alone (the first, `c`, is every step's):
+        # emptied now, on the writer's thread, they leave close() little to remove.
+        shared = self._staging_folder / key.split("/")[0]
+        for folder in staged.parents:
+            if folder == shared:
+                break
+            folder.rmdir()
         if self._fsync:
             # The new name, and every folder made for it, recorded in its parent folder.
             for folder in {final.parent, *(f.parent for f in new_folders)}:
