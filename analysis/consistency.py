@@ -101,7 +101,7 @@ def run_findings(
         if attrs.get(sf.STATUS) == sf.COMPLETE and set(listed) != set(steps):
             missing = [s for s in steps if s not in set(listed)]
             error(f"is complete but steps {describe_values(missing)} are not listed complete")
-    for dim in ("y", "x"):
+    for dim in ("frame", "y", "x"):
         if dim in coords and not np.array_equal(coords[dim], np.arange(len(coords[dim]))):
             error(f"coordinate {dim!r} is not 0..{len(coords[dim]) - 1}")
     if "layer_kind" in coords:

@@ -7,6 +7,7 @@ attention maps stay in the store as dask arrays over its chunks until a reductio
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -208,20 +209,22 @@ CHUNK_BYTES = 16 * 2**20
 
 def _default_chunks(group: zarr.Group) -> dict[str, int]:
     """Dask chunks of whole stored maps: one step, all heads, as many layers as fit; all token
-    rows at once (version 2: every span is read from the same chunks, each chunk once) or one
-    span (version 1). Over the network (fsspec URLs) one layer a chunk, so a question about
-    one map fetches that layer's rows, not the step's."""
+    rows at once (version 2: every span is read from the same chunks, each chunk once; a
+    video's rows as many as fit) or one span (version 1). Over the network (fsspec URLs) one
+    layer a chunk, so a question about one map fetches that layer's rows, not the step's."""
     arrays = [group[name] for name in sf.DIRECTIONS if name in group]
     if not arrays:
         return {}
-    _, n_layer, n_head, n_rows, ny, nx = arrays[0].shape
-    per_layer = n_head * ny * nx * arrays[0].dtype.itemsize
+    _, n_layer, n_head, n_rows, *cells = arrays[0].shape
+    per_map = n_head * math.prod(cells) * arrays[0].dtype.itemsize  # one row of one layer
     if arrays[0].metadata.dimension_names[3] == "span":
-        return {"step": 1, "layer": max(1, min(n_layer, CHUNK_BYTES // per_layer)), "span": 1}
-    layers = max(1, min(n_layer, CHUNK_BYTES // (per_layer * n_rows)))
+        return {"step": 1, "layer": max(1, min(n_layer, CHUNK_BYTES // per_map)), "span": 1}
+    layers = max(1, min(n_layer, CHUNK_BYTES // (per_map * n_rows)))
     if not isinstance(group.store, LocalStore):
         layers = 1
-    return {"step": 1, "layer": layers, "token": -1}
+    # A video's rows can outgrow a chunk on their own (Wan at 480p: 5 MB a row of 40 heads).
+    rows = -1 if per_map * n_rows <= CHUNK_BYTES else max(1, CHUNK_BYTES // per_map)
+    return {"step": 1, "layer": layers, "token": rows}
 
 
 def open_trace(

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from .compare import MAP_DIMS
 from .selection import SelectionError
 
-TITLE_DIMS = ("span", "layer", "head", "step")
+TITLE_DIMS = ("span", "layer", "head", "step", "frame")
+VIDEO_ONLY = ("frame",)  # named in titles only where the maps have it: image runs have none
 COLORBAR_LABELS = {
     "txt2img": "attention probability\n(span's text → image cell)",
     "img2txt": "attention mass on the span\n(image cell → text)",
@@ -70,8 +71,10 @@ def describe(da: xr.DataArray, reduced: Mapping[str, str] | None = None) -> str:
         if dim in da.coords:
             parts.append(label(da, dim))
         else:
-            how = (reduced or {}).get(dim) or da.attrs.get("reduced", {}).get(dim, "reduced")
-            parts.append(f"{dim}: {how}")
+            how = (reduced or {}).get(dim) or da.attrs.get("reduced", {}).get(dim)
+            if how is None and dim in VIDEO_ONLY:
+                continue
+            parts.append(f"{dim}: {how or 'reduced'}")
     return " · ".join(parts)
 
 

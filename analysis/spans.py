@@ -164,7 +164,8 @@ def _combine(
 
 
 def span_view(tokens: xr.Dataset, spans: Spans | None = None) -> xr.Dataset:
-    """The run of `tokens` (dims step, layer, head, token, y, x) with its maps per span too.
+    """The run of `tokens` (dims step, layer, head, token, [frame,] y, x) with its maps per span
+    too (dims step, layer, head, span, [frame,] y, x).
 
     `spans`: a list of requests (a stored span's name, a phrase of the prompt, `"3:7"` or
     `(3, 7)` for text positions 3..6), a mapping of names to requests, or None for the run's
@@ -190,7 +191,8 @@ def span_view(tokens: xr.Dataset, spans: Spans | None = None) -> xr.Dataset:
                 continue
             out.append(_combine(tokens[direction], picked, rows, direction).astype(np.float32))
     labels = xr.DataArray(np.array(list(chosen), dtype=object), dims="span")
-    order = [d for d in sf.SPAN_DIMS if d in tokens[next(iter(views))].dims or d == "span"]
+    # The stored variable's own dims, token's place taken by span (video runs keep frame).
+    order = ["span" if d == "token" else d for d in tokens[next(iter(views))].dims]
     data = {d: xr.concat(v, dim=labels).transpose(*order, ...) for d, v in views.items()}
     # The stored rows stay beside the views, as `txt2img_tokens` and `img2txt_tokens`.
     ds = tokens.rename({d: f"{d}{TOKENS_SUFFIX}" for d in views}).assign(data)

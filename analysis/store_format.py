@@ -72,6 +72,7 @@ VARIABLES: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "token_segment": (("token",), STRING_TYPES),  # prompt, entity0, ...: the text it belongs to
     "token_count": (("token",), INT_TYPES),  # positions the row covers: 1, or a padding run
     "token_padding": (("token",), BOOL_TYPES),
+    "frame": (("frame",), INT_TYPES),  # video runs only: the latent frame's index
     "y": (("y",), INT_TYPES),
     "x": (("x",), INT_TYPES),
     "branch": ((), STRING_TYPES),
@@ -116,6 +117,10 @@ MODEL = "model"  # model id or path, or the class of a model built in code
 PIPELINE = "pipeline"  # the pipeline's class name
 BACKEND = "backend"  # the library that ran it: diffusers or diffsynth
 LSE_USED = "lse_used"  # traced calls by where their normalisers came from: kernel, recompute
+# Video runs: how many video frames one latent frame covers (the autoencoder's temporal factor;
+# the first latent frame covers the first video frame alone), and the video frames generated.
+TEMPORAL_COMPRESSION = "temporal_compression"
+NUM_FRAMES = "num_frames"
 
 # Keys of the `capture` attribute.
 DIRECTIONS_KEY = "directions"
@@ -404,10 +409,13 @@ def run_coords(
     layer_kinds: Sequence[str],
     heads: Sequence[int],
     tokens: Sequence[TokenRow],
-    grid: tuple[int, int],
+    grid: tuple[int, ...],
     branch: str = "cond",
 ) -> dict[str, Any]:
-    """The coordinates of a run, checked for consistency."""
+    """The coordinates of a run, checked for consistency.
+
+    `grid` is the latent token grid: (y, x) for an image model, (frame, y, x) for a video one.
+    """
     if not (len(steps) == len(timesteps) == len(sigmas)):
         raise ValueError("steps, timesteps and sigmas must have the same length")
     if len(layers) != len(layer_kinds):
@@ -422,9 +430,12 @@ def run_coords(
             raise ValueError(f"a run needs at least one {name}")
         if len(set(values)) != len(values):
             raise ValueError(f"{name} values must be unique, got {list(values)}")
-    ny, nx = grid
-    if ny <= 0 or nx <= 0:
-        raise ValueError(f"latent grid must be positive, got {grid}")
+    if len(grid) not in (2, 3) or min(grid) <= 0:
+        raise ValueError(
+            f"latent grid must be (y, x) or (frame, y, x) positive sizes, got {tuple(grid)}"
+        )
+    *frames, ny, nx = grid
+    frame = {"frame": np.arange(frames[0], dtype=np.int64)} if frames else {}
     return {
         "step": np.asarray(steps, dtype=np.int64),
         "timestep": ("step", np.asarray(timesteps, dtype=np.float64)),
@@ -433,6 +444,7 @@ def run_coords(
         "layer_kind": ("layer", _strings(layer_kinds)),
         "head": np.asarray(heads, dtype=np.int64),
         **token_coords(tokens),
+        **frame,
         "y": np.arange(ny, dtype=np.int64),
         "x": np.arange(nx, dtype=np.int64),
         "branch": np.array(branch, dtype=object),
@@ -455,16 +467,21 @@ def codecs() -> dict[str, Any]:
     }
 
 
-def attention_encoding(shape: Sequence[int]) -> dict[str, Any]:
-    """Zarr encoding of an attention variable of `shape` (dims DIMS).
+def attention_dims(coords: Mapping[str, Any]) -> tuple[str, ...]:
+    """The dims of a run's attention variables: VIDEO_DIMS where its coordinates have frames."""
+    return VIDEO_DIMS if "frame" in coords else DIMS
 
-    A chunk is one (step, layer, token) map of all heads; a shard is one whole step, so one step
-    of one run is one object per variable.
+
+def attention_encoding(shape: Sequence[int]) -> dict[str, Any]:
+    """Zarr encoding of an attention variable of `shape` (dims DIMS or VIDEO_DIMS).
+
+    A chunk is one (step, layer, token) map of all heads (and frames); a shard is one whole step,
+    so one step of one run is one object per variable.
     """
-    _, n_layer, n_head, n_token, ny, nx = shape
+    _, n_layer, n_head, n_token, *cells = shape
     return {
-        "chunks": (1, 1, n_head, 1, ny, nx),
-        "shards": (1, n_layer, n_head, n_token, ny, nx),
+        "chunks": (1, 1, n_head, 1, *cells),
+        "shards": (1, n_layer, n_head, n_token, *cells),
         "fill_value": np.float32("nan"),
         "dtype": "float32",
         **codecs(),
@@ -485,17 +502,10 @@ def run_skeleton(
     import dask.array as da
 
     directions = check_directions(directions)
-    sizes = {
-        "step": len(coords["step"]),
-        "layer": len(coords["layer"]),
-        "head": len(coords["head"]),
-        "token": len(coords["token"]),
-        "y": len(coords["y"]),
-        "x": len(coords["x"]),
-    }
-    shape = tuple(sizes[d] for d in DIMS)
+    dims = attention_dims(coords)
+    shape = tuple(len(coords[d]) for d in dims)
     data_vars = {
-        name: (DIMS, da.full(shape, np.nan, dtype=np.float32, chunks=(1, *shape[1:])))
+        name: (dims, da.full(shape, np.nan, dtype=np.float32, chunks=(1, *shape[1:])))
         for name in directions
     }
     dataset = xr.Dataset(data_vars, coords=dict(coords), attrs=dict(attrs))

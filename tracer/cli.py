@@ -33,11 +33,15 @@ DEMOS = {
     "z-image": ("tracer.demo_z_image", "demo_z_image_pipeline"),
     "lumina2": ("tracer.demo_lumina2", "demo_lumina2_pipeline"),
     "cogview4": ("tracer.demo_cogview4", "demo_cogview4_pipeline"),
+    "wan": ("tracer.demo_wan", "demo_wan_pipeline"),
 }
 
 # The text length of a demo's calls: 32 tokens, or what its prompt needs where that is more
 # (Lumina2 and FLUX.2 [dev] put a system prompt before the prompt, and keep what fits).
 DEMO_TEXT_LEN = {"lumina2": 256, "flux2-dev": 512}
+# The video frames of a video demo's calls: two latent frames (Wan: 4 video frames each, after
+# the first alone).
+DEMO_NUM_FRAMES = {"wan": 5}
 
 
 def load_demo(family: str, **kwargs: Any) -> Any:
@@ -113,6 +117,12 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
     parser.add_argument("--num-inference-steps", "--num-steps", type=positive(int), default=None)
     parser.add_argument("--height", type=_pixels, default=None)
     parser.add_argument("--width", type=_pixels, default=None)
+    parser.add_argument(
+        "--num-frames",
+        type=positive(int),
+        default=None,
+        help="(video models) default: the pipeline's",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--seeds", type=integers, default=None, help="seeds of a sweep, e.g. 0,1,2 or 0:3"
@@ -317,6 +327,7 @@ def _apply_defaults(args: argparse.Namespace) -> None:
             "height": 128,
             "width": 128,
             "max_sequence_length": DEMO_TEXT_LEN.get(args.demo, 32),
+            "num_frames": DEMO_NUM_FRAMES.get(args.demo),
         }
     else:
         defaults = {"height": 1024, "width": 1024}
@@ -350,6 +361,7 @@ def _call_arguments(args: argparse.Namespace, prompt: str, seed: int) -> dict[st
             "guidance_scale": args.guidance_scale,
             "generator": torch.Generator(device="cpu").manual_seed(seed),
             "max_sequence_length": args.max_sequence_length,
+            "num_frames": args.num_frames,
         }
     return {key: value for key, value in call.items() if value is not None}
 

@@ -48,6 +48,7 @@ from transformers import (
 )
 
 P = TypeVar("P")
+C = TypeVar("C")
 
 __all__ = [
     "DEMO_CORPUS",
@@ -318,9 +319,12 @@ def _rope_axes(head_dim: int) -> tuple[int, int, int]:
     return head_dim - yx, yx // 2, yx // 2
 
 
-def demo_t5_config(tokenizer: Any, d_model: int = _T5_D_MODEL, **overrides: Any) -> T5Config:
-    """A tiny T5 v1.1 encoder config (the family FLUX uses) for `tokenizer`'s vocabulary."""
-    return T5Config(
+def demo_t5_config(
+    tokenizer: Any, d_model: int = _T5_D_MODEL, kind: type[C] = T5Config, **overrides: Any
+) -> C:
+    """A tiny T5 v1.1 encoder config (the family FLUX uses; `kind=UMT5Config` for Wan's) for
+    `tokenizer`'s vocabulary."""
+    return kind(
         vocab_size=len(tokenizer),
         d_model=d_model,
         d_kv=8,

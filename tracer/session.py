@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import inspect
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -437,7 +438,7 @@ class Recorder:
             index = self._head_index.to(query.device)
             query, key = query[index], key[index]
             lse = None if lse is None else lse[index.to(lse.device)]
-        n_image = layout.grid[0] * layout.grid[1]
+        n_image = math.prod(layout.grid)  # image (or video) tokens
         if layer in self._cross_layers:
             maps = self._cross_maps(layer, layout, query, key, mask, call.scale, n_image)
         else:

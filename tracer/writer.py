@@ -1,14 +1,14 @@
 """Stream traced attention maps into a run group, one durable step at a time.
 
-The tracer hands over, per (step, layer), one map per direction (`[H, T, Y*X]` float32, on the
-model's device). `TraceWriter` rounds them to the run's `keepbits` where they are (on the GPU,
-before the copy), gets them off the device without stalling it, assembles a whole step on the
-host, and background threads write that step as one shard per direction, the directions side
-by side: encoded by zarrs on every core and, on a local disk, staged, synced and renamed into
-place (tracer.durable). Only after those writes returned does it list the step in the run's
-`steps_complete` attribute (and, on a local disk, sync that too), so a step that is listed is
-intact whatever happens next, kill -9 and power loss included: every object reaches its key
-whole, by a rename.
+The tracer hands over, per (step, layer), one map per direction (`[H, T, cells]` float32, the cells
+being the (frame,) y, x grid flattened, on the model's device). `TraceWriter` rounds them to the
+run's `keepbits` where they are (on the GPU, before the copy), gets them off the device without
+stalling it, assembles a whole step on the host, and background threads write that step as one shard
+per direction, the directions side by side: encoded by zarrs on every core and, on a local disk,
+staged, synced and renamed into place (tracer.durable). Only after those writes returned does it
+list the step in the run's `steps_complete` attribute (and, on a local disk, sync that too), so a
+step that is listed is intact whatever happens next, kill -9 and power loss included: every object
+reaches its key whole, by a rename.
 
 Memory and backpressure: at most `max_pending` steps are accepted and not yet durable. Each owns
 one host buffer per direction (`[L, H, T, Y, X]` float32, pinned when CUDA is available) taken
@@ -130,11 +130,12 @@ class TraceWriter:
                 arrays[name] = run[name]
         shapes = {name: tuple(array.shape) for name, array in arrays.items()}
         first = shapes[directions[0]]
-        if any(len(s) != len(sf.DIMS) for s in shapes.values()) or len(set(shapes.values())) > 1:
+        ranks = (len(sf.DIMS), len(sf.VIDEO_DIMS))
+        if any(len(s) not in ranks for s in shapes.values()) or len(set(shapes.values())) > 1:
             raise ValueError(
-                f"attention arrays must share one {len(sf.DIMS)}-d shape {sf.DIMS}, got {shapes}"
+                f"attention arrays must share one shape, {sf.DIMS} or {sf.VIDEO_DIMS}, got {shapes}"
             )
-        n_steps, layers_in_store, n_head, n_token, ny, nx = first
+        n_steps, layers_in_store, n_head, n_token, *cells = first
         if layers_in_store != n_layers:
             raise ValueError(
                 f"n_layers={n_layers} but the run's arrays hold {layers_in_store} layers"
@@ -158,8 +159,9 @@ class TraceWriter:
         self._n_steps = n_steps
         self._n_layers = n_layers
         self._max_pending = max_pending
-        self._map_shape = (n_head, n_token, ny * nx)
-        self._step_shape = (n_layers, n_head, n_token, ny, nx)
+        # A map's latent cells, (frame,) y, x, arrive flattened, row-major.
+        self._map_shape = (n_head, n_token, math.prod(cells))
+        self._step_shape = (n_layers, n_head, n_token, *cells)
         # Steps are listed by their coordinate value (the format's contract), read once here.
         self._step_values = [int(v) for v in run["step"][:]]
         self._layer_names = [str(v) for v in run["layer"][:]]
@@ -220,7 +222,7 @@ class TraceWriter:
         return Progress(backlog=backlog, decoded_mb_s=rate)
 
     def put(self, step_pos: int, layer_pos: int, maps: Mapping[str, torch.Tensor]) -> None:
-        """Hand over the maps of one (step, layer): `{direction: [H, T, Y*X] float32}` (T rows).
+        """Hand over the maps of one (step, layer): `{direction: [H, T, cells] float32}` (T rows).
 
         Returns once the maps are safe to forget: CUDA tensors have a device->host copy queued
         on their current stream (never waited for here), CPU tensors are kept as they are (the
@@ -399,10 +401,11 @@ class TraceWriter:
                     f"{name!r} map at {where} must be a torch.Tensor, got {type(tensor).__name__}"
                 )
             if tuple(tensor.shape) != self._map_shape:
-                h, s, yx = self._map_shape
+                h, s, cells = self._map_shape
                 raise ValueError(
-                    f"{name!r} map at {where}: expected shape [head, token, y*x] = "
-                    f"{list(self._map_shape)} (H={h}, S={s}, Y*X={yx}), found {list(tensor.shape)}"
+                    f"{name!r} map at {where}: expected shape [head, token, latent cells] = "
+                    f"{list(self._map_shape)} (H={h}, S={s}, cells={cells}: the (frame,) y, x "
+                    f"grid, flattened), found {list(tensor.shape)}"
                 )
             if tensor.dtype != torch.float32:
                 raise ValueError(

@@ -39,6 +39,9 @@ def _figure_parent() -> argparse.ArgumentParser:
     )
     parent.add_argument("--head", help="heads: 3, 0,3,5, 2:6 inclusive (default: all)")
     parent.add_argument("--step", help="steps: 5, 0,5,10, 10:20 inclusive (default: all)")
+    parent.add_argument(
+        "--frame", help="latent frames of a video run: 1, 0,2, 1:4 inclusive (default: all)"
+    )
     parent.add_argument("--reduce", choices=REDUCTIONS, default="mean", help="how to reduce dims")
     parent.add_argument("-o", "--output", required=True, help="figure path (.png)")
     parent.add_argument("--cmap", default="magma", help="matplotlib colormap (default: magma)")
@@ -149,7 +152,12 @@ def _selection(ds: xr.Dataset, args: argparse.Namespace) -> xr.DataArray:
             span = spans[0]
         else:
             raise SelectionError(f"choose a span with --span; this run has spans {spans}")
-    return select(da, span=span, layer=args.layer, head=args.head, step=args.step)
+    if args.frame is not None and "frame" not in da.dims:
+        raise SelectionError(
+            f"--frame {args.frame}: {ds.attrs['run']} has no frame axis (an image model's maps); "
+            f"--frame selects the latent frames of a video run"
+        )
+    return select(da, span=span, layer=args.layer, head=args.head, step=args.step, frame=args.frame)
 
 
 def _reduce_rest(

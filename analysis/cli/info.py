@@ -64,6 +64,13 @@ def describe(info: dict[str, Any]) -> str:
     dims = " · ".join(f"{d} {n}" for d, n in run["dims"].items())
     kinds = ", ".join(f"{n} {k}" for k, n in run["layer_kinds"].items())
     lines.append(f"  dims      {dims}" + (f"  (layers: {kinds})" if kinds else ""))
+    if "frame" in run["dims"]:
+        video = [f"{run['dims']['frame']} latent frames"]
+        if attrs.get(sf.NUM_FRAMES) is not None:
+            video.append(f"{attrs[sf.NUM_FRAMES]} video frames")
+        if attrs.get(sf.TEMPORAL_COMPRESSION) is not None:
+            video.append(f"{attrs[sf.TEMPORAL_COMPRESSION]} per latent frame")
+        lines.append(f"  video     {', '.join(video)}")
     lines.append(f"  steps     {describe_values(run['steps'])}")
     for direction, why in (attrs.get(sf.DIRECTIONS_ABSENT) or {}).items():
         lines.append(f"  no {direction}  {why}")

@@ -495,7 +495,7 @@ def test_close_with_incomplete_step_raises_and_leaves_it_unwritten(tmp_path: Pat
 
 
 KILL_CHILD = """
-import asyncio, os, signal, sys
+import asyncio, json, os, signal, sys
 import torch, zarr
 from zarr.storage import LocalStore, WrapperStore
 from tracer.writer import TraceWriter
@@ -506,11 +506,21 @@ class KillStore(WrapperStore):
 
     async def set(self, key, value):
         if key.startswith("run-0000/img2txt/c/2/"):  # step position 2, after its txt2img shard
-            # The directions are stored side by side: die once the txt2img shard is in.
-            while not await self._store.exists("run-0000/txt2img/c/2/0/0/0/0/0"):
+            # The directions are stored side by side: die once the txt2img shard is in, and
+            # once step position 1 (written beside step 2) is listed, whichever comes last.
+            while not (
+                await self._store.exists("run-0000/txt2img/c/2/0/0/0/0/0") and listed() == [0, 2]
+            ):
                 await asyncio.sleep(0.01)
             os.kill(os.getpid(), signal.SIGKILL)
         await self._store.set(key, value)
+
+def listed():
+    try:
+        with open(os.path.join(sys.argv[1], "run-0000", "zarr.json")) as file:
+            return json.load(file)["attributes"].get("steps_complete")
+    except ValueError:  # caught mid-write: look again
+        return None
 
 run = zarr.open_group(KillStore(LocalStore(sys.argv[1])), path="run-0000", mode="r+")
 writer = TraceWriter(run, directions=["txt2img", "img2txt"], n_layers=3, max_pending=2)
@@ -637,7 +647,7 @@ def good_maps() -> dict[str, torch.Tensor]:
             0,
             0,
             {**good_maps(), "img2txt": torch.zeros(2, 2, 3, 5)},
-            r"'img2txt' map .* expected shape \[head, token, y\*x\] = \[2, 2, 15\].*"
+            r"'img2txt' map .* expected shape \[head, token, latent cells\] = \[2, 2, 15\].*"
             r"found \[2, 2, 3, 5\]",
         ),
         (

@@ -14,6 +14,7 @@ from tracer.adapters.diffusers_lumina2 import DiffusersLumina2
 from tracer.adapters.diffusers_qwen_image import DiffusersQwenImage
 from tracer.adapters.diffusers_sana import DiffusersSana
 from tracer.adapters.diffusers_sd3 import DiffusersSD3
+from tracer.adapters.diffusers_wan import DiffusersWan
 from tracer.adapters.diffusers_z_image import DiffusersZImage
 
 ADAPTERS: list[type[Adapter]] = [
@@ -25,6 +26,7 @@ ADAPTERS: list[type[Adapter]] = [
     DiffusersZImage,
     DiffusersLumina2,
     DiffusersCogView4,
+    DiffusersWan,
     DiffSynthFlux,
 ]
 

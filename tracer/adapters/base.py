@@ -46,7 +46,7 @@ class DenoiserCall:
 
     timestep: float  # in the scheduler's units (the values of `scheduler.timesteps`)
     text_len: int
-    grid: tuple[int, int]  # latent token grid (rows, cols)
+    grid: tuple[int, ...]  # latent token grid: (rows, cols); video: (frames, rows, cols)
     text_start: int = 0
     image_start: int | None = None
     batch_index: int = 0  # the batch element that is the conditional generation of the prompt

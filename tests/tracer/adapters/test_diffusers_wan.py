@@ -1,0 +1,135 @@
+"""diffusers Wan: video queries against text keys (cross-attention), maps with a frame axis."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from references import SdpaLog, assert_rows_match_float64
+
+import analysis
+import tracer
+from analysis.cli import main
+from analysis.errors import UnsupportedModelError
+from tracer.demo_wan import demo_wan_pipeline
+
+TEXT_LEN = 20  # unlike the 24 video tokens, so the self-attention is told apart
+NUM_FRAMES = 5  # two latent frames: the first video frame alone, then four
+GRID = (2, 3, 4)  # latent frames, token rows, token columns: 48 x 64 pixels, 2x2 patches
+PIXELS = 16
+PROMPT = "a cat on a red chair"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return demo_wan_pipeline(seed=0)
+
+
+def generate(pipe, seed=0, **kwargs):
+    return pipe(
+        prompt=kwargs.pop("prompt", PROMPT),
+        height=GRID[1] * PIXELS,
+        width=GRID[2] * PIXELS,
+        num_frames=NUM_FRAMES,
+        num_inference_steps=3,
+        max_sequence_length=TEXT_LEN,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0], ids=["unguided", "guided"])
+def test_img2txt_equals_float64_softmax_over_the_text_keys_per_frame(
+    pipe, tmp_path, monkeypatch, guidance_scale
+):
+    log = SdpaLog(int(np.prod(GRID)), TEXT_LEN)  # video queries, text keys
+    log.install(monkeypatch)
+    path = tmp_path / "wan.zarr"
+    with tracer.trace(pipe, path, progress=False) as rec:
+        generate(pipe, guidance_scale=guidance_scale)
+    ds = analysis.open_trace(path, rec.last_run)
+    assert ds.attrs["pipeline"] == "WanPipeline"
+    assert list(ds.layer_kind.values) == ["cross", "cross"]
+    assert ds.img2txt_tokens.dims == ("step", "layer", "head", "token", "frame", "y", "x")
+    assert ds.img2txt_tokens.shape[-3:] == GRID
+    # The unconditional branch is a second call per step; only the conditional is recorded.
+    assert len(log.calls) == 3 * 2 * (2 if guidance_scale > 1 else 1)
+    conditional = log.calls if guidance_scale == 1 else _first_of_each_pair(log.calls, 2)
+    assert_rows_match_float64(ds, conditional)
+    # UMT5's padding keys are zero states, unmasked: each video query's rows sum to 1.
+    total = ds.img2txt_tokens.sum("token").values
+    np.testing.assert_allclose(total, 1.0, rtol=0, atol=5e-3)
+
+
+def _first_of_each_pair(calls, n_layers):
+    """The conditional calls of a run whose steps call the model twice, conditional first."""
+    per_step = 2 * n_layers
+    return [c for i, c in enumerate(calls) if i % per_step < n_layers]
+
+
+def test_the_frame_axis_is_labelled_and_plain_xarray_reads_it(pipe, tmp_path):
+    path = tmp_path / "wan.zarr"
+    with tracer.trace(pipe, path, progress=False) as rec:
+        generate(pipe, guidance_scale=1.0)
+    plain = xr.open_zarr(path, group=rec.last_run, consolidated=False)
+    assert plain.img2txt.dims == ("step", "layer", "head", "token", "frame", "y", "x")
+    assert plain.frame.values.tolist() == [0, 1]
+    assert plain.attrs["num_frames"] == NUM_FRAMES
+    assert plain.attrs["temporal_compression"] == 4
+    assert "cross-attention" in plain.attrs["directions_absent"]["txt2img"]
+    assert "txt2img" not in plain
+    # A span view keeps the frame axis; one frame of it is an image model's map.
+    ds = analysis.open_trace(path, rec.last_run, spans=["red chair"])
+    assert ds.img2txt.dims == ("step", "layer", "head", "span", "frame", "y", "x")
+    cat = plain.img2txt.isel(token=[4, 5]).sum("token")  # ▁red ▁chair: positions 4 and 5
+    np.testing.assert_array_equal(ds.img2txt.sel(span="red chair").values, cat.values)
+
+
+def test_output_is_bit_for_bit_unchanged(pipe, tmp_path):
+    plain = generate(pipe, seed=6, guidance_scale=5.0).frames
+    with tracer.trace(pipe, tmp_path / "t.zarr", progress=False):
+        traced = generate(pipe, seed=6, guidance_scale=5.0).frames
+    assert np.array_equal(plain, traced)
+
+
+def test_cli_records_the_demo_and_draws_one_frame(tmp_path, capsys):
+    path = tmp_path / "wan.zarr"
+    argv = ["record", "--demo", "wan", "--out", str(path), "--prompt", PROMPT]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "frame 2" in out
+    assert "2 latent frames, 5 video frames, 4 per latent frame" in out
+    png = tmp_path / "cat.png"
+    assert main(["heatmap", str(path), "--span", "cat", "--frame", "1", "-o", str(png)]) == 0
+    assert png.stat().st_size > 0
+    assert main(["heatmap", str(path), "--span", "cat", "--frame", "2", "-o", str(png)]) != 0
+    assert "frame" in capsys.readouterr().err
+
+
+def test_image_to_video_and_two_expert_pipelines_are_refused_by_name(tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    path = tmp_path / "never.zarr"
+    two = demo_wan_pipeline(seed=0)
+    two.transformer_2 = two.transformer
+    with pytest.raises(UnsupportedModelError, match="transformer_2"), tracer.trace(two, path):
+        pass
+    i2v = demo_wan_pipeline(seed=0)
+    # Wan 2.1 I2V's transformer: its cross-attention has keys for image-conditioning tokens.
+    i2v.transformer = WanTransformer3DModel(
+        num_attention_heads=4,
+        attention_head_dim=12,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=96,
+        num_layers=2,
+        image_dim=16,
+        added_kv_proj_dim=48,
+    )
+    with pytest.raises(UnsupportedModelError, match="image-to-video"), tracer.trace(i2v, path):
+        pass
+    assert not path.exists()

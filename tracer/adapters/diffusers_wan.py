@@ -1,0 +1,105 @@
+"""diffusers Wan 2.1 / 2.2 text-to-video: `WanPipeline` around `WanTransformer3DModel`.
+
+Each block's self-attention (`attn1`) is over the video tokens alone. The text enters through
+its cross-attention (`attn2`): a softmax of the video tokens' queries over the text tokens' keys.
+That is `img2txt`, per latent frame; no text query ever attends the video, so Wan has no
+`txt2img`.
+
+The text: UMT5 reads the cleaned prompt padded to `max_sequence_length` (512). The pipeline keeps
+the encoder's states of the real tokens and sets the padding's to zero, then the model attends all
+`max_sequence_length` keys, the padding's included, unmasked. The conditional and unconditional
+branches are separate transformer calls, the conditional first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from analysis import store_format as fmt
+from analysis.errors import UnsupportedModelError
+from tracer.adapters.base import DenoiserCall, Generation, Layer, first_of, image_to_uint8
+from tracer.adapters.diffusers_common import DiffusersAdapter
+from tracer.adapters.text import padded_segment
+from tracer.spans import TextTokens
+
+
+class DiffusersWan(DiffusersAdapter):
+    """Traces diffusers Wan's cross-attention: video queries against UMT5 text keys."""
+
+    families = "Wan 2.1/2.2 text-to-video"
+    transformer_classes = ("WanTransformer3DModel",)
+    absent_directions: ClassVar[Mapping[str, str]] = {
+        "txt2img": "Wan's text enters through cross-attention, where video queries attend the "
+        "text keys and no text query attends the video"
+    }
+
+    def __init__(self, pipe: Any) -> None:
+        super().__init__(pipe)
+        if getattr(pipe, "transformer_2", None) is not None:
+            # Two experts share the steps (Wan 2.2 A14B): each step's maps would come from one
+            # of two different sets of layers.
+            raise UnsupportedModelError(
+                f"{type(pipe).__name__} has a second transformer (transformer_2, the low-noise "
+                f"expert of Wan 2.2 A14B); attnscope traces pipelines with one transformer "
+                f"(Wan 2.1, Wan 2.2 TI2V-5B)"
+            )
+        if getattr(self.transformer.config, "added_kv_proj_dim", None) is not None:
+            raise UnsupportedModelError(
+                "this Wan transformer is image-to-video (added_kv_proj_dim: its cross-attention "
+                "also attends image-conditioning tokens, in a softmax of their own); attnscope "
+                "traces Wan's text-to-video transformer"
+            )
+
+    def layers(self) -> list[Layer]:
+        return [
+            Layer(f"blocks.{index}", "cross", block.attn2, int(block.attn2.heads))
+            for index, block in enumerate(self.transformer.blocks)
+        ]
+
+    def generation(self, arguments: Mapping[str, Any]) -> Generation:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        pipe = self.pipe
+        prompt = first_of(arguments.get("prompt"))
+        max_len = int(arguments.get("max_sequence_length") or 512)
+        names = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale")
+        num_frames = int(arguments.get("num_frames") or 81)
+        attrs = self.call_attrs(arguments, names) | {
+            "height": int(arguments.get("height") or 480),
+            "width": int(arguments.get("width") or 832),
+            fmt.NUM_FRAMES: num_frames,
+            fmt.TEMPORAL_COMPRESSION: int(pipe.vae_scale_factor_temporal),
+            "max_sequence_length": max_len,
+        }
+        if prompt is None:
+            return Generation(text=TextTokens(segments=(), length=max_len), attrs=attrs)
+        segment = padded_segment(pipe.tokenizer, "prompt", prompt_clean(prompt), 0, max_len)
+        return Generation(text=TextTokens(segments=(segment,), length=max_len), attrs=attrs)
+
+    def denoiser_call(self, bound: Mapping[str, Any]) -> DenoiserCall:
+        latents = bound["hidden_states"]  # [B, C, F, H, W]
+        patch = tuple(int(p) for p in self.transformer.config.patch_size)
+        grid = tuple(int(n) // p for n, p in zip(latents.shape[-3:], patch, strict=True))
+        return DenoiserCall(
+            timestep=self.timestep_of(bound["timestep"]),
+            text_len=int(bound["encoder_hidden_states"].shape[1]),
+            grid=grid,
+        )
+
+    def image(self, output: Any) -> np.ndarray | None:
+        """The first frame of the first video (None for latents)."""
+        frames = getattr(output, "frames", None)
+        if frames is None and isinstance(output, tuple) and output:
+            frames = output[0]
+        if frames is None or isinstance(frames, str) or len(frames) == 0:
+            return None
+        video = frames[0]  # [F, H, W, 3] ("np"), [F, 3, H, W] ("pt"), frames of PIL images
+        if isinstance(video, torch.Tensor):
+            latents = video.shape[0] == int(self.transformer.config.out_channels)
+            if video.ndim != 4 or video.shape[1] != 3 or latents:
+                return None
+        return image_to_uint8(video[0])

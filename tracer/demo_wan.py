@@ -1,0 +1,75 @@
+"""A small random-weight Wan text-to-video pipeline, built offline from the real classes.
+
+The recipe of `tracer.demo` for `diffusers.WanPipeline`: a UMT5 encoder reads the prompt padded
+to `max_sequence_length`; the transformer's blocks attend the video tokens to themselves, then
+(cross-attention) to the text; Wan's causal 3D autoencoder compresses 4 video frames into one
+latent frame (the first frame alone into the first) and 8×8 pixels into one latent cell, and the
+transformer cuts 2×2 cells into one token.
+
+```python
+pipe = demo_wan_pipeline(seed=0)
+video = pipe("a cat on a red chair", height=48, width=64, num_frames=5, num_inference_steps=4,
+             max_sequence_length=32).frames[0]
+```
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+from transformers import UMT5Config, UMT5EncoderModel
+
+from tracer.demo import assemble, demo_t5_config, demo_t5_tokenizer
+
+__all__ = ["demo_wan_pipeline"]
+
+_LATENT_CHANNELS = 16  # Wan 2.1's autoencoder
+_T5_D_MODEL = 32
+
+
+def demo_wan_pipeline(
+    *,
+    seed: int = 0,
+    max_sequence_length: int = 32,
+    num_layers: int = 2,
+    num_attention_heads: int = 4,
+    attention_head_dim: int = 12,
+    dtype: torch.dtype = torch.float32,
+) -> WanPipeline:
+    """A small random-weight Wan 2.1 text-to-video pipeline (seeded, caller's RNG untouched).
+
+    Pass `max_sequence_length` to each call as well: the pipeline's own default is 512.
+    """
+    tokenizer = demo_t5_tokenizer(max_sequence_length)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = UMT5EncoderModel(
+            demo_t5_config(tokenizer, d_model=_T5_D_MODEL, kind=UMT5Config)
+        )
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=_LATENT_CHANNELS,
+            out_channels=_LATENT_CHANNELS,
+            text_dim=_T5_D_MODEL,
+            freq_dim=32,
+            ffn_dim=2 * num_attention_heads * attention_head_dim,
+            num_layers=num_layers,
+            rope_max_seq_len=64,
+        )
+        vae = AutoencoderKLWan(
+            base_dim=3,
+            z_dim=_LATENT_CHANNELS,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        )
+    return assemble(
+        WanPipeline,
+        dtype,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+    )
