@@ -7,6 +7,7 @@ from typing import Any
 
 from tracer.adapters.base import Adapter, UnsupportedModelError
 from tracer.adapters.diffsynth_flux import DiffSynthFlux
+from tracer.adapters.diffusers_cogvideox import DiffusersCogVideoX
 from tracer.adapters.diffusers_cogview4 import DiffusersCogView4
 from tracer.adapters.diffusers_flux import DiffusersFlux
 from tracer.adapters.diffusers_flux2 import DiffusersFlux2
@@ -27,6 +28,7 @@ ADAPTERS: list[type[Adapter]] = [
     DiffusersLumina2,
     DiffusersCogView4,
     DiffusersWan,
+    DiffusersCogVideoX,
     DiffSynthFlux,
 ]
 

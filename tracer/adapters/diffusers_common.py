@@ -113,11 +113,13 @@ class DiffusersAdapter(Adapter):
         patch = int(self.transformer.config.patch_size)
         return int(latents.shape[-2]) // patch, int(latents.shape[-1]) // patch
 
-    def negative_first_index(self, batch: int) -> int:
+    def negative_first_index(self, batch: int, guided: bool | None = None) -> int:
         """The conditional generation's index in a `[negative, positive]` guided batch of size
-        `batch` (the first of its second half), or 0 unguided."""
-        guided = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and batch % 2 == 0
-        return batch // 2 if guided else 0
+        `batch` (the first of its second half), or 0 unguided. `guided`: whether this call is
+        guided, where the pipeline has no `do_classifier_free_guidance` to say so."""
+        if guided is None:
+            guided = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+        return batch // 2 if guided and batch % 2 == 0 else 0
 
     def timestep_of(self, timestep: Any) -> float:
         """The scheduler timestep of a transformer's `timestep` argument."""

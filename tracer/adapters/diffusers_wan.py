@@ -16,18 +16,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import numpy as np
-import torch
-
-from analysis import store_format as fmt
 from analysis.errors import UnsupportedModelError
-from tracer.adapters.base import DenoiserCall, Generation, Layer, first_of, image_to_uint8
-from tracer.adapters.diffusers_common import DiffusersAdapter
+from tracer.adapters.base import DenoiserCall, Generation, Layer, first_of
+from tracer.adapters.diffusers_video import DiffusersVideo
 from tracer.adapters.text import padded_segment
 from tracer.spans import TextTokens
 
 
-class DiffusersWan(DiffusersAdapter):
+class DiffusersWan(DiffusersVideo):
     """Traces diffusers Wan's cross-attention: video queries against UMT5 text keys."""
 
     families = "Wan 2.1/2.2 text-to-video"
@@ -67,39 +63,25 @@ class DiffusersWan(DiffusersAdapter):
         prompt = first_of(arguments.get("prompt"))
         max_len = int(arguments.get("max_sequence_length") or 512)
         names = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale")
-        num_frames = int(arguments.get("num_frames") or 81)
-        attrs = self.call_attrs(arguments, names) | {
-            "height": int(arguments.get("height") or 480),
-            "width": int(arguments.get("width") or 832),
-            fmt.NUM_FRAMES: num_frames,
-            fmt.TEMPORAL_COMPRESSION: int(pipe.vae_scale_factor_temporal),
-            "max_sequence_length": max_len,
-        }
+        attrs = (
+            self.call_attrs(arguments, names)
+            | {
+                "height": int(arguments.get("height") or 480),
+                "width": int(arguments.get("width") or 832),
+                "max_sequence_length": max_len,
+            }
+            | self.video_attrs(arguments, num_frames=81)
+        )
         if prompt is None:
             return Generation(text=TextTokens(segments=(), length=max_len), attrs=attrs)
         segment = padded_segment(pipe.tokenizer, "prompt", prompt_clean(prompt), 0, max_len)
         return Generation(text=TextTokens(segments=(segment,), length=max_len), attrs=attrs)
 
     def denoiser_call(self, bound: Mapping[str, Any]) -> DenoiserCall:
-        latents = bound["hidden_states"]  # [B, C, F, H, W]
-        patch = tuple(int(p) for p in self.transformer.config.patch_size)
-        grid = tuple(int(n) // p for n, p in zip(latents.shape[-3:], patch, strict=True))
+        frames, height, width = bound["hidden_states"].shape[-3:]  # [B, C, F, H, W]
+        grid = self.video_grid(frames, height, width, self.transformer.config.patch_size)
         return DenoiserCall(
             timestep=self.timestep_of(bound["timestep"]),
             text_len=int(bound["encoder_hidden_states"].shape[1]),
             grid=grid,
         )
-
-    def image(self, output: Any) -> np.ndarray | None:
-        """The first frame of the first video (None for latents)."""
-        frames = getattr(output, "frames", None)
-        if frames is None and isinstance(output, tuple) and output:
-            frames = output[0]
-        if frames is None or isinstance(frames, str) or len(frames) == 0:
-            return None
-        video = frames[0]  # [F, H, W, 3] ("np"), [F, 3, H, W] ("pt"), frames of PIL images
-        if isinstance(video, torch.Tensor):
-            latents = video.shape[0] == int(self.transformer.config.out_channels)
-            if video.ndim != 4 or video.shape[1] != 3 or latents:
-                return None
-        return image_to_uint8(video[0])
