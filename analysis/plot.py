@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import seaborn as sns
 import xarray as xr
-from matplotlib.animation import FuncAnimation, PillowWriter
+from matplotlib.animation import FFMpegWriter, FuncAnimation, PillowWriter
 from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
@@ -26,6 +29,7 @@ from matplotlib.ticker import MaxNLocator
 from tqdm.auto import tqdm
 
 from .compare import MAP_DIMS
+from .errors import UsageError
 from .selection import SelectionError
 
 TITLE_DIMS = ("span", "layer", "head", "step", "frame")
@@ -336,7 +340,8 @@ def animate(
     cmap: str = "magma",
     progress: bool = True,
 ) -> Figure:
-    """Write a GIF of the maps of `da` over `dim` (default: steps) on one shared colour scale."""
+    """Write an animation of the maps of `da` over `dim` (default: steps) on one shared colour
+    scale: a GIF, or an MP4 where `path` ends in .mp4 (through ffmpeg, see `ffmpeg`)."""
     values = _only(da, [dim, *MAP_DIMS], "animate").compute()
     low, high = float(np.nanmin(values)), float(np.nanmax(values))
     fig = Figure(figsize=_map_size(values.sizes["y"], values.sizes["x"]), layout="constrained")
@@ -360,11 +365,36 @@ def animate(
 
     frames = values.sizes[dim]
     anim = FuncAnimation(fig, show, frames=frames, repeat=False)
-    with tqdm(total=frames, desc="frames", unit="frame", disable=not progress) as bar:
-        anim.save(
-            path,
-            writer=PillowWriter(fps=fps),
-            dpi=GIF_DPI,
-            progress_callback=lambda i, n: bar.update(),
-        )
+    mp4 = Path(path).suffix.lower() == ".mp4"
+    # H.264 in yuv420p: what browsers and players take; it needs even sides.
+    writer = (
+        FFMpegWriter(fps=fps, codec="libx264", extra_args=["-pix_fmt", "yuv420p", "-vf", EVEN])
+        if mp4
+        else PillowWriter(fps=fps)
+    )
+    settings = {"animation.ffmpeg_path": ffmpeg()} if mp4 else {}
+    with (
+        matplotlib.rc_context(settings),
+        tqdm(total=frames, desc="frames", unit="frame", disable=not progress) as bar,
+    ):
+        anim.save(path, writer=writer, dpi=GIF_DPI, progress_callback=lambda i, n: bar.update())
     return fig
+
+
+EVEN = "pad=ceil(iw/2)*2:ceil(ih/2)*2"  # ffmpeg filter: pad a frame to even sides
+
+
+def ffmpeg() -> str:
+    """The ffmpeg that writes MP4 animations: imageio-ffmpeg's (`attnscope[video]`), else one
+    on the PATH; a UsageError saying how to get one otherwise."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        found = shutil.which("ffmpeg")
+        if found is None:
+            raise UsageError(
+                "writing an MP4 needs ffmpeg: pip install 'attnscope[video]' (imageio-ffmpeg), "
+                "or put ffmpeg on the PATH; a .gif needs nothing more"
+            ) from None
+        return found
+    return imageio_ffmpeg.get_ffmpeg_exe()

@@ -5,6 +5,7 @@
     attnscope heatmap cat.zarr --span cat --head 3 --reduce mean --over step,layer -o cat.png
     attnscope heads cat.zarr --span cat --layer single -o heads.png
     attnscope steps cat.zarr --span cat --layer 'single:1?' --gif -o steps.png
+    attnscope frames video.zarr --span cat --step 0,5,9 --animation cat.mp4 -o frames.png
     attnscope record --demo --out demo.zarr --heads 0:3 --steps 0,2
 
 `record` lives in the tracer (`tracer.cli`) and is imported only when asked for, so the other
@@ -44,6 +45,9 @@ VERBS = {
     "heatmap": Verb("analysis.cli.figures", "one map, reduced over the dims you name"),
     "heads": Verb("analysis.cli.figures", "a grid of heads and their similarity matrix"),
     "steps": Verb("analysis.cli.figures", "a grid of steps, the drift curve, a GIF over timesteps"),
+    "frames": Verb(
+        "analysis.cli.figures", "a video run's frames × steps grid, an animation over frames"
+    ),
     "view": Verb(
         "analysis.cli.view",
         "explore steps, layers, heads and spans in the browser, or --export one span's page",

@@ -105,12 +105,16 @@ def opening(store: str) -> Iterator[None]:
         raise UsageError(f"cannot open {store!r}: {type(exc).__name__}: {exc}") from None
 
 
-def output_path(text: str, *, gif: bool = False) -> Path:
-    """The figure path the user named, checked before any work: type, folder, not a store."""
+ANIMATIONS = ("gif", "mp4")  # animation files: Pillow writes GIFs, ffmpeg MP4s
+
+
+def output_path(text: str, *, animation: bool = False) -> Path:
+    """The figure (or `animation`) path the user named, checked before any work: type, folder,
+    not a store."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     path = Path(text)
-    kinds = ["gif"] if gif else sorted(FigureCanvasBase.get_supported_filetypes())
+    kinds = list(ANIMATIONS) if animation else sorted(FigureCanvasBase.get_supported_filetypes())
     suffix = path.suffix.lower().lstrip(".")
     if not text or path.is_dir():
         raise UsageError(f"output {text!r} is a folder; name a file, e.g. figure.png")

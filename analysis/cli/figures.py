@@ -18,7 +18,16 @@ from .. import store_format as sf
 from ..compare import DISTANCES, MAP_DIMS, SIMILARITIES, head_similarity, step_drift
 from ..errors import SelectionError, SpanError, UsageError
 from ..open import open_trace
-from ..plot import animate, describe, drift_curve, grid, heatmap, overlay, similarity_matrix
+from ..plot import (
+    animate,
+    describe,
+    drift_curve,
+    ffmpeg,
+    grid,
+    heatmap,
+    overlay,
+    similarity_matrix,
+)
 from ..selection import REDUCTIONS, direction, reduce, select
 from .args import DISTRIBUTED_HINT, opening, output_path, positive, storage_options, store_parent
 
@@ -59,7 +68,7 @@ def _figure_parent() -> argparse.ArgumentParser:
 
 
 def add_parser(subparsers: Any, verb: str, help: str) -> None:
-    """Add the figure verb `verb` (heatmap, heads or steps) to the command line."""
+    """Add the figure verb `verb` (heatmap, heads, steps or frames) to the command line."""
     parents = [store_parent(), _figure_parent()]
     parser = subparsers.add_parser(verb, parents=parents, help=help, description=help)
     if verb == "heatmap":
@@ -80,7 +89,7 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
             "--col-wrap", type=positive(int), default=6, help="panels per row (default 6)"
         )
         func = _heads
-    else:
+    elif verb == "steps":
         parser.add_argument("--metric", choices=DISTANCES, default="js", help="drift metric")
         parser.add_argument(
             "--reference",
@@ -102,6 +111,17 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
             "--fps", type=positive(float), default=4.0, help="GIF frames per second"
         )
         func = _steps
+    else:
+        parser.add_argument(
+            "--animation",
+            metavar="PATH",
+            help="also write an animation over the latent frames: a .gif, or an .mp4 (needs "
+            "ffmpeg: pip install 'attnscope[video]')",
+        )
+        parser.add_argument(
+            "--fps", type=positive(float), default=4.0, help="animation frames per second"
+        )
+        func = _frames
     parser.set_defaults(func=lambda args: _on_scheduler(func, args))
 
 
@@ -267,7 +287,9 @@ def _steps(args: argparse.Namespace) -> None:
     out = output_path(args.output)
     gif = None
     if args.gif:
-        gif = _sibling(out, "", ".gif") if args.gif is True else output_path(args.gif, gif=True)
+        gif = (
+            _sibling(out, "", ".gif") if args.gif is True else output_path(args.gif, animation=True)
+        )
     _check_style(args)
     da = _selection(_open(args), args)
     if "step" not in da.dims or da.sizes["step"] < 2:
@@ -284,4 +306,41 @@ def _steps(args: argparse.Namespace) -> None:
     if gif is not None:
         animate(maps, gif, fps=args.fps, title=title, progress=not args.quiet)
         written.append(gif)
+    _done(*written)
+
+
+def _frames(args: argparse.Namespace) -> None:
+    out = output_path(args.output)
+    movie = output_path(args.animation, animation=True) if args.animation else None
+    if movie is not None and movie.suffix.lower() == ".mp4":
+        ffmpeg()  # missing: said now, before any work
+    _check_style(args)
+    ds = _open(args)
+    da = _selection(ds, args)
+    if "frame" not in da.dims:
+        raise SelectionError(
+            f"frames draws the latent frames of a video run; {ds.attrs['run']} has none (an "
+            f"image model's maps, dims {list(map(str, da.dims))})"
+        )
+    by_step = "step" in da.dims and da.sizes["step"] > 1
+    maps, reduced = _reduce_rest(da, ["frame", "step"] if by_step else ["frame"], args.reduce)
+    with _progress(args):
+        maps = maps.compute()
+    title = describe(maps, reduced)
+    if by_step:
+        grid(maps, col="step", row="frame", path=out, title=title)
+    else:
+        grid(maps, col="frame", path=out, title=title)
+    written = [out]
+    if movie is not None:
+        over_frames = reduce(maps, ["step"], args.reduce) if by_step else maps
+        animate(
+            over_frames,
+            movie,
+            dim="frame",
+            fps=args.fps,
+            title=describe(over_frames, reduced),
+            progress=not args.quiet,
+        )
+        written.append(movie)
     _done(*written)

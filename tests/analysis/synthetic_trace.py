@@ -42,6 +42,7 @@ class Run:
         default_factory=lambda: {"prompt": [0, 1, 2, 3, 4, 5], "cat": [1], "mat": [4]}
     )
     grid: tuple[int, int] = (6, 10)
+    frames: int | None = None  # latent frames of a video run (maps gain a frame dim before y)
     status: str = sf.COMPLETE
     complete: list[int] | None = None
     written: list[int] | None = None
@@ -144,7 +145,7 @@ def _coords(run: Run, steps: list[int]) -> dict:
         layer_kinds=[layer_kind(layer) for layer in run.layers],
         heads=list(range(run.heads)),
         tokens=token_rows(),
-        grid=run.grid,
+        grid=run.grid if run.frames is None else (run.frames, *run.grid),
     )
 
 
@@ -164,7 +165,7 @@ def span_values(rows: np.ndarray, run: Run, direction: str) -> np.ndarray:
         picked = [i for i, row in enumerate(token_rows()) if set(row.positions) & set(positions)]
         block = rows[:, :, :, picked].astype(np.float64)
         if direction == "txt2img":
-            weighted = block * counts[picked][:, None, None]
+            weighted = block * counts[picked].reshape(-1, *[1] * (block.ndim - 4))
             out.append(weighted.sum(axis=3) / counts[picked].sum())
         else:
             out.append(block.sum(axis=3))
@@ -221,10 +222,19 @@ def write_store(
         for offset, direction in enumerate(run.directions):
             make = scene_maps if run.scene else synthetic_maps
             maps = make(replace(run, seed=run.seed * 10 + offset + 1), rows)
+            if run.frames is not None:  # each frame's maps from a seed of its own
+                maps = np.stack(
+                    [maps]
+                    + [
+                        make(replace(run, seed=run.seed * 10 + offset + 100 * f), rows)
+                        for f in range(1, run.frames)
+                    ],
+                    axis=4,
+                )
             if run.keepbits is not None and not v1:
                 # As the tracer does, before the codecs (version 1 rounded in a codec).
                 maps = BitRound(keepbits=run.keepbits).encode(maps).view(np.float32)
-                maps = maps.reshape(run.steps, len(run.layers), run.heads, rows, *run.grid)
+                maps = maps.reshape(group[direction].shape)
             for step in written:
                 group[direction][step] = maps[step]
             # The stored values, read back through zarr alone (bit rounding included).

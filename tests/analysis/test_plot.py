@@ -143,3 +143,17 @@ def test_similarity_matrix_and_drift_curve(trace, tmp_path):
     np.testing.assert_allclose(ax.lines[0].get_ydata(), drift.values)
     assert "Jensen–Shannon" in ax.get_ylabel()
     assert (tmp_path / "sim.png").stat().st_size > 0 and (tmp_path / "drift.png").stat().st_size > 0
+
+
+def test_an_mp4_without_ffmpeg_says_how_to_get_it(monkeypatch):
+    import sys
+
+    import analysis.plot
+    from analysis.errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # not installed
+    monkeypatch.setattr(analysis.plot.shutil, "which", lambda name: None)
+    with pytest.raises(UsageError, match=r"pip install 'attnscope\[video\]'.*a \.gif needs"):
+        analysis.plot.ffmpeg()
+    monkeypatch.setattr(analysis.plot.shutil, "which", lambda name: "/usr/bin/ffmpeg")
+    assert analysis.plot.ffmpeg() == "/usr/bin/ffmpeg"

@@ -152,3 +152,52 @@ def test_a_partial_run_warns_on_stderr_and_draws_its_complete_steps(
     status, _, err = run_cli("steps", path, "--span", "cat", "-o", out, "-q")
     assert status == 0
     assert "attnscope: warning: run-0000" in err and "steps 2, 3 are missing" in err
+
+
+def test_frames_draws_frames_by_steps_and_animates_the_frames(
+    make_store, tmp_path, captured, run_cli
+):
+    import imageio.v3 as iio
+
+    path, expected = make_store(Run(frames=3))
+    maps = expected["run-0000"]["txt2img"]  # (step, layer, head, span, frame, y, x)
+    out = tmp_path / "frames.png"
+    status, stdout, err = run_cli(
+        "frames", path, "--span", "cat", "--head", "1", "--animation", tmp_path / "f.mp4", "-o", out
+    )
+    assert status == 0, err
+    assert stdout.split() == [str(out), str(tmp_path / "f.mp4")]
+    (grid,), kwargs = captured["grid"][0]
+    assert (kwargs["row"], kwargs["col"]) == ("frame", "step")
+    cat = list(Run().spans).index("cat")
+    want = maps[:, :, 1, cat].astype(np.float64).mean(axis=1)  # (step, frame, y, x)
+    np.testing.assert_allclose(
+        grid.transpose("step", "frame", "y", "x").values, want, rtol=1e-6, atol=1e-7
+    )
+    video = iio.imread(tmp_path / "f.mp4")
+    assert video.shape[0] == 3  # one video frame per latent frame
+    # One step: the frames side by side, and a GIF over them.
+    status, stdout, err = run_cli(
+        "frames", path, "--span", "cat", "--step", "2", "--animation", tmp_path / "f.gif", "-o", out
+    )
+    assert status == 0, err
+    with Image.open(tmp_path / "f.gif") as gif:
+        assert gif.n_frames == 3
+    # One frame of a heatmap, and the frame named in the title.
+    status, _, err = run_cli("heatmap", path, "--span", "cat", "--frame", "2", "-o", out)
+    assert status == 0, err
+    (drawn, _), kwargs = captured["heatmap"][0]
+    np.testing.assert_allclose(
+        drawn.values, maps[:, :, :, cat, 2].astype(np.float64).mean(axis=(0, 1, 2)), rtol=1e-6
+    )
+    assert "frame 2" in kwargs["title"]
+
+
+def test_frames_and_frame_are_refused_on_an_image_run(store, tmp_path, run_cli):
+    path, _ = store
+    out = tmp_path / "frames.png"
+    status, _, err = run_cli("frames", path, "--span", "cat", "-o", out)
+    assert status != 0 and "frames draws the latent frames of a video run" in err
+    status, _, err = run_cli("heatmap", path, "--span", "cat", "--frame", "0", "-o", out)
+    assert status != 0 and "has no frame axis (an image model's maps)" in err
+    assert not out.exists()
