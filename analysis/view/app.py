@@ -72,6 +72,7 @@ def map_answer(store: ViewStore, params: Params) -> dict[str, Any]:
         _param(params, "step", MEAN),
         _param(params, "layer", MEAN),
         _param(params, "head", MEAN),
+        _param(params, "frame", MEAN),
     )
     low, high = _range(values)
     return {"values": _finite(values), "min": low, "max": high}
@@ -85,6 +86,7 @@ def heads_answer(store: ViewStore, params: Params) -> dict[str, Any]:
         _param(params, "span"),
         _param(params, "step", MEAN),
         _param(params, "layer", MEAN),
+        _param(params, "frame", MEAN),
     )
     low, high = _range(maps)
     return {"maps": _finite(maps), "min": low, "max": high, "similarity": _finite(similarity)}
@@ -98,6 +100,7 @@ def drift_answer(store: ViewStore, params: Params) -> dict[str, Any]:
         _param(params, "span"),
         _param(params, "layer", MEAN),
         _param(params, "head", MEAN),
+        _param(params, "frame", MEAN),
     )
     return {"drift": [v if math.isfinite(v) else None for v in values.tolist()]}
 

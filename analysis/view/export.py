@@ -1,9 +1,10 @@
 """One span's view as a self-contained HTML file: the page, with the answers it needs inside.
 
-The file holds the answers for the span with one of step, layer or head off its mean at a time
-(every step, every layer, every head), the head grid at the means and the drift curve, and the
-generated image: what a reader scrubs through, in a file to attach to a review or an issue. The
-page is the served one; it reads these answers instead of asking a server.
+The file holds the answers for the span with one of step, layer, head (or a video's frame) off
+its mean at a time (every step, every layer, every head, every frame), the head grid at the
+means and the drift curve, and the generated image: what a reader scrubs through, in a file to
+attach to a review or an issue. The page is the served one; it reads these answers instead of
+asking a server.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ def export(store: ViewStore, run: str, direction: str, span: str) -> str:
     answers = {query_key("api/meta", {"run": run}): meta}
     base = {"run": run, "direction": direction, "span": span}
     wanted: list[tuple[str, dict[str, Any]]] = []
-    means = {"step": MEAN, "layer": MEAN, "head": MEAN}
+    dims = ["step", "layer", "head"] + (["frame"] if meta["frames"] else [])
+    means = dict.fromkeys(dims, MEAN)
     wanted.append(("api/map", base | means))
-    for dim in ("step", "layer", "head"):
+    for dim in dims:
         wanted += [("api/map", base | means | {dim: str(i)}) for i in range(len(meta[dim + "s"]))]
-    wanted.append(("api/heads", base | {"step": MEAN, "layer": MEAN}))
-    wanted.append(("api/drift", base | {"layer": MEAN, "head": MEAN}))
+    wanted.append(("api/heads", base | {d: MEAN for d in dims if d != "head"}))
+    wanted.append(("api/drift", base | {d: MEAN for d in dims if d != "step"}))
     wanted += [("api/entity", {"run": run, "entity": e}) for e in meta["run"]["entities"]]
     answers |= {query_key(path, params): ANSWERS[path](store, params) for path, params in wanted}
     image = None

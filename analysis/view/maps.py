@@ -3,7 +3,8 @@
 Every map is read lazily through `analysis.open_trace` (token rows) and `span_view`, so only the
 chunks a selection needs are decoded; the HTTP layer (`analysis.view.app`) only turns these
 answers into JSON. A position along `step`, `layer` or `head` is an index, or `"mean"` for the
-mean over that dim.
+mean over that dim; so is one along a video run's `frame` (which defaults to the mean, so a
+map is always one (y, x) image).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..selection import direction as pick_direction
 from ..spans import span_view
 
 MEAN = "mean"
-POSITION_DIMS = ("step", "layer", "head")
+POSITION_DIMS = ("step", "layer", "head", "frame")  # frame: video runs only
 
 
 def position(dim: str, value: str | int, size: int) -> int | str:
@@ -97,6 +98,7 @@ class ViewStore:
             "layers": [str(name) for name in ds.layer.values],
             "layer_kinds": [str(kind) for kind in ds.layer_kind.values],
             "heads": [int(h) for h in ds["head"].values],
+            "frames": [int(f) for f in ds["frame"].values] if "frame" in ds.dims else [],
             "grid": [int(ds.sizes["y"]), int(ds.sizes["x"])],
             "has_image": "image" in ds.data_vars,
             "colormap": colormap(),
@@ -110,6 +112,11 @@ class ViewStore:
         """
         ds = self.tokens(run)
         direction = pick_direction(ds, direction)
+        where = dict(where)
+        if "frame" in ds.dims:
+            where.setdefault("frame", MEAN)
+        elif where.pop("frame", MEAN) != MEAN:
+            raise SelectionError(f"{ds.attrs['run']} has no frames: an image model's maps")
         at = {dim: position(dim, value, ds.sizes[dim]) for dim, value in where.items()}
         rows = ds[[direction]].isel({dim: i for dim, i in at.items() if i != MEAN})
         view = span_view(rows.assign_attrs(ds.attrs), {span: span})
@@ -118,26 +125,34 @@ class ViewStore:
         )
 
     def map(
-        self, run: str | None, direction: str, span: str, step: str, layer: str, head: str
+        self,
+        run: str | None,
+        direction: str,
+        span: str,
+        step: str,
+        layer: str,
+        head: str,
+        frame: str = MEAN,
     ) -> np.ndarray:
-        """One (y, x) map of a span, at a step, layer and head (each an index or "mean")."""
-        da = self._span(run, direction, span, step=step, layer=layer, head=head)
+        """One (y, x) map of a span, at a step, layer, head (and a video's frame): each an index
+        or "mean"."""
+        da = self._span(run, direction, span, step=step, layer=layer, head=head, frame=frame)
         return np.asarray(da.values, dtype=np.float32)
 
     def heads(
-        self, run: str | None, direction: str, span: str, step: str, layer: str
+        self, run: str | None, direction: str, span: str, step: str, layer: str, frame: str = MEAN
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Every head's (y, x) map of a span at a step and layer, and the heads' similarity
-        (Pearson correlation, head × head)."""
-        da = self._span(run, direction, span, step=step, layer=layer).compute()
+        """Every head's (y, x) map of a span at a step and layer (and frame), and the heads'
+        similarity (Pearson correlation, head × head)."""
+        da = self._span(run, direction, span, step=step, layer=layer, frame=frame).compute()
         similarity = head_similarity(da, metric="correlation")
         return np.asarray(da.values, np.float32), np.asarray(similarity.values, np.float64)
 
     def drift(
-        self, run: str | None, direction: str, span: str, layer: str, head: str
+        self, run: str | None, direction: str, span: str, layer: str, head: str, frame: str = MEAN
     ) -> np.ndarray:
         """How far each step's map is from the final step's (Jensen–Shannon, bits)."""
-        da = self._span(run, direction, span, layer=layer, head=head).compute()
+        da = self._span(run, direction, span, layer=layer, head=head, frame=frame).compute()
         return np.asarray(step_drift(da, metric="js").values, np.float64)
 
     def entity_mask(self, run: str | None, entity: str) -> np.ndarray:

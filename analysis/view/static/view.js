@@ -4,7 +4,8 @@
 
 const MEAN = "mean";
 const RESTING_MS = 250; // how long the sliders rest before the slower panels are asked for
-const state = { run: null, direction: null, span: null, step: MEAN, layer: MEAN, head: MEAN };
+// frame: a video run's latent frame (null for an image run, whose maps have none)
+const state = { run: null, direction: null, span: null, step: MEAN, layer: MEAN, head: MEAN, frame: MEAN };
 let meta = null;
 let lockedMax = null;
 const masks = new Map(); // EliGen entity masks by name
@@ -144,7 +145,7 @@ function selection() {
 // -- updates --------------------------------------------------------------------------------
 
 async function drawMap(update) {
-  const params = { ...selection(), step: state.step, layer: state.layer, head: state.head };
+  const params = { ...selection(), step: state.step, layer: state.layer, head: state.head, frame: state.frame };
   const answer = await api("api/map", params);
   if (update !== drawn) return;
   const low = 0, high = $("lock").checked && lockedMax !== null ? lockedMax : answer.max || 1;
@@ -156,10 +157,9 @@ async function drawMap(update) {
 }
 
 async function drawDrift(update) {
-  const key = queryKey("api/drift", { ...selection(), layer: state.layer, head: state.head });
-  if (!drifts.has(key)) {
-    drifts.set(key, api("api/drift", { ...selection(), layer: state.layer, head: state.head }));
-  }
+  const params = { ...selection(), layer: state.layer, head: state.head, frame: state.frame };
+  const key = queryKey("api/drift", params);
+  if (!drifts.has(key)) drifts.set(key, api("api/drift", params));
   let drift;
   try {
     drift = (await drifts.get(key)).drift;
@@ -172,7 +172,7 @@ async function drawDrift(update) {
 
 async function drawHeads(update) {
   if ($("grid-body").hidden) return;
-  const answer = await api("api/heads", { ...selection(), step: state.step, layer: state.layer });
+  const answer = await api("api/heads", { ...selection(), step: state.step, layer: state.layer, frame: state.frame });
   if (update !== drawn) return;
   const grid = $("grid");
   grid.replaceChildren();
@@ -193,6 +193,7 @@ async function update() {
   for (const [dim, labels] of [["step", meta.steps], ["layer", meta.layers], ["head", meta.heads]]) {
     setSlider(dim, labels);
   }
+  if (state.frame !== null) setSlider("frame", meta.frames);
   markTokens();
   const failed = (error) => {
     if (current !== drawn) return;
@@ -318,12 +319,15 @@ async function load() {
     state.step = String(meta.steps.length - 1);
   }
   if (state.span === null) state.span = Object.keys(meta.run.spans)[0];
+  // A video run's frames: their mean first; an image run has no frame to choose.
+  state.frame = meta.frames.length ? (state.frame ?? MEAN) : null;
+  $("frame-control").hidden = !meta.frames.length;
   layOut();
   await update();
 }
 
 function wire() {
-  for (const dim of ["step", "layer", "head"]) {
+  for (const dim of ["step", "layer", "head", "frame"]) {
     $(dim).addEventListener("input", () => { state[dim] = sliderPosition(dim); update(); });
   }
   $("span").addEventListener("change", () => { state.span = $("span").value.trim(); update(); });

@@ -162,3 +162,30 @@ def test_run_attributes_json_cannot_hold_are_answered_as_text(store):
     meta = TestClient(create_app(ViewStore(str(path)))).get("/api/meta")
     assert meta.status_code == 200
     assert meta.json()["run"]["attrs"]["scheduler_config"] == {"lambda_min_clipped": "-inf"}
+
+
+def test_a_video_runs_maps_are_per_frame_or_their_mean(make_store):
+    path, _ = make_store(Run(frames=3))
+    client = TestClient(create_app(ViewStore(str(path))))
+    assert client.get("/api/meta").json()["frames"] == [0, 1, 2]
+    rows = open_plain(path, "run-0000").txt2img.isel(token=row_of("cat")).values
+    rows = rows.astype(np.float64)  # (step, layer, head, frame, y, x)
+    for frame, expected in ((2, rows[1, 0, 2, 2]), ("mean", rows[1, 0, 2].mean(0))):
+        params = dict(direction="txt2img", span="cat", step=1, layer=0, head=2, frame=frame)
+        answer = client.get("/api/map", params=params).json()
+        np.testing.assert_allclose(answer["values"], expected, rtol=1e-6)
+    # Without a frame, the mean over frames: a map is always one (y, x) image.
+    params = dict(direction="txt2img", span="cat", step=1, layer=0, head=2)
+    answer = client.get("/api/map", params=params).json()
+    np.testing.assert_allclose(answer["values"], rows[1, 0, 2].mean(0), rtol=1e-6)
+    heads = client.get("/api/heads", params=dict(params, frame=1) | {"head": None}).json()
+    np.testing.assert_allclose(heads["maps"], rows[1, 0, :, 1], rtol=1e-6)
+    response = client.get("/api/map", params=dict(params, frame=3))
+    assert response.status_code == 404 and "frame '3'" in response.text
+
+
+def test_an_image_run_has_no_frames(client):
+    assert client.get("/api/meta").json()["frames"] == []
+    params = dict(direction="txt2img", span="cat", frame=0)
+    response = client.get("/api/map", params=params)
+    assert response.status_code == 404 and "has no frames" in response.text

@@ -221,3 +221,22 @@ def test_a_damaged_chunk_is_shown_as_damaged_never_drawn(page, make_store):
         assert "damaged" in page.get_attribute("#stack", "class")
         assert page.evaluate("document.getElementById('map').dataset.values") is None
         page.screenshot(path=SHOTS / "damaged.png")
+
+
+def test_a_video_run_has_a_frame_slider_and_an_image_run_none(page, url, make_store):
+    page.goto(url)
+    received(page)
+    assert not page.locator("#frame-control").is_visible()
+    path, _ = make_store(Run(frames=3, heads=2))
+    rows = open_plain(path, "run-0000").txt2img.values.astype(np.float64)
+    cat = next(i for i, row in enumerate(token_rows()) if row.text == "cat")
+    with serving(path) as address:
+        page.goto(address + "?span=cat&direction=txt2img&step=1&layer=0&head=1")
+        values = received(page)
+        assert page.locator("#frame-control").is_visible()
+        np.testing.assert_allclose(values, rows[1, 0, 1, cat].mean(0), rtol=1e-5)
+        values = settle(page, lambda: slide(page, "frame", 2))
+        np.testing.assert_allclose(values, rows[1, 0, 1, cat, 2], rtol=1e-5)
+        assert "frame=2" in page.url
+        page.screenshot(path=SHOTS / "frames.png", full_page=True)
+    assert page.errors == []

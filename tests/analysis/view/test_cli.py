@@ -21,6 +21,20 @@ def test_export_writes_one_self_contained_page(store, tmp_path):
     maps = [key for key in data["answers"] if key.startswith("api/map?")]
     assert len(maps) == 1 + 4 + 5 + 3  # all at the means, then each step, layer and head
     assert data["image"].startswith("data:image/png;base64,")
+    assert not any("frame=" in key for key in data["answers"])  # an image run has no frames
+
+
+def test_an_exported_video_page_holds_each_frame(make_store, tmp_path):
+    from synthetic_trace import Run
+
+    path, _ = make_store(Run(frames=3))
+    out = tmp_path / "cat.html"
+    assert main(["view", str(path), "--export", str(out), "--span", "cat", "-q"]) == 0
+    page = out.read_text()
+    data = json.loads(re.search(r"window.ATTNSCOPE_EXPORT = (.*);\n", page).group(1))
+    maps = [key for key in data["answers"] if key.startswith("api/map?")]
+    assert len(maps) == 1 + 4 + 5 + 3 + 3  # the means, each step, layer, head and frame
+    assert any("frame=2" in key for key in maps)
 
 
 @pytest.mark.parametrize(
