@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ class Estimate:
     layers: int
     heads: int
     rows: int
-    grid: tuple[int, int]
+    grid: tuple[int, ...]  # (y, x); a video's (frame, y, x)
     steps: int
     directions: tuple[str, ...]
     keepbits: int | None
@@ -35,13 +36,7 @@ class Estimate:
     def step_bytes(self) -> int:
         """Decoded bytes of one step's maps."""
         return (
-            self.layers
-            * self.heads
-            * self.rows
-            * self.grid[0]
-            * self.grid[1]
-            * 4
-            * len(self.directions)
+            self.layers * self.heads * self.rows * math.prod(self.grid) * 4 * len(self.directions)
         )
 
     @property
@@ -67,7 +62,7 @@ class Estimate:
         return "\n".join(
             [
                 f"maps: {self.layers} layers × {self.heads} heads × {self.rows} token rows × "
-                f"{self.grid[0]}×{self.grid[1]}, {' + '.join(self.directions)}, {self.steps} "
+                f"{'×'.join(map(str, self.grid))}, {' + '.join(self.directions)}, {self.steps} "
                 f"steps",
                 f"per step: {_size(self.step_bytes)} decoded",
                 f"per generation: {_size(self.generation_bytes)} decoded, about "
@@ -100,23 +95,22 @@ def estimate(
     """What `tracer.trace(pipe, ..., same options)` would record for `pipe(**call)`: nothing is
     generated. `step_seconds` is the step time the recording must keep up with."""
     adapter = adapter_for(pipe, entity_names)
+    absent = adapter.absent_directions  # none recorded (Sana's, Wan's txt2img)
     chosen = select_layers(adapter.layers(), layers)
     n_heads = len(select_indices("head", heads, chosen[0].heads))
     generation = adapter.generation(call)
     text = generation.text
     keep = range(*keep_tokens) if keep_tokens is not None else ()
     rows = token_rows(text, text.length, sorted(keep))
-    height = int(generation.attrs.get("height") or call.get("height") or 1024)
-    width = int(generation.attrs.get("width") or call.get("width") or 1024)
+    sizes = {key: call.get(key) for key in ("height", "width")} | generation.attrs
     n_steps = int(call.get("num_inference_steps") or 28)
-    # FLUX's latent tokens are 2×2 patches of the VAE's 8× downsampled latents: 16 pixels a side.
     return Estimate(
         layers=len(chosen),
         heads=n_heads,
         rows=len(rows),
-        grid=(height // 16, width // 16),
+        grid=adapter.latent_grid(sizes),
         steps=len(select_indices("step", steps, n_steps)),
-        directions=fmt.check_directions(directions),
+        directions=tuple(d for d in fmt.check_directions(directions) if d not in absent),
         keepbits=fmt.check_keepbits(keepbits),
         step_seconds=step_seconds,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections import namedtuple
 
+import pytest
 import torch
 import zarr
 
@@ -32,6 +33,29 @@ def test_the_estimate_is_the_size_of_the_recording(tmp_path):
     assert stored.shape == (cost.steps, cost.layers, cost.heads, cost.rows, *cost.grid)
     assert cost.generation_bytes == stored.nbytes
     assert cost.stored_bytes == cost.generation_bytes  # lossless: no compression counted on
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "sana"])
+def test_another_familys_estimate_is_the_size_of_the_recording(tmp_path, family):
+    from tracer.cli import load_demo
+
+    pipe = load_demo(family, seed=0, **({} if family == "sana" else {"max_sequence_length": 16}))
+    call = {"prompt": "a cat", "num_inference_steps": 2, "height": 48, "width": 64}
+    call |= {"max_sequence_length": 16}
+    grid = (3, 3, 4)
+    if family == "sana":  # 32 pixels a token
+        call |= {"height": 96, "width": 128, "use_resolution_binning": False}
+        grid = (3, 4)
+    else:
+        call |= {"num_frames": 9}  # three latent frames
+    cost = estimate(pipe, call, keepbits=None)
+    with tracer.trace(pipe, tmp_path / "t.zarr", keepbits=None, progress=False) as rec:
+        pipe(**call, generator=torch.Generator().manual_seed(0), output_type="latent")
+    run = zarr.open_group(tmp_path / "t.zarr", path=rec.last_run, mode="r")
+    stored = [run[d] for d in ("txt2img", "img2txt") if d in run]
+    assert cost.grid == grid and len(cost.directions) == len(stored)
+    assert stored[0].shape == (cost.steps, cost.layers, cost.heads, cost.rows, *cost.grid)
+    assert cost.generation_bytes == sum(array.nbytes for array in stored)
 
 
 def test_record_estimate_prints_and_writes_nothing(tmp_path, capsys):

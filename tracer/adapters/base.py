@@ -103,6 +103,11 @@ class Adapter(ABC):
         """Raise UnsupportedModelError if these layers' attention would not reach torch's SDPA,
         where the tap reads q and k (checked before a run is created)."""
 
+    def latent_grid(self, attrs: Mapping[str, Any]) -> tuple[int, ...]:
+        """The token grid a generation with these run attributes (height, width, num_frames)
+        will have, before it runs: FLUX's 16 pixels a token unless the family says otherwise."""
+        return int(attrs.get("height") or 1024) // 16, int(attrs.get("width") or 1024) // 16
+
     def run_attrs(self) -> dict[str, Any]:
         """Attributes describing the model and pipeline (id, class, scheduler, dtype)."""
         return {"pipeline": type(self.pipe).__name__, "backend": self.backend}

@@ -32,6 +32,11 @@ class DiffusersCogVideoX(DiffusersVideo):
             for index, block in enumerate(self.transformer.transformer_blocks)
         ]
 
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        config = self.transformer.config
+        return int(config.patch_size_t or 1), int(config.patch_size), int(config.patch_size)
+
     def generation(self, arguments: Mapping[str, Any]) -> Generation:
         pipe = self.pipe
         config = self.transformer.config
@@ -55,13 +60,11 @@ class DiffusersCogVideoX(DiffusersVideo):
 
     def denoiser_call(self, bound: Mapping[str, Any]) -> DenoiserCall:
         latents = bound["hidden_states"]  # [B, F, C, H, W]
-        config = self.transformer.config
-        patch = (int(config.patch_size_t or 1), int(config.patch_size), int(config.patch_size))
         frames, _, height, width = latents.shape[1:]
         return DenoiserCall(
             timestep=self.timestep_of(bound["timestep"]),
             text_len=int(bound["encoder_hidden_states"].shape[1]),
-            grid=self.video_grid(frames, height, width, patch),
+            grid=self.video_grid(frames, height, width),
             # The pipeline guides (in a batch) above a scale of 1, and keeps no flag saying so.
             batch_index=self.negative_first_index(
                 int(latents.shape[0]), guided=float(self.pipe.guidance_scale) > 1.0

@@ -44,6 +44,11 @@ class DiffusersSana(DiffusersAdapter):
             if getattr(block, "attn2", None) is not None
         ]
 
+    def latent_grid(self, attrs: Mapping[str, Any]) -> tuple[int, ...]:
+        # A deep-compression autoencoder (32× in diffusers' Sana) and 1×1 patches.
+        pixels = int(self.pipe.vae_scale_factor) * int(self.transformer.config.patch_size)
+        return int(attrs["height"]) // pixels, int(attrs["width"]) // pixels
+
     def timestep_of(self, timestep: Any) -> float:
         # The pipeline hands the transformer the scheduler's timestep times this config value.
         return super().timestep_of(timestep) / float(self.transformer.config.timestep_scale)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,13 +24,23 @@ class DiffusersVideo(DiffusersAdapter):
             fmt.TEMPORAL_COMPRESSION: int(self.pipe.vae_scale_factor_temporal),
         }
 
-    @staticmethod
-    def video_grid(
-        frames: int, height: int, width: int, patch: tuple[int, int, int]
-    ) -> tuple[int, int, int]:
-        """The token grid of `frames` latent frames of `height` × `width` latent cells, cut into
-        patches of (frames, rows, columns)."""
-        return frames // patch[0], height // patch[1], width // patch[2]
+    @property
+    @abstractmethod
+    def patch(self) -> tuple[int, int, int]:
+        """The transformer's patch: latent (frames, rows, columns) per token."""
+
+    def video_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """The token grid of `frames` latent frames of `height` × `width` latent cells."""
+        patch = self.patch
+        return int(frames) // patch[0], int(height) // patch[1], int(width) // patch[2]
+
+    def latent_grid(self, attrs: Mapping[str, Any]) -> tuple[int, ...]:
+        pipe = self.pipe
+        latent_frames = (int(attrs[fmt.NUM_FRAMES]) - 1) // int(pipe.vae_scale_factor_temporal) + 1
+        spatial = int(pipe.vae_scale_factor_spatial)
+        return self.video_grid(
+            latent_frames, int(attrs["height"]) // spatial, int(attrs["width"]) // spatial
+        )
 
     def image(self, output: Any) -> np.ndarray | None:
         """The first frame of the first video (None when the pipeline returned latents)."""

@@ -79,9 +79,13 @@ class DiffusersWan(DiffusersVideo):
 
     def denoiser_call(self, bound: Mapping[str, Any]) -> DenoiserCall:
         frames, height, width = bound["hidden_states"].shape[-3:]  # [B, C, F, H, W]
-        grid = self.video_grid(frames, height, width, self.transformer.config.patch_size)
         return DenoiserCall(
             timestep=self.timestep_of(bound["timestep"]),
             text_len=int(bound["encoder_hidden_states"].shape[1]),
-            grid=grid,
+            grid=self.video_grid(frames, height, width),
         )
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        frames, rows, columns = (int(p) for p in self.transformer.config.patch_size)
+        return frames, rows, columns
