@@ -51,7 +51,9 @@ def attention_maps(
     - ``img2txt[h, s, p]``: sum over the span's text keys j of ``P[h, text_len + p, j]``.
 
     A query row that the mask forbids entirely contributes zeros. ``chunk_size`` queries are
-    processed at a time, which bounds the extra memory to about ``H * chunk_size * N`` floats.
+    processed at a time (and taken to float32 then), which bounds the extra memory to about
+    ``H * chunk_size * N`` floats, besides the maps returned and a float32 copy of the keys of a
+    half-precision model (``H * N * D``).
 
     ``lse``: optional float ``[H, N]``, each query row's natural log-sum-exp over all keys of
     ``q·kᵀ·scale + mask``, as the model's attention kernel computed it (see ``tracer.tap``).
@@ -96,21 +98,21 @@ def attention_maps(
     )
     # Observation only: no autograd graph (it would keep every chunk's block alive).
     with torch.no_grad(), _cpu_threads_for(work, q.device):
-        # float32 copies once per call: the model's q, k stay untouched; every chunk reads them.
-        q32 = q.to(torch.float32)
+        # The keys in float32 once per call (every chunk reads all of them); the queries a chunk
+        # at a time, so a half-precision model's extra memory stays within the chunk's bound.
         k32 = k.to(torch.float32)
         for direction in wanted:
             if direction == "txt2img":
                 maps[direction] = _txt2img(
-                    q32, k32, mask3, scale, text_len, n_image, span_members, chunk_size
+                    q, k32, mask3, scale, text_len, n_image, span_members, chunk_size
                 )
             elif lse is not None:
                 maps[direction] = _img2txt_from_lse(
-                    q32, k32, mask3, scale, text_len, n_image, span_members, chunk_size, lse
+                    q, k32, mask3, scale, text_len, n_image, span_members, chunk_size, lse
                 )
             else:
                 maps[direction] = _img2txt(
-                    q32, k32, mask3, scale, text_len, n_image, span_members, chunk_size
+                    q, k32, mask3, scale, text_len, n_image, span_members, chunk_size
                 )
     return maps
 
@@ -145,7 +147,7 @@ def cross_attention_maps(
     work = 4 * heads * q.shape[-1] * n_image * text_len
     with torch.no_grad(), _cpu_threads_for(work, q.device):
         maps = _img2txt(
-            q.to(torch.float32),
+            q,
             k.to(torch.float32),
             mask3,
             scale,
@@ -296,7 +298,7 @@ def _dead_rows(mask_rows: torch.Tensor) -> torch.Tensor:
 
 
 def _txt2img(
-    q32: torch.Tensor,
+    q: torch.Tensor,
     k32: torch.Tensor,
     mask3: torch.Tensor | None,
     scale: float,
@@ -305,8 +307,8 @@ def _txt2img(
     span_members: torch.Tensor,
     chunk_size: int,
 ) -> torch.Tensor:
-    heads = q32.shape[0]
-    device = q32.device
+    heads = q.shape[0]
+    device = q.device
     # Only the text queries of some span are needed. Rows and span-mean weights are built where
     # span_members lives (the CPU, normally: no accelerator sync), then sent without blocking.
     rows = span_members.any(dim=0).nonzero().flatten()
@@ -321,7 +323,7 @@ def _txt2img(
     for start in range(0, n_rows, chunk_size):
         chunk = rows[start : start + chunk_size]
         exps, inv_sums = _unnormalised_probs(
-            q32.index_select(1, chunk), k_t, _mask_rows(mask3, chunk), scale
+            q.index_select(1, chunk).to(torch.float32), k_t, _mask_rows(mask3, chunk), scale
         )
         # Folding each row's 1/sum into the [H, S, rows] span weights saves a pass over the block.
         w = weights[:, start : start + chunk_size] * inv_sums.unsqueeze(1)
@@ -353,7 +355,7 @@ def _unnormalised_probs(
 
 
 def _img2txt(
-    q32: torch.Tensor,
+    q: torch.Tensor,
     k32: torch.Tensor,
     mask3: torch.Tensor | None,
     scale: float,
@@ -364,11 +366,11 @@ def _img2txt(
     first_query: int | None = None,
 ) -> torch.Tensor:
     """Image queries from `first_query` (default: right after the text) against all keys of k,
-    whose first `text_len` are the text."""
-    heads, _, dim = q32.shape
+    whose first `text_len` are the text; the queries taken to float32 a chunk at a time."""
+    heads, _, dim = q.shape
     n_keys = k32.shape[1]
     first_query = text_len if first_query is None else first_query
-    device = q32.device
+    device = q.device
     n_spans = span_members.shape[0]
 
     # sum_{j in s} P[i, j] = (P @ V)[i, s] with V[j, s] = 1 if text key j is in span s: a fused
@@ -380,13 +382,7 @@ def _img2txt(
     values = torch.zeros(n_keys, width, dtype=torch.float32, device=span_members.device)
     values[:text_len, :n_spans] = span_members.t()
     values = values.to(device, non_blocking=True).expand(1, heads, -1, -1)
-    if width > dim:
-        q32 = F.pad(q32[:, first_query : first_query + n_image], (0, width - dim))
-        k32 = F.pad(k32, (0, width - dim))
-        first = 0
-    else:
-        first = first_query
-    q4, k4 = q32.unsqueeze(0), k32.unsqueeze(0)
+    k4 = F.pad(k32, (0, width - dim)).unsqueeze(0)
 
     out = torch.empty(heads, n_spans, n_image, dtype=torch.float32, device=device)
     for start in range(0, n_image, chunk_size):
@@ -397,9 +393,11 @@ def _img2txt(
             attn_mask = mask_rows.unsqueeze(0)
             if attn_mask.dtype != torch.bool:
                 attn_mask = attn_mask.to(torch.float32)
-        sums = F.scaled_dot_product_attention(
-            q4[:, :, first + start : first + stop], k4, values, attn_mask=attn_mask, scale=scale
-        )[0, :, :, :n_spans]
+        rows = q[:, first_query + start : first_query + stop].to(torch.float32)
+        rows = F.pad(rows, (0, width - dim)).unsqueeze(0)
+        sums = F.scaled_dot_product_attention(rows, k4, values, attn_mask=attn_mask, scale=scale)[
+            0, :, :, :n_spans
+        ]
         if mask_rows is not None:
             # Kernels disagree on fully masked rows (NaN or 0); the contract says zeros.
             sums = sums.masked_fill(_dead_rows(mask_rows).unsqueeze(-1), 0.0)
@@ -408,7 +406,7 @@ def _img2txt(
 
 
 def _img2txt_from_lse(
-    q32: torch.Tensor,
+    q: torch.Tensor,
     k32: torch.Tensor,
     mask3: torch.Tensor | None,
     scale: float,
@@ -418,8 +416,8 @@ def _img2txt_from_lse(
     chunk_size: int,
     lse: torch.Tensor,
 ) -> torch.Tensor:
-    heads, n_tokens, _ = q32.shape
-    device = q32.device
+    heads, n_tokens, _ = q.shape
+    device = q.device
     # sum_{j in s} P[i, j] = sum_{j in s} exp(q_i·k_j·scale + mask_ij - lse_i): only the text keys
     # of some span are needed, with lse_i, the kernel's normaliser over all keys.
     keys = span_members.any(dim=0).nonzero().flatten()
@@ -439,7 +437,7 @@ def _img2txt_from_lse(
     for start in range(0, n_image, rows_per_block):
         stop = min(start + rows_per_block, n_image)
         mask_rows = _mask_rows(mask3, slice(text_len + start, text_len + stop))
-        q_rows = q32[:, text_len + start : text_len + stop]
+        q_rows = q[:, text_len + start : text_len + stop].to(torch.float32)
         if mask_rows is not None and mask_rows.dtype != torch.bool:
             logits = torch.baddbmm(mask_rows.to(torch.float32), q_rows, k_t, alpha=scale)
         else:

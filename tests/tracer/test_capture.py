@@ -463,3 +463,28 @@ def test_cross_attention_rejects_keys_of_another_width() -> None:
         cross_attention_maps(
             q, k, mask=None, scale=1.0, span_members=torch.ones(1, 3, dtype=torch.bool)
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_video_cross_attentions_memory_is_bounded_by_the_chunk(dtype) -> None:
+    """Many video queries against a few text keys (Wan): besides the maps returned, nothing the
+    capture allocates grows with the number of queries, whatever the model's precision."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(5)
+    heads, n_video, text_len, dim, chunk, n_spans = 2, 6144, 24, 32, 64, 3
+    q = torch.randn(heads, n_video, dim, generator=gen).to(dtype)
+    k = torch.randn(heads, text_len, dim, generator=gen).to(dtype)
+    members = make_members(gen, n_spans, text_len, 0.3)
+    maps_bytes = heads * n_spans * n_video * 4  # the result itself
+    queries_in_float32 = heads * n_video * dim * 4  # what converting all queries at once takes
+    assert queries_in_float32 >= 8 * maps_bytes // 3
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        got = cross_attention_maps(
+            q, k, mask=None, scale=dim**-0.5, span_members=members, chunk_size=chunk
+        )
+    sizes = sorted(allocation_sizes(prof), reverse=True)
+    assert sizes[0] == maps_bytes
+    assert sizes[1] <= 4 * heads * chunk * max(dim, text_len) * 4, sizes[:4]
+    want = cross_reference(q.float(), k.float(), None, dim**-0.5, members)
+    torch.testing.assert_close(got["img2txt"].double(), want, atol=ATOL, rtol=RTOL)
