@@ -104,16 +104,22 @@ def seed_method(pipe: Any, out_dir: Path, text_len: int) -> Iterator[None]:
         transformer.set_attn_processor(original)
 
 
-def attention_map_diffusers(pipe: Any, out_dir: Path, run: Callable[[], Any]) -> dict[str, Any]:
+def attention_map_diffusers(
+    pipe: Any,
+    out_dir: Path,
+    run: Callable[[], Any],
+    relations: tuple[str, ...] = ("image->text", "text->image"),
+) -> dict[str, Any]:
     """Run `run()` under attention-map-diffusers' capture of every head and timestep, then save.
 
+    `relations`: its names for the directions (a video model's: video->text, text->video).
     Returns what it recorded: the layers it captured maps of, and its record count.
     """
     from attention_map_diffusers import AttentionCapture
 
     capture = AttentionCapture(
         pipe,
-        relations=("image->text", "text->image"),
+        relations=relations,
         layers="all",
         heads="all",
         timesteps="all",

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import zarr
 from zarr.storage import LocalStore
@@ -493,12 +494,14 @@ class TraceWriter:
         slot = item.slot
         for event in item.events:
             event.synchronize()  # waits on this thread only, not on the producer's stream
+        # NumPy, not torch, on this thread: see tracer.rounding.
         for name, tensor in item.cpu.items():
-            row = slot.host[name][item.layer_pos].view(self._map_shape)
-            bitround_(row.copy_(tensor), self._keepbits[name])
+            row = slot.host[name][item.layer_pos].numpy().reshape(self._map_shape)
+            np.copyto(row, tensor.numpy())
+            bitround_(row, self._keepbits[name])
         if item.layer_pos in slot.skipped:
             for name in self._directions:
-                slot.host[name][item.layer_pos].fill_(float("nan"))
+                slot.host[name][item.layer_pos].numpy().fill(np.nan)
         slot.filled += 1
         if slot.filled == self._n_layers:
             self._store_step(slot)

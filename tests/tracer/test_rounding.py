@@ -1,4 +1,4 @@
-"""Bit rounding in torch is numcodecs' BitRound, bit for bit (the reference is numcodecs)."""
+"""Bit rounding in torch and NumPy is numcodecs' BitRound, bit for bit (the reference)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ SPECIAL = np.array(
 )
 
 
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
 @pytest.mark.parametrize("keepbits", [1, 3, 7, 9, 16, 22])
-def test_torch_bitround_equals_numcodecs_bit_for_bit(keepbits):
+def test_bitround_equals_numcodecs_bit_for_bit(keepbits, kind):
     rng = np.random.default_rng(keepbits)
     values = np.concatenate(
         [
@@ -28,7 +29,8 @@ def test_torch_bitround_equals_numcodecs_bit_for_bit(keepbits):
         ]
     )
     want = BitRound(keepbits=keepbits).encode(values.copy()).view(np.int32)
-    got = bitround_(torch.from_numpy(values.copy()), keepbits).numpy().view(np.int32)
+    maps = torch.from_numpy(values.copy()) if kind == "torch" else values.copy()
+    got = np.asarray(bitround_(maps, keepbits)).view(np.int32)
     np.testing.assert_array_equal(got, want)
 
 
@@ -41,3 +43,5 @@ def test_the_stated_bound_holds_and_lossless_leaves_maps_alone():
     assert bitround_(same, None) is same and np.array_equal(same.numpy(), values)
     with pytest.raises(TypeError, match=r"float32 maps, got torch\.bfloat16"):
         bitround_(torch.ones(3, dtype=torch.bfloat16), 9)
+    with pytest.raises(TypeError, match=r"float32 maps, got float64"):
+        bitround_(np.ones(3), 9)
