@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import analysis_speed, families, rate, s3, view
+from bench import analysis_speed, families, rate, s3, video, view
 from bench.common import FIXED_MMAP_THRESHOLD, GEOMETRIES, geometry, isolated, log, scratch
 from bench.report import render
 
@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     section("analysis", lambda: results.update(analysis=_analysis(args.quick)))
     section("s3", lambda: results.update(s3=s3.figures(pairs=2 if args.quick else 3)))
     section("families", lambda: results.update(families=families.figures(2 if args.quick else 3)))
+    section("video", lambda: results.update(video=video.figures(2 if args.quick else 3)))
     section("view", lambda: results.update(view=view.figures(10 if args.quick else view.MOVES)))
     results["total_seconds"] = earlier + time.perf_counter() - started
     return results

@@ -46,7 +46,13 @@ def _overhead(r: dict[str, Any], main: str) -> str:
         "small Zarr objects: metadata and coordinates);",
         f"- the writer's compression and writes: {b.get('writer_step', math.nan):.2f} s of "
         "thread time in all, beside the generation, of which the last step's write is "
-        "waited for at the end (a step is durable when the call returns).",
+        "waited for at the end (a step is durable when the call returns). Its threads fill "
+        "and round the host buffers with NumPy, never torch: a torch op on another thread "
+        "starts an OpenMP team of that thread's own, and while it lived the model's own team "
+        "was throttled (libgomp, with more threads than cores, puts idle workers to sleep at "
+        "once, so every parallel region waits for a wake-up): every denoiser call was a third "
+        "slower for the rest of the run, recorded or not (tiny Wan 1.79 → 1.21, tiny "
+        "CogVideoX 1.57 → 1.26, FLUX at the families' small geometry 2.07 → 1.73).",
     ]
     if b:
         added = b.get("capture", 0.0) + b.get("start_run", 0.0)

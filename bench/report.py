@@ -527,6 +527,65 @@ def _families(r: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def _video(r: dict[str, Any]) -> str:
+    """Video models: overhead beside attention-map-diffusers, capture memory (bench/video.py)."""
+    found = r.get("video")
+    if not found:
+        return ""
+    from bench.video import CALL, STEPS, TEXT_LEN, WAN_480P, WIDTH
+
+    rows = [
+        [
+            f["pipeline"],
+            f"{f['untraced_s']:.2f} s",
+            f"{f['ratio']['attnscope']:.3f}",
+            _size(f["bytes"]["attnscope"]),
+            f"{f['ratio']['amd']:.2f}",
+            _size(f["bytes"]["amd"]),
+        ]
+        for f in found["overhead"].values()
+    ]
+    memory = found["memory"]
+    memory_rows = [
+        [chunk, f"{c['largest_block'] / 2**20:.1f} MiB", f"{c['seconds']:.2f} s"]
+        for chunk, c in memory["chunks"].items()
+    ]
+    first = next(iter(found["overhead"].values()))
+    return "\n\n".join(
+        [
+            "## Video models",
+            f"Each demo video pipeline (Wan: cross-attention, img2txt only; CogVideoX: joint, "
+            f"both directions) with {WIDTH['num_attention_heads']} heads × "
+            f"{WIDTH['attention_head_dim']}, {WIDTH['num_layers']} traced attentions, "
+            f"{CALL['num_frames']} frames of {CALL['height']}×{CALL['width']} pixels (3 latent "
+            f"frames of 16×28 tokens), `max_sequence_length={TEXT_LEN}`, {STEPS} steps, guided "
+            "(a second call per step). Both recorders keep every step, layer and head, per "
+            "token (attention-map-diffusers: its video relations, saved raw). Ratios are "
+            f"medians of {first['pairs']} traced/untraced pairs in alternating order.",
+            _table(
+                [
+                    "pipeline",
+                    "untraced",
+                    "attnscope",
+                    "attnscope store",
+                    "attention-map-diffusers",
+                    "its files",
+                ],
+                rows,
+            ),
+            f"The capture's memory on one cross-attention call of Wan 2.1 at 480p, 81 frames "
+            f"({WAN_480P['heads']} heads × {WAN_480P['head_dim']}, {WAN_480P['video_tokens']:,} "
+            f"video queries, {WAN_480P['text_len']} text keys, bfloat16, 27 token rows): the "
+            "largest block it allocates besides the maps it returns "
+            f"({_size(memory['maps_bytes'])}), from torch's profiler. Taking every query to "
+            f"float32 at once, as the capture did before, took "
+            f"{_size(memory['queries_in_float32'])}.",
+            _table(["chunk_size", "largest block", "time (CPU)"], memory_rows),
+            "Command: `python -m bench` (section `video`).",
+        ]
+    )
+
+
 def _view(r: dict[str, Any]) -> str:
     """`attnscope view` on a full-FLUX-shaped store (bench/view.py)."""
     found = r.get("view")
@@ -651,6 +710,7 @@ def render(r: dict[str, Any]) -> str:
         _rate(r),
         _s3(r),
         _families(r),
+        _video(r),
         _view(r),
         _analysis(r),
         limits(r),
