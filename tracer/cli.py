@@ -35,14 +35,16 @@ DEMOS = {
     "cogview4": ("tracer.demo_cogview4", "demo_cogview4_pipeline"),
     "wan": ("tracer.demo_wan", "demo_wan_pipeline"),
     "cogvideox": ("tracer.demo_cogvideox", "demo_cogvideox_pipeline"),
+    "hunyuan-video15": ("tracer.demo_hunyuan_video15", "demo_hunyuan_video15_pipeline"),
 }
 
 # The text length of a demo's calls: 32 tokens, or what its prompt needs where that is more
-# (Lumina2 and FLUX.2 [dev] put a system prompt before the prompt, and keep what fits).
-DEMO_TEXT_LEN = {"lumina2": 256, "flux2-dev": 512}
+# (Lumina2 and FLUX.2 [dev] put a system prompt before the prompt, and keep what fits); None
+# where the pipeline takes no such argument (HunyuanVideo 1.5's demo sets its lengths itself).
+DEMO_TEXT_LEN = {"lumina2": 256, "flux2-dev": 512, "hunyuan-video15": None}
 # The video frames of a video demo's calls: two latent frames (4 video frames each, after the
 # first alone).
-DEMO_NUM_FRAMES = {"wan": 5, "cogvideox": 5}
+DEMO_NUM_FRAMES = {"wan": 5, "cogvideox": 5, "hunyuan-video15": 5}
 
 
 def load_demo(family: str, **kwargs: Any) -> Any:
