@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import family_kit
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 from references import SdpaLog, assert_rows_match_float64
 
@@ -13,10 +13,9 @@ import tracer
 from tracer.demo_cogvideox import demo_cogvideox_pipeline
 
 TEXT_LEN = 20
-NUM_FRAMES = 5  # two latent frames: the first video frame alone, then four
-GRID = (2, 3, 4)  # latent frames, token rows, token columns: 48 x 64 pixels, 2x2 patches
-PIXELS = 16
-PROMPT = "a cat on a red chair"
+NUM_FRAMES = family_kit.VIDEO_FRAMES
+GRID = family_kit.VIDEO_GRID
+PROMPT = family_kit.PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +24,7 @@ def pipe():
 
 
 def generate(pipe, seed=0, **kwargs):
-    return pipe(
-        prompt=kwargs.pop("prompt", PROMPT),
-        height=GRID[1] * PIXELS,
-        width=GRID[2] * PIXELS,
-        num_frames=NUM_FRAMES,
-        num_inference_steps=3,
-        max_sequence_length=TEXT_LEN,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-        **kwargs,
-    )
+    return family_kit.generate_video(pipe, seed=seed, max_sequence_length=TEXT_LEN, **kwargs)
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 6.0], ids=["unguided", "guided batch"])
@@ -67,7 +56,7 @@ def test_frames_read_alike_through_plain_xarray(pipe, tmp_path):
     plain = xr.open_zarr(path, group=rec.last_run, consolidated=False)
     assert plain.frame.values.tolist() == [0, 1]
     assert plain.attrs["num_frames"] == NUM_FRAMES and plain.attrs["temporal_compression"] == 4
-    assert plain.image.shape == (GRID[1] * PIXELS, GRID[2] * PIXELS, 3)  # the first frame
+    assert plain.image.shape == (GRID[1] * 16, GRID[2] * 16, 3)  # the first frame
     # Each text query's softmax runs over text and video keys: its video part sums below 1.
     video_mass = plain.txt2img.isel(token=1).sum(["frame", "y", "x"]).values
     assert np.all((video_mass > 0) & (video_mass < 1))

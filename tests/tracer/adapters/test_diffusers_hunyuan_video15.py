@@ -3,9 +3,9 @@ after), in one joint softmax; a frame axis."""
 
 from __future__ import annotations
 
+import family_kit
 import numpy as np
 import pytest
-import torch
 from references import SdpaLog, assert_rows_match_float64
 
 import analysis
@@ -13,10 +13,9 @@ import tracer
 from analysis.errors import UnsupportedModelError
 from tracer.demo_hunyuan_video15 import demo_hunyuan_video15_pipeline
 
-NUM_FRAMES = 5  # two latent frames: the first video frame alone, then four
-GRID = (2, 3, 4)  # latent frames, rows, columns: 48 x 64 pixels, 16 pixels a token
-PIXELS = 16
-PROMPT = "a cat on a red chair"
+NUM_FRAMES = family_kit.VIDEO_FRAMES
+GRID = family_kit.VIDEO_GRID
+PROMPT = family_kit.PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +28,7 @@ def context_len(pipe):
 
 
 def generate(pipe, seed=0, **kwargs):
-    return pipe(
-        prompt=kwargs.pop("prompt", PROMPT),
-        height=GRID[1] * PIXELS,
-        width=GRID[2] * PIXELS,
-        num_frames=NUM_FRAMES,
-        num_inference_steps=3,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-        **kwargs,
-    )
+    return family_kit.generate_video(pipe, seed=seed, **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import family_kit
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 from references import SdpaLog, assert_rows_match_float64
 
@@ -15,10 +15,9 @@ from analysis.errors import UnsupportedModelError
 from tracer.demo_wan import demo_wan_pipeline
 
 TEXT_LEN = 20  # unlike the 24 video tokens, so the self-attention is told apart
-NUM_FRAMES = 5  # two latent frames: the first video frame alone, then four
-GRID = (2, 3, 4)  # latent frames, token rows, token columns: 48 x 64 pixels, 2x2 patches
-PIXELS = 16
-PROMPT = "a cat on a red chair"
+NUM_FRAMES = family_kit.VIDEO_FRAMES
+GRID = family_kit.VIDEO_GRID
+PROMPT = family_kit.PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +26,7 @@ def pipe():
 
 
 def generate(pipe, seed=0, **kwargs):
-    return pipe(
-        prompt=kwargs.pop("prompt", PROMPT),
-        height=GRID[1] * PIXELS,
-        width=GRID[2] * PIXELS,
-        num_frames=NUM_FRAMES,
-        num_inference_steps=3,
-        max_sequence_length=TEXT_LEN,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-        **kwargs,
-    )
+    return family_kit.generate_video(pipe, seed=seed, max_sequence_length=TEXT_LEN, **kwargs)
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 5.0], ids=["unguided", "guided"])
