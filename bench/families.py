@@ -20,6 +20,7 @@ interleaved.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,8 +93,6 @@ def measure(family: str, geometry: str, pairs: int) -> dict[str, Any]:
     """Run in a fresh interpreter (bench.common.isolated): median traced/untraced per recorder."""
     import torch
 
-    import tracer
-    from bench.baselines import attention_map_diffusers
     from tracer.cli import load_demo
 
     spec, shape = FAMILIES[family], GEOMETRIES[geometry]
@@ -117,14 +116,35 @@ def measure(family: str, geometry: str, pairs: int) -> dict[str, Any]:
             **spec.call,
         )
 
+    return paired(pipe, generate, recorders, pairs, f"{family} at {geometry}")
+
+
+def paired(
+    pipe: Any,
+    generate: Callable[[], None],
+    recorders: Sequence[str],
+    pairs: int,
+    label: str,
+    amd_relations: tuple[str, ...] = ("image->text", "text->image"),
+) -> dict[str, Any]:
+    """`generate()` untraced and recorded by each of `recorders` (attnscope, amd), in pairs of
+    alternating order: the median traced/untraced ratio per recorder and the bytes each wrote.
+    `amd_relations`: attention-map-diffusers' names for the directions."""
+    import tracer
+    from bench.baselines import attention_map_diffusers
+
     def timed(recorder: str | None) -> tuple[float, int]:
-        with scratch(f"family-{family}") as workdir:
+        with scratch("pairs") as workdir:
             start = time.perf_counter()
             if recorder == "attnscope":
                 with tracer.trace(pipe, workdir / "t.zarr", progress=False):
                     generate()
             elif recorder == "amd":
-                attention_map_diffusers(pipe, workdir / "amd", generate)
+                recorded = attention_map_diffusers(
+                    pipe, workdir / "amd", generate, relations=amd_relations
+                )
+                if not recorded["records"]:
+                    raise RuntimeError(f"attention-map-diffusers recorded nothing: {recorded}")
             else:
                 generate()
             return time.perf_counter() - start, du(workdir)
@@ -140,9 +160,8 @@ def measure(family: str, geometry: str, pairs: int) -> dict[str, Any]:
             untraced.append(times[None][0])
             ratios[name].append(times[name][0] / times[None][0])
             stored[name] = times[name][1]
-            log(f"{family} at {geometry}, {name} pair {i + 1}: {ratios[name][-1]:.3f}")
+            log(f"{label}, {name} pair {i + 1}: {ratios[name][-1]:.3f}")
     return {
-        "family": family,
         "pipeline": type(pipe).__name__,
         "untraced_s": median(untraced),
         "ratio": {name: median(values) for name, values in ratios.items()},

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bench.common import PROMPT_20_WORDS, du, log, median, scratch
+from bench.common import PROMPT_20_WORDS, log
 
 FAMILIES = ("wan", "cogvideox")
 WIDTH = {"num_attention_heads": 4, "attention_head_dim": 64, "num_layers": 4}
@@ -47,8 +47,7 @@ def overhead(family: str, pairs: int) -> dict[str, Any]:
     """Run in a fresh interpreter: median traced/untraced per recorder, and bytes written."""
     import torch
 
-    import tracer
-    from bench.baselines import attention_map_diffusers
+    from bench.families import paired
     from tracer.cli import load_demo
 
     pipe = load_demo(family, seed=0, max_sequence_length=TEXT_LEN, **WIDTH)
@@ -63,43 +62,8 @@ def overhead(family: str, pairs: int) -> dict[str, Any]:
             **CALL,
         )
 
-    def timed(recorder: str | None) -> tuple[float, int]:
-        with scratch(f"video-{family}") as workdir:
-            start = time.perf_counter()
-            if recorder == "attnscope":
-                with tracer.trace(pipe, workdir / "t.zarr", progress=False):
-                    generate()
-            elif recorder == "amd":
-                recorded = attention_map_diffusers(
-                    pipe, workdir / "amd", generate, relations=("video->text", "text->video")
-                )
-                if not recorded["records"]:
-                    raise RuntimeError(f"attention-map-diffusers recorded nothing: {recorded}")
-            else:
-                generate()
-            return time.perf_counter() - start, du(workdir)
-
-    timed(None)  # first-call costs out of pair 1
-    recorders = ("attnscope", "amd")
-    ratios: dict[str, list[float]] = {name: [] for name in recorders}
-    untraced: list[float] = []
-    stored: dict[str, int] = {}
-    for i in range(pairs):
-        for name in recorders:
-            first, second = (None, name) if i % 2 == 0 else (name, None)
-            times = {first: timed(first), second: timed(second)}
-            untraced.append(times[None][0])
-            ratios[name].append(times[name][0] / times[None][0])
-            stored[name] = times[name][1]
-            log(f"video {family} {name} pair {i + 1}: {ratios[name][-1]:.3f}")
-    return {
-        "family": family,
-        "pipeline": type(pipe).__name__,
-        "untraced_s": median(untraced),
-        "ratio": {name: median(values) for name, values in ratios.items()},
-        "bytes": stored,
-        "pairs": pairs,
-    }
+    relations = ("video->text", "text->video")
+    return paired(pipe, generate, ("attnscope", "amd"), pairs, f"video {family}", relations)
 
 
 def capture_memory() -> dict[str, Any]:

@@ -140,12 +140,15 @@ class Recorder:
         self.keep_tokens = _check_keep_tokens(options.keep_tokens)
         if options.lse not in fmt.LSE_SOURCES:
             raise UsageError(f"lse must be one of {list(fmt.LSE_SOURCES)}, got {options.lse!r}")
+        self._calls = {layer.name: layer.calls for layer in self.layers if layer.calls > 1}
+        self._pending: dict[str, list[tuple[torch.Tensor, ...]]] = {}
         self._tap = AttentionTap(
             {layer.name: layer.attention for layer in self.layers},
             self._wants,
             self._capture,
             fetch_lse=options.lse == "kernel",
             no_lse=self._cross_layers,
+            calls=self._calls,
         )
         self._pipe_class: type | None = None
         self._unwatch = None
@@ -425,7 +428,27 @@ class Recorder:
     def _capture(self, layer: str, call: AttentionCall) -> None:
         run = self._run
         layout = run.layout
-        batch = layout.batch_index
+        expected = self._calls.get(layer, 1)
+        if expected > 1:  # a cross-attention's groups of keys, each its own SDPA call
+            pending = self._pending.setdefault(layer, [])
+            pending.append(self._recorded(call))
+            if len(pending) < expected:
+                return
+            calls = self._pending.pop(layer)
+        else:
+            calls = [self._recorded(call)]
+        n_image = math.prod(layout.grid)  # image (or video) tokens
+        if layer in self._cross_layers:
+            maps = self._cross_maps(layer, layout, calls, n_image)
+        else:
+            query, key, mask, lse, scale = calls[0]
+            maps = self._joint_maps(layer, layout, query, key, mask, scale, lse, n_image)
+        run.writer.put(run.recording, self.layer_positions[layer], maps)
+        run.put_layers.add(self.layer_positions[layer])
+
+    def _recorded(self, call: AttentionCall) -> tuple[torch.Tensor, ...]:
+        """q, k, mask and lse of the recorded batch element and heads of an SDPA call."""
+        batch = self._run.layout.batch_index
         query, key = call.query[batch], call.key[batch]
         lse = None if call.lse is None else call.lse[batch]  # the kernel's, when it gave one
         mask = call.mask
@@ -438,13 +461,7 @@ class Recorder:
             index = self._head_index.to(query.device)
             query, key = query[index], key[index]
             lse = None if lse is None else lse[index.to(lse.device)]
-        n_image = math.prod(layout.grid)  # image (or video) tokens
-        if layer in self._cross_layers:
-            maps = self._cross_maps(layer, layout, query, key, mask, call.scale, n_image)
-        else:
-            maps = self._joint_maps(layer, layout, query, key, mask, call.scale, lse, n_image)
-        run.writer.put(run.recording, self.layer_positions[layer], maps)
-        run.put_layers.add(self.layer_positions[layer])
+        return query, key, mask, lse, call.scale
 
     def _joint_maps(
         self,
@@ -490,26 +507,42 @@ class Recorder:
         self,
         layer: str,
         layout: DenoiserCall,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        mask: torch.Tensor | None,
-        scale: float,
+        calls: Sequence[tuple[torch.Tensor, ...]],
         n_image: int,
     ) -> dict[str, torch.Tensor]:
-        """The maps of a cross-attention: image queries against the text keys only."""
-        if query.shape[1] != n_image or key.shape[1] != layout.text_len:
+        """The maps of a cross-attention: image queries against the text keys only. With
+        several calls (groups of keys, each in a softmax of its own), each call's keys are the
+        next part of the text sequence, and a row's map is its own call's."""
+        n_keys = [key.shape[1] for _, key, *_ in calls]
+        if any(q.shape[1] != n_image for q, *_ in calls) or sum(n_keys) != layout.text_len:
             raise TapError(
-                f"{layer}: cross-attention of {query.shape[1]} queries over {key.shape[1]} "
-                f"keys, expected {n_image} image queries over {layout.text_len} text keys"
+                f"{layer}: cross-attention of {[q.shape[1] for q, *_ in calls]} queries over "
+                f"{n_keys} keys, expected {n_image} image queries over {layout.text_len} text "
+                f"keys in all"
             )
-        return cross_attention_maps(
-            query,
-            key,
-            mask=mask,
-            scale=scale,
-            span_members=self._run.members,
-            chunk_size=self.options.chunk_size,
-        )
+        members = self._run.members
+        maps = None
+        first = 0
+        for (query, key, mask, _, scale), count in zip(calls, n_keys, strict=True):
+            part = members[:, first : first + count]
+            rows = part.any(dim=1)
+            first += count
+            if not rows.any():
+                continue
+            found = cross_attention_maps(
+                query,
+                key,
+                mask=mask,
+                scale=scale,
+                span_members=part[rows],
+                chunk_size=self.options.chunk_size,
+            )["img2txt"]
+            if len(calls) == 1:
+                return {"img2txt": found}
+            if maps is None:
+                maps = found.new_zeros(found.shape[0], len(members), n_image)
+            maps[:, rows.to(found.device)] = found
+        return {"img2txt": maps}
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ log-sum-exp.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -141,28 +141,32 @@ def _run_with_lse(kernel: str, bound: dict[str, Any]) -> tuple[torch.Tensor, tor
     return out, lse[..., : query.shape[-2]]  # rows are padded to a multiple of 32
 
 
-class _FirstSdpa(TorchFunctionMode):
-    """Runs every torch call unchanged and reports the first SDPA call's inputs (and lse)."""
+class _SdpaCalls(TorchFunctionMode):
+    """Runs every torch call unchanged and reports the first `count` SDPA calls' inputs (and
+    lse), in order."""
 
     def __init__(
         self,
         on_call: Callable[[AttentionCall], None],
         checked: dict[tuple, bool],
         fetch_lse: bool,
+        count: int = 1,
     ) -> None:
         super().__init__()
         self.on_call = on_call
         self.checked = checked
         self.fetch_lse = fetch_lse
-        self.seen = False
+        self.count = count
+        self.seen = 0
         self.lse_from_kernel = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        # Only the first call is the joint attention; later ones (IP-adapter tokens) are not.
-        if func is not _SDPA or self.seen:
+        # Only the first calls are the traced attention's (one joint attention, or Wan
+        # image-to-video's image and text cross-attentions); later ones (IP-adapter tokens) not.
+        if func is not _SDPA or self.seen == self.count:
             return func(*args, **kwargs)
-        self.seen = True
+        self.seen += 1
         call = _read_call(args, kwargs)
         bound = dict(zip(_SDPA_PARAMS, args, strict=False)) | kwargs
         kernel = _lse_kernel(bound) if self.fetch_lse else None
@@ -205,7 +209,8 @@ class _TapHook(ModelHook):
         if not tap.wants(self.name):
             return forward(*args, **kwargs)
         fetch_lse = tap.fetch_lse and self.name not in tap.no_lse
-        mode = _FirstSdpa(lambda call: tap.on_call(self.name, call), tap._checked, fetch_lse)
+        count = tap.calls.get(self.name, 1)
+        mode = _SdpaCalls(lambda call: tap.on_call(self.name, call), tap._checked, fetch_lse, count)
         with mode:
             out = forward(*args, **kwargs)
         if not mode.seen:
@@ -213,6 +218,11 @@ class _TapHook(ModelHook):
                 f"{self.name}: saw no torch scaled_dot_product_attention call in this attention. "
                 f"attnscope reads q and k there; set the model's attention backend to "
                 f"PyTorch's native SDPA (diffusers: set_attention_backend('native'))"
+            )
+        if mode.seen < count:
+            raise TapError(
+                f"{self.name}: saw {mode.seen} scaled_dot_product_attention calls, expected "
+                f"{count} (one per group of keys this attention has)"
             )
         if mode.lse_from_kernel:
             tap.lse_calls["kernel"] += 1
@@ -227,7 +237,9 @@ class AttentionTap:
     `fetch_lse` takes each row's log-sum-exp from the model's own kernel where it can, except for
     the modules in `no_lse`, whose maps need none (a cross-attention's normalisers are over its
     few text keys): their kernel runs as the model calls it. `lse_calls` counts the calls whose
-    normalisers came from the kernel and those left to recompute.
+    normalisers came from the kernel and those left to recompute. `calls`: how many SDPA calls
+    of a module's forward are reported (default 1), where it attends groups of keys in softmaxes
+    of their own.
     """
 
     def __init__(
@@ -238,8 +250,10 @@ class AttentionTap:
         *,
         fetch_lse: bool = True,
         no_lse: Collection[str] = (),
+        calls: Mapping[str, int] | None = None,
     ) -> None:
         self.modules = modules
+        self.calls = dict(calls or {})
         self.wants = wants
         self.on_call = on_call
         self.fetch_lse = fetch_lse

@@ -23,6 +23,9 @@ class Layer:
     kind: str  # "double" or "single" (joint attention), "cross" (image queries, text keys)
     attention: torch.nn.Module
     heads: int
+    # A cross-attention's SDPA calls, one per group of text keys in a softmax of its own (Wan
+    # image-to-video: the image context, then the text), laid end to end in the text sequence.
+    calls: int = 1
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 from analysis.errors import UnsupportedModelError
 from tracer.adapters.base import DenoiserCall, Generation, Layer, first_of
 from tracer.adapters.diffusers_video import DiffusersVideo
-from tracer.adapters.text import chat_template, templated_segment
+from tracer.adapters.text import chat_template, padding_segment, templated_segment
 from tracer.spans import Segment, TextTokens
 
 
@@ -101,7 +101,8 @@ class DiffusersHunyuanVideo15(DiffusersVideo):
             )
         segments.append(_valid(kept, first=sum(len(s.tokens) for s in segments)))
         first = sum(len(s.tokens) for s in segments)
-        segments.append(_masked(first, length - first))
+        # Every masked position: padding no query attends.
+        segments.append(padding_segment("masked", first, length - first))
         return Generation(text=TextTokens(segments=tuple(segments), length=length), attrs=attrs)
 
     def denoiser_call(self, bound: Mapping[str, Any]) -> DenoiserCall:
@@ -146,17 +147,4 @@ def _byte_segment(tokenizer: Any, text: str, length: int) -> Segment:
         tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
         offsets=tuple(offsets),
         content=tuple(start < end for start, end in offsets),
-    )
-
-
-def _masked(first: int, count: int) -> Segment:
-    """The context's masked positions, from `first`: padding no query attends."""
-    return Segment(
-        name="masked",
-        text="",
-        first=first,
-        tokens=("<pad>",) * count,
-        offsets=((0, 0),) * count,
-        content=(False,) * count,
-        padding=(True,) * count,
     )

@@ -150,3 +150,17 @@ def templated_segment(
         ),
         padding=padding,
     )
+
+
+def padding_segment(name: str, first: int, count: int, token: str = "<pad>") -> Segment:
+    """`count` positions from `first` that no tokenizer made (masked context, a model's image
+    tokens), as one segment of padding: they are stored as one summed row."""
+    return Segment(
+        name=name,
+        text="",
+        first=first,
+        tokens=(token,) * count,
+        offsets=((0, 0),) * count,
+        content=(False,) * count,
+        padding=(True,) * count,
+    )

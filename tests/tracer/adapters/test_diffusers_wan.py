@@ -15,6 +15,7 @@ from analysis.errors import UnsupportedModelError
 from tracer.demo_wan import demo_wan_pipeline
 
 TEXT_LEN = 20  # unlike the 24 video tokens, so the self-attention is told apart
+I2V_TEXT_LEN = 512  # what Wan's image-to-video attention takes the text to be
 NUM_FRAMES = family_kit.VIDEO_FRAMES
 GRID = family_kit.VIDEO_GRID
 PROMPT = family_kit.PROMPT
@@ -99,26 +100,64 @@ def test_cli_records_the_demo_and_draws_one_frame(tmp_path, capsys):
     assert "frame" in capsys.readouterr().err
 
 
-def test_image_to_video_and_two_expert_pipelines_are_refused_by_name(tmp_path):
-    from diffusers import WanTransformer3DModel
+@pytest.fixture(scope="module")
+def i2v():
+    return demo_wan_pipeline(seed=0, image_to_video=True, max_sequence_length=I2V_TEXT_LEN)
 
+
+def generate_i2v(pipe, seed=0, **kwargs):
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 64, 3), np.uint8))
+    return family_kit.generate_video(
+        pipe, seed=seed, image=image, max_sequence_length=I2V_TEXT_LEN, **kwargs
+    )
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0], ids=["unguided", "guided"])
+def test_image_to_video_keeps_the_image_context_apart_from_the_text(
+    i2v, tmp_path, monkeypatch, guidance_scale
+):
+    n_video, n_image = int(np.prod(GRID)), 5  # CLIP's 4 patches and its class token
+    log = SdpaLog(n_video, n_image)  # the image context's softmax
+    log.install(monkeypatch)
+    text_log = SdpaLog(n_video, I2V_TEXT_LEN)  # the text's, in a softmax of its own
+    text_log.install(monkeypatch)
+    path = tmp_path / "wan-i2v.zarr"
+    with tracer.trace(i2v, path, progress=False) as rec:
+        generate_i2v(i2v, guidance_scale=guidance_scale)
+    ds = analysis.open_trace(path, rec.last_run)
+    assert ds.attrs["pipeline"] == "WanImageToVideoPipeline"
+    assert ds.attrs["text_len"] == n_image + I2V_TEXT_LEN
+    assert ds.attrs["segments"]["image"] == [0, n_image]
+    image = ds.isel(token=0)
+    assert str(image.token_segment.values) == "image" and int(image.token_count) == n_image
+    # The image row is the whole of each video query's image-context softmax; the text rows
+    # are the text's own softmax: each sums to 1 apart.
+    np.testing.assert_allclose(image.img2txt_tokens.values, 1.0, atol=5e-3)
+    text_rows = ds.img2txt_tokens.isel(token=slice(1, None)).sum("token").values
+    np.testing.assert_allclose(text_rows, 1.0, atol=5e-3)
+    # Every text row against a float64 softmax over the text keys alone.
+    steps = 3 * (2 if guidance_scale > 1 else 1)
+    assert len(text_log.calls) == steps * 2 and len(log.calls) == steps * 2
+    conditional = text_log.calls if guidance_scale == 1 else _first_of_each_pair(text_log.calls, 2)
+    text = ds.isel(token=slice(1, None))
+    text.attrs["text_len"] = I2V_TEXT_LEN
+    text = text.assign_coords(token=text.token - n_image)
+    assert_rows_match_float64(text, conditional)
+
+
+def test_image_to_video_output_is_bit_for_bit_unchanged(i2v, tmp_path):
+    plain = generate_i2v(i2v, seed=3, guidance_scale=5.0).frames
+    with tracer.trace(i2v, tmp_path / "t.zarr", progress=False):
+        traced = generate_i2v(i2v, seed=3, guidance_scale=5.0).frames
+    assert np.array_equal(plain, traced)
+
+
+def test_two_expert_pipelines_are_refused_by_name(tmp_path):
     path = tmp_path / "never.zarr"
     two = demo_wan_pipeline(seed=0)
     two.transformer_2 = two.transformer
     with pytest.raises(UnsupportedModelError, match="transformer_2"), tracer.trace(two, path):
-        pass
-    i2v = demo_wan_pipeline(seed=0)
-    # Wan 2.1 I2V's transformer: its cross-attention has keys for image-conditioning tokens.
-    i2v.transformer = WanTransformer3DModel(
-        num_attention_heads=4,
-        attention_head_dim=12,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=96,
-        num_layers=2,
-        image_dim=16,
-        added_kv_proj_dim=48,
-    )
-    with pytest.raises(UnsupportedModelError, match="image-to-video"), tracer.trace(i2v, path):
         pass
     assert not path.exists()
