@@ -82,6 +82,7 @@ def make_run(
     steps_complete: Sequence[int] = (),
     hook: Callable[[str], None] | None = None,
     wrapped: bool = True,
+    grid: tuple[int, ...] = GRID,
 ) -> zarr.Group:
     """Lay down a run skeleton the way the session does and open it r+, through a store
     wrapper (optionally hooked; written by zarr) or, `wrapped=False`, as the local folder the
@@ -95,7 +96,7 @@ def make_run(
         layer_kinds=["double"] * (N_LAYERS - 1) + ["single"],
         heads=list(range(N_HEADS)),
         tokens=TOKENS,
-        grid=GRID,
+        grid=grid,
     )
     attrs = {
         sf.STATUS: sf.RECORDING,
@@ -240,6 +241,36 @@ def test_round_trip_scrambled(
         some = maps[order[0]][directions[0]].numpy()
         stored = ds[directions[0]].sel(step=STEPS[order[0][0]]).isel(layer=order[0][1])
         assert not np.array_equal(stored.values.reshape(MAP_SHAPE), some)
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["through zarr", "staged"])
+def test_a_video_runs_maps_carry_their_frames_with_the_same_pool(
+    tmp_path: Path, wrapped: bool
+) -> None:
+    """Maps of a (frame, y, x) grid arrive flattened, row-major, and are stored with a frame dim;
+    the host buffers stay a pool of max_pending, however many steps."""
+    frames = 2
+    path = tmp_path / "t.zarr"
+    run = make_run(path, keepbits=None, wrapped=wrapped, grid=(frames, *GRID))
+    rng = np.random.default_rng(4)
+    writer = TraceWriter(run, directions=sf.DIRECTIONS, n_layers=N_LAYERS, max_pending=2)
+    shape = (N_HEADS, len(TOKENS), frames * GRID[0] * GRID[1])
+    maps = {}
+    for step_pos, layer_pos in all_keys():
+        maps[(step_pos, layer_pos)] = {
+            name: torch.from_numpy(rng.random(shape, dtype=np.float32)) for name in sf.DIRECTIONS
+        }
+        writer.put(step_pos, layer_pos, maps[(step_pos, layer_pos)])
+    writer.close()
+    assert writer._buffers_allocated <= 2
+    ds = read_run(path)
+    assert ds.txt2img.dims == sf.VIDEO_DIMS and ds.frame.values.tolist() == [0, 1]
+    for (step_pos, layer_pos), put_maps in maps.items():
+        for name, tensor in put_maps.items():
+            stored = ds[name].isel(step=step_pos, layer=layer_pos).values
+            want = tensor.numpy().reshape(N_HEADS, len(TOKENS), frames, *GRID)
+            np.testing.assert_array_equal(stored, want)
+    assert ds.attrs[sf.STEPS_COMPLETE] == list(STEPS)
 
 
 def test_buffers_are_reused(tmp_path: Path) -> None:
