@@ -104,7 +104,7 @@ def attention_maps(
         for direction in wanted:
             if direction == "txt2img":
                 maps[direction] = _txt2img(
-                    q, k32, mask3, scale, text_len, n_image, span_members, chunk_size
+                    q, k32, mask3, scale, text_len, n_image, span_members, chunk_size, lse
                 )
             elif lse is not None:
                 maps[direction] = _img2txt_from_lse(
@@ -306,7 +306,10 @@ def _txt2img(
     n_image: int,
     span_members: torch.Tensor,
     chunk_size: int,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Text queries of some span against the image keys. With the kernel's `lse`, each row's
+    probabilities are exp(logit - lse) over the image keys alone; else the whole softmax row."""
     heads = q.shape[0]
     device = q.device
     # Only the text queries of some span are needed. Rows and span-mean weights are built where
@@ -320,14 +323,26 @@ def _txt2img(
 
     out = torch.zeros(heads, n_spans, n_image, dtype=torch.float32, device=device)
     k_t = k32.transpose(1, 2)
+    image = slice(text_len, text_len + n_image)
     for start in range(0, n_rows, chunk_size):
         chunk = rows[start : start + chunk_size]
-        exps, inv_sums = _unnormalised_probs(
-            q.index_select(1, chunk).to(torch.float32), k_t, _mask_rows(mask3, chunk), scale
+        q_rows = q.index_select(1, chunk).to(torch.float32)
+        mask_rows = _mask_rows(mask3, chunk)
+        if lse is None:
+            exps, inv_sums = _unnormalised_probs(q_rows, k_t, mask_rows, scale)
+            # Folding each row's 1/sum into the [H, S, rows] span weights saves a pass.
+            w = weights[:, start : start + chunk_size] * inv_sums.unsqueeze(1)
+            out.baddbmm_(w, exps[:, :, image])
+            continue
+        # A mask broadcast over the keys (last dim 1) applies to the image keys as it is.
+        mask_image = (
+            mask_rows if mask_rows is None or mask_rows.shape[-1] == 1 else mask_rows[..., image]
         )
-        # Folding each row's 1/sum into the [H, S, rows] span weights saves a pass over the block.
-        w = weights[:, start : start + chunk_size] * inv_sums.unsqueeze(1)
-        out.baddbmm_(w, exps[:, :, text_len : text_len + n_image])
+        probs = _probs_from_lse(
+            q_rows, k_t[:, :, image], mask_image, scale, lse.index_select(1, chunk)
+        )
+        w = weights[:, start : start + chunk_size].expand(heads, -1, -1)
+        out.baddbmm_(w, probs)
     return out
 
 
@@ -405,6 +420,29 @@ def _img2txt(
     return out
 
 
+def _probs_from_lse(
+    q_rows: torch.Tensor,
+    k_t: torch.Tensor,
+    mask_rows: torch.Tensor | None,
+    scale: float,
+    lse_rows: torch.Tensor,
+) -> torch.Tensor:
+    """Softmax probabilities ``[H, rows, K]`` of these query rows at the keys of ``k_t``
+    (``[H, D, K]``), from each row's log-sum-exp over all keys: exp(q·kᵀ·scale + mask - lse)."""
+    if mask_rows is not None and mask_rows.dtype != torch.bool:
+        logits = torch.baddbmm(mask_rows.to(torch.float32), q_rows, k_t, alpha=scale)
+    else:
+        logits = torch.matmul(q_rows, k_t).mul_(scale)
+        if mask_rows is not None:
+            logits.masked_fill_(~mask_rows, _NEG_INF)
+    probs = logits.sub_(lse_rows.to(torch.float32).unsqueeze(-1)).exp_()
+    if mask_rows is not None:
+        # A row the mask forbids entirely has logits -inf (and the CPU kernel's lse 0): exp
+        # gives 0 there, but a kernel's lse of -inf would give NaN; the contract says zeros.
+        probs.nan_to_num_(nan=0.0)
+    return probs
+
+
 def _img2txt_from_lse(
     q: torch.Tensor,
     k32: torch.Tensor,
@@ -425,7 +463,7 @@ def _img2txt_from_lse(
     keys = keys.to(device, non_blocking=True)
     weights = weights.to(device, non_blocking=True)
     k_t = k32.index_select(1, keys).transpose(1, 2).contiguous()  # [H, D, K]
-    lse_image = lse[:, text_len : text_len + n_image].to(torch.float32)[..., None]  # [H, P, 1]
+    lse_image = lse[:, text_len : text_len + n_image]
     if mask3 is not None and mask3.shape[2] > 1:
         mask3 = mask3.index_select(2, keys)
 
@@ -438,16 +476,6 @@ def _img2txt_from_lse(
         stop = min(start + rows_per_block, n_image)
         mask_rows = _mask_rows(mask3, slice(text_len + start, text_len + stop))
         q_rows = q[:, text_len + start : text_len + stop].to(torch.float32)
-        if mask_rows is not None and mask_rows.dtype != torch.bool:
-            logits = torch.baddbmm(mask_rows.to(torch.float32), q_rows, k_t, alpha=scale)
-        else:
-            logits = torch.matmul(q_rows, k_t).mul_(scale)
-            if mask_rows is not None:
-                logits.masked_fill_(~mask_rows, _NEG_INF)
-        probs = logits.sub_(lse_image[:, start:stop]).exp_()
-        if mask_rows is not None:
-            # A row the mask forbids entirely has logits -inf (and the CPU kernel's lse 0): exp
-            # gives 0 there, but a kernel's lse of -inf would give NaN; the contract says zeros.
-            probs.nan_to_num_(nan=0.0)
+        probs = _probs_from_lse(q_rows, k_t, mask_rows, scale, lse_image[:, start:stop])
         out[:, :, start:stop] = torch.matmul(probs, weights).transpose(1, 2)
     return out
