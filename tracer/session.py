@@ -104,6 +104,8 @@ class _Run:
     recording: int | None = None  # store position of the step being recorded, if any
     open_step: int | None = None  # position recorded last, until its layers are accounted for
     put_layers: set[int] = field(default_factory=set)  # layers of `open_step` put so far
+    # A layer's SDPA calls so far, where it makes several (its groups of keys), per call.
+    pending: dict[str, list[tuple[torch.Tensor, ...]]] = field(default_factory=dict)
     progress: Any = None
     lse_calls_before: dict[str, int] = field(default_factory=dict)
 
@@ -141,7 +143,6 @@ class Recorder:
         if options.lse not in fmt.LSE_SOURCES:
             raise UsageError(f"lse must be one of {list(fmt.LSE_SOURCES)}, got {options.lse!r}")
         self._calls = {layer.name: layer.calls for layer in self.layers if layer.calls > 1}
-        self._pending: dict[str, list[tuple[torch.Tensor, ...]]] = {}
         self._tap = AttentionTap(
             {layer.name: layer.attention for layer in self.layers},
             self._wants,
@@ -428,15 +429,11 @@ class Recorder:
     def _capture(self, layer: str, call: AttentionCall) -> None:
         run = self._run
         layout = run.layout
-        expected = self._calls.get(layer, 1)
-        if expected > 1:  # a cross-attention's groups of keys, each its own SDPA call
-            pending = self._pending.setdefault(layer, [])
-            pending.append(self._recorded(call))
-            if len(pending) < expected:
-                return
-            calls = self._pending.pop(layer)
-        else:
-            calls = [self._recorded(call)]
+        calls = run.pending.setdefault(layer, [])
+        calls.append(self._recorded(call))
+        if len(calls) < self._calls.get(layer, 1):
+            return  # a cross-attention's further groups of keys come in its next SDPA calls
+        del run.pending[layer]
         n_image = math.prod(layout.grid)  # image (or video) tokens
         if layer in self._cross_layers:
             maps = self._cross_maps(layer, layout, calls, n_image)
@@ -521,27 +518,29 @@ class Recorder:
                 f"keys in all"
             )
         members = self._run.members
-        maps = None
-        first = 0
-        for (query, key, mask, _, scale), count in zip(calls, n_keys, strict=True):
-            part = members[:, first : first + count]
-            rows = part.any(dim=1)
-            first += count
-            if not rows.any():
-                continue
-            found = cross_attention_maps(
+
+        def img2txt(call: tuple[torch.Tensor, ...], span_members: torch.Tensor) -> torch.Tensor:
+            query, key, mask, _, scale = call
+            return cross_attention_maps(
                 query,
                 key,
                 mask=mask,
                 scale=scale,
-                span_members=part[rows],
+                span_members=span_members,
                 chunk_size=self.options.chunk_size,
             )["img2txt"]
-            if len(calls) == 1:
-                return {"img2txt": found}
-            if maps is None:
-                maps = found.new_zeros(found.shape[0], len(members), n_image)
-            maps[:, rows.to(found.device)] = found
+
+        if len(calls) == 1:
+            return {"img2txt": img2txt(calls[0], members)}
+        query = calls[0][0]
+        maps = query.new_zeros(query.shape[0], len(members), n_image, dtype=torch.float32)
+        first = 0
+        for call, count in zip(calls, n_keys, strict=True):
+            part = members[:, first : first + count]
+            first += count
+            rows = part.any(dim=1)  # the rows whose positions are among this call's keys
+            if rows.any():
+                maps[:, rows.to(maps.device)] = img2txt(call, part[rows])
         return {"img2txt": maps}
 
 

@@ -58,6 +58,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _positions(params: Params, *dims: str) -> dict[str, str]:
+    """The positions a request names along `dims` (an index, or the mean where it names none)."""
+    return {dim: _param(params, dim, MEAN) for dim in dims}
+
+
 def meta_answer(store: ViewStore, params: Params) -> dict[str, Any]:
     """`/api/meta`: the run's layout (ViewStore.meta)."""
     return _plain(store.meta(params.get("run")))
@@ -69,10 +74,7 @@ def map_answer(store: ViewStore, params: Params) -> dict[str, Any]:
         params.get("run"),
         _param(params, "direction"),
         _param(params, "span"),
-        _param(params, "step", MEAN),
-        _param(params, "layer", MEAN),
-        _param(params, "head", MEAN),
-        _param(params, "frame", MEAN),
+        **_positions(params, "step", "layer", "head", "frame"),
     )
     low, high = _range(values)
     return {"values": _finite(values), "min": low, "max": high}
@@ -84,9 +86,7 @@ def heads_answer(store: ViewStore, params: Params) -> dict[str, Any]:
         params.get("run"),
         _param(params, "direction"),
         _param(params, "span"),
-        _param(params, "step", MEAN),
-        _param(params, "layer", MEAN),
-        _param(params, "frame", MEAN),
+        **_positions(params, "step", "layer", "frame"),
     )
     low, high = _range(maps)
     return {"maps": _finite(maps), "min": low, "max": high, "similarity": _finite(similarity)}
@@ -98,9 +98,7 @@ def drift_answer(store: ViewStore, params: Params) -> dict[str, Any]:
         params.get("run"),
         _param(params, "direction"),
         _param(params, "span"),
-        _param(params, "layer", MEAN),
-        _param(params, "head", MEAN),
-        _param(params, "frame", MEAN),
+        **_positions(params, "layer", "head", "frame"),
     )
     return {"drift": [v if math.isfinite(v) else None for v in values.tolist()]}
 
