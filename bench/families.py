@@ -4,12 +4,13 @@ Each family's demo pipeline is built with four traced attentions at each geometr
 - `small`: 4 heads × 64, a 32×32 token grid (512² with 2×2 packing or patches; 1024² for Sana's
   factor-32 autoencoder), `max_sequence_length=128`, 8 steps: generations of about a second,
   where a run's fixed cost weighs most. attention-map-diffusers runs beside attnscope here,
-  where it supports the family (not Qwen-Image, Lumina2 or CogView4, whose processors it
-  refuses).
+  where it supports the family (not Qwen-Image, Lumina2, CogView4 or HiDream-I1, whose
+  processors it refuses).
 - `flux-cpu`: FLUX's CPU benchmark geometry (bench/overhead.py): 8 heads × 128, a 64×64 token
   grid, `max_sequence_length=512`, 2 steps. attnscope only: attention-map-diffusers saves every
   map raw, gigabytes per generation at this size.
 Each family has its own text length (T5 padded to the maximum, SD3 with 77 CLIP positions before,
+HiDream-I1 with Llama's tokens twice after,
 FLUX.2 its chat template padded; Sana Gemma's, padded; Qwen-Image, Z-Image, Lumina2 and CogView4
 unpadded, in their own templates), and runs at its pipeline's own guidance defaults (batched, as
 a second call, or embedded). As in bench/overhead.py, each ratio is a pair (untraced, then
@@ -66,6 +67,7 @@ FAMILIES = {
     "z-image": Family({"num_layers": 4}),
     "lumina2": Family({"num_layers": 4}, peer=False),
     "cogview4": Family({"num_layers": 4}, peer=False),
+    "hidream": Family(DOUBLE_AND_SINGLE, padded=True, peer=False),
     "sana": Family(
         {"num_layers": 4},
         call={"use_resolution_binning": False},
@@ -100,8 +102,10 @@ def measure(family: str, geometry: str, pairs: int) -> dict[str, Any]:
     if family == "sana":  # its cross-attention (the traced one) as wide as the others
         width["num_cross_attention_heads"] = shape.heads
     text = {"max_sequence_length": shape.text_len} if spec.padded else {}
-    pipe = load_demo(family, seed=0, **width, **spec.demo, **text)
     side = shape.grid * spec.pixels_per_token
+    if family == "hidream":  # its pipeline scales every size to this area
+        width["sample_size"] = side // 8
+    pipe = load_demo(family, seed=0, **width, **spec.demo, **text)
     recorders = ("attnscope", "amd") if shape.peers and spec.peer else ("attnscope",)
 
     def generate() -> None:

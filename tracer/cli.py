@@ -33,6 +33,7 @@ DEMOS = {
     "z-image": ("tracer.demo_z_image", "demo_z_image_pipeline"),
     "lumina2": ("tracer.demo_lumina2", "demo_lumina2_pipeline"),
     "cogview4": ("tracer.demo_cogview4", "demo_cogview4_pipeline"),
+    "hidream": ("tracer.demo_hidream", "demo_hidream_pipeline"),
     "wan": ("tracer.demo_wan", "demo_wan_pipeline"),
     "cogvideox": ("tracer.demo_cogvideox", "demo_cogvideox_pipeline"),
     "hunyuan-video15": ("tracer.demo_hunyuan_video15", "demo_hunyuan_video15_pipeline"),

@@ -90,6 +90,7 @@ def test_prompt_sweep_resumes_skipping_complete_runs(tmp_path, capsys):
         ("z-image", "ZImagePipeline", ["prompt"]),
         ("lumina2", "Lumina2Pipeline", ["prompt"]),
         ("cogview4", "CogView4Pipeline", ["prompt"]),
+        ("hidream", "HiDreamImagePipeline", ["t5", "llama", "llama_layer"]),
     ],
 )
 def test_each_family_demo_records_and_draws(tmp_path, family, pipeline, segments):

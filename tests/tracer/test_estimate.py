@@ -35,7 +35,7 @@ def test_the_estimate_is_the_size_of_the_recording(tmp_path):
     assert cost.stored_bytes == cost.generation_bytes  # lossless: no compression counted on
 
 
-@pytest.mark.parametrize("family", ["wan", "cogvideox", "sana"])
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "sana", "hidream"])
 def test_another_familys_estimate_is_the_size_of_the_recording(tmp_path, family):
     from tracer.cli import load_demo
 
@@ -46,6 +46,8 @@ def test_another_familys_estimate_is_the_size_of_the_recording(tmp_path, family)
     if family == "sana":  # 32 pixels a token
         call |= {"height": 96, "width": 128, "use_resolution_binning": False}
         grid = (3, 4)
+    elif family == "hidream":  # the pipeline scales 48 x 64 to its area, 128²: 96 x 144
+        grid = (6, 9)
     else:
         call |= {"num_frames": 9}  # three latent frames
     cost = estimate(pipe, call, keepbits=None)

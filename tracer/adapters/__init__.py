@@ -11,6 +11,7 @@ from tracer.adapters.diffusers_cogvideox import DiffusersCogVideoX
 from tracer.adapters.diffusers_cogview4 import DiffusersCogView4
 from tracer.adapters.diffusers_flux import DiffusersFlux
 from tracer.adapters.diffusers_flux2 import DiffusersFlux2
+from tracer.adapters.diffusers_hidream import DiffusersHiDream
 from tracer.adapters.diffusers_hunyuan_video15 import DiffusersHunyuanVideo15
 from tracer.adapters.diffusers_lumina2 import DiffusersLumina2
 from tracer.adapters.diffusers_qwen_image import DiffusersQwenImage
@@ -28,6 +29,7 @@ ADAPTERS: list[type[Adapter]] = [
     DiffusersZImage,
     DiffusersLumina2,
     DiffusersCogView4,
+    DiffusersHiDream,
     DiffusersWan,
     DiffusersCogVideoX,
     DiffusersHunyuanVideo15,
