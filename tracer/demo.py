@@ -342,15 +342,16 @@ def demo_t5_config(
     )
 
 
-def demo_clip_config(tokenizer: Any) -> CLIPTextConfig:
-    """A tiny CLIP text encoder config for `tokenizer`'s vocabulary (77 positions, as CLIP's)."""
+def demo_clip_config(tokenizer: Any, positions: int = _CLIP_MAX_LENGTH) -> CLIPTextConfig:
+    """A tiny CLIP text encoder config for `tokenizer`'s vocabulary (77 positions, as CLIP's,
+    unless `positions` says otherwise)."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=_CLIP_HIDDEN,
         intermediate_size=2 * _CLIP_HIDDEN,
         num_hidden_layers=2,
         num_attention_heads=2,
-        max_position_embeddings=_CLIP_MAX_LENGTH,
+        max_position_embeddings=positions,
         projection_dim=_CLIP_HIDDEN,
         hidden_act="quick_gelu",
         # CLIPTextModel pools at the first eos_token_id; with the legacy value 2 it would take

@@ -42,6 +42,8 @@ _T5_D_MODEL = 32
 _LLAMA_HIDDEN = 16
 _LLAMA_LAYERS = 2
 _CLIP_POOLED = 2 * 32  # CLIP-L's and CLIP-G's projections, joined
+# HiDream's CLIP encoders read up to 218 tokens (the pipeline's limit), in 248 positions.
+_CLIP_POSITIONS = 248
 
 
 def demo_hidream_pipeline(
@@ -63,13 +65,15 @@ def demo_hidream_pipeline(
     aspect ratio; HiDream-I1's is 1024²), and a non-square one is padded to 1,024 image tokens.
     """
     tokenizer, tokenizer_2 = demo_clip_tokenizer(), demo_clip_tokenizer()
+    for clip in (tokenizer, tokenizer_2):
+        clip.model_max_length = _CLIP_POSITIONS
     tokenizer_3 = demo_t5_tokenizer(max_sequence_length)
     tokenizer_4 = demo_qwen_tokenizer(add_bos_token=True)
     blocks = num_layers + num_single_layers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModelWithProjection(demo_clip_config(tokenizer))
-        text_encoder_2 = CLIPTextModelWithProjection(demo_clip_config(tokenizer_2))
+        text_encoder = CLIPTextModelWithProjection(demo_clip_config(tokenizer, _CLIP_POSITIONS))
+        text_encoder_2 = CLIPTextModelWithProjection(demo_clip_config(tokenizer_2, _CLIP_POSITIONS))
         text_encoder_3 = T5EncoderModel(demo_t5_config(tokenizer_3, d_model=_T5_D_MODEL))
         text_encoder_4 = LlamaForCausalLM(
             LlamaConfig(
