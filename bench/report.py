@@ -493,12 +493,12 @@ def _families(r: dict[str, Any]) -> str:
         if shape.peers:
             parts.append(
                 "attention-map-diffusers (its `AttentionCapture`, saved raw) runs beside attnscope "
-                "where it supports the family (it refuses Qwen-Image's, Lumina2's and CogView4's "
-                "processors; its FLUX processor records the double-stream blocks only, see "
-                "*Tracing overhead*). These generations last about a second, so a run's fixed "
-                "cost (laying the run down, syncing its last step) and the writer's compression, "
-                "which shares the two cores with the model, weigh far more than at the FLUX CPU "
-                "geometry."
+                "where it supports the family (it refuses Qwen-Image's, Lumina2's, CogView4's and "
+                "HiDream-I1's processors; its FLUX processor records the double-stream blocks "
+                "only, see *Tracing overhead*). These generations last about a second, so a "
+                "run's fixed cost (laying the run down, syncing its last step) and the writer's "
+                "compression, which shares the two cores with the model, weigh far more than at "
+                "the FLUX CPU geometry."
             )
         else:
             parts.append(
