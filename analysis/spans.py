@@ -138,6 +138,14 @@ def _requests(spans: Spans | None, attrs: Mapping[str, Any]) -> dict[str, SpanRe
     return {_label(request): request for request in spans}
 
 
+def _rows(maps: xr.DataArray, indices: list[int]) -> xr.DataArray:
+    """The token rows at sorted `indices`: a slice where they are consecutive (as a phrase's
+    tokens are), which reads them in place rather than copying them."""
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return maps.isel(token=slice(indices[0], indices[-1] + 1))
+    return maps.isel(token=indices)
+
+
 def _combine(
     maps: xr.DataArray, picked: list[int], rows: Sequence[sf.TokenRow], direction: str
 ) -> xr.DataArray:
@@ -152,10 +160,10 @@ def _combine(
     runs = [i for i in picked if rows[i].count > 1]
     parts = []
     if single:
-        parts.append(maps.isel(token=single).sum("token", dtype=np.float64, skipna=False))
+        parts.append(_rows(maps, single).sum("token", dtype=np.float64, skipna=False))
     if runs:
         weights = [rows[i].count if direction == "txt2img" else 1 for i in runs]
-        counted = maps.isel(token=runs).astype(np.float64) * xr.DataArray(weights, dims="token")
+        counted = _rows(maps, runs).astype(np.float64) * xr.DataArray(weights, dims="token")
         parts.append(counted.sum("token", skipna=False))
     total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
     if direction == "txt2img":
