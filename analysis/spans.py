@@ -171,6 +171,33 @@ def _combine(
     return total
 
 
+def _span_pieces(
+    maps: xr.DataArray, picks: list[list[int]], rows: Sequence[sf.TokenRow], direction: str
+) -> list[xr.DataArray]:
+    """The spans' maps (dim `span`, in order) in as few pieces as they allow: consecutive spans
+    of one stored row each are that row's own values, taken in one selection (one task per
+    chunk, however many such spans); a span of several rows is combined (`_combine`)."""
+    pieces: list[xr.DataArray] = []
+    run: list[int] = []  # the rows of consecutive one-row spans not yet taken
+
+    def take_run() -> None:
+        if run:
+            taken = maps.isel(token=list(run))
+            stale = [name for name, coord in taken.coords.items() if "token" in coord.dims]
+            pieces.append(taken.drop_vars(stale).rename(token="span"))
+            run.clear()
+
+    for picked in picks:
+        if len(picked) == 1:  # a row's own mean and sum: the stored values themselves
+            run.append(picked[0])
+            continue
+        take_run()
+        combined = _combine(maps, picked, rows, direction).astype(np.float32)
+        pieces.append(combined.expand_dims("span"))
+    take_run()
+    return pieces
+
+
 def span_view(tokens: xr.Dataset, spans: Spans | None = None) -> xr.Dataset:
     """The run of `tokens` (dims step, layer, head, token, [frame,] y, x) with its maps per span
     too (dims step, layer, head, span, [frame,] y, x).
@@ -187,23 +214,22 @@ def span_view(tokens: xr.Dataset, spans: Spans | None = None) -> xr.Dataset:
         raise SpanError("no spans to show: the run names none; ask for a phrase or START:STOP")
     text_at = {p: row.text for row in rows for p in row.positions}
     chosen: dict[str, list[int]] = {}
-    views: dict[str, list[xr.DataArray]] = {d: [] for d in sf.DIRECTIONS if d in tokens}
+    picks: list[list[int]] = []  # each span's stored rows, in the order of the spans
     for name, request in requests.items():
         wanted = positions(request, attrs)
         check_answerable(name, wanted, rows)
         chosen[name] = wanted
-        picked = sorted(_rows_covered(sorted(set(wanted)), rows))
-        for direction, out in views.items():
-            if len(picked) == 1:  # a row's own mean and sum: the stored values themselves
-                out.append(tokens[direction].isel(token=picked[0], drop=True))
-                continue
-            out.append(_combine(tokens[direction], picked, rows, direction).astype(np.float32))
+        picks.append(sorted(_rows_covered(sorted(set(wanted)), rows)))
     labels = xr.DataArray(np.array(list(chosen), dtype=object), dims="span")
+    directions = [d for d in sf.DIRECTIONS if d in tokens]
     # The stored variable's own dims, token's place taken by span (video runs keep frame).
-    order = ["span" if d == "token" else d for d in tokens[next(iter(views))].dims]
-    data = {d: xr.concat(v, dim=labels).transpose(*order, ...) for d, v in views.items()}
+    order = ["span" if d == "token" else d for d in tokens[directions[0]].dims]
+    data = {
+        d: xr.concat(_span_pieces(tokens[d], picks, rows, d), dim="span").transpose(*order, ...)
+        for d in directions
+    }
     # The stored rows stay beside the views, as `txt2img_tokens` and `img2txt_tokens`.
-    ds = tokens.rename({d: f"{d}{TOKENS_SUFFIX}" for d in views}).assign(data)
+    ds = tokens.rename({d: f"{d}{TOKENS_SUFFIX}" for d in directions}).assign(data)
     ds = ds.assign_coords(span=labels)
     strings = {name: [text_at[p] for p in wanted] for name, wanted in chosen.items()}
     ds.attrs = dict(attrs) | {sf.SPANS: chosen, sf.SPAN_TOKENS: strings}
