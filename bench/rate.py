@@ -13,6 +13,9 @@ each layer into the step buffer, encode the step's shards (zarrs, on every core;
 and the pending steps side by side), sync them and rename them into place (tracer.durable), list
 the step.
 
+Each is measured twice: in a process as the library leaves it, and with glibc's allocator set as
+`attnscope record` sets it (tracer.allocator: freed memory is reused, not faulted in afresh).
+
 It reports, per core count: sustained decoded MB/s (a step's bytes over the time from its first
 put() to being durable, in steady state), how long put() made the generation wait (the
 backpressure: the writer never lets memory grow), the unthrottled rate, the same without fsync
@@ -89,9 +92,17 @@ def disk_sync_mb_s(folder: Path, megabytes: int = 1024) -> float:
     return megabytes * 2**20 / seconds / 1e6
 
 
-def measure(cores: int, steps: int, period: float) -> dict[str, Any]:
-    """Feed `steps` FLUX-shaped steps to the writer on `cores` host cores. Fresh interpreter."""
+def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[str, Any]:
+    """Feed `steps` FLUX-shaped steps to the writer on `cores` host cores. Fresh interpreter.
+
+    `tuned`: with the allocator set as `attnscope record` sets it (tracer.allocator), paced and
+    unthrottled only.
+    """
     os.sched_setaffinity(0, set(range(cores)))
+    if tuned:
+        from tracer.allocator import tune_for_recording
+
+        tune_for_recording()
     import numpy as np
     import torch
 
@@ -133,11 +144,9 @@ def measure(cores: int, steps: int, period: float) -> dict[str, Any]:
         attrs = {fmt.STATUS: fmt.RECORDING, fmt.STEPS_COMPLETE: [], fmt.TEXT_LEN: 512}
         results = {}
         variants = (("paced", period, True), ("unthrottled", 0.0, True))
-        for name, pace, fsync in (
-            *variants,
-            ("unthrottled, no fsync", 0.0, False),
-            (BASELINE, 0.0, True),
-        ):
+        if not tuned:
+            variants += (("unthrottled, no fsync", 0.0, False), (BASELINE, 0.0, True))
+        for name, pace, fsync in variants:
             # The baseline: the same writer on zarr-python's own codec pipeline.
             os.environ[ENV] = "zarr" if name == BASELINE else "zarrs"
             store = workdir / f"{name}.zarr"
@@ -201,9 +210,24 @@ def project(by_cores: dict[int, dict[str, Any]]) -> dict[str, Any]:
             for cores, runs in by_cores.items()
         },
     }
+    out |= _projected(one, scaling, step_bytes)
+    if all("tuned" in runs for runs in by_cores.values()):
+        one_tuned = by_cores[1]["tuned"]["unthrottled"]["decoded_mb_s"]
+        scaling_tuned = by_cores[2]["tuned"]["unthrottled"]["decoded_mb_s"] / one_tuned
+        out["tuned"] = {
+            "decoded_mb_s_per_core": one_tuned,
+            "scaling_1_to_2_cores": scaling_tuned,
+        } | _projected(one_tuned, scaling_tuned, step_bytes)
+    return out
+
+
+def _projected(one: float, scaling: float, step_bytes: int) -> dict[str, float]:
+    """Traced/untraced at the H100's step rate on each of HOSTS, from one core's decoded MB/s and
+    the 1 -> 2 core scaling, assumed to hold per doubling of cores."""
     # A measured 1 -> 2 scaling above 2 is noise (the cores are shared): never project faster
     # than one core's rate times the cores.
     per_doubling = min(scaling, 2.0)
+    out = {}
     for host in HOSTS:
         rate = one * per_doubling ** math.log2(host) * 1e6
         out[f"projected_ratio_h100_{host}_cores"] = max(
@@ -222,6 +246,10 @@ def figures(period: float = H100_STEP_SECONDS, steps: int = 4) -> dict[str, Any]
             continue
         log(f"rate: {cores} core(s)")
         by_cores[cores] = isolated("bench.rate:measure", cores=cores, steps=steps, period=period)
+        log(f"rate: {cores} core(s), allocator tuned")
+        by_cores[cores]["tuned"] = isolated(
+            "bench.rate:measure", cores=cores, steps=steps, period=period, tuned=True
+        )
     return {"runs": by_cores} | (project(by_cores) if len(by_cores) == 2 else {})
 
 

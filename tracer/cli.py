@@ -16,6 +16,7 @@ import torch
 from analysis import store_format as fmt
 from analysis.cli.args import integers, names, positive
 from analysis.errors import AttnscopeError, UsageError, WriterError
+from tracer.allocator import tune_for_recording
 from tracer.claims import DEFAULT_LEASE_SECONDS
 from tracer.spans import parse_span_argument
 
@@ -559,6 +560,9 @@ def run_record(args: argparse.Namespace) -> int:
     _apply_defaults(args)
     jobs = _jobs(args)
     entity_names, eligen = _entities(args)
+    if not args.estimate:
+        # This process is the recording's own: its writer reuses the memory it frees.
+        tune_for_recording()
     created = False
     if not args.estimate and (args.prompts is None or args.overwrite):
         created = _check_out(args)
