@@ -3,7 +3,8 @@
 Builds a full-shape random-weight `FluxTransformer2DModel` from FLUX.1-dev's configuration (19
 double and 38 single blocks, 24 heads of 128) on the device, in bf16, with no download, inside
 the demo pipeline (tiny random text encoders and VAE; the prompt is 20 words). Then times 28
-steps at 1024², latents out, untraced and traced with default settings, as pairs
+steps at 1024², latents out, untraced and traced with default settings (the allocator set as
+`attnscope record` sets it, tracer.allocator), as pairs
 (bench.overhead), and writes: traced / untraced wall time, the GPU memory tracing adds, the bytes
 written and the decoded GB/s the recording sustained.
 
@@ -104,10 +105,14 @@ def measure(smoke: bool) -> dict[str, Any]:
 
     from bench.common import GEOMETRIES
     from bench.overhead import measure as pairs_of
+    from tracer.allocator import tune_for_recording
 
     geo = GEOMETRIES["quick" if smoke else "flux-dev-gpu"]
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("bench.gpu needs a CUDA device (or --smoke for the CPU quick geometry)")
+    # This script owns its process, as `attnscope record` does: the same allocator settings
+    # (a smoke run shares the test suite's process, which is left as it is).
+    tuned = not smoke and tune_for_recording()
     started = time.perf_counter()
     result = pairs_of(asdict(geo), {"attnscope": 1})
     traced = result["outputs"]["attnscope"]
@@ -123,6 +128,7 @@ def measure(smoke: bool) -> dict[str, Any]:
         "token_rows": traced["token_rows"],
         "decoded_bytes": traced["decoded_bytes"],
         "decoded_gb_s": traced["decoded_bytes"] / traced["wall"] / 1e9,
+        "allocator_tuned": tuned,
         "seconds_in_all": time.perf_counter() - started,
     }
 
