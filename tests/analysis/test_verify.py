@@ -148,6 +148,17 @@ def test_truncated_emptied_or_lost_shards_of_listed_steps_are_reported(clean, da
     ds.img2txt.sel(step=[0, 2, 3]).values  # noqa: B018  (the rest reads)
 
 
+def test_one_unwritten_value_in_a_listed_step_is_refused_when_read(clean):
+    # One NaN among a step's values (a chunk lost from inside its shard reads so): the read of
+    # that step fails, naming it; the other steps read.
+    array = zarr.open_array(clean / "run-0000" / "txt2img", mode="r+")
+    array[1, 1, 2, 3, 4, 5] = np.nan
+    ds = analysis.open_trace(clean, run=0)
+    with pytest.raises(CorruptChunkError, match=r"run-0000/txt2img in .*step 1"):
+        ds.txt2img_tokens.sel(step=1).values  # noqa: B018
+    assert not np.isnan(ds.txt2img_tokens.sel(step=[0, 2, 3]).values).any()
+
+
 def test_a_complete_run_missing_its_image_reports_it(clean):
     (clean / "run-0000" / "image" / "c" / "0" / "0" / "0").unlink()
     report = verify(clean)
