@@ -29,7 +29,6 @@ from .consistency import run_findings
 from .errors import SpanError
 from .selection import SelectionError, describe_values
 from .spans import Spans, span_view
-from .zarr_pipeline import pipeline_for
 
 PathLike = str | os.PathLike | Store
 
@@ -247,8 +246,9 @@ def open_trace(
     (PartialRunWarning) naming its missing steps and keeps only its complete ones
     (`complete_only=False` keeps them all, NaN where unwritten). `chunks` overrides the dask
     chunks of the stored rows (default: one step, all token rows and heads, and as many layers
-    as fit in CHUNK_BYTES, a whole number of stored chunks; a selection reads only the stored
-    chunks it needs). `storage_options` go to fsspec for URLs.
+    as fit in CHUNK_BYTES, a whole number of stored chunks; a selection of token rows reads
+    only the stored chunks it needs, a span's the dask chunks it needs). `storage_options` go
+    to fsspec for URLs.
     """
     where = location(path)
     root = open_store(path, storage_options)
@@ -268,7 +268,10 @@ def open_trace(
         )
     group = root[info.name]
     _refuse_inconsistent(group, info, arrays, where)
-    with sf.quiet_zarr(), pipeline_for(root.store):
+    # Read through zarr-python's own codec pipeline, which checks every chunk's CRC32C, partial
+    # reads of a shard included. zarrs (zarrs 0.2.3), which writes the maps, skips that check
+    # when it reads part of a shard, and most reads are: a damaged chunk would be drawn.
+    with sf.quiet_zarr():
         if chunks is None:
             chunks = _default_chunks(group)
             # Our chunks hold whole stored chunks of the maps; xarray warns only because they
@@ -291,8 +294,7 @@ def open_trace(
             _diagnose(group, arrays, info.name, where)
             raise
     ds = ds.assign_coords(small)
-    # The maps are read through the arrays opened here: under pipeline_for, zarrs decodes them.
-    with sf.quiet_zarr(), pipeline_for(root.store):
+    with sf.quiet_zarr():
         ds, dropped = _checked_variables(ds, group, info, where)
     ds.attrs.update(run=info.name, store=where)
     if dropped:
@@ -404,7 +406,9 @@ def _checked_variables(
             chunks=var.data.chunks,
             name=f"attnscope-{name}-{token}",
             asarray=False,
-            fancy=False,
+            # The fancy getter: dask fuses a selection of the token rows into it (not into the
+            # other, in dask 2026.7), so `tokens=True` reads only the stored chunks asked for.
+            fancy=True,
             meta=np.empty((0,) * var.ndim, dtype=var.dtype),
         )
         replaced[name] = var.copy(data=data)

@@ -175,17 +175,21 @@ def _span_pieces(
     maps: xr.DataArray, picks: list[list[int]], rows: Sequence[sf.TokenRow], direction: str
 ) -> list[xr.DataArray]:
     """The spans' maps (dim `span`, in order) in as few pieces as they allow: consecutive spans
-    of one stored row each are that row's own values, taken in one selection (one task per
-    chunk, however many such spans); a span of several rows is combined (`_combine`)."""
+    of one stored row each, on consecutive rows, are those rows' own values, taken in one slice
+    (one task per chunk, however many such spans); a span of several rows is combined
+    (`_combine`)."""
     pieces: list[xr.DataArray] = []
     run: list[int] = []  # the rows of consecutive one-row spans not yet taken
 
     def take_run() -> None:
-        if run:
-            taken = maps.isel(token=list(run))
+        # Each stretch of consecutive rows is one slice, read in place (a list of rows would be
+        # a dask `take`, which copies them).
+        starts = [i for i, row in enumerate(run) if i == 0 or row != run[i - 1] + 1]
+        for start, stop in zip(starts, [*starts[1:], len(run)][: len(starts)], strict=True):
+            taken = maps.isel(token=slice(run[start], run[stop - 1] + 1))
             stale = [name for name, coord in taken.coords.items() if "token" in coord.dims]
             pieces.append(taken.drop_vars(stale).rename(token="span"))
-            run.clear()
+        run.clear()
 
     for picked in picks:
         if len(picked) == 1:  # a row's own mean and sum: the stored values themselves
@@ -193,7 +197,8 @@ def _span_pieces(
             continue
         take_run()
         combined = _combine(maps, picked, rows, direction).astype(np.float32)
-        pieces.append(combined.expand_dims("span"))
+        # Where the rows' token dim is, so that no piece is transposed to join the others.
+        pieces.append(combined.expand_dims("span", axis=maps.dims.index("token")))
     take_run()
     return pieces
 

@@ -462,6 +462,39 @@ def check_run_arrays(
 # ---------------------------------------------------------------------------------- checked reads
 
 
+def _fancy(key: Any, shape: Sequence[int]) -> tuple[tuple, tuple] | None:
+    """For a key of ints, slices and 1-D integer lists (at least one list), with a position for
+    every dim: the basic key of the box it reads (no dim dropped) and the key selecting the same
+    values from that box, with NumPy's meaning. None for any other key."""
+    key = key if isinstance(key, tuple) else (key,)
+    is_list = [
+        isinstance(k, list | np.ndarray) and np.asarray(k).ndim == 1 and len(k) > 0 for k in key
+    ]
+    if not any(is_list) or len(key) != len(shape):
+        return None
+    box: list[slice] = []
+    within: list[Any] = []
+    for k, listed, n in zip(key, is_list, shape, strict=True):
+        if listed:
+            positions = np.asarray(k)
+            if positions.dtype.kind not in "iu":
+                return None
+            positions = positions % n
+            first = int(positions.min())
+            box.append(slice(first, int(positions.max()) + 1))
+            within.append(positions - first)
+        elif isinstance(k, slice):
+            box.append(k)
+            within.append(slice(None))
+        elif isinstance(k, int | np.integer) and not isinstance(k, bool):
+            index = int(k) % n
+            box.append(slice(index, index + 1))
+            within.append(0)
+        else:
+            return None
+    return tuple(box), tuple(within)
+
+
 def _region(key: Any, shape: Sequence[int]) -> tuple[list[slice], list[bool]] | None:
     """The region a basic index covers (slices per dim) and which dims it drops (an int).
 
@@ -532,6 +565,12 @@ class CheckedArray:
     def __getitem__(self, key: Any) -> np.ndarray:
         if self.missing is not None:
             raise CorruptChunkError(self.missing)
+        fancy = _fancy(key, self.shape)
+        if fancy is not None:
+            # dask fuses a selection into the read (so only the stored chunks it needs are
+            # read), lists of positions included: read their bounding box, checked as any read.
+            box, within = fancy
+            return self[box][within]
         found = _region(key, self.shape)
         region = found[0] if found else [slice(0, n) for n in self.shape]
         try:

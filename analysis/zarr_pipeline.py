@@ -1,4 +1,4 @@
-"""Which zarr codec pipeline moves a store's bytes: zarrs, where it is installed.
+"""Which zarr codec pipeline writes a store's bytes: zarrs, where it is installed.
 
 zarr-python's own pipeline encodes and decodes a shard's chunks one at a time under asyncio, so
 it gains little from a second core. zarrs (a Rust codec pipeline for zarr-python) runs them on
@@ -8,6 +8,9 @@ stays with that array, so only the opening is wrapped.
 
 zarrs serves local folders only (zarr's LocalStore); stores behind fsspec URLs keep zarr's own
 pipeline. Setting ATTNSCOPE_ZARR_PIPELINE=zarr turns zarrs off, as a fallback and for comparing.
+
+Reading stays with zarr-python's own pipeline (analysis.open): zarrs 0.2.3 strips a chunk's
+CRC32C without checking it when it reads part of a shard, and a damaged chunk must be refused.
 """
 
 from __future__ import annotations

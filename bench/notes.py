@@ -193,8 +193,10 @@ def _analysis(r: dict[str, Any]) -> str:
         rows = m["decoded_bytes"] / m["rows_compute_seconds"] / 1e6
         no_skipna = m["decoded_bytes"] / m["no_skipna_compute_seconds"] / 1e6
         where = (
-            "Profiled (perf), decoding (Blosc bit-shuffle + LZ4 and the CRC32C of every chunk, "
-            "by zarrs on every core) is about a fifth of the time. The rest is the reduction "
+            "Profiled (perf) when zarrs decoded the maps, decoding was about a fifth of the "
+            "time; zarr-python's own pipeline, which reads them now because it checks every "
+            "chunk's CRC32C on a partial read of a shard (zarrs 0.2.3 does not), decodes "
+            "chunks one at a time under asyncio and costs more. The rest is the reduction "
             "asked for: on float maps xarray's `.mean()` skips NaN by default, and dask's "
             "NaN-skipping mean copies each chunk and builds its NaN mask twice; and the span "
             "views: each span is a slice of its own, and a span of several rows (`prompt`, "
@@ -206,8 +208,8 @@ def _analysis(r: dict[str, Any]) -> str:
         f"**Analysis ({rate:,.0f} MB/s, peak RSS {m['peak_rss'] / 1e6:,.0f} MB).** {where}"
         "Plain zarr with its own codec pipeline, decoding the "
         "same store one step shard per thread (as many threads as cores) and summing with "
-        f"NumPy, runs at {decode:,.0f} MB/s on this machine; open_trace's dask graph through "
-        f"zarrs runs at {rate / decode:.2f}× that. Memory stays flat because each dask task "
+        f"NumPy, runs at {decode:,.0f} MB/s on this machine; open_trace's dask graph runs at "
+        f"{rate / decode:.2f}× that. Memory stays flat because each dask task "
         "holds one chunk of 16 MiB at most (whole stored maps) and the mean is accumulated "
         "chunk by chunk.\n\n"
         f"**Time to first heatmap ({c['one_map_seconds']:.2f} s).** Reading one map is a few "

@@ -97,9 +97,24 @@ def test_a_flipped_byte_in_any_checksummed_object_is_reported_with_its_variable(
     assert not missed, "\n".join(missed)
 
 
+def flip_stored_chunk(shard: Path, layer: int, token: int, shape: tuple[int, ...]) -> None:
+    """Flip a byte in the middle of one (layer, token) chunk of a step shard of an array of
+    `shape`, found through the shard's index (Zarr v3 sharding: at its end, an (offset, size)
+    uint64 pair per chunk in C order over (layer, token), then the index's CRC32C)."""
+    _, n_layers, _, n_tokens, *_ = shape
+    data = bytearray(shard.read_bytes())
+    index = len(data) - 4 - 16 * n_layers * n_tokens
+    entry = index + 16 * (layer * n_tokens + token)
+    offset, size = (int(v) for v in np.frombuffer(bytes(data[entry : entry + 16]), dtype="<u8"))
+    data[offset + size // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
 def test_a_damaged_chunk_is_never_plotted(clean, tmp_path, capsys):
     shard = clean / "run-0000" / "txt2img" / "c" / "2" / "0" / "0" / "0" / "0" / "0"
-    flip(shard)
+    # A chunk the figure needs: layer 0's row of "cat", a token of the span `prompt`.
+    rows = zarr.open_group(clean, path="run-0000", mode="r")["txt2img"]
+    flip_stored_chunk(shard, layer=0, token=1, shape=rows.shape)
     ds = analysis.open_trace(clean, run=0)  # opening reads no chunk: it works
     with pytest.raises(CorruptChunkError) as caught:
         ds.txt2img.sel(span="prompt").mean(["step", "layer"]).compute()
@@ -146,6 +161,18 @@ def test_truncated_emptied_or_lost_shards_of_listed_steps_are_reported(clean, da
     with pytest.raises(CorruptChunkError, match=r"run-0000/img2txt in .*step 1"):
         ds.img2txt.sel(step=1).values  # noqa: B018
     ds.img2txt.sel(step=[0, 2, 3]).values  # noqa: B018  (the rest reads)
+
+
+def test_a_damaged_chunk_read_alone_is_refused(clean):
+    # One map of a step: a partial read of its shard, which must still check that chunk.
+    shard = clean / "run-0000" / "txt2img" / "c" / "2" / "0" / "0" / "0" / "0" / "0"
+    rows = zarr.open_group(clean, path="run-0000", mode="r")["txt2img"]
+    flip_stored_chunk(shard, layer=0, token=1, shape=rows.shape)
+    ds = analysis.open_trace(clean, run=0, tokens=True)
+    with pytest.raises(CorruptChunkError, match=r"run-0000/txt2img in .*step 2"):
+        ds.txt2img.isel(step=2, layer=0, token=1).values  # noqa: B018
+    # Its neighbours in the same shard read.
+    assert np.isfinite(ds.txt2img.isel(step=2, layer=0, token=2).values).all()
 
 
 def test_one_unwritten_value_in_a_listed_step_is_refused_when_read(clean):
