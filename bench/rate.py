@@ -107,10 +107,10 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
     import torch
 
     from analysis import store_format as fmt
-    from analysis.zarr_pipeline import ENV
     from tracer.rounding import bitround_
     from tracer.store import create_run
     from tracer.writer import TraceWriter
+    from tracer.zarr_pipeline import ENV
 
     torch.set_num_threads(cores)
     with scratch("rate") as workdir:

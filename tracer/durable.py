@@ -21,7 +21,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import LocalStore
 
-from analysis.zarr_pipeline import pipeline_for
+from tracer.zarr_pipeline import pipeline_for
 
 
 class StagedShards:

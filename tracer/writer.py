@@ -49,9 +49,9 @@ from zarr.storage import LocalStore
 
 from analysis import store_format as sf
 from analysis.errors import WriterError
-from analysis.zarr_pipeline import pipeline_for
 from tracer.durable import StagedShards, sync_file
 from tracer.rounding import bitround_
+from tracer.zarr_pipeline import pipeline_for
 
 __all__ = ["Progress", "TraceWriter", "WriterError"]
 

@@ -8,7 +8,7 @@ import zarr
 from zarr.storage import LocalStore, MemoryStore
 
 from analysis import store_format as sf
-from analysis.zarr_pipeline import ENV, ZARRS, pipeline_for, uses_zarrs
+from tracer.zarr_pipeline import ENV, ZARRS, pipeline_for, uses_zarrs
 
 
 def make_array(store, pipeline: str) -> zarr.Array:

@@ -1,4 +1,4 @@
-"""Which zarr codec pipeline writes a store's bytes: zarrs, where it is installed.
+"""Which zarr codec pipeline the recording writes a store's bytes with: zarrs, where installed.
 
 zarr-python's own pipeline encodes and decodes a shard's chunks one at a time under asyncio, so
 it gains little from a second core. zarrs (a Rust codec pipeline for zarr-python) runs them on
