@@ -90,22 +90,15 @@ class DiffusersHiDream(DiffusersAdapter):
         latents = bound["hidden_states"]
         batch = int(latents.shape[0])
         index = self.negative_first_index(batch)
-        if bound.get("hidden_states_masks") is not None:
-            # Patched by the caller: the image tokens and their padding are the sequence given,
-            # the grid each image's `img_sizes`.
-            sizes = bound.get("img_sizes")
-            grid = (int(sizes[index][0]), int(sizes[index][1]))
-            image_len = int(latents.shape[1])
-        elif latents.dim() == 4:
-            grid = self.patched_grid(latents)
-            square = latents.shape[-2] == latents.shape[-1]
-            image_len = grid[0] * grid[1] if square else int(self.transformer.max_seq)
-        else:
+        if latents.dim() != 4 or bound.get("hidden_states_masks") is not None:
             raise UnsupportedModelError(
                 f"HiDream's transformer was called with hidden_states of shape "
-                f"{list(latents.shape)} and no hidden_states_masks; attnscope places image "
-                f"tokens of [B, C, H, W] latents, or of patched ones with their masks and sizes"
+                f"{list(latents.shape)}, patched by the caller; attnscope places the image "
+                f"tokens of [B, C, H, W] latents, as HiDreamImagePipeline passes them"
             )
+        grid = self.patched_grid(latents)
+        square = latents.shape[-2] == latents.shape[-1]
+        image_len = grid[0] * grid[1] if square else int(self.transformer.max_seq)
         # Llama's hidden states, per layer: [B, tokens, channels] each.
         llama_len = int(bound["encoder_hidden_states_llama3"][0].shape[1])
         return DenoiserCall(

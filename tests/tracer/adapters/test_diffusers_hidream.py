@@ -6,6 +6,7 @@ from __future__ import annotations
 import family_kit
 import numpy as np
 import pytest
+import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from references import SdpaLog, assert_rows_match_float64
 
@@ -99,6 +100,14 @@ def test_a_word_has_tokens_in_all_three_segments_and_spans_say_which(pipe, tmp_p
     # Each Llama segment's padding is one summed row of its own.
     padding = ds.token_padding.values
     assert sorted(ds.token_segment.values[padding]) == ["llama", "llama_layer", "t5"]
+
+
+def test_latents_patched_by_the_caller_are_refused_by_name(pipe):
+    from tracer.adapters.diffusers_hidream import DiffusersHiDream
+
+    patched = {"hidden_states": torch.zeros(1, 64, 64), "hidden_states_masks": torch.ones(1, 64)}
+    with pytest.raises(UnsupportedModelError, match=r"shape \[1, 64, 64\], patched by the caller"):
+        DiffusersHiDream(pipe).denoiser_call(patched)
 
 
 def test_another_attention_processor_is_refused_before_the_store_exists(tmp_path):
