@@ -179,27 +179,28 @@ def _span_pieces(
     (one task per chunk, however many such spans); a span of several rows is combined
     (`_combine`)."""
     pieces: list[xr.DataArray] = []
-    run: list[int] = []  # the rows of consecutive one-row spans not yet taken
+    stretch: list[int] = []  # consecutive rows of consecutive one-row spans, not yet taken
 
-    def take_run() -> None:
-        # Each stretch of consecutive rows is one slice, read in place (a list of rows would be
-        # a dask `take`, which copies them).
-        starts = [i for i, row in enumerate(run) if i == 0 or row != run[i - 1] + 1]
-        for start, stop in zip(starts, [*starts[1:], len(run)][: len(starts)], strict=True):
-            taken = maps.isel(token=slice(run[start], run[stop - 1] + 1))
+    def take() -> None:
+        # One slice of the rows, read in place (a list of rows would be a dask `take`, which
+        # copies them).
+        if stretch:
+            taken = _rows(maps, stretch)
             stale = [name for name, coord in taken.coords.items() if "token" in coord.dims]
             pieces.append(taken.drop_vars(stale).rename(token="span"))
-        run.clear()
+            stretch.clear()
 
     for picked in picks:
         if len(picked) == 1:  # a row's own mean and sum: the stored values themselves
-            run.append(picked[0])
+            if stretch and picked[0] != stretch[-1] + 1:
+                take()
+            stretch.append(picked[0])
             continue
-        take_run()
+        take()
         combined = _combine(maps, picked, rows, direction).astype(np.float32)
         # Where the rows' token dim is, so that no piece is transposed to join the others.
         pieces.append(combined.expand_dims("span", axis=maps.dims.index("token")))
-    take_run()
+    take()
     return pieces
 
 

@@ -324,6 +324,8 @@ def _txt2img(
     out = torch.zeros(heads, n_spans, n_image, dtype=torch.float32, device=device)
     k_t = k32.transpose(1, 2)
     image = slice(text_len, text_len + n_image)
+    # With the lse only the image keys are needed: laid out once, not per chunk.
+    k_image = None if lse is None else k_t[:, :, image].contiguous()
     for start in range(0, n_rows, chunk_size):
         chunk = rows[start : start + chunk_size]
         q_rows = q.index_select(1, chunk).to(torch.float32)
@@ -338,9 +340,7 @@ def _txt2img(
         mask_image = (
             mask_rows if mask_rows is None or mask_rows.shape[-1] == 1 else mask_rows[..., image]
         )
-        probs = _probs_from_lse(
-            q_rows, k_t[:, :, image], mask_image, scale, lse.index_select(1, chunk)
-        )
+        probs = _probs_from_lse(q_rows, k_image, mask_image, scale, lse.index_select(1, chunk))
         w = weights[:, start : start + chunk_size].expand(heads, -1, -1)
         out.baddbmm_(w, probs)
     return out
