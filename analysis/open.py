@@ -24,7 +24,7 @@ from zarr.errors import ContainsArrayError, GroupNotFoundError
 from zarr.storage import FsspecStore, LocalStore
 
 from . import store_format as sf
-from . import trust
+from . import tensorstore_reader, trust
 from .consistency import run_findings
 from .errors import SpanError
 from .selection import SelectionError, describe_values
@@ -268,9 +268,10 @@ def open_trace(
         )
     group = root[info.name]
     _refuse_inconsistent(group, info, arrays, where)
-    # Read through zarr-python's own codec pipeline, which checks every chunk's CRC32C, partial
-    # reads of a shard included. zarrs (zarrs 0.2.3), which writes the maps, skips that check
-    # when it reads part of a shard, and most reads are: a damaged chunk would be drawn.
+    # Opened with zarr-python's own codec pipeline, which checks every chunk's CRC32C, partial
+    # reads of a shard included; the maps of a local store are read through TensorStore, which
+    # checks them as well. zarrs (0.2.3), which writes the maps, skips that check when it reads
+    # part of a shard, and most reads are: a damaged chunk would be drawn.
     with sf.quiet_zarr():
         if chunks is None:
             chunks = _default_chunks(group)
@@ -397,6 +398,7 @@ def _checked_variables(
             dims=[str(d) for d in var.dims],
             missing=missing,
             skipped=skipped if name in sf.DIRECTIONS else (),
+            reader=tensorstore_reader.reader_for(array) if name in sf.DIRECTIONS else None,
         )
         token = dask.base.tokenize(
             where, info.name, name, var.data.chunks, listed, missing, skipped

@@ -191,12 +191,35 @@ def test_the_dataset_matches_plain_xarray(store):
     )
 
 
-def test_maps_are_read_through_zarr_pythons_checked_pipeline(store):
-    """The arrays dask reads from check every chunk's CRC32C, as zarr-python's own pipeline
-    does on a partial read of a shard (zarrs, which writes them, does not: see test_verify)."""
-    path, _ = store
-    data = analysis.open_trace(path, tokens=True).txt2img.data
+def _checked(ds: xr.Dataset) -> analysis.trust.CheckedArray:
+    data = ds.txt2img.data
     checked = [v for v in data.dask.values() if isinstance(v, analysis.trust.CheckedArray)]
     assert len(checked) == 1
-    pipeline = checked[0].array._async_array.codec_pipeline
-    assert type(pipeline).__name__ == "BatchedCodecPipeline"
+    return checked[0]
+
+
+def test_maps_are_read_through_readers_that_check_every_chunk(store):
+    """A local folder's maps are read through TensorStore, a URL's through zarr-python's own
+    pipeline: both check every chunk's CRC32C on a partial read of a shard (zarrs, which writes
+    them, does not: see test_verify). Both read what plain zarr reads."""
+    path, _ = store
+    local = _checked(analysis.open_trace(path, tokens=True))
+    assert isinstance(local.reader, analysis.tensorstore_reader.TensorStoreReader)
+    url = _checked(analysis.open_trace(path.as_uri(), tokens=True))
+    assert url.reader is None
+    assert type(url.array._async_array.codec_pipeline).__name__ == "BatchedCodecPipeline"
+    plain = zarr.open_group(path, path="run-0000", mode="r")["txt2img"]
+    key = (slice(1, 3), 0, slice(None), slice(0, 2))
+    np.testing.assert_array_equal(local[key], plain[key])
+    assert local.reader.opens()  # the values above came through TensorStore
+    np.testing.assert_array_equal(url[key], plain[key])
+
+
+def test_maps_stored_with_the_old_bitround_filter_read_through_zarr_python(make_store):
+    """Version-1 stores named their rounding as a `numcodecs.bitround` filter, which TensorStore
+    does not read: zarr-python reads them, the same values."""
+    path, expected = make_store(Run(keepbits=9), version=1)
+    ds = analysis.open_trace(path)
+    checked = _checked(ds)
+    np.testing.assert_array_equal(ds.txt2img.values, expected["run-0000"]["txt2img"])
+    assert not checked.reader.opens()

@@ -163,12 +163,14 @@ def test_truncated_emptied_or_lost_shards_of_listed_steps_are_reported(clean, da
     ds.img2txt.sel(step=[0, 2, 3]).values  # noqa: B018  (the rest reads)
 
 
-def test_a_damaged_chunk_read_alone_is_refused(clean):
-    # One map of a step: a partial read of its shard, which must still check that chunk.
+@pytest.mark.parametrize("address", ["path", "url"], ids=["tensorstore", "zarr-python"])
+def test_a_damaged_chunk_read_alone_is_refused(clean, address):
+    # One map of a step: a partial read of its shard, which must still check that chunk. A
+    # local folder's maps are read through TensorStore, a URL's through zarr-python.
     shard = clean / "run-0000" / "txt2img" / "c" / "2" / "0" / "0" / "0" / "0" / "0"
     rows = zarr.open_group(clean, path="run-0000", mode="r")["txt2img"]
     flip_stored_chunk(shard, layer=0, token=1, shape=rows.shape)
-    ds = analysis.open_trace(clean, run=0, tokens=True)
+    ds = analysis.open_trace(clean if address == "path" else clean.as_uri(), run=0, tokens=True)
     with pytest.raises(CorruptChunkError, match=r"run-0000/txt2img in .*step 2"):
         ds.txt2img.isel(step=2, layer=0, token=1).values  # noqa: B018
     # Its neighbours in the same shard read.
