@@ -9,8 +9,9 @@ stays with that array, so only the opening is wrapped.
 zarrs serves local folders only (zarr's LocalStore); stores behind fsspec URLs keep zarr's own
 pipeline. Setting ATTNSCOPE_ZARR_PIPELINE=zarr turns zarrs off, as a fallback and for comparing.
 
-Reading stays with zarr-python's own pipeline (analysis.open): zarrs 0.2.3 strips a chunk's
-CRC32C without checking it when it reads part of a shard, and a damaged chunk must be refused.
+Reading never goes through zarrs (analysis reads through TensorStore or zarr-python's own
+pipeline): zarrs 0.2.3 strips a chunk's CRC32C without checking it when it reads part of a shard,
+and a damaged chunk must be refused.
 """
 
 from __future__ import annotations
