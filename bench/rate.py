@@ -48,6 +48,7 @@ TOKEN_ROWS = 26  # a 20-word prompt: its tokens, </s> and the padding row
 H100_STEP_SECONDS = 0.15  # FLUX.1-dev, 1024², bf16, one step
 HOSTS = (8, 16)
 BASELINE = "unthrottled, zarr-python's pipeline"
+BUFFERED = "unthrottled, through the page cache"
 
 
 def _demo_maps(path: Path) -> dict[str, Any]:
@@ -107,6 +108,7 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
     import torch
 
     from analysis import store_format as fmt
+    from tracer.durable import DIRECT_IO_ENV
     from tracer.rounding import bitround_
     from tracer.store import create_run
     from tracer.writer import TraceWriter
@@ -145,10 +147,16 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
         results = {}
         variants = (("paced", period, True), ("unthrottled", 0.0, True))
         if not tuned:
-            variants += (("unthrottled, no fsync", 0.0, False), (BASELINE, 0.0, True))
+            variants += (
+                (BUFFERED, 0.0, True),
+                ("unthrottled, no fsync", 0.0, False),
+                (BASELINE, 0.0, True),
+            )
         for name, pace, fsync in variants:
             # The baseline: the same writer on zarr-python's own codec pipeline.
             os.environ[ENV] = "zarr" if name == BASELINE else "zarrs"
+            # Synced shards are written past the page cache (O_DIRECT) but here.
+            os.environ[DIRECT_IO_ENV] = "0" if name == BUFFERED else "1"
             store = workdir / f"{name}.zarr"
             created = time.perf_counter()
             # The maps arrive rounded, as from the GPU (rounded there before the copy), so the
@@ -205,6 +213,10 @@ def project(by_cores: dict[int, dict[str, Any]]) -> dict[str, Any]:
         # What this disk allows: its fsync'd write rate times the compression ratio.
         "disk_ceiling_decoded_mb_s": by_cores[2]["disk_sync_mb_s"]
         * (step_bytes * by_cores[2]["steps"] / by_cores[2]["unthrottled"]["stored_bytes"]),
+        "direct_io_over_page_cache": {
+            cores: runs["unthrottled"]["decoded_mb_s"] / runs[BUFFERED]["decoded_mb_s"]
+            for cores, runs in by_cores.items()
+        },
         "zarrs_over_zarr_python": {
             cores: runs["unthrottled"]["decoded_mb_s"] / runs[BASELINE]["decoded_mb_s"]
             for cores, runs in by_cores.items()

@@ -6,7 +6,7 @@ from typing import Any
 
 from bench.common import GEOMETRIES, Geometry
 from bench.notes import limits, method
-from bench.rate import BASELINE
+from bench.rate import BASELINE, BUFFERED
 from bench.summary import growth_summary, memory_summary
 from bench.variants import LABELS, describe
 
@@ -399,7 +399,7 @@ def _rate(r: dict[str, Any]) -> str:
             if measured is None:
                 continue
             paced, fast = measured["paced"], measured["unthrottled"]
-            others = [measured.get(name) for name in ("unthrottled, no fsync", BASELINE)]
+            others = [measured.get(name) for name in (BUFFERED, "unthrottled, no fsync", BASELINE)]
             rows.append(
                 [
                     f"{cores}{label}",
@@ -418,14 +418,16 @@ def _rate(r: dict[str, Any]) -> str:
             f"a step: 57 layers × 24 heads × 26 token rows × 64×64, both directions) made of a "
             f"real demo recording's maps, {step['steps']} steps, one every {step['period']} s "
             "(paced) and as fast as it takes them (unthrottled), on 1 and 2 cores. The maps "
-            "arrive rounded, as from a GPU; each step's shards are encoded by zarrs, synced "
-            "and renamed into place before the step is listed, every pending step's shards in "
-            "flight at once. Beside it: the same without fsync, and on zarr-python's own codec "
-            "pipeline (the baseline).",
+            "arrive rounded, as from a GPU; each step's shards are encoded by zarrs, written "
+            "past the page cache (O_DIRECT), synced and renamed into place before the step is "
+            "listed, every pending step's shards in flight at once. Beside it: the same "
+            "through the page cache, without fsync (through the page cache, unsynced), and on "
+            "zarr-python's own codec pipeline (the baseline, through the page cache).",
             _table(
                 [
                     "cores",
                     "unthrottled, decoded",
+                    "through the page cache",
                     "no fsync",
                     "zarr-python's pipeline",
                     "paced, decoded",
@@ -445,6 +447,11 @@ def _rate(r: dict[str, Any]) -> str:
             + ", ".join(
                 f"{ratio:.2f}× on {cores} core{'s' if int(cores) > 1 else ''}"
                 for cores, ratio in sorted(rate["zarrs_over_zarr_python"].items())
+            )
+            + "; written past the page cache against through it: "
+            + ", ".join(
+                f"{ratio:.2f}× on {cores} core{'s' if int(cores) > 1 else ''}"
+                for cores, ratio in sorted(rate.get("direct_io_over_page_cache", {}).items())
             )
             + f"; fsync costs {rate['fsync_cost']:.2f}× on 2 cores. This machine's disk syncs "
             f"{step['disk_sync_mb_s']:,.0f} MB/s written sequentially, so at this compression "

@@ -38,17 +38,22 @@ def uses_zarrs(store: object) -> bool:
 
 
 @contextlib.contextmanager
-def pipeline_for(store: object, threads: int | None = None) -> Iterator[None]:
+def pipeline_for(
+    store: object, threads: int | None = None, direct_io: bool = False
+) -> Iterator[None]:
     """Open arrays of `store` inside this block to read and write them through zarrs.
 
-    `threads` caps zarrs' worker threads (default: one per core this process may use).
-    Does nothing where zarrs does not apply (`uses_zarrs`).
+    `threads` caps zarrs' worker threads (default: one per core this process may use);
+    `direct_io` has zarrs write files with O_DIRECT, past the page cache (the caller checks
+    that the file system takes it: zarrs does not fall back). Does nothing where zarrs does not
+    apply (`uses_zarrs`).
     """
     if not uses_zarrs(store):
         yield
         return
     cores = threads or _usable_cores()
-    with zarr.config.set({"codec_pipeline.path": ZARRS, "threading.max_workers": cores}):
+    settings = {"codec_pipeline.path": ZARRS, "threading.max_workers": cores}
+    with zarr.config.set(settings | {"codec_pipeline.direct_io": direct_io}):
         yield
 
 

@@ -12,7 +12,7 @@ import zarr
 from zarr.storage import LocalStore, MemoryStore
 
 from analysis import store_format as sf
-from tracer.durable import StagedShards
+from tracer.durable import DIRECT_IO_ENV, StagedShards, takes_direct_io
 
 SHAPE = (3, 2, 4, 2, 8, 8)  # step, layer, head, token, y, x
 
@@ -90,3 +90,43 @@ def test_a_store_that_is_not_a_local_folder_is_refused():
     array = root.create_array("a", shape=(1,), dtype="float32")
     with pytest.raises(TypeError, match="need a local store, got MemoryStore"):
         StagedShards(array)
+
+
+def _refuse_o_direct(monkeypatch):
+    """A file system that does not take O_DIRECT (some FUSE and network ones): open fails."""
+    real_open = os.open
+
+    def open_(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+
+
+@pytest.mark.parametrize("disk", ["direct", "refuses O_DIRECT", "switched off", "no fsync"])
+def test_synced_shards_go_past_the_page_cache_where_the_disk_takes_it(tmp_path, monkeypatch, disk):
+    if disk == "refuses O_DIRECT":
+        _refuse_o_direct(monkeypatch)
+    if disk == "switched off":
+        monkeypatch.setenv(DIRECT_IO_ENV, "0")
+    array = make_array(tmp_path / "s.zarr")
+    staged = StagedShards(array, fsync=disk != "no fsync")
+    assert staged.direct_io == (disk == "direct" and takes_direct_io(tmp_path))
+    # A shard whose size is no multiple of a page, as almost every one is: O_DIRECT pads it
+    # to whole pages, and the file is cut back to its size.
+    values = np.random.default_rng(1).random(SHAPE[1:], dtype=np.float32)
+    staged.write(0, values)
+    staged.write(2, values * 2)
+    staged.close()
+    plain = zarr.open_array(LocalStore(tmp_path / "s.zarr"), path="txt2img", mode="r")
+    np.testing.assert_array_equal(plain[0], values)
+    np.testing.assert_array_equal(plain[2], values * 2)
+    assert np.isnan(plain[1]).all()
+
+
+def test_the_direct_io_probe_leaves_nothing_and_says_no_where_refused(tmp_path, monkeypatch):
+    assert takes_direct_io(tmp_path) == hasattr(os, "O_DIRECT")  # ext4 and tmpfs take it
+    _refuse_o_direct(monkeypatch)
+    assert takes_direct_io(tmp_path) is False
+    assert list(tmp_path.iterdir()) == []
