@@ -35,7 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import mmap
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -79,15 +81,22 @@ def _demo_maps(path: Path) -> dict[str, Any]:
 
 
 def disk_sync_mb_s(folder: Path, megabytes: int = 1024) -> float:
-    """This disk's sequential write rate with fsync: the ceiling for durable steps here."""
-    block = os.urandom(2**20)
+    """This disk's sequential write rate with fsync, written as the writer writes synced shards
+    (past the page cache where the file system takes it): the ceiling for durable steps here."""
+    from tracer.durable import takes_direct_io
+
+    block = mmap.mmap(-1, 2**20)  # page-aligned, as O_DIRECT asks
+    block.write(os.urandom(2**20))
     path = folder / "disk-rate.bin"
+    direct = os.O_DIRECT if takes_direct_io(folder) else 0
     start = time.perf_counter()
-    with open(path, "wb") as file:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o600)
+    try:
         for _ in range(megabytes):
-            file.write(block)
-        file.flush()
-        os.fsync(file.fileno())
+            os.write(descriptor, block)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
     seconds = time.perf_counter() - start
     path.unlink()
     return megabytes * 2**20 / seconds / 1e6
@@ -145,7 +154,9 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
         )
         attrs = {fmt.STATUS: fmt.RECORDING, fmt.STEPS_COMPLETE: [], fmt.TEXT_LEN: 512}
         results = {}
-        variants = (("paced", period, True), ("unthrottled", 0.0, True))
+        # The unthrottled run twice, the faster kept: other jobs on the shared cores only ever
+        # slow a run down, and the 1 -> 2 core scaling compounds in the projection.
+        variants = (("paced", period, True), ("unthrottled", 0.0, True), ("unthrottled", 0.0, True))
         if not tuned:
             variants += (
                 (BUFFERED, 0.0, True),
@@ -158,6 +169,7 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
             # Synced shards are written past the page cache (O_DIRECT) but here.
             os.environ[DIRECT_IO_ENV] = "0" if name == BUFFERED else "1"
             store = workdir / f"{name}.zarr"
+            shutil.rmtree(store, ignore_errors=True)
             created = time.perf_counter()
             # The maps arrive rounded, as from the GPU (rounded there before the copy), so the
             # writer is not asked to round them again on the host.
@@ -165,7 +177,7 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
             writer = TraceWriter(
                 group, directions=list(fmt.DIRECTIONS), n_layers=LAYERS, fsync=fsync
             )
-            waited, start = 0.0, time.perf_counter()
+            waited, start, cpu = 0.0, time.perf_counter(), time.process_time()
             for step in range(steps):
                 due = start + step * pace
                 time.sleep(max(0.0, due - time.perf_counter()))
@@ -177,14 +189,18 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
             writer.close()
             elapsed = time.perf_counter() - start
             step_bytes = 2 * LAYERS * HEADS * TOKEN_ROWS * GRID[0] * GRID[1] * 4
-            results[name] = {
+            measured = {
                 "seconds": elapsed,
                 "decoded_mb_s": steps * step_bytes / elapsed / 1e6,
                 "put_wait_seconds": waited,
+                # Every thread of the process: the puts' copies, encoding, writing, syncing.
+                "cpu_seconds": time.process_time() - cpu,
                 "create_seconds": start - created,
                 "close_seconds": time.perf_counter() - last_put,
                 "stored_bytes": sum(p.stat().st_size for p in store.rglob("*") if p.is_file()),
             }
+            if name not in results or measured["seconds"] < results[name]["seconds"]:
+                results[name] = measured
         disk = disk_sync_mb_s(workdir)
     return {
         "cores": cores,
@@ -223,6 +239,10 @@ def project(by_cores: dict[int, dict[str, Any]]) -> dict[str, Any]:
         },
     }
     out |= _projected(one, scaling, step_bytes)
+    out |= _by_cpu_time(by_cores[1], step_bytes)
+    single = by_cores[1]["unthrottled"]
+    stored_per_decoded = single["stored_bytes"] / (by_cores[1]["steps"] * step_bytes)
+    out["disk_mb_s_needed_at_h100"] = out["needed_mb_s_at_h100"] * stored_per_decoded
     if all("tuned" in runs for runs in by_cores.values()):
         one_tuned = by_cores[1]["tuned"]["unthrottled"]["decoded_mb_s"]
         scaling_tuned = by_cores[2]["tuned"]["unthrottled"]["decoded_mb_s"] / one_tuned
@@ -230,7 +250,25 @@ def project(by_cores: dict[int, dict[str, Any]]) -> dict[str, Any]:
             "decoded_mb_s_per_core": one_tuned,
             "scaling_1_to_2_cores": scaling_tuned,
         } | _projected(one_tuned, scaling_tuned, step_bytes)
+        out["tuned"] |= _by_cpu_time(
+            by_cores[1]["tuned"] | {"steps": by_cores[1]["steps"]}, step_bytes
+        )
     return out
+
+
+def _by_cpu_time(one_core: dict[str, Any], step_bytes: int) -> dict[str, float]:
+    """Without the disk: the host CPU time a decoded GB costs (one core, unthrottled), so the
+    cores that keep up with an H100 if they scale perfectly and the disk keeps up."""
+    run = one_core["unthrottled"]
+    cpu_per_mb = run["cpu_seconds"] / (one_core["steps"] * step_bytes / 1e6)
+    cores_needed = cpu_per_mb * step_bytes / H100_STEP_SECONDS / 1e6
+    return {
+        "cpu_seconds_per_decoded_gb": cpu_per_mb * 1e3,
+        "cores_needed_at_h100": cores_needed,
+    } | {
+        f"projected_ratio_h100_{host}_cores_by_cpu_time": max(1.0, cores_needed / host)
+        for host in HOSTS
+    }
 
 
 def _projected(one: float, scaling: float, step_bytes: int) -> dict[str, float]:
