@@ -7,7 +7,9 @@ v3 library) decodes on a pool of threads and checks each chunk's CRC32C, partial
 shard included (zarrs 0.2.3, which writes the maps, skips that check there). It reads the
 format's own codecs (Zarr v3 spec codecs only), and NumPy arrays come back.
 
-Local folders only (zarr's LocalStore). Stores behind fsspec URLs (S3, ...) and arrays
+Local folders only (zarr's LocalStore), and reads of more than one stored chunk
+(`trust.CheckedArray`): one map, as the CLI and the viewer draw, reads as fast through
+zarr-python without TensorStore's import. Stores behind fsspec URLs (S3, ...) and arrays
 TensorStore does not open (stores written before the format stated its bit rounding as an
 attribute carry a `numcodecs.bitround` filter) read through zarr-python, which checks them too.
 """

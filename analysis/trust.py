@@ -596,16 +596,26 @@ class CheckedArray:
 
     def _read(self, key: Any, found: tuple[list[slice], list[bool]] | None) -> Any:
         """The values at `key`: through the reader where the key is a box (slices of step 1,
-        ints) and the reader opens the array, else through zarr."""
+        ints) of more than one stored chunk and the reader opens the array, else through zarr.
+
+        One chunk (a map, as the CLI and the viewer draw) reads as fast through zarr, without
+        the reader's import (TensorStore: half a second)."""
         box = found[0] if found else None
         if (
             self.reader is None
             or box is None
             or any(s.step != 1 or s.start > s.stop for s in box)
+            or self._within_one_chunk(box)
             or not self.reader.opens()
         ):
             return self.array[key]
         return self.reader.read(box)[tuple(0 if d else slice(None) for d in found[1])]
+
+    def _within_one_chunk(self, box: Sequence[slice]) -> bool:
+        return all(
+            s.stop <= s.start or s.start // c == (s.stop - 1) // c
+            for s, c in zip(box, self.chunk_grid(), strict=True)
+        )
 
     def _computed(
         self, values: np.ndarray, row: int, region: Sequence[slice], dropped: Sequence[bool]

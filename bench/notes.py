@@ -220,9 +220,11 @@ def _analysis(r: dict[str, Any]) -> str:
         f"**Time to first heatmap ({c['one_map_seconds']:.2f} s).** Reading one map is a few "
         f"milliseconds; a cold interpreter that imports the CLI (xarray, dask, zarr, "
         f"matplotlib, seaborn) and exits takes {c['help_seconds']:.2f} s of it, opening the "
-        "store's metadata, importing TensorStore at the first read of maps (about half a "
-        "second, most of it ml_dtypes registering its NumPy types) and drawing the figure the "
-        "rest."
+        "store's metadata and drawing the figure the rest. A span's map is read with the "
+        "rest of its dask chunk (a few layers, every head and token row of its step), through "
+        "TensorStore, which takes about half a second to import (most of it ml_dtypes "
+        "registering its NumPy types); a read within one stored chunk (a token row's map, as "
+        "the viewer reads when scrubbing) goes through zarr-python and imports nothing more."
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -213,6 +215,22 @@ def test_maps_are_read_through_readers_that_check_every_chunk(store):
     np.testing.assert_array_equal(local[key], plain[key])
     assert local.reader.opens()  # the values above came through TensorStore
     np.testing.assert_array_equal(url[key], plain[key])
+
+
+def test_one_map_is_read_without_importing_tensorstore(store):
+    """A read within one stored chunk (one map, as the CLI and viewer draw) goes through
+    zarr-python, sparing TensorStore's half-second import; a read of several goes through it."""
+    path, _ = store
+    script = (
+        "import sys, analysis\n"
+        f"ds = analysis.open_trace({str(path)!r}, tokens=True)\n"
+        "ds.txt2img.isel(step=1, layer=0, token=2).values\n"
+        "print('tensorstore' in sys.modules)\n"
+        "ds.txt2img.isel(step=1, layer=0).values\n"
+        "print('tensorstore' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
 
 
 def test_maps_stored_with_the_old_bitround_filter_read_through_zarr_python(make_store):
