@@ -8,10 +8,11 @@ shard included (zarrs 0.2.3, which writes the maps, skips that check there). It 
 format's own codecs (Zarr v3 spec codecs only), and NumPy arrays come back.
 
 Local folders only (zarr's LocalStore), and reads of more than one stored chunk
-(`trust.CheckedArray`): one map, as the CLI and the viewer draw, reads as fast through
-zarr-python without TensorStore's import. Stores behind fsspec URLs (S3, ...) and arrays
-TensorStore does not open (stores written before the format stated its bit rounding as an
-attribute carry a `numcodecs.bitround` filter) read through zarr-python, which checks them too.
+(`trust.CheckedArray`): a token row's map of one step and layer, as the viewer reads while
+scrubbing, reads as fast through zarr-python, without TensorStore's import. Stores behind
+fsspec URLs (S3, ...) and arrays TensorStore does not open (stores written before the format
+stated its bit rounding as an attribute carry a `numcodecs.bitround` filter) read through
+zarr-python, which checks them too.
 """
 
 from __future__ import annotations

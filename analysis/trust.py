@@ -598,8 +598,8 @@ class CheckedArray:
         """The values at `key`: through the reader where the key is a box (slices of step 1,
         ints) of more than one stored chunk and the reader opens the array, else through zarr.
 
-        One chunk (a map, as the CLI and the viewer draw) reads as fast through zarr, without
-        the reader's import (TensorStore: half a second)."""
+        One chunk (a token row's map of one step and layer, as the viewer reads while scrubbing)
+        reads as fast through zarr, without the reader's import (TensorStore: half a second)."""
         box = found[0] if found else None
         if (
             self.reader is None
