@@ -250,9 +250,7 @@ def project(by_cores: dict[int, dict[str, Any]]) -> dict[str, Any]:
             "decoded_mb_s_per_core": one_tuned,
             "scaling_1_to_2_cores": scaling_tuned,
         } | _projected(one_tuned, scaling_tuned, step_bytes)
-        out["tuned"] |= _by_cpu_time(
-            by_cores[1]["tuned"] | {"steps": by_cores[1]["steps"]}, step_bytes
-        )
+        out["tuned"] |= _by_cpu_time(by_cores[1]["tuned"], step_bytes)
     return out
 
 
