@@ -42,8 +42,11 @@ def _overhead(r: dict[str, Any], main: str) -> str:
         "queries against the text keys, summed per row; run on one thread because on shared "
         "cores small ops spread over OpenMP threads spend more time at barriers than "
         "computing;",
-        f"- creating the run group: {b.get('start_run', math.nan):.2f} s once per run (a dozen "
-        "small Zarr objects: metadata and coordinates);",
+        f"- starting the run: {b.get('start_run', math.nan):.3f} s once per run, on the "
+        "generation's thread (claiming its name, starting the writer). The writer's thread "
+        f"lays the run group down during the first step ({b.get('lay_down', math.nan):.3f} s: "
+        "a dozen small Zarr objects, metadata and coordinates), so that overlaps the model; on "
+        "these two shared cores it still takes CPU time from it;",
         f"- the writer's compression and writes: {b.get('writer_step', math.nan):.2f} s of "
         "thread time in all, beside the generation, of which the last step's write is "
         "waited for at the end (a step is durable when the call returns). Its threads fill "
@@ -58,7 +61,7 @@ def _overhead(r: dict[str, Any], main: str) -> str:
         added = b.get("capture", 0.0) + b.get("start_run", 0.0)
         walls = over["ratios"]["attnscope"]["wall"]
         text.append(
-            f"The work that cannot overlap the model (capture and run creation) is {added:.2f} s, "
+            f"The work on the generation's thread (capture, starting the run) is {added:.2f} s, "
             f"{added / untraced:.1%} of the untraced time; the pairs' ratios ranged "
             f"{min(walls):.2f} to {max(walls):.2f} with the load of other jobs on the cores, and "
             f"the CPU-time ratio, less sensitive to it, is {over['cpu_ratio']['attnscope']:.3f}."

@@ -107,8 +107,9 @@ def measure(geometry: dict[str, Any], pairs: dict[str, int]) -> dict[str, Any]:
 def _timing_parts() -> Iterator[dict[str, float]]:
     """Seconds spent in the tracer's parts during one traced generation (wrapped functions).
 
-    `start_run` (creating the run group), `capture` (the capture math, on the generation's
-    thread), `writer_put`, and `writer_step` (compressing and writing a step's shards, on the
+    `start_run` (starting a run on the generation's thread: its name, the writer), `lay_down`
+    (laying the run group down, on the writer's thread during the first step), `capture` (the
+    capture math, on the generation's thread), `writer_put`, and `writer_step` (compressing and writing a step's shards, on the
     writer's store threads, in parallel with the generation: thread-seconds, summed).
     """
     import tracer.durable as durable
@@ -118,6 +119,7 @@ def _timing_parts() -> Iterator[dict[str, float]]:
     parts: dict[str, float] = {}
     targets = [
         (session.Recorder, "_start_run", "start_run"),
+        (session, "lay_down_run", "lay_down"),
         (session, "attention_maps", "capture"),
         (writer.TraceWriter, "put", "writer_put"),
         (durable.StagedShards, "write", "writer_step"),

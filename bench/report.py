@@ -200,7 +200,7 @@ def _writer_rows(r: dict[str, Any]) -> list[list[str]]:
     projected = tuned["projected_ratio_h100_16_cores"]
     by_cpu = tuned["projected_ratio_h100_16_cores_by_cpu_time"]
     limit = TARGETS["writer_projected_ratio"]
-    laying = rate["create_run_ms"]
+    starting = rate["start_run_ms"]
     return [
         [
             f"{where}: decoded MB/s on one core",
@@ -223,10 +223,11 @@ def _writer_rows(r: dict[str, Any]) -> list[list[str]]:
             else f"per doubling {_ok(projected <= limit)}, by CPU time {_ok(by_cpu <= limit)}",
         ],
         [
-            "laying down a run (store, run group, writer), before its first step",
+            "starting a run on the generation's thread (claim, writer; the run laid down during "
+            "its first step)",
             f"≤ {TARGETS['run_fixed_ms']:.0f} ms",
-            f"{laying:.0f} ms",
-            _ok(laying <= TARGETS["run_fixed_ms"]),
+            f"{starting:.0f} ms",
+            _ok(starting <= TARGETS["run_fixed_ms"]),
         ],
     ]
 
@@ -475,7 +476,8 @@ def _rate(r: dict[str, Any]) -> str:
                     *(f"{o['decoded_mb_s']:,.0f} MB/s" if o else "—" for o in others),
                     f"{paced['decoded_mb_s']:,.0f} MB/s",
                     f"{paced['put_wait_seconds']:.1f} s of {paced['seconds']:.1f} s",
-                    f"{paced['create_seconds'] * 1e3:,.0f} ms / {paced['close_seconds']:.1f} s",
+                    f"{paced['start_seconds'] * 1e3:,.0f} ms / "
+                    f"{paced['laid_down_seconds'] * 1e3:,.0f} ms / {paced['close_seconds']:.1f} s",
                 ]
             )
     step = next(iter(rate["runs"].values()))
@@ -506,7 +508,7 @@ def _rate(r: dict[str, Any]) -> str:
                     "zarr-python's pipeline",
                     "paced, decoded",
                     "generation waited in put()",
-                    "laying down the run / flush after the last step",
+                    "starting the run / laying it down, meanwhile / flush after the last step",
                 ],
                 rows,
             ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import inspect
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,9 +31,9 @@ from tracer.spans import (
     token_rows,
     word_occurrences,
 )
-from tracer.store import create_run, open_store, write_variable
+from tracer.store import claim_run, lay_down_run, open_store, write_variable
 from tracer.tap import AttentionCall, AttentionTap
-from tracer.writer import TraceWriter
+from tracer.writer import RunPlan, TraceWriter
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,7 @@ class _Run:
     spans: list[Span]
     rows: list[fmt.TokenRow] = field(default_factory=list)
     name: str | None = None
-    group: zarr.Group | None = None
-    writer: TraceWriter | None = None
+    writer: TraceWriter | None = None  # the run's group is its writer's `run`, once laid down
     timesteps: np.ndarray | None = None
     step_positions: dict[int, int] = field(default_factory=dict)  # step -> position in store
     members: torch.Tensor | None = None
@@ -224,27 +224,27 @@ class Recorder:
         )
         try:
             output = call(pipe, *args, **kwargs)
-            if run.group is None:
+            if run.writer is None:
                 raise TapError("the pipeline never called its denoiser: nothing was recorded")
             self._finish_step(run)
             run.writer.close()
             self._show_progress(run, final=True)
+            group = run.writer.run
             image = self.adapter.image(output)
             if image is not None:
-                write_variable(run.group, "image", fmt.image_variable(image))
-            run.group.attrs.update({fmt.STATUS: fmt.COMPLETE, fmt.LSE_USED: self._lse_used(run)})
+                write_variable(group, "image", fmt.image_variable(image))
+            group.attrs.update({fmt.STATUS: fmt.COMPLETE, fmt.LSE_USED: self._lse_used(run)})
             return output
         except BaseException as error:
-            if run.group is not None:
+            if run.writer is not None:
                 # Keep every step captured whole before the error; drop the one in progress.
                 # An interrupt (Ctrl-C) stops at once instead.
-                if run.writer is not None:
-                    stop = run.writer.close if isinstance(error, Exception) else run.writer.abort
-                    with contextlib.suppress(Exception):
-                        stop()
+                stop = run.writer.close if isinstance(error, Exception) else run.writer.abort
+                with contextlib.suppress(Exception):
+                    stop()
                 if isinstance(error, KeyboardInterrupt):
                     reason = f"interrupted at step {run.step}"
-                    kept = run.writer.steps_complete if run.writer is not None else []
+                    kept = run.writer.steps_complete
                     error.add_note(
                         f"{run.name} in {self.path} is marked failed: {reason}; the "
                         f"{len(kept)} steps complete before it are kept"
@@ -252,7 +252,10 @@ class Recorder:
                 else:
                     reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
                 try:
-                    run.group.attrs.update(
+                    # Without the writer's group (laying the run down failed part way), the
+                    # group as far as it was written.
+                    group = run.writer.run or zarr.open_group(self.path, path=run.name, mode="r+")
+                    group.attrs.update(
                         {fmt.STATUS: fmt.failed(reason), fmt.LSE_USED: self._lse_used(run)}
                     )
                 except Exception as status_error:
@@ -300,16 +303,12 @@ class Recorder:
             grid=call.grid,
         )
         attrs = self._run_attrs(run, call, steps)
-        run.name, run.group = create_run(
-            self.path, coords, attrs, self.directions, self.options.keepbits
-        )
+        run.name = claim_run(self.path)
         self.runs.append(run.name)
-        generation = run.generation
-        if generation.entity_masks is not None:
-            masks = fmt.entity_mask_variable(generation.entity_masks, generation.entity_names)
-            write_variable(run.group, "entity_mask", masks)
+        # The run's metadata is laid down on the writer's thread, during the first step.
+        lay_down = functools.partial(self._lay_down, run.name, coords, attrs, run.generation)
         run.writer = TraceWriter(
-            run.group,
+            RunPlan(coords, self.options.keepbits, lay_down),
             directions=list(self.directions),
             n_layers=len(self.layers),
             max_pending=self.options.max_pending_steps,
@@ -328,6 +327,16 @@ class Recorder:
             disable=not self.options.progress,
             leave=False,
         )
+
+    def _lay_down(
+        self, name: str, coords: dict[str, Any], attrs: dict[str, Any], generation: Generation
+    ) -> zarr.Group:
+        """The run group of claimed run `name`, with its coordinates and entity masks."""
+        group = lay_down_run(self.path, name, coords, attrs, self.directions, self.options.keepbits)
+        if generation.entity_masks is not None:
+            masks = fmt.entity_mask_variable(generation.entity_masks, generation.entity_names)
+            write_variable(group, "entity_mask", masks)
+        return group
 
     def _rows(self, run: _Run, text_len: int) -> list[fmt.TokenRow]:
         """Token rows: every token, padding runs summed, except what keep_tokens or a named
@@ -376,7 +385,7 @@ class Recorder:
         run = self._run
         if run is None:
             return
-        if run.group is None:
+        if run.writer is None:
             self._start_run(run, call)
         step = int(np.argmin(np.abs(run.timesteps - call.timestep)))
         # With true CFG the denoiser runs twice per step, the conditional branch first.

@@ -135,6 +135,16 @@ def create_run(
 ) -> tuple[str, zarr.Group]:
     """Lay down a new run group (metadata and coordinates) and return its name and group."""
     objects = _run_objects(coords, attrs, directions, keepbits)
+    name = claim_run(path)
+    return name, _put_run(path, name, objects)
+
+
+def claim_run(path: str) -> str:
+    """Claim the next free run name of the store at `path`, for `lay_down_run` to fill.
+
+    Until the run is laid down, a reader sees no run there (local folder) or a run being recorded
+    with no variables yet (object store).
+    """
     root = open_store(path)
     folder = _local(path)
     index = _next_index(root)
@@ -145,12 +155,28 @@ def create_run(
                 (folder / name).mkdir()  # the claim: fails if another recorder took the name
             else:
                 _claim_url(path, name)
-            break
+            return name
         except FileExistsError:
             # Another recorder took this name first: take the next one.
             index += 1
+
+
+def lay_down_run(
+    path: str,
+    name: str,
+    coords: Mapping[str, Any],
+    attrs: Mapping[str, Any],
+    directions: Sequence[str],
+    keepbits: int | None,
+) -> zarr.Group:
+    """Write the metadata and coordinates of run `name` (claimed by `claim_run`); its group."""
+    return _put_run(path, name, _run_objects(coords, attrs, directions, keepbits))
+
+
+def _put_run(path: str, name: str, objects: Mapping[str, Buffer]) -> zarr.Group:
+    root = zarr.open_group(path, mode="r+", zarr_format=3)
     sync(_put_objects(root.store, name, objects))
-    return name, zarr.open_group(path, path=name, mode="r+")
+    return zarr.open_group(path, path=name, mode="r+")
 
 
 def _run_objects(

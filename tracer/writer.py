@@ -10,6 +10,10 @@ list the step in the run's `steps_complete` attribute (and, on a local disk, syn
 step that is listed is intact whatever happens next, kill -9 and power loss included: every object
 reaches its key whole, by a rename.
 
+Given a `RunPlan` instead of a run group, the writer lays the run down on its own thread first,
+while `put()` already takes the first step's maps: a run's metadata costs the generation's
+thread nothing but claiming its name (tracer.store.claim_run).
+
 Memory and backpressure: at most `max_pending` steps are accepted and not yet durable. Each owns
 one host buffer per direction (`[L, H, T, Y, X]` float32, pinned when CUDA is available) taken
 from a pool of `max_pending`, reused from step to step. `put()` for a new step waits while all of
@@ -36,7 +40,7 @@ import operator
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +57,7 @@ from tracer.durable import StagedShards, sync_file
 from tracer.rounding import bitround_
 from tracer.zarr_pipeline import pipeline_for
 
-__all__ = ["Progress", "TraceWriter", "WriterError"]
+__all__ = ["Progress", "RunPlan", "TraceWriter", "WriterError"]
 
 
 @dataclass(eq=False)
@@ -88,20 +92,35 @@ class Progress:
     decoded_mb_s: float  # decoded MB made durable per second since the first put()
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """A run not laid down yet: what a writer needs to take maps before its group exists.
+
+    `coords` are the run's coordinates (`store_format.run_coords`), `keepbits` the rounding its
+    maps get, and `lay_down()` writes the run group and returns it, opened writable. The writer
+    calls it on its own thread, so laying a run down overlaps the generation's first step.
+    """
+
+    coords: Mapping[str, Any]
+    keepbits: int | None
+    lay_down: Callable[[], zarr.Group]
+
+
 class TraceWriter:
     """Writes the attention maps of one run, step by step, from a background thread.
 
-    `run` is the run group opened writable, with its attention arrays already laid down (the
-    skeleton from `store_format.run_skeleton`, written with `compute=False`). `directions` are
-    the variables to fill, `n_layers` the recorded layers per step (the arrays' `layer` size),
-    and `max_pending` how many whole steps may be buffered or in flight before `put()` blocks.
-    `fsync=False` skips syncing to the disk (a listed step then survives a crash of the process,
-    not of the machine).
+    `run` is either the run group opened writable, with its attention arrays already laid down
+    (the skeleton from `store_format.run_skeleton`, written with `compute=False`), or a
+    `RunPlan`, which the writer lays down on its own thread while `put()` already takes maps.
+    `directions` are the variables to fill, `n_layers` the recorded layers per step (the arrays'
+    `layer` size), and `max_pending` how many whole steps may be buffered or in flight before
+    `put()` blocks. `fsync=False` skips syncing to the disk (a listed step then survives a crash
+    of the process, not of the machine).
     """
 
     def __init__(
         self,
-        run: zarr.Group,
+        run: zarr.Group | RunPlan,
         *,
         directions: Sequence[str],
         n_layers: int,
@@ -115,62 +134,41 @@ class TraceWriter:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
-        if run.read_only:
-            raise ValueError(f"run group {run.path!r} is open read-only; open it with mode='r+'")
-
-        arrays: dict[str, zarr.Array] = {}
-        # Runs recorded before rounding moved here carry a numcodecs codec (quiet_zarr); the
-        # arrays are opened for zarrs, which encodes a step's chunks on all cores.
-        with sf.quiet_zarr(), pipeline_for(run.store):
-            for name in directions:
-                if name not in run.array_keys():
-                    raise ValueError(
-                        f"run group {run.path!r} has no {name!r} array (arrays: "
-                        f"{sorted(run.array_keys())}); write the run skeleton first"
-                    )
-                arrays[name] = run[name]
-        shapes = {name: tuple(array.shape) for name, array in arrays.items()}
-        first = shapes[directions[0]]
-        ranks = (len(sf.DIMS), len(sf.VIDEO_DIMS))
-        if any(len(s) not in ranks for s in shapes.values()) or len(set(shapes.values())) > 1:
-            raise ValueError(
-                f"attention arrays must share one shape, {sf.DIMS} or {sf.VIDEO_DIMS}, got {shapes}"
-            )
-        n_steps, layers_in_store, n_head, n_token, *cells = first
-        if layers_in_store != n_layers:
-            raise ValueError(
-                f"n_layers={n_layers} but the run's arrays hold {layers_in_store} layers"
-            )
-
-        self._run = run
-        self._arrays = arrays
-        # On a local disk each step's shard is staged, synced and renamed into place, and the
-        # listing synced after it (tracer.durable); other stores write through zarr.
-        self._local = isinstance(run.store, LocalStore)
-        self._fsync = fsync
-        self._staged = (
-            {name: StagedShards(array, fsync=fsync) for name, array in arrays.items()}
-            if self._local
-            else {}
-        )
-        # The rounding each variable's values carry (its `keepbits` attribute): done here, on
-        # the maps' own device before they are copied (tracer.rounding).
-        self._keepbits = {name: sf.check_keepbits(sf.keepbits_of(a)) for name, a in arrays.items()}
         self._directions = directions
-        self._n_steps = n_steps
         self._n_layers = n_layers
         self._max_pending = max_pending
-        # A map's latent cells, (frame,) y, x, arrive flattened, row-major.
-        self._map_shape = (n_head, n_token, math.prod(cells))
-        self._step_shape = (n_layers, n_head, n_token, *cells)
-        # Steps are listed by their coordinate value (the format's contract), read once here.
-        self._step_values = [int(v) for v in run["step"][:]]
-        self._layer_names = [str(v) for v in run["layer"][:]]
-        if len(self._step_values) != n_steps:
-            raise ValueError(
-                f"the run's step coordinate has {len(self._step_values)} values but its arrays "
-                f"{n_steps} steps"
-            )
+        self._fsync = fsync
+        # Set once the run group is open (_open): here, or on the worker thread for a plan.
+        self._run: zarr.Group | None = None
+        self._arrays: dict[str, zarr.Array] = {}
+        self._staged: dict[str, StagedShards] = {}
+        self._plan = run if isinstance(run, RunPlan) else None
+        if self._plan is None:
+            if run.read_only:
+                raise ValueError(
+                    f"run group {run.path!r} is open read-only; open it with mode='r+'"
+                )
+            self._open(run)
+            # Steps are listed by their coordinate value (the format's contract), read once.
+            steps = [int(v) for v in run["step"][:]]
+            layers = [str(v) for v in run["layer"][:]]
+            keepbits = {name: sf.keepbits_of(a) for name, a in self._arrays.items()}
+            listed = [int(v) for v in run.attrs.get(sf.STEPS_COMPLETE, [])]
+            skipped = [list(p) for p in run.attrs.get(sf.SKIPPED, [])]
+        else:
+            coords = self._plan.coords
+            steps = [int(v) for v in coords["step"]]
+            layers = [str(v) for v in coords["layer"]]
+            keepbits = dict.fromkeys(directions, self._plan.keepbits)
+            listed, skipped = [], []
+            dims = sf.attention_dims(coords)
+            self._check_shape(tuple(len(coords[d]) for d in dims), len(steps), "the plan's")
+        # The rounding each variable's values carry (its `keepbits` attribute): done here, on
+        # the maps' own device before they are copied (tracer.rounding).
+        self._keepbits = {name: sf.check_keepbits(bits) for name, bits in keepbits.items()}
+        self._step_values = steps
+        self._layer_names = layers
+        self._n_steps = len(steps)
         # Pinned host memory is what lets a device->host copy run asynchronously.
         self._pin = torch.cuda.is_available()
 
@@ -180,8 +178,8 @@ class TraceWriter:
         self._free: list[dict[str, torch.Tensor]] = []  # host buffers ready for reuse
         self._buffers_allocated = 0
         self._seen: set[tuple[int, int]] = set()
-        self._listed: list[int] = [int(v) for v in run.attrs.get(sf.STEPS_COMPLETE, [])]
-        self._skipped: list[list[Any]] = [list(p) for p in run.attrs.get(sf.SKIPPED, [])]
+        self._listed: list[int] = listed
+        self._skipped: list[list[Any]] = skipped
         self._durable: list[int] = []  # positions made durable by this writer, in order
         self._first_put: float | None = None  # time.perf_counter() of the first put()
         self._error: WriterError | None = None
@@ -196,14 +194,72 @@ class TraceWriter:
             len(directions) * max_pending, thread_name_prefix="attnscope-store"
         )
         self._stored: queue.SimpleQueue[Any] = queue.SimpleQueue()  # (slot, futures), in order
-        self._thread = threading.Thread(
-            target=self._work, name=f"attnscope-writer-{run.path}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._work, name="attnscope-writer", daemon=True)
         self._lister = threading.Thread(
-            target=self._list_steps, name=f"attnscope-lister-{run.path}", daemon=True
+            target=self._list_steps, name="attnscope-lister", daemon=True
         )
         self._thread.start()
         self._lister.start()
+
+    def _open(self, run: zarr.Group) -> None:
+        """Open the run's attention arrays for writing, checked against what put() expects."""
+        arrays: dict[str, zarr.Array] = {}
+        # Runs recorded before rounding moved here carry a numcodecs codec (quiet_zarr); the
+        # arrays are opened for zarrs, which encodes a step's chunks on all cores.
+        with sf.quiet_zarr(), pipeline_for(run.store):
+            for name in self._directions:
+                if name not in run.array_keys():
+                    raise ValueError(
+                        f"run group {run.path!r} has no {name!r} array (arrays: "
+                        f"{sorted(run.array_keys())}); write the run skeleton first"
+                    )
+                arrays[name] = run[name]
+        shapes = {name: tuple(array.shape) for name, array in arrays.items()}
+        ranks = (len(sf.DIMS), len(sf.VIDEO_DIMS))
+        if any(len(s) not in ranks for s in shapes.values()) or len(set(shapes.values())) > 1:
+            raise ValueError(
+                f"attention arrays must share one shape, {sf.DIMS} or {sf.VIDEO_DIMS}, got {shapes}"
+            )
+        n_steps = run["step"].shape[0]
+        if self._plan is not None and shapes[self._directions[0]] != self._step_shape_in_store:
+            raise ValueError(
+                f"the run laid down has attention arrays of shape {shapes[self._directions[0]]}, "
+                f"but its plan's coordinates give {self._step_shape_in_store}"
+            )
+        self._check_shape(shapes[self._directions[0]], n_steps, "the run's")
+        # On a local disk each step's shard is staged, synced and renamed into place, and the
+        # listing synced after it (tracer.durable); other stores write through zarr.
+        self._local = isinstance(run.store, LocalStore)
+        self._staged = (
+            {name: StagedShards(array, fsync=self._fsync) for name, array in arrays.items()}
+            if self._local
+            else {}
+        )
+        self._arrays = arrays
+        self._run = run
+
+    def _check_shape(self, shape: tuple[int, ...], n_steps: int, whose: str) -> None:
+        """Take the attention arrays' shape `(step, layer, head, token, (frame,) y, x)`."""
+        steps_in_store, layers_in_store, n_head, n_token, *cells = shape
+        if layers_in_store != self._n_layers:
+            raise ValueError(
+                f"n_layers={self._n_layers} but {whose} arrays hold {layers_in_store} layers"
+            )
+        if n_steps != steps_in_store:
+            raise ValueError(
+                f"{whose} step coordinate has {n_steps} values but its arrays "
+                f"{steps_in_store} steps"
+            )
+        self._step_shape_in_store = shape
+        # A map's latent cells, (frame,) y, x, arrive flattened, row-major.
+        self._map_shape = (n_head, n_token, math.prod(cells))
+        self._step_shape = (self._n_layers, n_head, n_token, *cells)
+
+    @property
+    def run(self) -> zarr.Group | None:
+        """The run group, once laid down: write run attributes through it (see the module's
+        threading contract). None while a plan is being laid down, or if that failed."""
+        return self._run
 
     # ----------------------------------------------------------------------------- foreground
 
@@ -468,6 +524,8 @@ class TraceWriter:
     def _work(self) -> None:
         step_pos: int | None = None
         try:
+            if self._plan is not None and not self._lay_down():
+                return
             while True:
                 item = self._queue.get()
                 if item is _STOP or self._aborted or self._error is not None:
@@ -479,6 +537,19 @@ class TraceWriter:
             self._fail_at(step_pos, exc)
         finally:
             self._stored.put(_STOP)  # the lister lists what was handed over, then ends
+
+    def _lay_down(self) -> bool:
+        """Lay the planned run down; False (the failure recorded) if that failed. Maps put
+        meanwhile wait in the queue, in their step buffers."""
+        try:
+            run = self._plan.lay_down()
+            if run.read_only:
+                raise ValueError(f"run group {run.path!r} was laid down read-only")
+            self._open(run)
+        except BaseException as exc:
+            self._fail(f"laying down the run failed: {type(exc).__name__}: {exc}", exc)
+            return False
+        return True
 
     def _fail_at(self, step_pos: int | None, exc: BaseException) -> None:
         """Record an unexpected failure of a background thread, naming its step."""

@@ -274,10 +274,16 @@ def test_a_permission_error_mid_run_keeps_the_steps_before_it(server, reference,
 def test_no_space_while_laying_down_the_run_is_a_clear_error(server, tmp_path):
     store = tmp_path / "nospace.zarr"
     hook = {"key": "run-0000/txt2img/zarr.json", "mode": "fail", "errno": "ENOSPC"}
-    child = server.start(record(store), hook=hook, root=store)
+    child = server.start(record(store), hook=hook, root=store, count_steps=True)
     assert child.rc == 2, child.output
     assert_no_traceback(child.output)
     assert re.search(r"attnscope: error: record: .*No space left on device", child.output)
+    # The run is laid down on the writer's thread during the first step: the generation stops
+    # at its next put(), and the run's group, written first, says why.
+    assert 1 <= child.output.count("crashkit: denoiser call") <= 3, child.output
+    status = zarr.open_group(store, path="run-0000", mode="r").attrs[sf.STATUS]
+    assert status.startswith("failed: WriterError: laying down the run failed"), status
+    assert "No space left on device" in status
 
 
 # ----------------------------------------------------------------------- Python exceptions

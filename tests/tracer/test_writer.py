@@ -29,7 +29,7 @@ import zarr
 from zarr.storage import LocalStore, WrapperStore
 
 from analysis import store_format as sf
-from tracer.writer import Progress, TraceWriter, WriterError
+from tracer.writer import Progress, RunPlan, TraceWriter, WriterError
 
 GROUP = "run-0000"
 STEPS = (0, 2, 4, 6, 8)  # coordinate values differ from positions on purpose
@@ -87,17 +87,7 @@ def make_run(
     """Lay down a run skeleton the way the session does and open it r+, through a store
     wrapper (optionally hooked; written by zarr) or, `wrapped=False`, as the local folder the
     session opens (shards staged and renamed into place by tracer.durable)."""
-    coords = sf.run_coords(
-        steps=STEPS,
-        timesteps=[1000.0 - 100 * i for i in range(len(STEPS))],
-        sigmas=[1.0 - 0.1 * i for i in range(len(STEPS))],
-        layers=[f"transformer_blocks.{i}" for i in range(N_LAYERS - 1)]
-        + ["single_transformer_blocks.0"],
-        layer_kinds=["double"] * (N_LAYERS - 1) + ["single"],
-        heads=list(range(N_HEADS)),
-        tokens=TOKENS,
-        grid=grid,
-    )
+    coords = run_coords(grid)
     attrs = {
         sf.STATUS: sf.RECORDING,
         sf.STEPS_COMPLETE: list(steps_complete),
@@ -117,6 +107,21 @@ def make_run(
     if not wrapped:
         return zarr.open_group(LocalStore(path), path=GROUP, mode="r+")
     return zarr.open_group(HookedStore(LocalStore(path), hook), path=GROUP, mode="r+")
+
+
+def run_coords(grid: tuple[int, ...] = GRID) -> dict[str, Any]:
+    """The coordinates of every run of these tests."""
+    return sf.run_coords(
+        steps=STEPS,
+        timesteps=[1000.0 - 100 * i for i in range(len(STEPS))],
+        sigmas=[1.0 - 0.1 * i for i in range(len(STEPS))],
+        layers=[f"transformer_blocks.{i}" for i in range(N_LAYERS - 1)]
+        + ["single_transformer_blocks.0"],
+        layer_kinds=["double"] * (N_LAYERS - 1) + ["single"],
+        heads=list(range(N_HEADS)),
+        tokens=TOKENS,
+        grid=grid,
+    )
 
 
 def random_maps(rng: np.random.Generator, directions: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -241,6 +246,86 @@ def test_round_trip_scrambled(
         some = maps[order[0]][directions[0]].numpy()
         stored = ds[directions[0]].sel(step=STEPS[order[0][0]]).isel(layer=order[0][1])
         assert not np.array_equal(stored.values.reshape(MAP_SHAPE), some)
+
+
+# ------------------------------------------------------------- a run laid down by the writer
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["through zarr", "staged"])
+def test_maps_put_before_the_run_is_laid_down_are_written_once_it_is(
+    tmp_path: Path, wrapped: bool
+) -> None:
+    """With a RunPlan, put() takes whole steps (up to max_pending) while the run group does not
+    exist yet; they are written, exactly, once the writer's thread has laid it down."""
+    path = tmp_path / "t.zarr"
+    may_lay_down = threading.Event()
+
+    def lay_down() -> zarr.Group:
+        assert may_lay_down.wait(TIMEOUT)
+        return make_run(path, wrapped=wrapped)
+
+    writer = TraceWriter(
+        RunPlan(run_coords(), 9, lay_down), directions=sf.DIRECTIONS, n_layers=N_LAYERS
+    )
+    maps = all_maps(np.random.default_rng(7))
+    early = [key for key in maps if key[0] < 2]  # two whole steps: max_pending
+    for key in early:
+        writer.put(*key, maps[key])
+    assert writer.run is None and not path.exists()
+    may_lay_down.set()
+    for key in sorted(maps.keys() - set(early)):
+        writer.put(*key, maps[key])
+    thread, result = in_thread(writer.close)
+    finish(thread)
+    assert "error" not in result, result
+
+    assert writer.run is not None and writer.run.path == GROUP
+    ds = read_run(path)
+    assert ds.attrs[sf.STEPS_COMPLETE] == list(STEPS)
+    for (step_pos, layer_pos), put_maps in maps.items():
+        assert_stored(ds, step_pos, layer_pos, put_maps, keepbits=9)
+
+
+def test_a_run_that_cannot_be_laid_down_fails_put_and_close_with_its_cause(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "t.zarr"
+
+    def lay_down() -> zarr.Group:
+        raise PermissionError(errno.EACCES, "Permission denied", str(target))
+
+    writer = TraceWriter(
+        RunPlan(run_coords(), 9, lay_down), directions=sf.DIRECTIONS, n_layers=N_LAYERS
+    )
+    maps = all_maps(np.random.default_rng(8))
+
+    def put_all() -> None:
+        for key, put_maps in maps.items():
+            writer.put(*key, put_maps)
+
+    thread, result = in_thread(put_all)
+    finish(thread)  # the third step's put() would wait for a free buffer: it must not hang
+    assert isinstance(result.get("error"), WriterError), result
+    with pytest.raises(WriterError) as at_close:
+        writer.close()
+    for error in (result["error"], at_close.value):
+        assert "laying down the run failed: PermissionError" in str(error)
+        assert str(target) in str(error)
+    assert writer.run is None
+
+
+def test_a_run_laid_down_unlike_its_plan_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.zarr"
+    writer = TraceWriter(
+        RunPlan(run_coords(), 9, lambda: make_run(path, grid=(2, 5))),
+        directions=sf.DIRECTIONS,
+        n_layers=N_LAYERS,
+    )
+    with pytest.raises(WriterError) as refused:
+        writer.close()
+    message = str(refused.value)
+    assert "(5, 3, 2, 2, 2, 5)" in message and "(5, 3, 2, 2, 3, 5)" in message, message
+    assert writer.run is None
 
 
 @pytest.mark.parametrize("wrapped", [True, False], ids=["through zarr", "staged"])
