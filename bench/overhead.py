@@ -109,8 +109,9 @@ def _timing_parts() -> Iterator[dict[str, float]]:
 
     `start_run` (starting a run on the generation's thread: its name, the writer), `lay_down`
     (laying the run group down, on the writer's thread during the first step), `capture` (the
-    capture math, on the generation's thread), `writer_put`, and `writer_step` (compressing and writing a step's shards, on the
-    writer's store threads, in parallel with the generation: thread-seconds, summed).
+    capture math, on the generation's thread), `writer_put`, and `writer_step` (compressing and
+    writing a step's shards, on the writer's store threads, in parallel with the generation:
+    thread-seconds, summed).
     """
     import tracer.durable as durable
     import tracer.session as session
