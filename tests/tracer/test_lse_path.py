@@ -101,6 +101,37 @@ def test_img2txt_from_the_cpu_kernels_lse_matches_float64(dtype):
     assert_maps_close(got, reference(q[0], k[0], None, 0.125, text_len, members), rtol=rtol)
 
 
+@pytest.mark.parametrize("kind", ["none", "bool [1, N, N]", "float [1, N, N]"])
+def test_strided_inputs_and_a_broadcast_mask_are_read_in_place(kind):
+    """q and k as SDPA gets them from a [B, N, H, D] projection (heads not outermost) and a mask
+    broadcast over the query rows: the maps equal the float64 definition, and no input is copied
+    whole (a broadcast [N, N] mask would be materialised)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(4)
+    heads, dim, text_len, n_image = 2, 64, 12, 500
+    n = text_len + n_image
+    q = torch.randn(n, heads, dim, generator=gen).transpose(0, 1)
+    k = torch.randn(n, heads, dim, generator=gen).transpose(0, 1)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    members = members_for(gen, 3, text_len)
+    keys = torch.rand(n, generator=gen) < 0.8
+    keys[[0, text_len]] = True  # every row keeps a key
+    mask = None
+    if kind != "none":
+        bias = torch.randn(n, generator=gen)
+        row = keys if kind.startswith("bool") else torch.where(keys, bias, NEG_INF)
+        mask = row.expand(1, n, n)
+    lse = exact_lse(q, k, mask, 0.3).float()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        got = attention_maps(
+            q, k, mask=mask, scale=0.3, text_len=text_len, span_members=members, lse=lse
+        )
+    assert_maps_close(got, reference(q, k, mask, 0.3, text_len, members))
+    whole_mask = n * n  # bytes of a bool [N, N]: the smallest input copied whole
+    assert max(allocation_sizes(prof)) < min(whole_mask, q.numel() * 4)
+
+
 def test_lse_of_minus_infinity_for_a_dead_row_gives_zeros():
     # Kernels other than the CPU one may report -inf for a fully masked row.
     gen = torch.Generator().manual_seed(3)
