@@ -172,14 +172,14 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
             store = workdir / f"{name}.zarr"
             shutil.rmtree(store, ignore_errors=True)
             created = time.perf_counter()
-            name = claim_run(str(store))
+            run_name = claim_run(str(store))
             laid_down: list[float] = []
 
             def lay_down(
-                name: str = name, store: Path = store, laid_down: list[float] = laid_down
+                run_name: str = run_name, store: Path = store, laid_down: list[float] = laid_down
             ) -> Any:
                 began = time.perf_counter()
-                group = lay_down_run(str(store), name, coords, attrs, fmt.DIRECTIONS, None)
+                group = lay_down_run(str(store), run_name, coords, attrs, fmt.DIRECTIONS, None)
                 laid_down.append(time.perf_counter() - began)
                 return group
 
