@@ -12,7 +12,7 @@ The cost: memory freed is not handed back to the system until the process ends, 
 keeps its peak; and every thread allocates from one arena. The settings are process-wide, so
 `attnscope record`, which owns its process, applies them; a script of its own calls
 `tune_for_recording()` first thing, or starts Python with the same settings in its environment
-(`MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`).
+(`MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ import platform
 
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes: freed heap memory stays
+# mallopt takes an int: -1, which glibc reads as SIZE_MAX, turns trimming off. The largest
+# positive value, 2 GiB, still trimmed a heap whose free top passed it, as a FLUX.1-dev-sized
+# writer's buffers do on two cores: pages were faulted in again each step, and the writer's
+# 1 -> 2 core scaling read 1.35 instead of 1.76 (bench.rate).
+_NEVER_TRIM = -1
 
 
 def tune_for_recording() -> bool:
