@@ -1,11 +1,12 @@
-"""Reads of a local store's attention maps through TensorStore: every chunk checked, every core.
+"""Reads of a local store's attention maps through TensorStore: every chunk checked, in C++.
 
 zarr-python's own codec pipeline decodes a shard's chunks one at a time under asyncio, with a
 thread hand-off per chunk: on the project's benchmark machine a mean over a FLUX.1-dev-sized
 store ran at 465 MB/s decoded through it (`docs/benchmarks.md`). TensorStore (Google's C++ Zarr
-v3 library) decodes on a pool of threads and checks each chunk's CRC32C, partial reads of a
-shard included (zarrs 0.2.3, which writes the maps, skips that check there). It reads the
-format's own codecs (Zarr v3 spec codecs only), and NumPy arrays come back.
+v3 library) decodes a box's chunks outside the GIL, so dask's threads read side by side, and
+checks each chunk's CRC32C, partial reads of a shard included (zarrs 0.2.3, which writes the
+maps, skips that check there). It reads the format's own codecs (Zarr v3 spec codecs only),
+and NumPy arrays come back.
 
 Local folders only (zarr's LocalStore), and reads of more than one stored chunk
 (`trust.CheckedArray`): a token row's map of one step and layer, as the viewer reads while

@@ -196,14 +196,15 @@ def _analysis(r: dict[str, Any]) -> str:
         rows = m["decoded_bytes"] / m["rows_compute_seconds"] / 1e6
         no_skipna = m["decoded_bytes"] / m["no_skipna_compute_seconds"] / 1e6
         where = (
-            "A local store's maps are read through TensorStore, which decodes chunks on every "
-            "core and checks each chunk's CRC32C. What is left is mostly the reduction asked "
-            "for: on float maps xarray's `.mean()` skips NaN by default, and dask's NaN-skipping "
-            "mean copies each chunk and builds its NaN mask twice; and the span views: each span "
-            "is a slice of its own, and a span of several rows (`prompt`, six) sums them in "
-            "float64 first. In the same run the stored token rows (`txt2img_tokens`, no span "
-            f"views) average at {rows:,.0f} MB/s, and the spans with `skipna=False` at "
-            f"{no_skipna:,.0f} MB/s. "
+            "A local store's maps are read through TensorStore, which decodes chunks outside "
+            "the GIL (dask's threads read side by side; TensorStore's own pool is one thread, "
+            "which keeps the peak memory down) and checks each chunk's CRC32C. What is left is "
+            "mostly the reduction asked for: on float maps xarray's `.mean()` skips NaN by "
+            "default, and dask's NaN-skipping mean copies each chunk and builds its NaN mask "
+            "twice; and the span views: each span is a slice of its own, and a span of several "
+            "rows (`prompt`, six) sums them in float64 first. In the same run the stored token "
+            f"rows (`txt2img_tokens`, no span views) average at {rows:,.0f} MB/s, and the spans "
+            f"with `skipna=False` at {no_skipna:,.0f} MB/s. "
         )
         if "url_compute_seconds" in m:
             url = m["decoded_bytes"] / m["url_compute_seconds"] / 1e6
