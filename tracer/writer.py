@@ -162,7 +162,7 @@ class TraceWriter:
             keepbits = dict.fromkeys(directions, self._plan.keepbits)
             listed, skipped = [], []
             dims = sf.attention_dims(coords)
-            self._check_shape(tuple(len(coords[d]) for d in dims), len(steps), "the plan's")
+            self._take_shape(tuple(len(coords[d]) for d in dims), len(steps), "the plan's")
         # The rounding each variable's values carry (its `keepbits` attribute): done here, on
         # the maps' own device before they are copied (tracer.rounding).
         self._keepbits = {name: sf.check_keepbits(bits) for name, bits in keepbits.items()}
@@ -220,13 +220,14 @@ class TraceWriter:
             raise ValueError(
                 f"attention arrays must share one shape, {sf.DIMS} or {sf.VIDEO_DIMS}, got {shapes}"
             )
-        n_steps = run["step"].shape[0]
-        if self._plan is not None and shapes[self._directions[0]] != self._step_shape_in_store:
+        shape = shapes[self._directions[0]]
+        if self._plan is None:
+            self._take_shape(shape, run["step"].shape[0], "the run's")
+        elif shape != (self._n_steps, *self._step_shape):
             raise ValueError(
-                f"the run laid down has attention arrays of shape {shapes[self._directions[0]]}, "
-                f"but its plan's coordinates give {self._step_shape_in_store}"
+                f"the run laid down has attention arrays of shape {shape}, but its plan's "
+                f"coordinates give {(self._n_steps, *self._step_shape)}"
             )
-        self._check_shape(shapes[self._directions[0]], n_steps, "the run's")
         # On a local disk each step's shard is staged, synced and renamed into place, and the
         # listing synced after it (tracer.durable); other stores write through zarr.
         self._local = isinstance(run.store, LocalStore)
@@ -238,8 +239,9 @@ class TraceWriter:
         self._arrays = arrays
         self._run = run
 
-    def _check_shape(self, shape: tuple[int, ...], n_steps: int, whose: str) -> None:
-        """Take the attention arrays' shape `(step, layer, head, token, (frame,) y, x)`."""
+    def _take_shape(self, shape: tuple[int, ...], n_steps: int, whose: str) -> None:
+        """Check and keep the attention arrays' shape `(step, layer, head, token, (frame,) y, x)`;
+        `n_steps`: the length of the step coordinate."""
         steps_in_store, layers_in_store, n_head, n_token, *cells = shape
         if layers_in_store != self._n_layers:
             raise ValueError(
@@ -250,7 +252,6 @@ class TraceWriter:
                 f"{whose} step coordinate has {n_steps} values but its arrays "
                 f"{steps_in_store} steps"
             )
-        self._step_shape_in_store = shape
         # A map's latent cells, (frame,) y, x, arrive flattened, row-major.
         self._map_shape = (n_head, n_token, math.prod(cells))
         self._step_shape = (self._n_layers, n_head, n_token, *cells)
