@@ -197,30 +197,33 @@ def _writer_rows(r: dict[str, Any]) -> list[list[str]]:
         return []
     where = "writer, allocator as `attnscope record` sets it"
     per_core, scaling = tuned["decoded_mb_s_per_core"], tuned["scaling_1_to_2_cores"]
-    projected = tuned["projected_ratio_h100_16_cores"]
-    by_cpu = tuned["projected_ratio_h100_16_cores_by_cpu_time"]
     limit = TARGETS["writer_projected_ratio"]
+    projected = {
+        "first run in a process": tuned["projected_ratio_h100_16_cores"],
+        "later runs": tuned["projected_ratio_h100_16_cores_later_run"],
+        "by CPU time": tuned["projected_ratio_h100_16_cores_by_cpu_time"],
+    }
     starting = rate["start_run_ms"]
     return [
         [
-            f"{where}: decoded MB/s on one core",
+            f"{where}: sustained decoded MB/s on one core",
             f"≥ {TARGETS['writer_mb_s_per_core']:,.0f} MB/s",
             f"{per_core:,.0f} MB/s",
             _ok(per_core >= TARGETS["writer_mb_s_per_core"]),
         ],
         [
-            f"{where}: 1 → 2 cores",
+            f"{where}: sustained, 1 → 2 cores",
             f"≥ {TARGETS['writer_scaling']:.1f}×",
             f"{scaling:.2f}×",
             _ok(scaling >= TARGETS["writer_scaling"]),
         ],
         [
-            f"{where}: projected traced/untraced, H100 rate, 16 cores (per doubling / by CPU time)",
-            f"≤ {TARGETS['writer_projected_ratio']:.2f}",
-            f"{projected:.2f} / {by_cpu:.2f}",
-            _ok(projected <= TARGETS["writer_projected_ratio"])
-            if (projected <= limit) == (by_cpu <= limit)
-            else f"per doubling {_ok(projected <= limit)}, by CPU time {_ok(by_cpu <= limit)}",
+            f"{where}: projected traced/untraced, 28 H100 steps, 16 cores ("
+            + " / ".join(projected)
+            + ")",
+            f"≤ {limit:.2f}",
+            " / ".join(f"{ratio:.2f}" for ratio in projected.values()),
+            ", ".join(f"{name} {_ok(ratio <= limit)}" for name, ratio in projected.items()),
         ],
         [
             "starting a run on the generation's thread (claim, writer; the run laid down during "
@@ -427,17 +430,29 @@ def _rate_tuned(rate: dict[str, Any]) -> str:
     return (
         "With the allocator set as `attnscope record` sets it (tracer.allocator: one arena, no "
         "mmap'd blocks, no trimming, so the next step reuses the buffers zarrs frees instead of "
-        "faulting fresh pages in; about 45% of the encoder's CPU time in a perf profile): per "
-        f"core {tuned['decoded_mb_s_per_core']:,.0f} MB/s decoded, "
-        f"{tuned['scaling_1_to_2_cores']:.2f}× from 1 to 2 cores, projected "
-        f"{tuned['projected_ratio_h100_8_cores']:.1f}× on 8 cores and "
-        f"{tuned['projected_ratio_h100_16_cores']:.1f}× on 16; by CPU time "
-        f"{tuned['cpu_seconds_per_decoded_gb']:.2f} CPU seconds per decoded GB, "
+        "faulting fresh pages in; about 45% of the encoder's CPU time in a perf profile): "
+        + _rate_figures(tuned)
+        + f" By CPU time {tuned['cpu_seconds_per_decoded_gb']:.2f} CPU seconds per decoded GB, "
         f"{tuned['cores_needed_at_h100']:.1f} cores at an H100's rate, projected "
         f"{tuned['projected_ratio_h100_8_cores_by_cpu_time']:.2f}× on 8 cores and "
         f"{tuned['projected_ratio_h100_16_cores_by_cpu_time']:.2f}× on 16. One arena serves every "
-        "thread: "
-        "whether that holds its scaling up to 16 cores is not measurable on this machine."
+        "thread: whether that holds its scaling up to 16 cores is not measurable on this machine."
+    )
+
+
+def _rate_figures(rate: dict[str, Any]) -> str:
+    """Sustained and whole-run rates, the warm-up, and the projection, in a few sentences."""
+    return (
+        f"per core {rate['decoded_mb_s_per_core']:,.0f} MB/s decoded sustained "
+        f"({rate['whole_run_mb_s_per_core']:,.0f} MB/s over the whole run), "
+        f"{rate['scaling_1_to_2_cores']:.2f}× from 1 to 2 cores "
+        f"({rate['whole_run_scaling_1_to_2_cores']:.2f}× over whole runs). The warm-up on 2 "
+        f"cores: {rate['warm_up_seconds_first_run']:.2f} s in a process's first run, "
+        f"{rate['warm_up_seconds_later_run']:.2f} s in a later one. Projected traced/untraced "
+        f"for 28 steps: {rate['projected_ratio_h100_8_cores']:.2f}× on 8 cores and "
+        f"{rate['projected_ratio_h100_16_cores']:.2f}× on 16 for a process's first run, "
+        f"{rate['projected_ratio_h100_8_cores_later_run']:.2f}× and "
+        f"{rate['projected_ratio_h100_16_cores_later_run']:.2f}× for later ones."
     )
 
 
@@ -472,7 +487,8 @@ def _rate(r: dict[str, Any]) -> str:
             rows.append(
                 [
                     f"{cores}{label}",
-                    f"{fast['decoded_mb_s']:,.0f} MB/s",
+                    f"{fast['decoded_mb_s']:,.0f} / {fast['sustained_mb_s']:,.0f} MB/s",
+                    f"{paced['warm_up_seconds']:.2f} s / {fast['warm_up_seconds']:.2f} s",
                     *(f"{o['decoded_mb_s']:,.0f} MB/s" if o else "—" for o in others),
                     f"{paced['decoded_mb_s']:,.0f} MB/s",
                     f"{paced['put_wait_seconds']:.1f} s of {paced['seconds']:.1f} s",
@@ -502,7 +518,8 @@ def _rate(r: dict[str, Any]) -> str:
             _table(
                 [
                     "cores",
-                    "unthrottled, decoded",
+                    "unthrottled, decoded: whole run / sustained",
+                    "warm-up: first run / later run",
                     "through the page cache",
                     "no fsync",
                     "zarr-python's pipeline",
@@ -512,14 +529,17 @@ def _rate(r: dict[str, Any]) -> str:
                 ],
                 rows,
             ),
-            f"Per core {rate['decoded_mb_s_per_core']:,.0f} MB/s decoded, "
-            f"{rate['scaling_1_to_2_cores']:.2f}× from 1 to 2 cores. An H100 needs "
-            f"{rate['needed_mb_s_at_h100']:,.0f} MB/s (one step every 0.15 s). Projected "
-            f"traced/untraced, assuming the per-core rate and the 1 → 2 scaling (at most 2: "
-            f"more is the shared cores' noise) hold per doubling of cores: "
-            f"{rate['projected_ratio_h100_8_cores']:.1f}× on 8 cores, "
-            f"{rate['projected_ratio_h100_16_cores']:.1f}× on 16. zarrs against zarr-python's "
-            f"pipeline: "
+            f"An H100 needs {rate['needed_mb_s_at_h100']:,.0f} MB/s (one step every 0.15 s). "
+            "Sustained: the steps after the first two, from when each was listed durable. "
+            "Warm-up: how much longer the first two took than that (the step buffers and zarrs' "
+            "working memory faulted in); the paced run is a process's first, the unthrottled one "
+            "a later one. The projection takes the sustained per-core rate and its 1 → 2 scaling "
+            "(at most 2: more is the shared cores' noise) per doubling of cores, keeps the "
+            "warm-up measured on 2 cores, and plays a 28-step generation at 0.15 s a step through "
+            "the writer's backpressure (a step starts only while fewer than two are not "
+            "durable): traced / untraced is when the last step is durable over 28 × 0.15 s. "
+            "As the library leaves the allocator: " + _rate_figures(rate),
+            "zarrs against zarr-python's pipeline: "
             + ", ".join(
                 f"{ratio:.2f}× on {cores} core{'s' if int(cores) > 1 else ''}"
                 for cores, ratio in sorted(rate["zarrs_over_zarr_python"].items())
