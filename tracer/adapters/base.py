@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -145,15 +146,17 @@ def seed_of(generator: Any) -> int | None:
 
 def library_versions(*names: str) -> dict[str, str]:
     """Installed versions of the named distributions (those that are installed)."""
+    return {name: found for name in names if (found := _version(name)) is not None}
+
+
+@functools.cache  # read from the installed metadata: milliseconds each, and a run asks at its start
+def _version(name: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
-    found = {}
-    for name in names:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return found
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def first_of(value: Any) -> Any:

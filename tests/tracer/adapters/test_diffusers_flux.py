@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import metadata
+
 import pytest
 import torch
 
@@ -48,6 +50,13 @@ def test_sdpa_backends_are_traced(pipe, backend):
 def test_a_pipeline_built_in_code_is_named_by_its_transformer(pipe):
     assert DiffusersFlux(pipe).run_attrs()["model"] == "FluxTransformer2DModel built in code"
     assert isinstance(pipe.transformer, torch.nn.Module)
+
+
+def test_every_run_names_the_installed_library_versions(pipe):
+    installed = {name: metadata.version(name) for name in ("torch", "diffusers", "transformers")}
+    for _ in range(2):  # read once per process, then remembered: the second run says the same
+        versions = DiffusersFlux(pipe).run_attrs()["versions"]
+        assert {name: versions[name] for name in installed} == installed
 
 
 def grid_ids(rows, cols, first=0, width=3):
