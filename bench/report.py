@@ -804,7 +804,14 @@ def _analysis(r: dict[str, Any]) -> str:
         ],
         [
             "mean over step, layer, head of every span (`ds.txt2img.mean([...]).compute()`)",
-            f"{m['compute_seconds']:.1f} s = **{rate:,.0f} MB/s** decoded",
+            f"{m['compute_seconds']:.1f} s = **{rate:,.0f} MB/s** decoded"
+            + (
+                " (median of runs: "
+                + ", ".join(f"{x:.1f}" for x in m["compute_runs"])
+                + " s; the first also imports TensorStore, about half a second, on the first read)"
+                if "compute_runs" in m
+                else ""
+            ),
         ],
         ["drawing one span's heatmap from it", f"{m['draw_seconds']:.2f} s"],
         ["peak RSS of that process (imports included)", _size(m["peak_rss"])],
