@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.gpu import main, requires
 
 
@@ -13,6 +15,11 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["geometry"]["name"] == "quick"
     assert figures["traced_over_untraced"] > 0
+    # The first traced run in the process and a later one, each against its own pair.
+    first = figures["traced_over_untraced_first_run"]
+    later = figures["traced_over_untraced_later_run"]
+    assert first > 0 and later > 0
+    assert figures["traced_over_untraced"] == pytest.approx((first + later) / 2)  # two pairs
     assert figures["bytes_written"] > 0
     # A 6-word prompt: its tokens, </s> and the padding row.
     assert figures["token_rows"] >= 7
