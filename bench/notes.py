@@ -106,8 +106,10 @@ def _gpu(r: dict[str, Any]) -> str:
         "attention gets), verified bit-identical against SDPA's own output once per call "
         "signature; cuDNN attention falls back to recomputing. The capture then costs a few "
         "skinny GEMMs per call against the model's 2·N²·D·H attention, the device-to-host copy "
-        "of the maps is asynchronous into pinned buffers, and the per-run fixed cost is the "
-        "same fraction of a second as on the CPU against a generation of several seconds."
+        "of the maps is asynchronous into pinned buffers. What this machine cannot show is "
+        "the host side at that shape: a process's first run also allocates its pinned step "
+        "buffers (2.3 GB) and zarrs' working memory while its first steps are written, which "
+        "*Writer rate against a GPU* measures as its warm-up and projects."
     )
 
 
