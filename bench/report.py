@@ -193,7 +193,8 @@ def _writer_rows(r: dict[str, Any]) -> list[list[str]]:
     """The writer's targets, as `attnscope record` runs it (allocator tuned)."""
     rate = r.get("rate") or {}
     tuned = rate.get("tuned")
-    if not tuned or "cpu_seconds_per_decoded_gb" not in tuned:
+    # Figures of a run from before the sustained rate was measured are left out, not misread.
+    if not tuned or "warm_up_seconds_first_run" not in tuned:
         return []
     where = "writer, allocator as `attnscope record` sets it"
     per_core, scaling = tuned["decoded_mb_s_per_core"], tuned["scaling_1_to_2_cores"]
@@ -475,7 +476,7 @@ def _rate_by_cpu_time(rate: dict[str, Any]) -> str:
 def _rate(r: dict[str, Any]) -> str:
     """The writer against a GPU's step rate (bench/rate.py)."""
     rate = r.get("rate")
-    if not rate or "decoded_mb_s_per_core" not in rate:
+    if not rate or "warm_up_seconds_first_run" not in rate:
         return ""
     rows = []
     for cores, run in sorted(rate["runs"].items()):
