@@ -13,12 +13,16 @@ The GPU box has torch but no registry, so what else this needs travels as wheels
     here:   python -m bench.gpu --wheels wheels --python 3.12   # downloads requires()
     there:  python -m bench.gpu --install wheels --json $OUT/gpu.json
 
+`wheels` is a folder git ignores, carried to the box (about 60 MiB: the device takes 64 with the
+working tree); they are installed into SITE there, not into the box's own Python.
+
 `--smoke` runs the same code at the CPU quick geometry (what the test suite does).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import json
 import subprocess
@@ -41,10 +45,16 @@ MODULES = (
 )
 
 
+SITE = Path("/tmp/attnscope-site")  # where carried wheels are installed on the GPU box
+
+# Imported here only because they are installed (for the S3 tests): accelerate, which diffusers
+# imports, loads boto3 when it finds it. No trace uses them, and at 16 MB they would take the
+# carried wheels past the device's 64 MiB.
+NOT_CARRIED = frozenset({"boto3", "botocore", "s3transfer", "jmespath"})
+
+
 def requires() -> list[str]:
     """Distributions those modules import, at the versions installed here, less torch's own."""
-    import importlib
-
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
@@ -63,7 +73,8 @@ def requires() -> list[str]:
             requirement = Requirement(line)
             if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
                 todo.append(requirement.name)
-    keep = sorted(d for d in imported if canonicalize_name(d) not in there | {"attnscope"})
+    left = there | NOT_CARRIED | {"attnscope"}
+    keep = sorted(d for d in imported if canonicalize_name(d) not in left)
     return [f"{d}=={importlib.metadata.version(d)}" for d in keep]
 
 
@@ -78,17 +89,20 @@ def download(folder: Path, python: str | None) -> list[str]:
     return pins
 
 
-def install(folder: Path) -> None:
-    """Install the carried wheels (no registry), except distributions already installed."""
+def install(folder: Path, target: Path = SITE) -> None:
+    """Install the carried wheels (no registry) into `target`, first on sys.path, except
+    distributions already installed. Not into the box's own environment, which may not be
+    writable."""
     wheels = [
         str(wheel)
         for wheel in sorted(folder.glob("*.whl"))
         if not _installed(wheel.name.split("-")[0])  # torch, numpy: the box's own
     ]
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "-q", *wheels],
-        check=True,
-    )
+    if wheels:
+        pip = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile"]
+        subprocess.run([*pip, "-q", "--upgrade", "--target", str(target), *wheels], check=True)
+    sys.path.insert(0, str(target))
+    importlib.invalidate_caches()
 
 
 def _installed(name: str) -> bool:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib
 import json
+import sys
+import zipfile
+from importlib import metadata
+from pathlib import Path
 
 import pytest
 
-from bench.gpu import main, requires
+from bench.gpu import install, main, requires
 
 
 def test_the_smoke_run_writes_every_figure(tmp_path):
@@ -36,3 +43,41 @@ def test_the_wheels_it_carries_cover_what_the_tracer_imports_and_leave_torch():
     needed = {"diffusers", "transformers", "tokenizers", "zarr", "zarrs", "numcodecs", "xarray"}
     assert needed | {"dask"} <= pins
     assert not pins & {"torch", "torchvision", "numpy", "attnscope"}
+    # Installed here for the S3 tests and imported by accelerate when present; never by a trace.
+    assert not pins & {"boto3", "botocore", "s3transfer", "jmespath"}
+
+
+def _wheel(folder: Path, name: str, module: str, source: str) -> Path:
+    """A minimal pure-Python wheel of distribution `name` 1.0 holding `module`.py."""
+    info = f"{name}-1.0.dist-info"
+    files = {
+        f"{module}.py": source,
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+        "Tag: py3-none-any\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    files[f"{info}/RECORD"] = "\n".join([*record, f"{info}/RECORD,,"]) + "\n"
+    wheel = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+def test_carried_wheels_install_beside_the_box_s_python_and_import(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # install() puts its folder first
+    carried = tmp_path / "wheels"
+    carried.mkdir()
+    _wheel(carried, "attnscope_carried_probe", "attnscope_carried_probe", "VALUE = 7\n")
+    # A distribution the box has already (numpy, here) is left to the box's own.
+    _wheel(carried, "numpy", "numpy_carried_by_mistake", "VALUE = 0\n")
+    site = tmp_path / "site"
+    install(carried, site)
+    assert sys.path[0] == str(site)
+    assert importlib.import_module("attnscope_carried_probe").VALUE == 7
+    assert not (site / "numpy_carried_by_mistake.py").exists()
+    assert metadata.version("numpy") != "1.0"
