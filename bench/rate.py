@@ -5,7 +5,8 @@ a writer that falls behind. This one leaves the model out: it feeds the real wri
 into a real store) with FLUX.1-dev-shaped steps (57 layers × 24 heads × the token rows of a
 20-word prompt × 64×64, both directions), made of maps from a real recording of the demo model at
 a 64×64 latent grid (real maps compress as maps do; random numbers do not), one step every
-`--period` seconds, on 1 and then 2 host cores (`sched_setaffinity`), each in a fresh process.
+`--period` seconds (each layer's maps as a GPU makes them, spread over the period), on 1 and then
+2 host cores (`sched_setaffinity`), each in a fresh process.
 
 The maps arrive already rounded to the default keepbits, as they leave a GPU (tracer.rounding
 rounds them there, before the copy), so the host does here what it does on a GPU box: copy
@@ -18,8 +19,9 @@ Each is measured twice: in a process as the library leaves it, and with glibc's 
 
 It reports, per core count: the decoded MB/s of the whole run (every step's bytes over the time
 from the first put() to the last step durable) and the sustained rate (the steps after the first
-WARM_UP_STEPS, from when each was listed durable), the warm-up (how much longer the first steps
-took than the sustained rate gives: buffers and zarrs' working memory faulted in), how long put()
+WARM_UP_STEPS, from when each was listed durable), the warm-up of a process's first paced run
+and of a later one (how much later than the sustained rate gives the first steps were durable:
+buffers and zarrs' working memory faulted in; see BACKED_GB for this machine's), how long put()
 made the generation wait (the backpressure: the writer never lets memory grow), the unthrottled
 rate, the same without fsync (what durability costs) and on zarr-python's own codec pipeline (the
 baseline), and the fixed costs: starting the run as the session does, on the generation's thread
@@ -58,6 +60,7 @@ H100_STEP_SECONDS = 0.15  # FLUX.1-dev, 1024², bf16, one step
 HOSTS = (8, 16)
 BASELINE = "unthrottled, zarr-python's pipeline"
 BUFFERED = "unthrottled, through the page cache"
+PACED_LATER = "paced, later run"
 
 
 def _demo_maps(path: Path) -> dict[str, Any]:
@@ -136,6 +139,24 @@ def disk_sync_mb_s(folder: Path, megabytes: int = 1024) -> float:
     return megabytes * 2**20 / seconds / 1e6
 
 
+# This machine is a virtual machine whose balloon hands the memory its guest frees back to the
+# host: the guest's first touch of such a page costs a fault on the host too, about ten times a
+# plain page fault (0.8-2.1 s per GB against 0.17-0.20, measured with numpy here). A GPU host
+# owns its memory. Before each measured run a throwaway process touches more memory than a run
+# faults in (max_pending step buffers and zarrs' copies of every shard in flight, ~6 GB at
+# FLUX.1-dev's shape), so that the run's own page faults cost what they cost on such a host.
+BACKED_GB = 8
+
+
+def touch_memory(gigabytes: float) -> float:
+    """Touch `gigabytes` of fresh memory in this (throwaway) process; seconds per GB."""
+    import numpy as np
+
+    start = time.perf_counter()
+    np.ones(int(gigabytes * 2**30) // 4, dtype=np.float32)
+    return (time.perf_counter() - start) / gigabytes
+
+
 def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[str, Any]:
     """Feed `steps` FLUX-shaped steps to the writer on `cores` host cores. Fresh interpreter.
 
@@ -188,9 +209,15 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
         )
         attrs = {fmt.STATUS: fmt.RECORDING, fmt.STEPS_COMPLETE: [], fmt.TEXT_LEN: 512}
         results = {}
-        # The unthrottled run twice, the faster kept: other jobs on the shared cores only ever
-        # slow a run down, and the 1 -> 2 core scaling compounds in the projection.
-        variants = (("paced", period, True), ("unthrottled", 0.0, True), ("unthrottled", 0.0, True))
+        # Paced twice: a process's first run faults its memory in, a later one reuses it. The
+        # unthrottled run twice, the faster kept: other jobs on the shared cores only ever slow
+        # a run down, and the 1 -> 2 core scaling compounds in the projection.
+        variants = (
+            ("paced", period, True),
+            (PACED_LATER, period, True),
+            ("unthrottled", 0.0, True),
+            ("unthrottled", 0.0, True),
+        )
         if not tuned:
             variants += (
                 (BUFFERED, 0.0, True),
@@ -204,6 +231,7 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
             os.environ[DIRECT_IO_ENV] = "0" if name == BUFFERED else "1"
             store = workdir / f"{name}.zarr"
             shutil.rmtree(store, ignore_errors=True)
+            backed = isolated("bench.rate:touch_memory", gigabytes=BACKED_GB)
             created = time.perf_counter()
             run_name = claim_run(str(store))
             laid_down: list[float] = []
@@ -227,9 +255,11 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
             waited, start, cpu = 0.0, time.perf_counter(), time.process_time()
             listings = _Listings(writer, start)
             for step in range(steps):
-                due = start + step * pace
-                time.sleep(max(0.0, due - time.perf_counter()))
                 for layer in range(LAYERS):
+                    # As a GPU makes them: each layer's maps when its block has run, the step's
+                    # last at the end of its period.
+                    due = start + (step + (layer + 1) / LAYERS) * pace
+                    time.sleep(max(0.0, due - time.perf_counter()))
                     before = time.perf_counter()
                     writer.put(step, layer, {d: maps[d][layer] for d in fmt.DIRECTIONS})
                     waited += time.perf_counter() - before
@@ -249,8 +279,9 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
                 "laid_down_seconds": laid_down[0],
                 "close_seconds": time.perf_counter() - last_put,
                 "stored_bytes": sum(p.stat().st_size for p in store.rglob("*") if p.is_file()),
+                "backing_seconds_per_gb": backed,
             }
-            measured |= _sustained(measured["listed_seconds"], step_bytes)
+            measured |= _sustained(measured["listed_seconds"], step_bytes, pace)
             if name not in results or measured["seconds"] < results[name]["seconds"]:
                 results[name] = measured
         disk = disk_sync_mb_s(workdir)
@@ -320,7 +351,7 @@ def _projected(one: dict[str, Any], two: dict[str, Any], step_bytes: int) -> dic
     per_doubling = min(scaling, 2.0)
     # The warm-up of a process's first run (the paced one comes first), on the most cores here:
     # whether it shrinks with more cores is not measurable on this machine, so it is kept.
-    first_run, later_run = two["paced"]["warm_up_seconds"], two["unthrottled"]["warm_up_seconds"]
+    first_run, later_run = two["paced"]["warm_up_seconds"], two[PACED_LATER]["warm_up_seconds"]
     out = {
         "decoded_mb_s_per_core": per_core,
         "scaling_1_to_2_cores": scaling,
@@ -329,6 +360,11 @@ def _projected(one: dict[str, Any], two: dict[str, Any], step_bytes: int) -> dic
         / one["unthrottled"]["decoded_mb_s"],
         "warm_up_seconds_first_run": first_run,
         "warm_up_seconds_later_run": later_run,
+        # What touching memory cost a throwaway process before each run (BACKED_GB): before the
+        # first, memory the VM had handed back to its host; before the later one, memory
+        # just touched.
+        "backing_seconds_per_gb_first_run": two["paced"]["backing_seconds_per_gb"],
+        "backing_seconds_per_gb_later_run": two[PACED_LATER]["backing_seconds_per_gb"],
     }
     for host in HOSTS:
         seconds_per_step = step_bytes / (per_core * per_doubling ** math.log2(host) * 1e6)
@@ -345,32 +381,47 @@ WARM_UP_STEPS = 2
 FLUX_STEPS = 28  # FLUX.1-dev's default num_inference_steps
 
 
-def _sustained(listed: list[float], step_bytes: int) -> dict[str, float]:
-    """From when each step was listed: the sustained rate (the steps after the first
-    WARM_UP_STEPS, over the time they took) and the warm-up (how much longer the first steps
-    took than that rate gives)."""
+def _sustained(listed: list[float], step_bytes: int, period: float) -> dict[str, float]:
+    """From when each step was listed, steps fed one every `period` seconds: the sustained rate
+    (the steps after the first WARM_UP_STEPS, over the time they took) and the warm-up, as
+    _simulated_ratio plays it: how much later than the first step's feeding plus WARM_UP_STEPS
+    sustained steps the first WARM_UP_STEPS were durable."""
     seconds_per_step = (listed[-1] - listed[WARM_UP_STEPS - 1]) / (len(listed) - WARM_UP_STEPS)
+    expected = period + WARM_UP_STEPS * seconds_per_step
     return {
         "sustained_mb_s": step_bytes / seconds_per_step / 1e6,
-        "warm_up_seconds": max(0.0, listed[WARM_UP_STEPS - 1] - WARM_UP_STEPS * seconds_per_step),
+        "warm_up_seconds": max(0.0, listed[WARM_UP_STEPS - 1] - expected),
     }
 
 
-def _simulated_ratio(seconds_per_step: float, warm_up_seconds: float) -> float:
-    """Traced / untraced of a FLUX_STEPS generation at the H100's step time, with a writer that
-    makes a step durable every `seconds_per_step` once warm and spends `warm_up_seconds` more on
-    its first. As the writer does: a step is written once generated, after the one before it;
-    the generation starts a step only while fewer than WARM_UP_STEPS (max_pending) steps are not
-    yet durable; the run ends when its last step is."""
+def _simulated_ratio(
+    seconds_per_step: float,
+    warm_up_seconds: float,
+    period: float = H100_STEP_SECONDS,
+    steps: int = FLUX_STEPS,
+) -> float:
+    """Traced / untraced of a generation of `steps` steps, one every `period` seconds, with a
+    writer that makes a step durable every `seconds_per_step` once warm and spends
+    `warm_up_seconds` more on its first. As the writer does: a step is written once generated,
+    after the one before it; the generation starts a step only while fewer than WARM_UP_STEPS
+    (max_pending) steps are not yet durable; the run ends when its last step is."""
+    return _durable_times(seconds_per_step, warm_up_seconds, period, steps)[-1] / (steps * period)
+
+
+def _durable_times(
+    seconds_per_step: float, warm_up_seconds: float, period: float, steps: int
+) -> list[float]:
+    """When each step is durable in _simulated_ratio's play, in seconds from the first step's
+    start."""
     durable: list[float] = []
     generated = 0.0
-    for step in range(FLUX_STEPS):
+    for step in range(steps):
         if step >= WARM_UP_STEPS:
             generated = max(generated, durable[step - WARM_UP_STEPS])
-        generated += H100_STEP_SECONDS
+        generated += period
         begins = max(generated, durable[-1]) if durable else generated + warm_up_seconds
         durable.append(begins + seconds_per_step)
-    return durable[-1] / (FLUX_STEPS * H100_STEP_SECONDS)
+    return durable
 
 
 # Steps fed per measurement: WARM_UP_STEPS, then enough for a sustained rate. With 4 the whole
