@@ -305,7 +305,7 @@ class Recorder:
         attrs = self._run_attrs(run, call, steps)
         run.name = claim_run(self.path)
         self.runs.append(run.name)
-        # The run's metadata is laid down on the writer's thread, during the first step.
+        # The run's metadata is laid down on a writer's thread, during the first step.
         lay_down = functools.partial(self._lay_down, run.name, coords, attrs, run.generation)
         run.writer = TraceWriter(
             RunPlan(coords, self.options.keepbits, lay_down),

@@ -10,9 +10,10 @@ list the step in the run's `steps_complete` attribute (and, on a local disk, syn
 step that is listed is intact whatever happens next, kill -9 and power loss included: every object
 reaches its key whole, by a rename.
 
-Given a `RunPlan` instead of a run group, the writer lays the run down on its own thread first,
-while `put()` already takes the first step's maps: a run's metadata costs the generation's
-thread nothing but claiming its name (tracer.store.claim_run).
+Given a `RunPlan` instead of a run group, the writer lays the run down on a background thread
+while `put()` takes the first step's maps and the worker copies them into the step buffer; only
+the step's shards wait for the run's arrays. A run's metadata costs the generation's thread
+nothing but claiming its name (tracer.store.claim_run).
 
 Memory and backpressure: at most `max_pending` steps are accepted and not yet durable. Each owns
 one host buffer per direction (`[L, H, T, Y, X]` float32, pinned when CUDA is available) taken
@@ -41,7 +42,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,8 @@ class RunPlan:
 
     `coords` are the run's coordinates (`store_format.run_coords`), `keepbits` the rounding its
     maps get, and `lay_down()` writes the run group and returns it, opened writable. The writer
-    calls it on its own thread, so laying a run down overlaps the generation's first step.
+    calls it on a background thread, so laying a run down overlaps the generation's first step
+    and the copying of its maps.
     """
 
     coords: Mapping[str, Any]
@@ -111,7 +113,7 @@ class TraceWriter:
 
     `run` is either the run group opened writable, with its attention arrays already laid down
     (the skeleton from `store_format.run_skeleton`, written with `compute=False`), or a
-    `RunPlan`, which the writer lays down on its own thread while `put()` already takes maps.
+    `RunPlan`, which the writer lays down on a background thread while `put()` already takes maps.
     `directions` are the variables to fill, `n_layers` the recorded layers per step (the arrays'
     `layer` size), and `max_pending` how many whole steps may be buffered or in flight before
     `put()` blocks. `fsync=False` skips syncing to the disk (a listed step then survives a crash
@@ -194,6 +196,11 @@ class TraceWriter:
             len(directions) * max_pending, thread_name_prefix="attnscope-store"
         )
         self._stored: queue.SimpleQueue[Any] = queue.SimpleQueue()  # (slot, futures), in order
+        # A planned run is laid down beside the worker, which meanwhile copies the first step's
+        # maps into its buffer: only storing the step needs the run's arrays.
+        self._laid_down: Future[bool] | None = (
+            self._stores.submit(self._lay_down) if self._plan is not None else None
+        )
         self._thread = threading.Thread(target=self._work, name="attnscope-writer", daemon=True)
         self._lister = threading.Thread(
             target=self._list_steps, name="attnscope-lister", daemon=True
@@ -411,8 +418,15 @@ class TraceWriter:
         deadline = time.monotonic() + timeout
         self._thread.join(timeout)
         self._lister.join(max(0.0, deadline - time.monotonic()))
+        laying_down = [self._laid_down] if self._laid_down is not None else []
+        # The caller marks the run failed through `run`: a lay-down under way is let finish.
+        wait(laying_down, max(0.0, deadline - time.monotonic()))
         self._finished = True
-        if not self._thread.is_alive() and not self._lister.is_alive():
+        if (
+            not self._thread.is_alive()
+            and not self._lister.is_alive()
+            and all(f.done() for f in laying_down)
+        ):
             self._stores.shutdown()
             self._remove_staging()
 
@@ -525,8 +539,6 @@ class TraceWriter:
     def _work(self) -> None:
         step_pos: int | None = None
         try:
-            if self._plan is not None and not self._lay_down():
-                return
             while True:
                 item = self._queue.get()
                 if item is _STOP or self._aborted or self._error is not None:
@@ -540,8 +552,7 @@ class TraceWriter:
             self._stored.put(_STOP)  # the lister lists what was handed over, then ends
 
     def _lay_down(self) -> bool:
-        """Lay the planned run down; False (the failure recorded) if that failed. Maps put
-        meanwhile wait in the queue, in their step buffers."""
+        """Lay the planned run down; False (the failure recorded) if that failed."""
         try:
             run = self._plan.lay_down()
             if run.read_only:
@@ -551,6 +562,15 @@ class TraceWriter:
             self._fail(f"laying down the run failed: {type(exc).__name__}: {exc}", exc)
             return False
         return True
+
+    def _run_laid_down(self) -> bool:
+        """Wait until a planned run is laid down; False if that failed or abort() cancelled it."""
+        if self._laid_down is None:
+            return True
+        try:
+            return self._laid_down.result()
+        except CancelledError:
+            return False
 
     def _fail_at(self, step_pos: int | None, exc: BaseException) -> None:
         """Record an unexpected failure of a background thread, naming its step."""
@@ -584,6 +604,8 @@ class TraceWriter:
         cores, but copying a shard in and writing it out are serial: several shards in flight
         keep more cores (and the disk) busy."""
         step_pos = slot.step_pos
+        if not self._run_laid_down():
+            return  # the failure is recorded (or abort() came): nothing is stored
 
         def store(name: str) -> None:
             # The buffer is exactly one shard: zarr encodes it whole and stores one object.

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -283,6 +284,48 @@ def test_maps_put_before_the_run_is_laid_down_are_written_once_it_is(
     ds = read_run(path)
     assert ds.attrs[sf.STEPS_COMPLETE] == list(STEPS)
     for (step_pos, layer_pos), put_maps in maps.items():
+        assert_stored(ds, step_pos, layer_pos, put_maps, keepbits=9)
+
+
+def test_the_first_step_is_copied_into_its_buffer_while_the_run_is_laid_down(
+    tmp_path: Path,
+) -> None:
+    """Laying a run down holds up only the storing of steps: meanwhile the worker copies the
+    first step's maps into its buffer, letting go of each map once copied."""
+    path = tmp_path / "t.zarr"
+    expected = all_maps(np.random.default_rng(9))
+    first_put = threading.Event()
+    held: list[weakref.ref[np.ndarray]] = []
+    copied_while_laying_down: list[bool] = []
+
+    def lay_down() -> zarr.Group:
+        assert first_put.wait(TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while any(ref() is not None for ref in held) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        copied_while_laying_down.append(all(ref() is None for ref in held))
+        return make_run(path)
+
+    writer = TraceWriter(
+        RunPlan(run_coords(), 9, lay_down), directions=sf.DIRECTIONS, n_layers=N_LAYERS
+    )
+    for layer_pos in range(N_LAYERS):
+        arrays = {d: m.numpy().copy() for d, m in expected[(0, layer_pos)].items()}
+        if layer_pos < N_LAYERS - 1:  # the worker holds the last while it waits to store it
+            held += [weakref.ref(a) for a in arrays.values()]
+        writer.put(0, layer_pos, {d: torch.from_numpy(a) for d, a in arrays.items()})
+    del arrays
+    first_put.set()
+    for key in all_keys()[N_LAYERS:]:
+        writer.put(*key, expected[key])
+    thread, result = in_thread(writer.close)
+    finish(thread)
+    assert "error" not in result, result
+
+    assert copied_while_laying_down == [True]
+    ds = read_run(path)
+    assert ds.attrs[sf.STEPS_COMPLETE] == list(STEPS)
+    for (step_pos, layer_pos), put_maps in expected.items():
         assert_stored(ds, step_pos, layer_pos, put_maps, keepbits=9)
 
 
