@@ -144,8 +144,9 @@ def disk_sync_mb_s(folder: Path, megabytes: int = 1024) -> float:
 # plain page fault (0.8-2.1 s per GB against 0.17-0.20, measured with numpy here). A GPU host
 # owns its memory. Before each measured run a throwaway process touches more memory than a run
 # faults in (max_pending step buffers and zarrs' copies of every shard in flight, ~6 GB at
-# FLUX.1-dev's shape), so that the run's own page faults cost what they cost on such a host.
-BACKED_GB = 8
+# FLUX.1-dev's shape), so that the run's own page faults cost what they cost on such a host;
+# at most a third of the machine's memory.
+BACKED_GB = min(8.0, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30 / 3)
 
 
 def touch_memory(gigabytes: float) -> float:
@@ -280,6 +281,7 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
                 "close_seconds": time.perf_counter() - last_put,
                 "stored_bytes": sum(p.stat().st_size for p in store.rglob("*") if p.is_file()),
                 "backing_seconds_per_gb": backed,
+                "backed_gb": BACKED_GB,
             }
             measured |= _sustained(measured["listed_seconds"], step_bytes, pace)
             if name not in results or measured["seconds"] < results[name]["seconds"]:
@@ -365,6 +367,7 @@ def _projected(one: dict[str, Any], two: dict[str, Any], step_bytes: int) -> dic
         # just touched.
         "backing_seconds_per_gb_first_run": two["paced"]["backing_seconds_per_gb"],
         "backing_seconds_per_gb_later_run": two[PACED_LATER]["backing_seconds_per_gb"],
+        "backed_gb": two["paced"]["backed_gb"],
     }
     for host in HOSTS:
         seconds_per_step = step_bytes / (per_core * per_doubling ** math.log2(host) * 1e6)

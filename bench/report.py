@@ -6,7 +6,7 @@ from typing import Any
 
 from bench.common import GEOMETRIES, Geometry
 from bench.notes import limits, method
-from bench.rate import BACKED_GB, BASELINE, BUFFERED, PACED_LATER
+from bench.rate import BASELINE, BUFFERED, PACED_LATER
 from bench.summary import growth_summary, memory_summary
 from bench.variants import LABELS, describe
 
@@ -476,8 +476,9 @@ def _rate_by_cpu_time(rate: dict[str, Any]) -> str:
 def _rate(r: dict[str, Any]) -> str:
     """The writer against a GPU's step rate (bench/rate.py)."""
     rate = r.get("rate")
-    if not rate or "backing_seconds_per_gb_first_run" not in rate.get("tuned", {}):
+    if not rate or "backed_gb" not in rate.get("tuned", {}):
         return ""
+    tuned = rate["tuned"]
     rows = []
     for cores, run in sorted(rate["runs"].items()):
         for label, measured in (("", run), (", allocator tuned", run.get("tuned"))):
@@ -539,10 +540,10 @@ def _rate(r: dict[str, Any]) -> str:
             "machine whose balloon hands freed memory back to its host, and touching such memory "
             "again costs about ten times a plain page fault; a GPU host owns its memory. So "
             "before each run a throwaway process touched "
-            f"{BACKED_GB} GB: before the first paced run on 2 cores (allocator "
-            f"tuned) that took {rate['tuned']['backing_seconds_per_gb_first_run']:.2f} s per "
-            f"GB, before the later one {rate['tuned']['backing_seconds_per_gb_later_run']:.2f} s "
-            "per GB. The projection takes the sustained per-core rate and its 1 → 2 scaling "
+            f"{tuned['backed_gb']:.1f} GB: before the first paced run on 2 cores (allocator "
+            f"tuned) that took {tuned['backing_seconds_per_gb_first_run']:.2f} s per GB, before "
+            f"the later one {tuned['backing_seconds_per_gb_later_run']:.2f} s per GB. "
+            "The projection takes the sustained per-core rate and its 1 → 2 scaling "
             "(at most 2: more is the shared cores' noise) per doubling of cores, keeps the "
             "warm-up measured on 2 cores, and plays a 28-step generation at 0.15 s a step through "
             "the writer's backpressure (a step starts only while fewer than two are not "
