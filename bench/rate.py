@@ -21,7 +21,7 @@ It reports, per core count: the decoded MB/s of the whole run (every step's byte
 from the first put() to the last step durable) and the sustained rate (the steps after the first
 WARM_UP_STEPS, from when each was listed durable), the warm-up of a process's first paced run
 and of a later one (how much later than the sustained rate gives the first steps were durable:
-buffers and zarrs' working memory faulted in; see BACKED_GB for this machine's), how long put()
+buffers and zarrs' working memory faulted in, counted as `faulted_gb`), how long put()
 made the generation wait (the backpressure: the writer never lets memory grow), the unthrottled
 rate, the same without fsync (what durability costs) and on zarr-python's own codec pipeline (the
 baseline), and the fixed costs: starting the run as the session does, on the generation's thread
@@ -45,6 +45,7 @@ import json
 import math
 import mmap
 import os
+import resource
 import shutil
 import sys
 import threading
@@ -139,23 +140,29 @@ def disk_sync_mb_s(folder: Path, megabytes: int = 1024) -> float:
     return megabytes * 2**20 / seconds / 1e6
 
 
-# This machine is a virtual machine whose balloon hands the memory its guest frees back to the
-# host: the guest's first touch of such a page costs a fault on the host too, about ten times a
-# plain page fault (0.8-2.1 s per GB against 0.17-0.20, measured with numpy here). A GPU host
-# owns its memory. Before each measured run a throwaway process touches more memory than a run
-# faults in (max_pending step buffers and zarrs' copies of every shard in flight, ~6 GB at
-# FLUX.1-dev's shape), so that the run's own page faults cost what they cost on such a host;
-# at most a third of the machine's memory.
-BACKED_GB = min(8.0, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30 / 3)
-
-
 def touch_memory(gigabytes: float) -> float:
-    """Touch `gigabytes` of fresh memory in this (throwaway) process; seconds per GB."""
+    """Seconds per GB to touch `gigabytes` of memory this process never had. Fresh interpreter."""
     import numpy as np
 
     start = time.perf_counter()
     np.ones(int(gigabytes * 2**30) // 4, dtype=np.float32)
     return (time.perf_counter() - start) / gigabytes
+
+
+def memory_cost() -> dict[str, float]:
+    """What a page fault costs here: touching memory after a pause, and again at once.
+
+    Where the machine is a virtual machine whose balloon hands the memory its guest frees back
+    to the host (this one), memory touched after a pause costs a fault on the host as well; a
+    GPU host owns its memory, and pays what memory just freed costs.
+    """
+    time.sleep(5.0)  # Linux reports free pages to a balloon 2 s after they are freed
+    after_a_pause = isolated("bench.rate:touch_memory", gigabytes=2.0)
+    just_freed = isolated("bench.rate:touch_memory", gigabytes=2.0)
+    return {
+        "touch_seconds_per_gb_after_a_pause": after_a_pause,
+        "touch_seconds_per_gb_just_freed": just_freed,
+    }
 
 
 def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[str, Any]:
@@ -232,7 +239,6 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
             os.environ[DIRECT_IO_ENV] = "0" if name == BUFFERED else "1"
             store = workdir / f"{name}.zarr"
             shutil.rmtree(store, ignore_errors=True)
-            backed = isolated("bench.rate:touch_memory", gigabytes=BACKED_GB)
             created = time.perf_counter()
             run_name = claim_run(str(store))
             laid_down: list[float] = []
@@ -254,6 +260,7 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
                 fsync=fsync,
             )
             waited, start, cpu = 0.0, time.perf_counter(), time.process_time()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             listings = _Listings(writer, start)
             for step in range(steps):
                 for layer in range(LAYERS):
@@ -280,8 +287,11 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
                 "laid_down_seconds": laid_down[0],
                 "close_seconds": time.perf_counter() - last_put,
                 "stored_bytes": sum(p.stat().st_size for p in store.rglob("*") if p.is_file()),
-                "backing_seconds_per_gb": backed,
-                "backed_gb": BACKED_GB,
+                # Pages this process faulted in meanwhile, every thread: the memory the run
+                # took from the system rather than reused.
+                "faulted_gb": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+                * mmap.PAGESIZE
+                / 2**30,
             }
             measured |= _sustained(measured["listed_seconds"], step_bytes, pace)
             if name not in results or measured["seconds"] < results[name]["seconds"]:
@@ -362,12 +372,8 @@ def _projected(one: dict[str, Any], two: dict[str, Any], step_bytes: int) -> dic
         / one["unthrottled"]["decoded_mb_s"],
         "warm_up_seconds_first_run": first_run,
         "warm_up_seconds_later_run": later_run,
-        # What touching memory cost a throwaway process before each run (BACKED_GB): before the
-        # first, memory the VM had handed back to its host; before the later one, memory
-        # just touched.
-        "backing_seconds_per_gb_first_run": two["paced"]["backing_seconds_per_gb"],
-        "backing_seconds_per_gb_later_run": two[PACED_LATER]["backing_seconds_per_gb"],
-        "backed_gb": two["paced"]["backed_gb"],
+        "faulted_gb_first_run": two["paced"]["faulted_gb"],
+        "faulted_gb_later_run": two[PACED_LATER]["faulted_gb"],
     }
     for host in HOSTS:
         seconds_per_step = step_bytes / (per_core * per_doubling ** math.log2(host) * 1e6)
@@ -447,7 +453,8 @@ def figures(period: float = H100_STEP_SECONDS, steps: int = STEPS) -> dict[str, 
         by_cores[cores]["tuned"] = isolated(
             "bench.rate:measure", cores=cores, steps=steps, period=period, tuned=True
         )
-    return {"runs": by_cores} | (project(by_cores) if len(by_cores) == 2 else {})
+    out = {"runs": by_cores, "memory": memory_cost()}
+    return out | (project(by_cores) if len(by_cores) == 2 else {})
 
 
 def main(argv: list[str]) -> int:

@@ -476,9 +476,9 @@ def _rate_by_cpu_time(rate: dict[str, Any]) -> str:
 def _rate(r: dict[str, Any]) -> str:
     """The writer against a GPU's step rate (bench/rate.py)."""
     rate = r.get("rate")
-    if not rate or "backed_gb" not in rate.get("tuned", {}):
+    if not rate or "faulted_gb_first_run" not in rate.get("tuned", {}):
         return ""
-    tuned = rate["tuned"]
+    tuned, memory = rate["tuned"], rate["memory"]
     rows = []
     for cores, run in sorted(rate["runs"].items()):
         for label, measured in (("", run), (", allocator tuned", run.get("tuned"))):
@@ -536,13 +536,16 @@ def _rate(r: dict[str, Any]) -> str:
             "Warm-up: how much later than their feeding plus two sustained steps the first two "
             "were durable (the step buffers and zarrs' working memory faulted in), in a paced "
             "run that is a process's first and in one after it. Paced runs get each layer's maps "
-            "as a GPU makes them, spread over the step's 0.15 s. This machine is a virtual "
-            "machine whose balloon hands freed memory back to its host, and touching such memory "
-            "again costs about ten times a plain page fault; a GPU host owns its memory. So "
-            "before each run a throwaway process touched "
-            f"{tuned['backed_gb']:.1f} GB: before the first paced run on 2 cores (allocator "
-            f"tuned) that took {tuned['backing_seconds_per_gb_first_run']:.2f} s per GB, before "
-            f"the later one {tuned['backing_seconds_per_gb_later_run']:.2f} s per GB. "
+            "as a GPU makes them, spread over the step's 0.15 s. On 2 cores (allocator tuned) "
+            f"the first paced run faulted {tuned['faulted_gb_first_run']:.1f} GB of memory in, "
+            f"the later one {tuned['faulted_gb_later_run']:.1f} GB. This machine is a virtual "
+            "machine whose balloon hands the memory its guest frees back to the host: touching "
+            f"memory after a pause cost {memory['touch_seconds_per_gb_after_a_pause']:.2f} s "
+            f"per GB here, against {memory['touch_seconds_per_gb_just_freed']:.2f} s for memory "
+            "just freed (a fresh process touching 2 GB, 5 s after the last measurement, then at "
+            "once again). A GPU host owns its memory and pays the second, so a first run's "
+            "warm-up here overstates its own; a later run reuses its memory and is not "
+            "affected. "
             "The projection takes the sustained per-core rate and its 1 → 2 scaling "
             "(at most 2: more is the shared cores' noise) per doubling of cores, keeps the "
             "warm-up measured on 2 cores, and plays a 28-step generation at 0.15 s a step through "
