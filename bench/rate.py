@@ -403,25 +403,21 @@ def _sustained(listed: list[float], step_bytes: int, period: float) -> dict[str,
     }
 
 
-def _simulated_ratio(
-    seconds_per_step: float,
-    warm_up_seconds: float,
-    period: float = H100_STEP_SECONDS,
-    steps: int = FLUX_STEPS,
-) -> float:
-    """Traced / untraced of a generation of `steps` steps, one every `period` seconds, with a
-    writer that makes a step durable every `seconds_per_step` once warm and spends
-    `warm_up_seconds` more on its first. As the writer does: a step is written once generated,
-    after the one before it; the generation starts a step only while fewer than WARM_UP_STEPS
-    (max_pending) steps are not yet durable; the run ends when its last step is."""
-    return _durable_times(seconds_per_step, warm_up_seconds, period, steps)[-1] / (steps * period)
+def _simulated_ratio(seconds_per_step: float, warm_up_seconds: float) -> float:
+    """Traced / untraced of a FLUX_STEPS generation at the H100's step time, with a writer that
+    makes a step durable every `seconds_per_step` once warm and spends `warm_up_seconds` more on
+    its first (_durable_times); the run ends when its last step is durable."""
+    durable = _durable_times(seconds_per_step, warm_up_seconds, H100_STEP_SECONDS, FLUX_STEPS)
+    return durable[-1] / (FLUX_STEPS * H100_STEP_SECONDS)
 
 
 def _durable_times(
     seconds_per_step: float, warm_up_seconds: float, period: float, steps: int
 ) -> list[float]:
-    """When each step is durable in _simulated_ratio's play, in seconds from the first step's
-    start."""
+    """When each of `steps` steps, one generated every `period` seconds, is durable, in seconds
+    from the first step's start. As the writer does: a step is written once generated, after the
+    one before it; the generation starts a step only while fewer than WARM_UP_STEPS
+    (max_pending) steps are not yet durable."""
     durable: list[float] = []
     generated = 0.0
     for step in range(steps):

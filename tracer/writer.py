@@ -196,17 +196,18 @@ class TraceWriter:
             len(directions) * max_pending, thread_name_prefix="attnscope-store"
         )
         self._stored: queue.SimpleQueue[Any] = queue.SimpleQueue()  # (slot, futures), in order
-        # A planned run is laid down beside the worker, which meanwhile copies the first step's
-        # maps into its buffer: only storing the step needs the run's arrays.
-        self._laid_down: Future[bool] | None = (
-            self._stores.submit(self._lay_down) if self._plan is not None else None
-        )
         self._thread = threading.Thread(target=self._work, name="attnscope-writer", daemon=True)
         self._lister = threading.Thread(
             target=self._list_steps, name="attnscope-lister", daemon=True
         )
         self._thread.start()
         self._lister.start()
+        # A planned run is laid down beside the worker, which meanwhile copies the first step's
+        # maps into its buffer: only storing the step needs the run's arrays. Started last, so
+        # that starting the threads above does not wait on it for the GIL.
+        self._laid_down: Future[bool] | None = (
+            self._stores.submit(self._lay_down) if self._plan is not None else None
+        )
 
     def _open(self, run: zarr.Group) -> None:
         """Open the run's attention arrays for writing, checked against what put() expects."""
