@@ -419,15 +419,12 @@ class TraceWriter:
         deadline = time.monotonic() + timeout
         self._thread.join(timeout)
         self._lister.join(max(0.0, deadline - time.monotonic()))
-        laying_down = [self._laid_down] if self._laid_down is not None else []
-        # The caller marks the run failed through `run`: a lay-down under way is let finish.
-        wait(laying_down, max(0.0, deadline - time.monotonic()))
+        if self._laid_down is not None:
+            # The caller marks the run failed through `run`: a lay-down under way is let finish.
+            wait([self._laid_down], max(0.0, deadline - time.monotonic()))
         self._finished = True
-        if (
-            not self._thread.is_alive()
-            and not self._lister.is_alive()
-            and all(f.done() for f in laying_down)
-        ):
+        laid_down = self._laid_down is None or self._laid_down.done()
+        if not self._thread.is_alive() and not self._lister.is_alive() and laid_down:
             self._stores.shutdown()
             self._remove_staging()
 
