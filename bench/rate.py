@@ -32,7 +32,9 @@ thread during the first step, `laid_down_seconds`), and the flush after the last
 The projection to an H100 host assumes the sustained per-core rate and its measured 1 -> 2 core
 scaling (at most 2) hold per doubling of cores, keeps the warm-up measured on 2 cores, and plays
 a 28-step generation through the writer's backpressure (_simulated_ratio): traced / untraced is
-when its last step is durable over 28 H100 steps.
+when its last step is durable over 28 H100 steps. For later runs it is also measured (emulate):
+the real writer on 2 cores is fed a 28-step generation whose period is stretched by how much
+longer a step takes to write here than projected on the host, so it faces the host's load.
 
     python -m bench rate                     # prints the figures
     python -m bench rate --json rate.json    # and writes them as JSON
@@ -171,51 +173,12 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
     `tuned`: with the allocator set as `attnscope record` sets it (tracer.allocator), paced and
     unthrottled only.
     """
-    os.sched_setaffinity(0, set(range(cores)))
-    if tuned:
-        from tracer.allocator import tune_for_recording
-
-        tune_for_recording()
-    import numpy as np
-    import torch
-
-    from analysis import store_format as fmt
     from tracer.durable import DIRECT_IO_ENV
-    from tracer.rounding import bitround_
-    from tracer.store import claim_run, lay_down_run
-    from tracer.writer import RunPlan, TraceWriter
     from tracer.zarr_pipeline import ENV
 
-    torch.set_num_threads(cores)
+    _take_cores(cores, tuned)
     with scratch("rate") as workdir:
-        demo = {
-            d: bitround_(v, fmt.DEFAULT_KEEPBITS)
-            for d, v in _demo_maps(workdir / "demo.zarr").items()
-        }
-        # One layer's [heads, rows, y*x] maps per direction, cycling through the demo's maps.
-        per_layer = HEADS * TOKEN_ROWS
-        maps = {
-            d: [
-                torch.stack(
-                    [v[(layer * per_layer + i) % len(v)] for i in range(per_layer)]
-                ).reshape(HEADS, TOKEN_ROWS, -1)
-                for layer in range(LAYERS)
-            ]
-            for d, v in demo.items()
-        }
-        rows = [fmt.TokenRow(i, 1, f"t{i}", "prompt") for i in range(TOKEN_ROWS - 1)]
-        rows.append(fmt.TokenRow(TOKEN_ROWS - 1, 512 - TOKEN_ROWS + 1, "<pad>", "prompt", True))
-        coords = fmt.run_coords(
-            steps=list(range(steps)),
-            timesteps=np.linspace(1000, 1000 / steps, steps),
-            sigmas=np.linspace(1, 1 / steps, steps),
-            layers=[f"layer.{i}" for i in range(LAYERS)],
-            layer_kinds=["double"] * LAYERS,
-            heads=list(range(HEADS)),
-            tokens=rows,
-            grid=GRID,
-        )
-        attrs = {fmt.STATUS: fmt.RECORDING, fmt.STEPS_COMPLETE: [], fmt.TEXT_LEN: 512}
+        load = _Load(workdir, steps)
         results = {}
         # Paced twice: a process's first run faults its memory in, a later one reuses it. The
         # unthrottled run twice, the faster kept: other jobs on the shared cores only ever slow
@@ -237,63 +200,7 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
             os.environ[ENV] = "zarr" if name == BASELINE else "zarrs"
             # Synced shards are written past the page cache (O_DIRECT) but here.
             os.environ[DIRECT_IO_ENV] = "0" if name == BUFFERED else "1"
-            store = workdir / f"{name}.zarr"
-            shutil.rmtree(store, ignore_errors=True)
-            created = time.perf_counter()
-            run_name = claim_run(str(store))
-            laid_down: list[float] = []
-
-            def lay_down(
-                run_name: str = run_name, store: Path = store, laid_down: list[float] = laid_down
-            ) -> Any:
-                began = time.perf_counter()
-                group = lay_down_run(str(store), run_name, coords, attrs, fmt.DIRECTIONS, None)
-                laid_down.append(time.perf_counter() - began)
-                return group
-
-            # The maps arrive rounded, as from the GPU (rounded there before the copy), so the
-            # writer is not asked to round them again on the host.
-            writer = TraceWriter(
-                RunPlan(coords, None, lay_down),
-                directions=list(fmt.DIRECTIONS),
-                n_layers=LAYERS,
-                fsync=fsync,
-            )
-            waited, start, cpu = 0.0, time.perf_counter(), time.process_time()
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            listings = _Listings(writer, start)
-            for step in range(steps):
-                for layer in range(LAYERS):
-                    # As a GPU makes them: each layer's maps when its block has run, the step's
-                    # last at the end of its period.
-                    due = start + (step + (layer + 1) / LAYERS) * pace
-                    time.sleep(max(0.0, due - time.perf_counter()))
-                    before = time.perf_counter()
-                    writer.put(step, layer, {d: maps[d][layer] for d in fmt.DIRECTIONS})
-                    waited += time.perf_counter() - before
-            last_put = time.perf_counter()
-            writer.close()
-            elapsed = time.perf_counter() - start
-            listed = listings.stop()
-            step_bytes = 2 * LAYERS * HEADS * TOKEN_ROWS * GRID[0] * GRID[1] * 4
-            measured = {
-                "seconds": elapsed,
-                "decoded_mb_s": steps * step_bytes / elapsed / 1e6,
-                "listed_seconds": listed,
-                "put_wait_seconds": waited,
-                # Every thread of the process: the puts' copies, encoding, writing, syncing.
-                "cpu_seconds": time.process_time() - cpu,
-                "start_seconds": start - created,
-                "laid_down_seconds": laid_down[0],
-                "close_seconds": time.perf_counter() - last_put,
-                "stored_bytes": sum(p.stat().st_size for p in store.rglob("*") if p.is_file()),
-                # Pages this process faulted in meanwhile, every thread: the memory the run
-                # took from the system rather than reused.
-                "faulted_gb": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
-                * mmap.PAGESIZE
-                / 2**30,
-            }
-            measured |= _sustained(measured["listed_seconds"], step_bytes, pace)
+            measured = _feed(load, workdir / f"{name}.zarr", steps, pace, fsync)
             if name not in results or measured["seconds"] < results[name]["seconds"]:
                 results[name] = measured
         disk = disk_sync_mb_s(workdir)
@@ -301,13 +208,163 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
         "cores": cores,
         "steps": steps,
         "period": period,
-        "step_bytes": step_bytes,
+        "step_bytes": load.step_bytes,
         "disk_sync_mb_s": disk,
     } | results
 
 
-def project(by_cores: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Per-core rate, 1 → 2 scaling and the projected traced/untraced ratio on H100 hosts."""
+def emulate(cores: int, seconds_per_step: dict[str, float]) -> dict[str, Any]:
+    """Later runs of a FLUX_STEPS generation on `cores` cores, each at a host's load: its step
+    period stretched by how much longer a step takes here than the `seconds_per_step` projected
+    for that host. Allocator tuned. Fresh interpreter.
+
+    Traced/untraced is then measured, not modelled: the writer's warm-up, its backpressure and
+    the flush after the last step as they happen. Like the projection, it assumes all of a
+    step's writing scales with the cores.
+    """
+    from tracer.durable import DIRECT_IO_ENV
+    from tracer.zarr_pipeline import ENV
+
+    _take_cores(cores, tuned=True)
+    os.environ[ENV], os.environ[DIRECT_IO_ENV] = "zarrs", "1"
+    with scratch("emulate") as workdir:
+        load = _Load(workdir, FLUX_STEPS)
+        # This process's own step time (and its memory faulted in, so the runs below are later
+        # runs): the shared cores are not equally fast from one process to the next.
+        here = _feed(load, workdir / "unthrottled.zarr", STEPS, 0.0)
+        seconds_here = load.step_bytes / here["sustained_mb_s"] / 1e6
+        out: dict[str, Any] = {"unthrottled": here}
+        for host, seconds in seconds_per_step.items():
+            period = H100_STEP_SECONDS * seconds_here / seconds
+            run = _feed(load, workdir / f"{host} cores.zarr", FLUX_STEPS, period)
+            out[host] = run | {
+                "period": period,
+                "traced_over_untraced": run["seconds"] / (FLUX_STEPS * period),
+            }
+    return out
+
+
+def _take_cores(cores: int, tuned: bool) -> None:
+    """Run this process on the first `cores` cores; `tuned`: allocator as `attnscope record`."""
+    os.sched_setaffinity(0, set(range(cores)))
+    if tuned:
+        from tracer.allocator import tune_for_recording
+
+        tune_for_recording()
+    import torch
+
+    torch.set_num_threads(cores)
+
+
+class _Load:
+    """FLUX.1-dev-shaped steps of real maps, rounded as from the GPU, and a run's coordinates
+    for `steps` steps."""
+
+    def __init__(self, workdir: Path, steps: int) -> None:
+        import numpy as np
+        import torch
+
+        from analysis import store_format as fmt
+        from tracer.rounding import bitround_
+
+        demo = {
+            d: bitround_(v, fmt.DEFAULT_KEEPBITS)
+            for d, v in _demo_maps(workdir / "demo.zarr").items()
+        }
+        # One layer's [heads, rows, y*x] maps per direction, cycling through the demo's maps.
+        per_layer = HEADS * TOKEN_ROWS
+        self.maps = {
+            d: [
+                torch.stack(
+                    [v[(layer * per_layer + i) % len(v)] for i in range(per_layer)]
+                ).reshape(HEADS, TOKEN_ROWS, -1)
+                for layer in range(LAYERS)
+            ]
+            for d, v in demo.items()
+        }
+        rows = [fmt.TokenRow(i, 1, f"t{i}", "prompt") for i in range(TOKEN_ROWS - 1)]
+        rows.append(fmt.TokenRow(TOKEN_ROWS - 1, 512 - TOKEN_ROWS + 1, "<pad>", "prompt", True))
+        self.coords = fmt.run_coords(
+            steps=list(range(steps)),
+            timesteps=np.linspace(1000, 1000 / steps, steps),
+            sigmas=np.linspace(1, 1 / steps, steps),
+            layers=[f"layer.{i}" for i in range(LAYERS)],
+            layer_kinds=["double"] * LAYERS,
+            heads=list(range(HEADS)),
+            tokens=rows,
+            grid=GRID,
+        )
+        self.attrs = {fmt.STATUS: fmt.RECORDING, fmt.STEPS_COMPLETE: [], fmt.TEXT_LEN: 512}
+        self.step_bytes = 2 * LAYERS * HEADS * TOKEN_ROWS * GRID[0] * GRID[1] * 4
+
+
+def _feed(load: _Load, store: Path, steps: int, pace: float, fsync: bool = True) -> dict[str, Any]:
+    """One run: the first `steps` of `load`'s steps fed to a new writer into `store`, a step
+    every `pace` seconds (0: as fast as it takes them); what it measured."""
+    from analysis import store_format as fmt
+    from tracer.store import claim_run, lay_down_run
+    from tracer.writer import RunPlan, TraceWriter
+
+    shutil.rmtree(store, ignore_errors=True)
+    created = time.perf_counter()
+    run_name = claim_run(str(store))
+    laid_down: list[float] = []
+
+    def lay_down() -> Any:
+        began = time.perf_counter()
+        group = lay_down_run(str(store), run_name, load.coords, load.attrs, fmt.DIRECTIONS, None)
+        laid_down.append(time.perf_counter() - began)
+        return group
+
+    # The maps arrive rounded, as from the GPU (rounded there before the copy), so the writer
+    # is not asked to round them again on the host.
+    writer = TraceWriter(
+        RunPlan(load.coords, None, lay_down),
+        directions=list(fmt.DIRECTIONS),
+        n_layers=LAYERS,
+        fsync=fsync,
+    )
+    waited, start, cpu = 0.0, time.perf_counter(), time.process_time()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    listings = _Listings(writer, start)
+    for step in range(steps):
+        for layer in range(LAYERS):
+            # As a GPU makes them: each layer's maps when its block has run, the step's last at
+            # the end of its period; a generation held in put() resumes where it stopped.
+            due = start + waited + (step + (layer + 1) / LAYERS) * pace
+            time.sleep(max(0.0, due - time.perf_counter()))
+            before = time.perf_counter()
+            writer.put(step, layer, {d: load.maps[d][layer] for d in fmt.DIRECTIONS})
+            waited += time.perf_counter() - before
+    last_put = time.perf_counter()
+    writer.close()
+    elapsed = time.perf_counter() - start
+    listed = listings.stop()
+    measured = {
+        "seconds": elapsed,
+        "decoded_mb_s": steps * load.step_bytes / elapsed / 1e6,
+        "listed_seconds": listed,
+        "put_wait_seconds": waited,
+        # Every thread of the process: the puts' copies, encoding, writing, syncing.
+        "cpu_seconds": time.process_time() - cpu,
+        "start_seconds": start - created,
+        "laid_down_seconds": laid_down[0],
+        "close_seconds": time.perf_counter() - last_put,
+        "stored_bytes": sum(p.stat().st_size for p in store.rglob("*") if p.is_file()),
+        # Pages this process faulted in meanwhile, every thread: the memory the run took from
+        # the system rather than reused.
+        "faulted_gb": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+        * mmap.PAGESIZE
+        / 2**30,
+    }
+    return measured | _sustained(listed, load.step_bytes, pace)
+
+
+def project(
+    by_cores: dict[int, dict[str, Any]], emulated: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Per-core rate, 1 → 2 scaling and the projected traced/untraced ratio on H100 hosts;
+    with `emulate()`'s runs, the later runs' ratio as they measured it too."""
     step_bytes = by_cores[1]["step_bytes"]
     out = {
         "needed_mb_s_at_h100": step_bytes / H100_STEP_SECONDS / 1e6,
@@ -334,6 +391,10 @@ def project(by_cores: dict[int, dict[str, Any]]) -> dict[str, Any]:
     if all("tuned" in runs for runs in by_cores.values()):
         one, two = by_cores[1]["tuned"], by_cores[2]["tuned"]
         out["tuned"] = _projected(one, two, step_bytes) | _by_cpu_time(one, step_bytes)
+        for host in HOSTS if emulated else ():
+            out["tuned"][f"projected_ratio_h100_{host}_cores_later_run_emulated"] = emulated[
+                str(host)
+            ]["traced_over_untraced"]
     return out
 
 
@@ -358,9 +419,6 @@ def _projected(one: dict[str, Any], two: dict[str, Any], step_bytes: int) -> dic
     of HOSTS, the scaling assumed to hold per doubling of cores (_simulated_ratio)."""
     per_core = one["unthrottled"]["sustained_mb_s"]
     scaling = two["unthrottled"]["sustained_mb_s"] / per_core
-    # A measured 1 -> 2 scaling above 2 is noise (the cores are shared): never project faster
-    # than one core's rate times the cores.
-    per_doubling = min(scaling, 2.0)
     # The warm-up of a process's first run (the paced one comes first), on the most cores here:
     # whether it shrinks with more cores is not measurable on this machine, so it is kept.
     first_run, later_run = two["paced"]["warm_up_seconds"], two[PACED_LATER]["warm_up_seconds"]
@@ -376,12 +434,24 @@ def _projected(one: dict[str, Any], two: dict[str, Any], step_bytes: int) -> dic
         "faulted_gb_later_run": two[PACED_LATER]["faulted_gb"],
     }
     for host in HOSTS:
-        seconds_per_step = step_bytes / (per_core * per_doubling ** math.log2(host) * 1e6)
+        seconds_per_step = _seconds_per_step(one, two, step_bytes, host)
         out[f"projected_ratio_h100_{host}_cores"] = _simulated_ratio(seconds_per_step, first_run)
         out[f"projected_ratio_h100_{host}_cores_later_run"] = _simulated_ratio(
             seconds_per_step, later_run
         )
     return out
+
+
+def _seconds_per_step(
+    one: dict[str, Any], two: dict[str, Any], step_bytes: int, host: int
+) -> float:
+    """A step's sustained writing time projected for `host` cores, from the runs on one and two
+    cores: one core's rate, times its 1 -> 2 core scaling per doubling of cores."""
+    per_core = one["unthrottled"]["sustained_mb_s"]
+    # A measured 1 -> 2 scaling above 2 is noise (the cores are shared): never project faster
+    # than one core's rate times the cores.
+    per_doubling = min(two["unthrottled"]["sustained_mb_s"] / per_core, 2.0)
+    return step_bytes / (per_core * per_doubling ** math.log2(host) * 1e6)
 
 
 # A writer's first steps are slower: its step buffers (TraceWriter's max_pending of them) and
@@ -449,8 +519,16 @@ def figures(period: float = H100_STEP_SECONDS, steps: int = STEPS) -> dict[str, 
         by_cores[cores]["tuned"] = isolated(
             "bench.rate:measure", cores=cores, steps=steps, period=period, tuned=True
         )
-    out = {"runs": by_cores, "memory": memory_cost()}
-    return out | (project(by_cores) if len(by_cores) == 2 else {})
+    out: dict[str, Any] = {"runs": by_cores}
+    if len(by_cores) == 2:
+        one, two = by_cores[1]["tuned"], by_cores[2]["tuned"]
+        log("rate: later runs at the load of 8 and 16 cores, emulated on 2")
+        seconds_per_step = {
+            str(host): _seconds_per_step(one, two, one["step_bytes"], host) for host in HOSTS
+        }
+        out["emulated"] = isolated("bench.rate:emulate", cores=2, seconds_per_step=seconds_per_step)
+    out["memory"] = memory_cost()
+    return out | (project(by_cores, out.get("emulated")) if len(by_cores) == 2 else {})
 
 
 def main(argv: list[str]) -> int:

@@ -204,6 +204,9 @@ def _writer_rows(r: dict[str, Any]) -> list[list[str]]:
         "later runs": tuned["projected_ratio_h100_16_cores_later_run"],
         "by CPU time": tuned["projected_ratio_h100_16_cores_by_cpu_time"],
     }
+    emulated = tuned.get("projected_ratio_h100_16_cores_later_run_emulated")
+    if emulated is not None:
+        projected["later runs, emulated on 2 cores"] = emulated
     starting = rate["start_run_ms"]
     return [
         [
@@ -438,6 +441,32 @@ def _rate_tuned(rate: dict[str, Any]) -> str:
         f"{tuned['projected_ratio_h100_8_cores_by_cpu_time']:.2f}× on 8 cores and "
         f"{tuned['projected_ratio_h100_16_cores_by_cpu_time']:.2f}× on 16. One arena serves every "
         "thread: whether that holds its scaling up to 16 cores is not measurable on this machine."
+        + _rate_emulated(rate)
+    )
+
+
+def _rate_emulated(rate: dict[str, Any]) -> str:
+    """Later runs played at a host's load on this machine's two cores (bench.rate.emulate)."""
+    emulated = rate.get("emulated")
+    if not emulated:
+        return ""
+    runs = [(host, emulated[host]) for host in sorted(emulated, key=int) if host.isdigit()]
+    return (
+        " Emulated: later runs of a 28-step generation fed to the writer on 2 cores (allocator "
+        "tuned), each step's period stretched by how much longer 2 cores here take to write a "
+        "step than the host is projected to, so the writer faces the host's load; traced / "
+        "untraced is then measured (warm-up, backpressure and the flush after the last step "
+        "as they happen), not played by the model above. "
+        + "; ".join(
+            f"{host} cores: a step every {run['period']:.2f} s, "
+            f"{run['traced_over_untraced']:.2f}× (the generation waited "
+            f"{run['put_wait_seconds']:.2f} s in put(), the flush after the last step took "
+            f"{run['close_seconds']:.2f} s)"
+            for host, run in runs
+        )
+        + ". It assumes, as the projection does, that all of a step's writing scales with the "
+        "cores: copying a shard into zarrs and writing it out are serial per shard (four in "
+        "flight), so a 16-core host may scale less."
     )
 
 

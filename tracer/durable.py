@@ -16,11 +16,14 @@ figures). ATTNSCOPE_DIRECT_IO=0 turns that off, as a fallback and for comparing.
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -97,6 +100,21 @@ class StagedShards:
     @staticmethod
     def _move_into_place(staged: Path, final: Path) -> None:
         os.replace(staged, final)
+
+
+def write_attributes(group: zarr.Group, attributes: Mapping[str, Any], *, fsync: bool) -> None:
+    """Update the attributes of `group`, a group of a local store, as `group.update_attributes`
+    does (written aside and renamed into place, by zarr's store), but on the calling thread:
+    zarr's own thread pool is as large as the cores, and the shard writes of the steps after
+    this one may hold every one of its threads for as long as a step takes to encode.
+    `fsync`: make the new `zarr.json` reach the disk before returning."""
+    group.metadata.attributes.update(attributes)
+    document = group.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
+    # The store's set() in an event loop of this thread's: its file write runs on that loop's
+    # own thread, not in zarr's pool.
+    asyncio.run(group.store.set(f"{group.path}/zarr.json".lstrip("/"), document))
+    if fsync:
+        sync_file(Path(group.store.root) / group.path / "zarr.json")
 
 
 def sync_file(path: Path) -> None:

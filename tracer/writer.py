@@ -44,7 +44,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,7 +53,7 @@ from zarr.storage import LocalStore
 
 from analysis import store_format as sf
 from analysis.errors import WriterError
-from tracer.durable import StagedShards, sync_file
+from tracer.durable import StagedShards, write_attributes
 from tracer.rounding import bitround_
 from tracer.zarr_pipeline import pipeline_for
 
@@ -656,9 +655,10 @@ class TraceWriter:
             attrs[sf.SKIPPED] = skipped
         try:
             # Only after the data writes returned: a listed step is intact.
-            self._run.update_attributes(attrs)
-            if self._local and self._fsync:
-                sync_file(Path(self._run.store.root) / self._run.path / "zarr.json")
+            if self._local:
+                write_attributes(self._run, attrs, fsync=self._fsync)
+            else:
+                self._run.update_attributes(attrs)
         except Exception as exc:
             self._fail(
                 f"listing step {value} (position {step_pos}) in {sf.STEPS_COMPLETE} failed: "

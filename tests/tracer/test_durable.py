@@ -1,18 +1,22 @@
-"""Staged step shards: renamed into place whole, synced, readable by plain zarr."""
+"""Staged step shards: renamed into place whole, synced, readable by plain zarr; a run's
+attributes written without zarr's thread pool."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
 from analysis import store_format as sf
-from tracer.durable import DIRECT_IO_ENV, StagedShards, takes_direct_io
+from tracer.durable import DIRECT_IO_ENV, StagedShards, takes_direct_io, write_attributes
 
 SHAPE = (3, 2, 4, 2, 8, 8)  # step, layer, head, token, y, x
 
@@ -130,3 +134,44 @@ def test_the_direct_io_probe_leaves_nothing_and_says_no_where_refused(tmp_path, 
     _refuse_o_direct(monkeypatch)
     assert takes_direct_io(tmp_path) is False
     assert list(tmp_path.iterdir()) == []
+
+
+def test_attributes_are_written_while_zarrs_thread_pool_is_held(tmp_path, monkeypatch):
+    root = zarr.open_group(LocalStore(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    group = root.create_group("run-0000", attributes={"status": "recording", "text_len": 7})
+    # Hold every thread of zarr's pool (the one its store writes and zarrs' encodes run on), as
+    # the shard writes of later steps may while a step is listed.
+    release = threading.Event()
+
+    async def hold() -> None:
+        await asyncio.gather(*(asyncio.to_thread(release.wait, 30) for _ in range(64)))
+
+    holder = threading.Thread(target=sync, args=(hold(),), daemon=True)
+    holder.start()
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        writing = threading.Thread(
+            target=write_attributes,
+            args=(group, {"steps_complete": [0, 2]}),
+            kwargs={"fsync": True},
+        )
+        writing.start()
+        writing.join(10)
+        assert not writing.is_alive(), "the attributes waited for zarr's thread pool"
+    finally:
+        release.set()
+        holder.join(30)
+    document = tmp_path / "s.zarr" / "run-0000" / "zarr.json"
+    assert synced == [str(document), str(document.parent)]
+    plain = zarr.open_group(LocalStore(tmp_path / "s.zarr"), path="run-0000", mode="r")
+    expected = {"status": "recording", "text_len": 7, "steps_complete": [0, 2]}
+    assert dict(plain.attrs) == expected
+    assert dict(group.attrs) == expected  # the group object holds them too, for later writes
+    assert sorted(p.name for p in document.parent.iterdir()) == ["zarr.json"]
