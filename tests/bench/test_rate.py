@@ -3,7 +3,7 @@ and a generation played through the writer's backpressure; against figures worke
 
 import pytest
 
-from bench.rate import _durable_times, _simulated_ratio, _sustained
+from bench.rate import _durable_times, _seconds_per_step, _simulated_ratio, _sustained
 
 STEP_BYTES = 300_000_000
 
@@ -32,3 +32,13 @@ def test_a_writer_without_warm_up_reads_none_when_fed_paced_or_at_once():
     assert paced["warm_up_seconds"] == pytest.approx(0.0)
     # All at once: the first durable after one step's writing.
     assert _sustained([0.3, 0.6, 0.9], STEP_BYTES, 0.0)["warm_up_seconds"] == pytest.approx(0.0)
+
+
+def test_a_host_s_step_time_scales_one_core_s_rate_per_doubling_of_cores_at_most_twice():
+    one = {"unthrottled": {"sustained_mb_s": 750.0}}
+    # 2.2x from 1 to 2 cores is the shared cores' noise: 16 cores write 16 times one core.
+    noisy = {"unthrottled": {"sustained_mb_s": 1_650.0}}
+    assert _seconds_per_step(one, noisy, STEP_BYTES, 16) == pytest.approx(300 / (750 * 16))
+    # 1.8x per doubling: 8 cores are three doublings.
+    slower = {"unthrottled": {"sustained_mb_s": 1_350.0}}
+    assert _seconds_per_step(one, slower, STEP_BYTES, 8) == pytest.approx(300 / (750 * 1.8**3))
