@@ -450,7 +450,7 @@ def _rate_emulated(rate: dict[str, Any]) -> str:
     emulated = rate.get("emulated")
     if not emulated:
         return ""
-    runs = [(host, emulated[host]) for host in sorted(emulated, key=int) if host.isdigit()]
+    runs = [(host, emulated[host]) for host in sorted(filter(str.isdigit, emulated), key=int)]
     return (
         " Emulated: later runs of a 28-step generation fed to the writer on 2 cores (allocator "
         "tuned), each step's period stretched by how much longer 2 cores here take to write a "
@@ -464,9 +464,16 @@ def _rate_emulated(rate: dict[str, Any]) -> str:
             f"{run['close_seconds']:.2f} s)"
             for host, run in runs
         )
-        + ". It assumes, as the projection does, that all of a step's writing scales with the "
-        "cores: copying a shard into zarrs and writing it out are serial per shard (four in "
-        "flight), so a 16-core host may scale less."
+        + ". The model above reads "
+        + " and ".join(
+            f"{rate['tuned'][f'projected_ratio_h100_{host}_cores_later_run']:.2f}× on {host}"
+            for host, _ in runs
+        )
+        + ": where the writer keeps up the two agree; where it does not, the generation fills "
+        "one of the two step buffers while the writer has only the other step to write, which "
+        "the model does not play. The emulation assumes, as the projection does, that all of a "
+        "step's writing scales with the cores: copying a shard into zarrs and writing it out "
+        "are serial per shard (four in flight), so a 16-core host may scale less."
     )
 
 
