@@ -55,17 +55,23 @@ def test_a_staged_step_reads_back_through_plain_zarr_and_xarray(tmp_path):
     ]
 
 
-def test_the_shard_and_every_folder_made_for_it_are_synced(tmp_path, monkeypatch):
-    array = make_array(tmp_path / "s.zarr")
-    staged = StagedShards(array)
-    synced: list[str] = []
+@pytest.fixture
+def synced(monkeypatch) -> list[str]:
+    """The paths os.fsync is called on from now, in order (each still synced)."""
+    paths: list[str] = []
     real_fsync = os.fsync
 
     def fsync(descriptor: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        paths.append(os.readlink(f"/proc/self/fd/{descriptor}"))
         real_fsync(descriptor)
 
     monkeypatch.setattr(os, "fsync", fsync)
+    return paths
+
+
+def test_the_shard_and_every_folder_made_for_it_are_synced(tmp_path, synced):
+    array = make_array(tmp_path / "s.zarr")
+    staged = StagedShards(array)
     staged.write(2, np.ones(SHAPE[1:], dtype=np.float32))
     folder = tmp_path / "s.zarr" / "txt2img"
     shard = folder / array.metadata.encode_chunk_key((2, 0, 0, 0, 0, 0))
@@ -136,7 +142,7 @@ def test_the_direct_io_probe_leaves_nothing_and_says_no_where_refused(tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_attributes_are_written_while_zarrs_thread_pool_is_held(tmp_path, monkeypatch):
+def test_attributes_are_written_while_zarrs_thread_pool_is_held(tmp_path, synced):
     root = zarr.open_group(LocalStore(tmp_path / "s.zarr"), mode="w", zarr_format=3)
     group = root.create_group("run-0000", attributes={"status": "recording", "text_len": 7})
     # Hold every thread of zarr's pool (the one its store writes and zarrs' encodes run on), as
@@ -148,14 +154,6 @@ def test_attributes_are_written_while_zarrs_thread_pool_is_held(tmp_path, monkey
 
     holder = threading.Thread(target=sync, args=(hold(),), daemon=True)
     holder.start()
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(descriptor: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
-        real_fsync(descriptor)
-
-    monkeypatch.setattr(os, "fsync", fsync)
     try:
         writing = threading.Thread(
             target=write_attributes,
