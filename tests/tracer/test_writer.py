@@ -638,6 +638,41 @@ def test_failed_listing_raises(tmp_path: Path) -> None:
     assert read_run(path).attrs[sf.STEPS_COMPLETE] == []
 
 
+def test_a_listing_the_disk_fails_to_sync_fails_close_and_keeps_the_step_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a local folder the writer writes and syncs the listing itself (tracer.durable), so the
+    # failure comes from the disk: fsync of the run's zarr.json reports an I/O error.
+    path = tmp_path / "t.zarr"
+    run = make_run(path, wrapped=False)
+    listing = str(path / GROUP / "zarr.json")
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        if os.readlink(f"/proc/self/fd/{descriptor}") == listing:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    writer = TraceWriter(run, directions=sf.DIRECTIONS, n_layers=N_LAYERS)
+    rng = np.random.default_rng(9)
+    maps = [random_maps(rng, sf.DIRECTIONS) for _ in range(N_LAYERS)]
+    for layer_pos in range(N_LAYERS):
+        writer.put(0, layer_pos, maps[layer_pos])
+    closer, result = in_thread(writer.close)
+    finish(closer)
+    error = result.get("error")
+    assert isinstance(error, WriterError), result
+    assert "listing step 0 (position 0)" in str(error)
+    assert "Input/output error" in str(error)
+    assert writer.steps_complete == []
+    # The step's shards reached the disk before the listing was written: what reads as listed
+    # is whole.
+    ds = read_run(path)
+    for layer_pos in range(N_LAYERS):
+        assert_stored(ds, 0, layer_pos, maps[layer_pos], keepbits=9)
+
+
 def test_close_with_incomplete_step_raises_and_leaves_it_unwritten(tmp_path: Path) -> None:
     path = tmp_path / "t.zarr"
     run = make_run(path)
