@@ -5,8 +5,9 @@ a writer that falls behind. This one leaves the model out: it feeds the real wri
 into a real store) with FLUX.1-dev-shaped steps (57 layers × 24 heads × the token rows of a
 20-word prompt × 64×64, both directions), made of maps from a real recording of the demo model at
 a 64×64 latent grid (real maps compress as maps do; random numbers do not), one step every
-`--period` seconds (each layer's maps as a GPU makes them, spread over the period), on 1 and then
-2 host cores (`sched_setaffinity`), each in a fresh process.
+`--period` seconds (each layer's maps as a GPU makes them, spread over the period; a generation
+held in put() resumes where it stopped), on 1 and then 2 host cores (`sched_setaffinity`), each
+in a fresh process.
 
 The maps arrive already rounded to the default keepbits, as they leave a GPU (tracer.rounding
 rounds them there, before the copy), so the host does here what it does on a GPU box: copy
