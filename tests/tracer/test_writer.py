@@ -627,15 +627,20 @@ def test_failed_listing_raises(tmp_path: Path) -> None:
     state["fail"] = True
     writer = TraceWriter(run, directions=sf.DIRECTIONS, n_layers=N_LAYERS)
     rng = np.random.default_rng(9)
-    for layer_pos in range(N_LAYERS):
-        writer.put(0, layer_pos, random_maps(rng, sf.DIRECTIONS))
+    close_after_a_failed_listing(writer, [random_maps(rng, sf.DIRECTIONS)] * N_LAYERS)
+    assert read_run(path).attrs[sf.STEPS_COMPLETE] == []
+
+
+def close_after_a_failed_listing(writer: TraceWriter, maps: Sequence[dict[str, Any]]) -> None:
+    """Put step 0's `maps`, one per layer, then close(): it raises the listing's I/O error."""
+    for layer_pos, layer_maps in enumerate(maps):
+        writer.put(0, layer_pos, layer_maps)
     closer, result = in_thread(writer.close)
     finish(closer)
     error = result.get("error")
     assert isinstance(error, WriterError), result
     assert "listing step 0 (position 0)" in str(error)
     assert "Input/output error" in str(error)
-    assert read_run(path).attrs[sf.STEPS_COMPLETE] == []
 
 
 def test_a_listing_the_disk_fails_to_sync_fails_close_and_keeps_the_step_intact(
@@ -657,14 +662,7 @@ def test_a_listing_the_disk_fails_to_sync_fails_close_and_keeps_the_step_intact(
     writer = TraceWriter(run, directions=sf.DIRECTIONS, n_layers=N_LAYERS)
     rng = np.random.default_rng(9)
     maps = [random_maps(rng, sf.DIRECTIONS) for _ in range(N_LAYERS)]
-    for layer_pos in range(N_LAYERS):
-        writer.put(0, layer_pos, maps[layer_pos])
-    closer, result = in_thread(writer.close)
-    finish(closer)
-    error = result.get("error")
-    assert isinstance(error, WriterError), result
-    assert "listing step 0 (position 0)" in str(error)
-    assert "Input/output error" in str(error)
+    close_after_a_failed_listing(writer, maps)
     assert writer.steps_complete == []
     # The step's shards reached the disk before the listing was written: what reads as listed
     # is whole.
