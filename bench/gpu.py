@@ -6,7 +6,9 @@ the demo pipeline (tiny random text encoders and VAE; the prompt is 20 words). T
 steps at 1024², latents out, untraced and traced with default settings (the allocator set as
 `attnscope record` sets it, tracer.allocator), as two pairs (bench.overhead), and writes:
 traced / untraced wall time (the process's first traced run and a later one apart), the GPU
-memory tracing adds, the bytes written and the decoded GB/s the recording sustained.
+memory tracing adds, the bytes written and the decoded GB/s the recording sustained, and what
+pinning host memory costs there (a process's first run pins its step buffers on the
+generation's thread, as put() takes each step's first maps).
 
 The GPU box has torch but no registry, so what else this needs travels as wheels:
 
@@ -148,8 +150,26 @@ def measure(smoke: bool) -> dict[str, Any]:
         "decoded_bytes": traced["decoded_bytes"],
         "decoded_gb_s": traced["decoded_bytes"] / traced["wall"] / 1e9,
         "allocator_tuned": tuned,
+        "pinning_seconds_per_gib": pinning_seconds_per_gib(),
         "seconds_in_all": time.perf_counter() - started,
     }
+
+
+def pinning_seconds_per_gib() -> float | None:
+    """Seconds to pin a GiB of host memory afresh through PyTorch's caching host allocator,
+    as the writer's step buffers are pinned in a process's first run; None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    # 2 GiB: a block size the traced runs before left nothing cached of (the allocator rounds
+    # each request up to a power of two; a step buffer at FLUX.1-dev's shape takes 1 GiB).
+    block = torch.empty(2**29, dtype=torch.float32, pin_memory=True)
+    seconds = time.perf_counter() - start
+    del block
+    return seconds / 2
 
 
 def main(argv: list[str] | None = None) -> int:

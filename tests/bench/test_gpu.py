@@ -36,6 +36,7 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     assert figures["decoded_bytes"] == 2 * per_row * figures["token_rows"] * grid * 4
     assert figures["decoded_gb_s"] > 0
     assert figures["gpu_memory_added_bytes"] is None  # no CUDA here
+    assert figures["pinning_seconds_per_gib"] is None
 
 
 def test_the_wheels_it_carries_cover_what_the_tracer_imports_and_leave_torch():
