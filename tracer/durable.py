@@ -12,6 +12,9 @@ A shard that is synced at once gains nothing from the page cache: copying it the
 the writer about half its time per core on the project's benchmark machine. Where the file
 system takes O_DIRECT, zarrs writes synced shards past it (`python -m bench rate` gives the
 figures). ATTNSCOPE_DIRECT_IO=0 turns that off, as a fallback and for comparing.
+
+The listing itself (the run's `zarr.json`, `write_attributes`) is written and synced on the
+writer's own thread, so it never queues behind shard encodes in zarr's thread pool.
 """
 
 from __future__ import annotations
