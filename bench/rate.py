@@ -396,10 +396,13 @@ def project(
     if all("tuned" in runs for runs in by_cores.values()):
         one, two = by_cores[1]["tuned"], by_cores[2]["tuned"]
         out["tuned"] = _projected(one, two, step_bytes) | _by_cpu_time(one, step_bytes)
-        for host in HOSTS if emulated else ():
-            out["tuned"][f"projected_ratio_h100_{host}_cores_later_run_emulated"] = emulated[
-                str(host)
-            ]["traced_over_untraced"]
+        if emulated:
+            out["tuned"] |= {
+                f"projected_ratio_h100_{host}_cores_later_run_emulated": emulated[str(host)][
+                    "traced_over_untraced"
+                ]
+                for host in HOSTS
+            }
     return out
 
 

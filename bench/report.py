@@ -6,7 +6,7 @@ from typing import Any
 
 from bench.common import GEOMETRIES, Geometry
 from bench.notes import limits, method
-from bench.rate import BASELINE, BUFFERED, PACED_LATER
+from bench.rate import BASELINE, BUFFERED, HOSTS, PACED_LATER
 from bench.summary import growth_summary, memory_summary
 from bench.variants import LABELS, describe
 
@@ -450,7 +450,7 @@ def _rate_emulated(rate: dict[str, Any]) -> str:
     emulated = rate.get("emulated")
     if not emulated:
         return ""
-    runs = [(host, emulated[host]) for host in sorted(filter(str.isdigit, emulated), key=int)]
+    runs = [(str(host), emulated[str(host)]) for host in HOSTS]
     return (
         " Emulated: later runs of a 28-step generation fed to the writer on 2 cores (allocator "
         "tuned), each step's period stretched by how much longer 2 cores here take to write a "

@@ -113,11 +113,12 @@ def write_attributes(group: zarr.Group, attributes: Mapping[str, Any], *, fsync:
     `fsync`: make the new `zarr.json` reach the disk before returning."""
     group.metadata.attributes.update(attributes)
     document = group.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
+    key = f"{group.path}/zarr.json".lstrip("/")
     # The store's set() in an event loop of this thread's: its file write runs on that loop's
     # own thread, not in zarr's pool.
-    asyncio.run(group.store.set(f"{group.path}/zarr.json".lstrip("/"), document))
+    asyncio.run(group.store.set(key, document))
     if fsync:
-        sync_file(Path(group.store.root) / group.path / "zarr.json")
+        sync_file(Path(group.store.root) / key)
 
 
 def sync_file(path: Path) -> None:
