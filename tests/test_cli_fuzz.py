@@ -275,8 +275,10 @@ TARGETS = {"store": STORE, "folder": NOT_A_STORE, "file": A_FILE, "new": None}
 def test_record_arguments_fail_clearly_and_never_touch_what_they_must_not(
     data, target, capsys, monkeypatch, no_model
 ):
-    with tempfile.TemporaryDirectory(dir=WORK) as scratch:
-        monkeypatch.chdir(scratch)
+    # The working folder goes back before the scratch folder is removed: hypothesis resolves
+    # the relative __file__ of modules imported meanwhile (torch.ops: "_ops.py") against it.
+    with tempfile.TemporaryDirectory(dir=WORK) as scratch, monkeypatch.context() as patch:
+        patch.chdir(scratch)
         out = Path(scratch) / "out"
         source = TARGETS[target]
         if source is not None and source.is_dir():
