@@ -31,7 +31,7 @@ _context: Any = None  # one TensorStore context per process: its thread pools ar
 def _shared_context() -> Any:
     global _context
     if _context is None:
-        import tensorstore  # imported on first read: it takes half a second (ml_dtypes)
+        import tensorstore  # on the first read: imports stay off a cold start
 
         # Dask's threads read chunks side by side already. Each thread that decodes keeps its
         # own malloc arena of freed blocks: with TensorStore's pool at one thread per core too,

@@ -599,7 +599,7 @@ class CheckedArray:
         ints) of more than one stored chunk and the reader opens the array, else through zarr.
 
         One chunk (a token row's map of one step and layer, as the viewer reads while scrubbing)
-        reads as fast through zarr, without the reader's import (TensorStore: half a second)."""
+        reads as fast through zarr, without importing the reader's library."""
         box = found[0] if found else None
         if (
             self.reader is None

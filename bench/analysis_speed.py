@@ -175,6 +175,16 @@ def cli(args: list[str]) -> dict[str, Any]:
     return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024}
 
 
+def import_seconds(module: str, after: str = "numpy, zarr") -> float:
+    """Seconds a fresh interpreter takes to import `module` once it has imported `after`."""
+    script = (
+        f"import time, {after}\nstart = time.perf_counter()\nimport {module}\n"
+        "print(time.perf_counter() - start)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return float(out.stdout)
+
+
 def cli_figures(path: str, workdir: str, repeats: int) -> dict[str, Any]:
     one = [
         "heatmap", path, "--span", "cat", "--step", "0", "--layer", "transformer_blocks.0",
@@ -189,6 +199,10 @@ def cli_figures(path: str, workdir: str, repeats: int) -> dict[str, Any]:
         "one_map_seconds": median([r["seconds"] for r in runs]),
         "one_map_runs": [r["seconds"] for r in runs],
         "one_map_peak_rss": max(r["peak_rss"] for r in runs),
+        "figures_import_seconds": median(
+            [import_seconds("analysis.cli.figures", after="sys") for _ in runs]
+        ),
+        "tensorstore_import_seconds": median([import_seconds("tensorstore") for _ in runs]),
         "span_mean_seconds": whole["seconds"],
         "span_mean_peak_rss": whole["peak_rss"],
         "commands": {

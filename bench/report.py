@@ -857,7 +857,7 @@ def _analysis(r: dict[str, Any]) -> str:
             + (
                 " (median of runs: "
                 + ", ".join(f"{x:.1f}" for x in m["compute_runs"])
-                + " s; the first also imports TensorStore, about half a second, on the first read)"
+                + " s; the first also imports TensorStore on its first read)"
                 if "compute_runs" in m
                 else ""
             ),

@@ -194,10 +194,13 @@ def _sibling(path: Path, suffix: str, extension: str | None = None) -> Path:
 
 @contextlib.contextmanager
 def _scheduler(args: argparse.Namespace) -> Iterator[None]:
-    """Compute on the dask.distributed scheduler at --scheduler, if one is named."""
+    """Compute on the dask.distributed scheduler at --scheduler, if one is named, else on dask's
+    threads (named by its function: a name sends dask looking for a cluster, which imports
+    dask.distributed, 0.2 s of a cold start)."""
     address, timeout = args.scheduler, args.scheduler_timeout
     if address is None:
-        yield
+        with dask.config.set(scheduler=dask.threaded.get):
+            yield
         return
     try:
         from distributed import Client
