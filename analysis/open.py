@@ -29,7 +29,7 @@ from . import tensorstore_reader, trust
 from .consistency import run_findings
 from .errors import SpanError
 from .selection import SelectionError, describe_values
-from .spans import Spans, span_view
+from .spans import RowReader, Spans, span_view
 
 PathLike = str | os.PathLike | Store
 
@@ -205,6 +205,10 @@ def _partial_message(info: RunInfo, where: str, complete_only: bool) -> str | No
 # hundred tasks rather than tens of thousands, small enough that a laptop's threads each holding
 # a couple of chunks (and a span's float64 sum of one) stay within a few hundred MB.
 CHUNK_BYTES = 16 * 2**20
+# A token row's own chunks (span views, `_row_reader`). Measured on the benchmark's store (two
+# cores): the mean of every span ran at 751, 843-912 and 827 MB/s with 4, 8 and 16 MiB chunks
+# (peak RSS 259, 536-548 and 681 MB); the token rows' own 16 MiB chunks of all rows, 793-805.
+ROW_CHUNK_BYTES = 8 * 2**20
 
 
 def _default_chunks(group: zarr.Group) -> dict[str, int]:
@@ -273,6 +277,8 @@ def open_trace(
     # reads of a shard included; the maps of a local store are read through TensorStore, which
     # checks them as well. zarrs (0.2.3), which writes the maps, skips that check when it reads
     # part of a shard, and most reads are: a damaged chunk would be drawn.
+    # Span views read each token row in chunks of their own, unless the caller chose chunks.
+    row_chunks = chunks is None
     with sf.quiet_zarr():
         if chunks is None:
             chunks = _default_chunks(group)
@@ -300,7 +306,8 @@ def open_trace(
             raise
     ds = ds.assign_coords(small)
     with sf.quiet_zarr():
-        ds, dropped = _checked_variables(ds, group, info, where)
+        ds, dropped, sources = _checked_variables(ds, group, info, where)
+    read_row = _row_reader(ds, sources, own_chunks=row_chunks)
     ds.attrs.update(run=info.name, store=where)
     if dropped:
         extra = f"; its {' and '.join(dropped)} was never written"
@@ -312,7 +319,7 @@ def open_trace(
             ds = ds.sel(step=[s for s in info.steps if s in done])
     if version == 1:
         return ds if spans is None else _stored_spans(ds, spans, where)
-    return ds if tokens else span_view(ds, spans)
+    return ds if tokens else span_view(ds, spans, read_row=read_row)
 
 
 def _stored_spans(ds: xr.Dataset, spans: Spans, where: str) -> xr.Dataset:
@@ -361,8 +368,9 @@ def _diagnose(group: zarr.Group, arrays: Mapping[str, Any], run: str, where: str
 
 def _checked_variables(
     ds: xr.Dataset, group: zarr.Group, info: RunInfo, where: str
-) -> tuple[xr.Dataset, list[str]]:
-    """Read every data variable through trust.CheckedArray; drop what was never written.
+) -> tuple[xr.Dataset, list[str], dict[str, trust.CheckedArray]]:
+    """Read every data variable through trust.CheckedArray; drop what was never written. Also
+    return the CheckedArray of each variable read through one.
 
     The image and entity masks are written whole, at the end and the start of a run: when a
     run that is not complete lacks their object they are dropped (never drawn as zeros); when a
@@ -376,7 +384,7 @@ def _checked_variables(
     done = set(info.steps_complete)
     listed = [i for i, step in enumerate(info.steps) if step in done]
     skipped = sf.skipped_positions(info.attrs, info.steps, labels.get("layer", []))
-    replaced, dropped = {}, []
+    replaced, dropped, sources = {}, [], {}
     for name, var in ds.data_vars.items():
         if not isinstance(var.data, da.Array) or name not in group:
             continue
@@ -418,13 +426,62 @@ def _checked_variables(
             meta=np.empty((0,) * var.ndim, dtype=var.dtype),
         )
         replaced[name] = var.copy(data=data)
+        sources[name] = checked
     ds = ds.drop_vars(dropped).assign(replaced)
     if "step" in ds.dims and "layer" in ds.dims:
         computed = np.ones((ds.sizes["step"], ds.sizes["layer"]), dtype=bool)
         for step, layer in skipped:
             computed[step, layer] = False
         ds = ds.assign_coords(computed=(("step", "layer"), computed))
-    return ds, dropped
+    return ds, dropped, sources
+
+
+def _row_reader(
+    ds: xr.Dataset, sources: Mapping[str, trust.CheckedArray], *, own_chunks: bool
+) -> RowReader:
+    """Each token row of the maps in `ds` as a dask array of its own, read from the store
+    (trust.RowView): a span reads only its rows, and in a view of one span a selection from it
+    later (a step, a layer, a head) is fused into the reads. A row is the same dask array
+    wherever it is asked for (a word's span and the prompt's share the word's row: it is read
+    once). `own_chunks`: chunked by `_row_chunks`, else as the token rows are."""
+
+    def read(maps: xr.DataArray, index: int) -> xr.DataArray:
+        name = str(maps.name)
+        whole = ds[name].isel(token=slice(index, index + 1))
+        if name not in sources:
+            return maps.isel(token=slice(index, index + 1))
+        view = trust.RowView(sources[name], whole.dims.index("token"), index, index + 1)
+        chunks = _row_chunks(whole) if own_chunks else whole.data.chunks
+        data = da.from_array(
+            view,
+            chunks=chunks,
+            name=f"attnscope-{name}-row-{dask.base.tokenize(ds[name].data.name, index, chunks)}",
+            asarray=False,
+            fancy=True,
+            meta=whole.data._meta,
+        )
+        row = whole.copy(data=data)
+        # open_trace may have kept only some steps (the complete ones): those, as `maps` has.
+        if row.sizes["step"] != maps.sizes["step"]:
+            row = row.sel(step=maps.step)
+        return row
+
+    return read
+
+
+def _row_chunks(row: xr.DataArray) -> tuple[tuple[int, ...], ...]:
+    """Dask chunks of one token row's maps: those of the token rows, with as many layers as
+    fit in ROW_CHUNK_BYTES where the token rows hold several (a local folder: over the network
+    they hold one, so that a question about one map fetches that layer only)."""
+    chunks = list(row.data.chunks)
+    if "layer" in row.dims and max(row.data.chunks[row.dims.index("layer")]) > 1:
+        axis = row.dims.index("layer")
+        per_layer = row.dtype.itemsize * math.prod(
+            n for d, n in row.sizes.items() if d not in ("step", "layer")
+        )
+        layers = max(1, ROW_CHUNK_BYTES // per_layer)
+        chunks[axis] = da.core.normalize_chunks(layers, (row.sizes["layer"],))[0]
+    return tuple(chunks)
 
 
 def _tokens(group: zarr.Group, arrays: Mapping[str, Any], where: str) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import re
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -138,73 +138,76 @@ def _requests(spans: Spans | None, attrs: Mapping[str, Any]) -> dict[str, SpanRe
     return {_label(request): request for request in spans}
 
 
-def _rows(maps: xr.DataArray, indices: list[int]) -> xr.DataArray:
-    """The token rows at sorted `indices`: a slice where they are consecutive (as a phrase's
-    tokens are), which reads them in place rather than copying them."""
-    if indices == list(range(indices[0], indices[-1] + 1)):
-        return maps.isel(token=slice(indices[0], indices[-1] + 1))
-    return maps.isel(token=indices)
+RowReader = Callable[[xr.DataArray, int], xr.DataArray]
+
+
+def _row(maps: xr.DataArray, index: int) -> xr.DataArray:
+    """Token row `index` of `maps`, as a token dim of one."""
+    return maps.isel(token=slice(index, index + 1))
 
 
 def _combine(
-    maps: xr.DataArray, picked: list[int], rows: Sequence[sf.TokenRow], direction: str
+    maps: xr.DataArray,
+    picked: list[int],
+    rows: Sequence[sf.TokenRow],
+    direction: str,
+    read: RowReader,
 ) -> xr.DataArray:
     """The span of rows `picked`: their sum (img2txt), or their mean over positions (txt2img).
 
-    Sums of float32 values (times small integers) are exact in float64, so the one rounding is
-    the final division and cast, whatever order dask sums in. Rows of one token are summed
-    with a float64 accumulator, without a float64 copy of them; only padding rows, which
-    weigh their count, are converted.
+    Each row is read as `read` gives it (the same rows as the spans of one token each, so
+    they are read once). Sums of float32 values (times small integers) are exact in float64,
+    so the one rounding is the final division and cast to float32.
     """
-    single = [i for i in picked if rows[i].count == 1]
-    runs = [i for i in picked if rows[i].count > 1]
-    parts = []
-    if single:
-        parts.append(_rows(maps, single).sum("token", dtype=np.float64, skipna=False))
-    if runs:
-        weights = [rows[i].count if direction == "txt2img" else 1 for i in runs]
-        counted = _rows(maps, runs).astype(np.float64) * xr.DataArray(weights, dims="token")
-        parts.append(counted.sum("token", skipna=False))
-    total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-    if direction == "txt2img":
-        total = total / sum(rows[i].count for i in picked)
-    return total
+    weights = [rows[i].count if direction == "txt2img" else 1 for i in picked]
+    divisor = sum(rows[i].count for i in picked) if direction == "txt2img" else 1
+    terms = [read(maps, i).squeeze("token", drop=True) for i in picked]
+    return xr.apply_ufunc(
+        functools.partial(_weighted_sum, weights=weights, divisor=divisor),
+        *terms,
+        dask="parallelized",
+        output_dtypes=[np.float32],
+    )
+
+
+def _weighted_sum(*terms: np.ndarray, weights: Sequence[int], divisor: int) -> np.ndarray:
+    """sum(w * t) / divisor, accumulated in one float64 buffer, as float32."""
+    total = np.multiply(terms[0], weights[0], dtype=np.float64)
+    for term, weight in zip(terms[1:], weights[1:], strict=True):
+        if weight == 1:
+            np.add(total, term, out=total)
+        else:
+            total += np.multiply(term, weight, dtype=np.float64)
+    if divisor != 1:
+        total /= divisor
+    return total.astype(np.float32)
 
 
 def _span_pieces(
-    maps: xr.DataArray, picks: list[list[int]], rows: Sequence[sf.TokenRow], direction: str
+    maps: xr.DataArray,
+    picks: list[list[int]],
+    rows: Sequence[sf.TokenRow],
+    direction: str,
+    read: RowReader,
 ) -> list[xr.DataArray]:
-    """The spans' maps (dim `span`, in order) in as few pieces as they allow: consecutive spans
-    of one stored row each, on consecutive rows, are those rows' own values, taken in one slice
-    (one task per chunk, however many such spans); a span of several rows is combined
-    (`_combine`)."""
+    """The spans' maps (dim `span`, in order): a span of one stored row is that row's own
+    values, as `read` gives them; a span of several rows is combined (`_combine`)."""
     pieces: list[xr.DataArray] = []
-    stretch: list[int] = []  # consecutive rows of consecutive one-row spans, not yet taken
-
-    def take() -> None:
-        # One slice of the rows, read in place (a list of rows would be a dask `take`, which
-        # copies them).
-        if stretch:
-            taken = _rows(maps, stretch)
-            stale = [name for name, coord in taken.coords.items() if "token" in coord.dims]
-            pieces.append(taken.drop_vars(stale).rename(token="span"))
-            stretch.clear()
-
     for picked in picks:
         if len(picked) == 1:  # a row's own mean and sum: the stored values themselves
-            if stretch and picked[0] != stretch[-1] + 1:
-                take()
-            stretch.append(picked[0])
+            row = read(maps, picked[0])
+            stale = [name for name, coord in row.coords.items() if "token" in coord.dims]
+            pieces.append(row.drop_vars(stale).rename(token="span"))
             continue
-        take()
-        combined = _combine(maps, picked, rows, direction).astype(np.float32)
+        combined = _combine(maps, picked, rows, direction, read)
         # Where the rows' token dim is, so that no piece is transposed to join the others.
         pieces.append(combined.expand_dims("span", axis=maps.dims.index("token")))
-    take()
     return pieces
 
 
-def span_view(tokens: xr.Dataset, spans: Spans | None = None) -> xr.Dataset:
+def span_view(
+    tokens: xr.Dataset, spans: Spans | None = None, *, read_row: RowReader = _row
+) -> xr.Dataset:
     """The run of `tokens` (dims step, layer, head, token, [frame,] y, x) with its maps per span
     too (dims step, layer, head, span, [frame,] y, x).
 
@@ -212,6 +215,10 @@ def span_view(tokens: xr.Dataset, spans: Spans | None = None) -> xr.Dataset:
     `(3, 7)` for text positions 3..6), a mapping of names to requests, or None for the run's
     stored spans. Lazy when `tokens` is; values stay float32. The rows themselves stay in the
     result as `txt2img_tokens` and `img2txt_tokens`.
+
+    `read_row(maps, index)`: the maps of one direction at token row `index` (a token dim of
+    one); `open_trace` reads each row from the store as an array of its own, so that a span's
+    maps read only its rows, and what is selected from them later only that.
     """
     attrs = tokens.attrs
     rows = sf.token_rows({name: tokens[name].values for name in ("token", *sf.TOKEN_COORDS)})
@@ -231,7 +238,9 @@ def span_view(tokens: xr.Dataset, spans: Spans | None = None) -> xr.Dataset:
     # The stored variable's own dims, token's place taken by span (video runs keep frame).
     order = ["span" if d == "token" else d for d in tokens[directions[0]].dims]
     data = {
-        d: xr.concat(_span_pieces(tokens[d], picks, rows, d), dim="span").transpose(*order, ...)
+        d: xr.concat(_span_pieces(tokens[d], picks, rows, d, read_row), dim="span").transpose(
+            *order, ...
+        )
         for d in directions
     }
     # The stored rows stay beside the views, as `txt2img_tokens` and `img2txt_tokens`.

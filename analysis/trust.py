@@ -700,6 +700,51 @@ class CheckedArray:
         )
 
 
+class RowView:
+    """Positions ``[start, stop)`` along `axis` of a CheckedArray, itself an array dask can read.
+
+    Each read is the parent's read of the same place, checked as any. A dask array of these rows
+    reads only them, and dask fuses a selection from it (a step, a head) into its reads, which
+    a slice of the parent's dask array would not give: dask 2026.7 fuses only the first of two
+    successive selections, and none after a concatenation.
+    """
+
+    def __init__(self, parent: CheckedArray, axis: int, start: int, stop: int) -> None:
+        self.parent, self.axis, self.start = parent, axis, start
+        shape = list(parent.shape)
+        shape[axis] = stop - start
+        self.shape = tuple(shape)
+        self.dtype = parent.dtype
+        self.ndim = parent.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        ellipsis = [i for i, k in enumerate(key) if k is Ellipsis]
+        if ellipsis:
+            i = ellipsis[0]
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1 :]
+        key += (slice(None),) * (self.ndim - len(key))
+        axis = self.axis
+        return self.parent[(*key[:axis], self._moved(key[axis]), *key[axis + 1 :])]
+
+    def _moved(self, k: Any) -> Any:
+        """Index `k` along the view's axis as the same positions of the parent."""
+        n = self.shape[self.axis]
+        if isinstance(k, slice):
+            first, last, step = k.indices(n)
+            if step > 0:
+                return slice(first + self.start, last + self.start, step)
+            return np.arange(first, last, step) + self.start
+        if isinstance(k, int | np.integer) and not isinstance(k, bool):
+            if not -n <= k < n:
+                raise IndexError(f"index {k} is out of bounds for {n} positions")
+            return int(k) % n + self.start
+        positions = np.asarray(k)
+        if positions.dtype == bool:
+            positions = np.flatnonzero(positions)
+        return positions % n + self.start
+
+
 def object_key(array: Any, index: Sequence[int]) -> str:
     """The store key of the object holding stored chunk `index` (its shard when sharded)."""
     shards = getattr(array, "shards", None)

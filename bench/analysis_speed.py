@@ -118,6 +118,10 @@ def mean_heatmap(path: str, png: str) -> dict[str, Any]:
         ds.txt2img.mean(["step", "layer", "head"]).compute()
         runs.append(time.perf_counter() - again)
     peak = peak_rss()
+    # One word's question: its span reads its own token row only.
+    word = time.perf_counter()
+    ds.txt2img.sel(span="cat").mean(["step", "layer", "head"]).compute()
+    word = time.perf_counter() - word
     # Where the time goes: the stored token rows averaged directly (no span views), and the
     # spans without xarray's default NaN skipping.
     rows = time.perf_counter()
@@ -153,6 +157,8 @@ def mean_heatmap(path: str, png: str) -> dict[str, Any]:
         "compute_seconds": median(runs),
         "compute_runs": runs,
         "draw_seconds": drawn - computed,
+        "span_compute_seconds": word,
+        "span_decoded_bytes": int(ds.txt2img.sel(span="cat").nbytes),
         "peak_rss": peak,
         "zarr_decode_seconds": decode,
         "rows_compute_seconds": rows,

@@ -862,6 +862,12 @@ def _analysis(r: dict[str, Any]) -> str:
                 else ""
             ),
         ],
+        [
+            'mean of one word\'s span (`ds.txt2img.sel(span="cat").mean([...])`)',
+            f"{m['span_compute_seconds']:.2f} s = "
+            f"{m['span_decoded_bytes'] / m['span_compute_seconds'] / 1e6:,.0f} MB/s of its row "
+            f"({_size(m['span_decoded_bytes'])})",
+        ],
         ["drawing one span's heatmap from it", f"{m['draw_seconds']:.2f} s"],
         ["peak RSS of that process (imports included)", _size(m["peak_rss"])],
         [

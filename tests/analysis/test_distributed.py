@@ -37,9 +37,9 @@ def test_reductions_and_comparisons_run_on_the_cluster(cluster, store):
         mean = ds.txt2img.sel(span="cat").mean(["step", "layer"]).compute()
         sim = analysis.head_similarity(ds.img2txt.sel(span="mat"), metric="cosine").compute()
     ran = task_names(tasks)
-    # The worker read the maps (open_trace names their read tasks attnscope-<variable>) and
-    # reduced them.
-    assert {"attnscope-txt2img", "attnscope-img2txt"} <= ran, ran
+    # The worker read the maps (open_trace names the reads of a token row's maps, which the
+    # spans read, attnscope-<variable>-row) and reduced them.
+    assert {"attnscope-txt2img-row", "attnscope-img2txt-row"} <= ran, ran
     assert any(name.startswith("mean") for name in ran), ran
     np.testing.assert_allclose(
         mean.values, expected["txt2img"][:, :, :, 1].mean(axis=(0, 1)), rtol=1e-6

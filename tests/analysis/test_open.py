@@ -34,8 +34,7 @@ def test_open_gives_the_run_lazily_with_the_format_dims(store):
         # is read once for every span; here all 5 layers fit in one dask chunk.
         assert rows[name].dims == sf.DIMS
         assert rows[name].data.chunksize == (1, 5, 3, 7, 6, 10)
-        # Spans keep the rows' chunks on every other dim (spans of consecutive single rows
-        # share one, read as a slice of the rows).
+        # Spans read each token row on its own (here all 5 layers fit in a chunk either way).
         assert da.data.chunks[:3] == rows[name].data.chunks[:3]
         assert da.data.chunks[4:] == rows[name].data.chunks[4:]
         assert sum(da.data.chunks[3]) == ds.sizes["span"]
@@ -48,17 +47,23 @@ def test_open_gives_the_run_lazily_with_the_format_dims(store):
 
 
 def test_dask_chunks_follow_the_size_budget_or_the_caller(store, monkeypatch):
+    # The token rows are read all rows at once, as many layers as fit in CHUNK_BYTES; a span's
+    # rows one row at a time, as many layers as fit in ROW_CHUNK_BYTES; chunks the caller
+    # names, everywhere.
     path, expected = store
-    layer_bytes = 3 * 6 * 10 * 4 * 7  # all heads of one map, for all 7 token rows
-    monkeypatch.setattr(analysis_open, "CHUNK_BYTES", 2 * layer_bytes + 1)
+    layer_bytes = 3 * 6 * 10 * 4  # all heads of one map
+    monkeypatch.setattr(analysis_open, "CHUNK_BYTES", 2 * 7 * layer_bytes + 1)  # 7 token rows
+    monkeypatch.setattr(analysis_open, "ROW_CHUNK_BYTES", 4 * layer_bytes + 1)
     ds = analysis.open_trace(path)
-    assert ds.txt2img.data.chunks[1] == (2, 2, 1)
+    assert ds.txt2img_tokens.data.chunks[1] == (2, 2, 1)
+    assert ds.txt2img.data.chunks[1] == (4, 1)
     np.testing.assert_array_equal(ds.txt2img.values, expected["txt2img"])
     with warnings.catch_warnings():
         # xarray may note that these chunks split the small 1-D coordinates: not our concern.
         warnings.simplefilter("ignore", UserWarning)
         finer = analysis.open_trace(path, chunks={"layer": 1, "step": 2})
     assert finer.img2txt.data.chunksize == (2, 1, 3, 1, 6, 10)
+    assert finer.img2txt_tokens.data.chunksize == (2, 1, 3, 1, 6, 10)
 
 
 def test_latest_run_by_default_and_any_run_by_name_or_index(make_store):
@@ -215,6 +220,66 @@ def test_maps_are_read_through_readers_that_check_every_chunk(store):
     np.testing.assert_array_equal(local[key], plain[key])
     assert local.reader.opens()  # the values above came through TensorStore
     np.testing.assert_array_equal(url[key], plain[key])
+
+
+def test_a_span_s_question_reads_only_its_rows(store, monkeypatch):
+    """A span reads only its own token rows, whatever other spans the view holds; a view of
+    that span alone reads only the map selected from it; the prompt's rows, shared with its
+    words' spans, are read once for all of them."""
+    path, expected = store
+    reads: list[tuple[int, ...]] = []
+    read = analysis.trust.CheckedArray.__getitem__
+
+    def counted(self, key):
+        out = read(self, key)
+        if self.ndim == len(sf.DIMS):
+            reads.append(out.shape)
+        return out
+
+    monkeypatch.setattr(analysis.trust.CheckedArray, "__getitem__", counted)
+    ds = analysis.open_trace(path)
+    cat = list(ds.span.values).index("cat")
+    one = ds.txt2img.sel(span="cat").isel(step=1, layer=2, head=0).values
+    np.testing.assert_array_equal(one, expected["txt2img"][1, 2, 0, cat])
+    # The row at that step (dask reads a chunk whole through the spans' concatenation)...
+    assert [int(np.prod(shape)) for shape in reads] == [5 * 3 * 6 * 10]
+    reads.clear()
+    alone = analysis.open_trace(path, spans="cat")
+    np.testing.assert_array_equal(alone.txt2img.isel(step=1, layer=2, head=0, span=0).values, one)
+    assert [int(np.prod(shape)) for shape in reads] == [6 * 10]  # ... or the one map
+    reads.clear()
+    mean = ds.txt2img.sel(span="cat").mean(["step", "layer", "head"]).values
+    np.testing.assert_allclose(
+        mean, expected["txt2img"][:, :, :, cat].mean(axis=(0, 1, 2)), rtol=1e-6
+    )
+    assert sum(int(np.prod(shape)) for shape in reads) == 4 * 5 * 3 * 6 * 10  # the row, once
+    reads.clear()
+    ds.txt2img.values  # noqa: B018
+    # The prompt's six rows (the words' spans among them), each step, once each; not the
+    # padding row, which no span holds.
+    assert sum(int(np.prod(shape)) for shape in reads) == 6 * 4 * 5 * 3 * 6 * 10
+
+
+def test_a_view_of_rows_reads_what_the_same_index_of_the_rows_reads(store):
+    path, _ = store
+    plain = zarr.open_group(path, path="run-0000", mode="r")["txt2img"]
+    view = analysis.trust.RowView(analysis.trust.CheckedArray(plain, "txt2img"), 3, 2, 5)
+    rows = plain[:, :, :, 2:5]
+    assert view.shape == rows.shape and view.dtype == rows.dtype
+    keys = [
+        (1, slice(0, 3), slice(None), 1),
+        (Ellipsis, 2, slice(None), slice(None)),
+        (slice(None), 0, 0, slice(None, None, 2)),
+        (slice(None), 0, 0, slice(None, None, -1)),
+        (slice(None), 0, 0, [2, 0]),
+        (slice(None), 0, 0, np.array([True, False, True])),
+        (0, 0, 0, -1),
+        2,
+    ]
+    for key in keys:
+        np.testing.assert_array_equal(view[key], rows[key], err_msg=repr(key))
+    with pytest.raises(IndexError, match="index 3 is out of bounds for 3 positions"):
+        view[0, 0, 0, 3]
 
 
 def test_one_map_is_read_without_importing_tensorstore(store):
