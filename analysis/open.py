@@ -471,10 +471,11 @@ def _row_reader(
 
 def _row_chunks(row: xr.DataArray) -> tuple[tuple[int, ...], ...]:
     """Dask chunks of one token row's maps: those of the token rows, with as many layers as
-    fit in ROW_CHUNK_BYTES where the token rows hold several (a local folder: over the network
-    they hold one, so that a question about one map fetches that layer only)."""
+    fit in ROW_CHUNK_BYTES. Over the network too, where the token rows hold one layer a chunk:
+    through a file:// URL, with one layer, the mean of every span took 37 s against 13 s (and
+    16.6 s for the token rows' own chunks), one word's span 7.0 s against 1.8 s."""
     chunks = list(row.data.chunks)
-    if "layer" in row.dims and max(row.data.chunks[row.dims.index("layer")]) > 1:
+    if "layer" in row.dims:
         axis = row.dims.index("layer")
         per_layer = row.dtype.itemsize * math.prod(
             n for d, n in row.sizes.items() if d not in ("step", "layer")
