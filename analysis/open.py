@@ -250,9 +250,11 @@ def open_trace(
     `token`). Only metadata and coordinates are read. A partial or failed run warns
     (PartialRunWarning) naming its missing steps and keeps only its complete ones
     (`complete_only=False` keeps them all, NaN where unwritten). `chunks` overrides the dask
-    chunks of the stored rows (default: one step, all token rows and heads, and as many layers
-    as fit in CHUNK_BYTES, a whole number of stored chunks; a selection of token rows reads
-    only the stored chunks it needs, a span's the dask chunks it needs). `storage_options` go
+    chunks of the stored rows and of the spans' rows (default: one step, all token rows and
+    heads, and as many layers as fit in CHUNK_BYTES, a whole number of stored chunks; a span
+    reads each of its rows on its own, as many layers as fit in ROW_CHUNK_BYTES). A selection
+    of token rows reads only the stored chunks it needs, a span only its rows' chunks, and a
+    selection from a view of one span only the stored chunks it needs. `storage_options` go
     to fsspec for URLs.
     """
     where = location(path)
@@ -447,9 +449,9 @@ def _row_reader(
 
     def read(maps: xr.DataArray, index: int) -> xr.DataArray:
         name = str(maps.name)
-        whole = ds[name].isel(token=slice(index, index + 1))
         if name not in sources:
             return maps.isel(token=slice(index, index + 1))
+        whole = ds[name].isel(token=slice(index, index + 1))
         view = trust.RowView(sources[name], whole.dims.index("token"), index, index + 1)
         chunks = _row_chunks(whole) if own_chunks else whole.data.chunks
         data = da.from_array(

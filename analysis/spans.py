@@ -237,12 +237,10 @@ def span_view(
     directions = [d for d in sf.DIRECTIONS if d in tokens]
     # The stored variable's own dims, token's place taken by span (video runs keep frame).
     order = ["span" if d == "token" else d for d in tokens[directions[0]].dims]
-    data = {
-        d: xr.concat(_span_pieces(tokens[d], picks, rows, d, read_row), dim="span").transpose(
-            *order, ...
-        )
-        for d in directions
-    }
+    data = {}
+    for d in directions:
+        pieces = _span_pieces(tokens[d], picks, rows, d, read_row)
+        data[d] = xr.concat(pieces, dim="span").transpose(*order, ...)
     # The stored rows stay beside the views, as `txt2img_tokens` and `img2txt_tokens`.
     ds = tokens.rename({d: f"{d}{TOKENS_SUFFIX}" for d in directions}).assign(data)
     ds = ds.assign_coords(span=labels)

@@ -229,14 +229,14 @@ def _analysis(r: dict[str, Any]) -> str:
         f"milliseconds. A cold interpreter that starts the CLI and exits takes "
         f"{c['help_seconds']:.2f} s; importing the figure verbs' libraries (xarray, dask, zarr, "
         f"matplotlib, seaborn) takes {c['figures_import_seconds']:.2f} s; opening the store's "
-        "metadata, reading and drawing take the rest. A span's map is read with the rest of "
-        "its dask chunk (a few layers, every head and token row of its step; dask does not fuse "
-        "a selection into the read through the span's own slice of the token rows), through "
-        f"TensorStore, whose import takes {c['tensorstore_import_seconds']:.2f} s (ml_dtypes "
-        "0.7.0, which it imports, took 0.7 s to register its NumPy loops here, against 5 ms for "
-        "0.6.0: pyproject.toml excludes that version); a read within one stored chunk (a token "
-        "row's map, as the viewer reads when scrubbing) goes through zarr-python and imports "
-        "nothing more."
+        "metadata, reading and drawing take the rest. With `--span cat` the run is opened "
+        "with that span alone, whose token row is a dask array of its own: dask fuses the "
+        "selection into its read, so the one stored chunk of the map is read, through "
+        "zarr-python. A view of several spans (the default, the prompt's) reads that step's "
+        "chunks of its rows whole, through TensorStore, whose import takes "
+        f"{c['tensorstore_import_seconds']:.2f} s (ml_dtypes 0.7.0, which it imports, took "
+        "0.7 s to register its NumPy loops here, against 5 ms for 0.6.0: pyproject.toml "
+        "excludes that version)."
     )
 
 
