@@ -417,16 +417,7 @@ def _checked_variables(
         token = dask.base.tokenize(
             where, info.name, name, var.data.chunks, listed, missing, skipped
         )
-        data = da.from_array(
-            checked,
-            chunks=var.data.chunks,
-            name=f"attnscope-{name}-{token}",
-            asarray=False,
-            # The fancy getter: dask fuses a selection of the token rows into it (not into the
-            # other, in dask 2026.7), so `tokens=True` reads only the stored chunks asked for.
-            fancy=True,
-            meta=np.empty((0,) * var.ndim, dtype=var.dtype),
-        )
+        data = _dask_array(checked, var.data.chunks, f"attnscope-{name}-{token}")
         replaced[name] = var.copy(data=data)
         sources[name] = checked
     ds = ds.drop_vars(dropped).assign(replaced)
@@ -436,6 +427,21 @@ def _checked_variables(
             computed[step, layer] = False
         ds = ds.assign_coords(computed=(("step", "layer"), computed))
     return ds, dropped, sources
+
+
+def _dask_array(array: Any, chunks: Any, name: str) -> da.Array:
+    """`array` (a CheckedArray, or a RowView of one) as a dask array read chunk by chunk.
+
+    The fancy getter: dask fuses the first selection after a read into it (lists of positions
+    included), so a selection reads only the stored chunks it asks for."""
+    return da.from_array(
+        array,
+        chunks=chunks,
+        name=name,
+        asarray=False,
+        fancy=True,
+        meta=np.empty((0,) * array.ndim, dtype=array.dtype),
+    )
 
 
 def _row_reader(
@@ -454,15 +460,8 @@ def _row_reader(
         whole = ds[name].isel(token=slice(index, index + 1))
         view = trust.RowView(sources[name], whole.dims.index("token"), index, index + 1)
         chunks = _row_chunks(whole) if own_chunks else whole.data.chunks
-        data = da.from_array(
-            view,
-            chunks=chunks,
-            name=f"attnscope-{name}-row-{dask.base.tokenize(ds[name].data.name, index, chunks)}",
-            asarray=False,
-            fancy=True,
-            meta=whole.data._meta,
-        )
-        row = whole.copy(data=data)
+        token = dask.base.tokenize(ds[name].data.name, index, chunks)
+        row = whole.copy(data=_dask_array(view, chunks, f"attnscope-{name}-row-{token}"))
         # open_trace may have kept only some steps (the complete ones): those, as `maps` has.
         if row.sizes["step"] != maps.sizes["step"]:
             row = row.sel(step=maps.step)

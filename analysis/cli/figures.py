@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
+import dask.threaded
 import xarray as xr
 
 from .. import store_format as sf
