@@ -1,6 +1,10 @@
 """`python -m bench`: run every benchmark and rewrite docs/benchmarks.md.
 
-    python -m bench                # everything (10-15 min on 2 cores): docs/benchmarks.md
+    python -m bench                # everything (about 2.5 hours on 2 cores):
+                                   # docs/benchmarks.md, its raw results in docs/benchmarks.json
+    python -m bench --rerun analysis view
+                                   # those sections again, the others kept from
+                                   # docs/benchmarks.json; the report rewritten
     python -m bench --quick        # quick geometry, small analysis store (< 2 min); prints
                                    # the report unless --output is given
     python -m bench --json r.json  # also keep the raw results
@@ -29,6 +33,9 @@ from bench.report import render
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks.md"
+# The raw results behind DEFAULT_OUTPUT, kept beside it so that a later session can rerun one
+# section (--rerun) without the hours the others take.
+DEFAULT_RESULTS = ROOT / "docs" / "benchmarks.json"
 RECORDERS = ["attnscope", "attnscope-recompute", "seed", "amd"]
 
 
@@ -56,17 +63,53 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--resume", type=Path, help="results of an interrupted run (--json): run what is missing"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--rerun",
+        nargs="+",
+        metavar="SECTION",
+        help=f"run these sections again (names as logged: machine, rate, analysis, ...), the "
+        f"others kept from --resume (default {DEFAULT_RESULTS.name})",
+    )
+    args = parser.parse_args(argv)
+    if not args.quick and args.output is None:  # the report of record: its results beside it
+        args.json = args.json or DEFAULT_RESULTS
+        if args.rerun:
+            args.resume = args.resume or DEFAULT_RESULTS
+    if args.rerun and args.resume is None:
+        parser.error("--rerun needs the results to keep: give them with --resume")
+    return args
+
+
+def _kept(args: argparse.Namespace) -> dict[str, Any]:
+    """The results to start from: none, those of --resume, less the sections to --rerun."""
+    if args.resume is None:
+        return {}
+    if not args.resume.exists():
+        raise SystemExit(f"--resume {args.resume}: no such file; run `python -m bench` first")
+    results: dict[str, Any] = json.loads(args.resume.read_text())
+    done = results.setdefault("done", {})
+    unknown = [name for name in args.rerun or () if name not in done]
+    if unknown:
+        raise SystemExit(
+            f"--rerun {' '.join(unknown)}: not a section of {args.resume}; its sections: "
+            f"{', '.join(done)}"
+        )
+    for name in args.rerun or ():
+        del done[name]
+    return results
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
-    results: dict[str, Any] = json.loads(args.resume.read_text()) if args.resume else {}
-    results |= {
+    results = _kept(args)
+    this = {
         "command": "python -m bench" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "quick": args.quick,
     }
+    if args.rerun:  # the report stays the kept run's, with what was measured again since
+        results.setdefault("reruns", []).append(this | {"sections": args.rerun})
+    else:
+        results |= this | {"quick": args.quick}
     for key in ("overhead", "memory", "store", "skipped", "done"):
         results.setdefault(key, {})
     earlier = results.get("total_seconds", 0.0)  # of the run resumed

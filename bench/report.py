@@ -77,7 +77,12 @@ def _header(r: dict[str, Any]) -> str:
             f"{r['total_seconds'] / 60:.1f} min. Do not edit by hand: rerun the command. The "
             "cores are shared with other jobs, so every figure is a ratio or size measured in "
             "the same run as its baseline, and a median over several measurements (see *How it "
-            "is measured* at the end).",
+            "is measured* at the end)."
+            + "".join(
+                f" Rerun since by `{again['command']}` on {again['date']}: "
+                f"{', '.join(again['sections'])}."
+                for again in r.get("reruns", [])
+            ),
             "## Machine",
             _table(["", ""], rows),
         ]
