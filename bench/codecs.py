@@ -4,6 +4,11 @@ The maps are a real demo recording at a 64×64 latent grid, bit-rounded to the d
 as the tracer stores them, one FLUX-shaped chunk (24 heads × 64×64) at a time, as the store's
 chunks are. Each codec runs on one thread (Blosc's own threads off), so the figures are per core.
 Fresh interpreter.
+
+Beside Blosc's: the plain LZ4 and Zstandard streams, unshuffled, that a GPU compressor (nvCOMP)
+writes and Zarr readers decode (Zarr's `zstd` codec; LZ4 for scale). Zarr v3 has no shuffle
+codec of its own, the bit-shuffle lives inside Blosc's frame: what a GPU-compressed store would
+hold without a hand-made Blosc frame around nvCOMP's blocks.
 """
 
 from __future__ import annotations
@@ -11,18 +16,19 @@ from __future__ import annotations
 import time
 from typing import Any
 
-CANDIDATES = [
+BLOSC = [
     ("zstd", 3, "bitshuffle"),  # the format's choice before LZ4
     ("zstd", 1, "bitshuffle"),
     ("lz4", 5, "bitshuffle"),  # the format's choice
     ("lz4", 5, "shuffle"),
     ("blosclz", 5, "bitshuffle"),
 ]
+PLAIN = [("lz4", None), ("zstd", 1), ("zstd", 3)]  # unshuffled streams, as a GPU writes them
 
 
 def measure(repeats: int = 3) -> dict[str, Any]:
     import numpy as np
-    from numcodecs import Blosc, blosc
+    from numcodecs import LZ4, Blosc, Zstd, blosc
 
     from analysis import store_format as fmt
     from bench.common import scratch
@@ -38,10 +44,22 @@ def measure(repeats: int = 3) -> dict[str, Any]:
     heads = 24
     chunks = [rows[i : i + heads].copy() for i in range(0, len(rows) - heads + 1, heads)]
     decoded = sum(c.nbytes for c in chunks)
+    codecs = {
+        f"blosc {cname}-{clevel} {shuffle}": Blosc(
+            cname=cname,
+            clevel=clevel,
+            shuffle=Blosc.BITSHUFFLE if shuffle == "bitshuffle" else Blosc.SHUFFLE,
+        )
+        for cname, clevel, shuffle in BLOSC
+    }
+    codecs |= {
+        f"{name}{'' if level is None else f'-{level}'}, no shuffle": (
+            LZ4() if name == "lz4" else Zstd(level=level)
+        )
+        for name, level in PLAIN
+    }
     results = []
-    for cname, clevel, shuffle in CANDIDATES:
-        mode = Blosc.BITSHUFFLE if shuffle == "bitshuffle" else Blosc.SHUFFLE
-        codec = Blosc(cname=cname, clevel=clevel, shuffle=mode)
+    for label, codec in codecs.items():
         encode, decode = [], []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -54,7 +72,7 @@ def measure(repeats: int = 3) -> dict[str, Any]:
         stored = sum(len(e) for e in encoded)
         results.append(
             {
-                "codec": f"blosc {cname}-{clevel} {shuffle}",
+                "codec": label,
                 "encode_mb_s": decoded / min(encode) / 1e6,
                 "decode_mb_s": decoded / min(decode) / 1e6,
                 "bytes_per_value": stored / (decoded / 4),

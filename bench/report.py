@@ -837,7 +837,9 @@ def _codecs(r: dict[str, Any]) -> str:
             "## Compressor choice",
             f"{r['codecs']['chunks']} stored chunks (24 heads × 64×64) of a real demo "
             "recording's maps, bit-rounded to keepbits 9 as stored; one thread (Blosc's own "
-            "threads off), so per core; best of 3. The format uses LZ4-5 with bit-shuffle.",
+            "threads off), so per core; best of 3. The format uses LZ4-5 with bit-shuffle. The "
+            "unshuffled LZ4 and Zstandard streams are what a GPU compressor (nvCOMP) writes that "
+            "Zarr readers decode: Zarr v3's only shuffle is inside Blosc's frame.",
             _table(["compressor", "encode", "decode", "stored per value"], rows),
             "Command: `python -m bench` (section `codecs`, `bench/codecs.py`).",
         ]
