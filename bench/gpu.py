@@ -7,8 +7,8 @@ steps at 1024², latents out, untraced and traced with default settings (the all
 `attnscope record` sets it, tracer.allocator), as two pairs (bench.overhead), and writes:
 traced / untraced wall time (the process's first traced run and a later one apart), the GPU
 memory tracing adds, the bytes written and the decoded GB/s the recording sustained, and what
-pinning host memory costs there (a process's first run pins its step buffers on the
-generation's thread, as put() takes each step's first maps).
+pinning host memory costs there (a process's first run pins its step buffers on a writer
+thread from the run's start; the generation's first put() waits for the first of them).
 
 The GPU box has torch but no registry, so what else this needs travels as wheels:
 

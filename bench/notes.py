@@ -107,8 +107,9 @@ def _gpu(r: dict[str, Any]) -> str:
         "signature; cuDNN attention falls back to recomputing. The capture then costs a few "
         "skinny GEMMs per call against the model's 2·N²·D·H attention, the device-to-host copy "
         "of the maps is asynchronous into pinned buffers. What this machine cannot show is "
-        "the host side at that shape: a process's first run also allocates its pinned step "
-        "buffers (2.3 GB) and zarrs' working memory while its first steps are written, which "
+        "the host side at that shape: a process's first run also pins its step buffers "
+        "(2.3 GB, on a writer thread from the run's start, while put() waits for the first) "
+        "and faults zarrs' working memory in while its first steps are written, which "
         "*Writer rate against a GPU* measures as its warm-up and projects."
     )
 

@@ -17,7 +17,9 @@ nothing but claiming its name (tracer.store.claim_run).
 
 Memory and backpressure: at most `max_pending` steps are accepted and not yet durable. Each owns
 one host buffer per direction (`[L, H, T, Y, X]` float32, pinned when CUDA is available) taken
-from a pool of `max_pending`, reused from step to step. `put()` for a new step waits while all of
+from a pool of `max_pending`, reused from step to step; the pool is allocated on a background
+thread as the writer starts, so pinning it costs the generation's thread only what its first
+step has to wait for. `put()` for a new step waits while all of
 them are taken; it never drops a map and never lets memory grow.
 
 Threading contract:
@@ -178,6 +180,7 @@ class TraceWriter:
         self._slots: dict[int, _Slot] = {}  # accepted steps not yet durable
         self._free: list[dict[str, torch.Tensor]] = []  # host buffers ready for reuse
         self._buffers_allocated = 0
+        self._buffers_wanted = min(max_pending, self._n_steps)  # the pool, _allocate_buffers
         self._seen: set[tuple[int, int]] = set()
         self._listed: list[int] = listed
         self._skipped: list[list[Any]] = skipped
@@ -201,6 +204,10 @@ class TraceWriter:
         )
         self._thread.start()
         self._lister.start()
+        # The step buffers are allocated beside the generation, not by put() on its thread:
+        # pinning host memory for a device->host copy takes a fraction of a second per GB
+        # (bench/gpu.py measures it), which a process's first run would spend on its first steps.
+        self._stores.submit(self._allocate_buffers)
         # A planned run is laid down beside the worker, which meanwhile copies the first step's
         # maps into its buffer: only storing the step needs the run's arrays. Started last, so
         # that starting the threads above does not wait on it for the GIL.
@@ -500,17 +507,33 @@ class TraceWriter:
                 )
             self._cond.wait()
         self._raise_if_failed_locked()
-        if self._free:
-            host = self._free.pop()
-        else:
-            host = {
-                name: torch.empty(self._step_shape, dtype=torch.float32, pin_memory=self._pin)
-                for name in self._directions
-            }
-            self._buffers_allocated += 1
-        slot = _Slot(step_pos, host)
+        while not self._free:  # the pool is still being allocated (_allocate_buffers)
+            self._cond.wait()
+            self._raise_if_failed_locked()
+        slot = _Slot(step_pos, self._free.pop())
         self._slots[step_pos] = slot
         return slot
+
+    def _allocate_buffers(self) -> None:
+        """Allocate the pool of step buffers, one at a time, each handed to put() once made:
+        max_pending steps' (fewer for a shorter run), pinned where CUDA is."""
+        try:
+            while True:
+                with self._cond:
+                    done = self._buffers_allocated == self._buffers_wanted
+                    if done or self._aborted or self._error is not None:
+                        return
+                # An allocation, no computation: it starts no OpenMP team on this thread.
+                host = {
+                    name: torch.empty(self._step_shape, dtype=torch.float32, pin_memory=self._pin)
+                    for name in self._directions
+                }
+                with self._cond:
+                    self._free.append(host)
+                    self._buffers_allocated += 1
+                    self._cond.notify_all()
+        except BaseException as exc:
+            self._fail(f"allocating the step buffers failed: {type(exc).__name__}: {exc}", exc)
 
     def _raise_if_failed(self, aborted_ok: bool = False) -> None:
         with self._cond:

@@ -937,3 +937,48 @@ def test_cuda_put_is_asynchronous_and_exact(tmp_path: Path) -> None:
     for (step_pos, layer_pos), put_maps in expected.items():
         assert_stored(ds, step_pos, layer_pos, put_maps, None)
     assert ds.attrs[sf.STEPS_COMPLETE] == list(STEPS)
+
+
+def test_the_step_buffers_are_allocated_beside_the_generation_not_by_put(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pinning a step's host memory takes a fraction of a second per GB on a GPU box: the pool
+    (max_pending buffers per direction) is made on a writer thread, never on put()'s."""
+    run = make_run(tmp_path / "t.zarr", keepbits=None)
+    made: list[str] = []
+    empty = torch.empty
+
+    def recording_empty(*args: Any, **kwargs: Any) -> torch.Tensor:
+        tensor = empty(*args, **kwargs)
+        if tensor.ndim == len(sf.DIMS) - 1:  # a step buffer: [layer, head, token, y, x]
+            made.append(threading.current_thread().name)
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    rng = np.random.default_rng(5)
+    writer = TraceWriter(run, directions=sf.DIRECTIONS, n_layers=N_LAYERS, max_pending=2)
+    for step_pos, layer_pos in all_keys():
+        writer.put(step_pos, layer_pos, random_maps(rng, sf.DIRECTIONS))
+    writer.close()
+    assert len(made) == 2 * len(sf.DIRECTIONS), made
+    assert threading.current_thread().name not in made, made
+    assert read_run(tmp_path / "t.zarr").attrs[sf.STEPS_COMPLETE] == list(STEPS)
+
+
+def test_a_pool_that_cannot_be_allocated_fails_put_with_its_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = make_run(tmp_path / "t.zarr", keepbits=None)
+    empty = torch.empty
+
+    def no_memory(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if len(args) == 1 and len(args[0]) == len(sf.DIMS) - 1:
+            raise RuntimeError("out of pinned memory")
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", no_memory)
+    writer = TraceWriter(run, directions=sf.DIRECTIONS, n_layers=N_LAYERS, max_pending=2)
+    with pytest.raises(WriterError, match=r"allocating the step buffers failed: .*out of pinned"):
+        writer.put(0, 0, random_maps(np.random.default_rng(6), sf.DIRECTIONS))
+    writer.abort()
+    assert zarr.open_group(tmp_path / "t.zarr", path=GROUP).attrs[sf.STEPS_COMPLETE] == []
