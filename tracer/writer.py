@@ -19,8 +19,8 @@ Memory and backpressure: at most `max_pending` steps are accepted and not yet du
 one host buffer per direction (`[L, H, T, Y, X]` float32, pinned when CUDA is available) taken
 from a pool of `max_pending`, reused from step to step; the pool is allocated on a background
 thread as the writer starts, so pinning it costs the generation's thread only what its first
-step has to wait for. `put()` for a new step waits while all of
-them are taken; it never drops a map and never lets memory grow.
+step has to wait for. `put()` for a new step waits while all of them are taken; it never drops
+a map and never lets memory grow.
 
 Threading contract:
 - Call `put()` from one thread (the generation loop). The writer assumes that one producer; it
