@@ -278,12 +278,15 @@ def direction(ds: xr.Dataset, asked: str | None = None) -> str:
     return chosen
 
 
-def reduce(da: xr.DataArray, over: Sequence[str] | str, how: str = "mean") -> xr.DataArray:
+def reduce(
+    da: xr.DataArray, over: Sequence[str] | str, how: str = "mean", skipna: bool | None = None
+) -> xr.DataArray:
     """Reduce `da` over the named dims with `how` (mean, max, min, sum, std, median); lazy.
 
     `over` may be a comma-separated string (`"step,layer"`); dims absent from `da` (already
-    selected away) are an error naming the dims it has. The result's `reduced` attribute says
-    how each dim was reduced (`{"layer": "mean of 5"}`), for figure titles.
+    selected away) are an error naming the dims it has. `skipna` as xarray's (by default NaN,
+    a map never computed, is skipped). The result's `reduced` attribute says how each dim was
+    reduced (`{"layer": "mean of 5"}`), for figure titles.
     """
     if isinstance(over, str):
         over = [d.strip() for d in over.split(",") if d.strip()]
@@ -301,7 +304,7 @@ def reduce(da: xr.DataArray, over: Sequence[str] | str, how: str = "mean") -> xr
     if how == "median":
         # dask's median needs each reduced dim in one chunk.
         da = da.chunk(dict.fromkeys(over, -1))
-    out = getattr(da, how)(list(over))
+    out = getattr(da, how)(list(over), skipna=skipna)
     # Titles say how each dim went (`describe`): "layer: mean of 5".
     done = dict(da.attrs.get("reduced", {})) | {d: f"{how} of {n}" for d, n in sizes.items()}
     return out.assign_attrs(da.attrs | {"reduced": done})

@@ -186,7 +186,20 @@ def _reduce_rest(
 ) -> tuple[xr.DataArray, dict[str, str]]:
     """Reduce every dim of `da` but `keep` and the map dims; say how for the title."""
     over = [d for d in da.dims if d not in (*keep, *MAP_DIMS)]
-    return reduce(da, over, how), {d: f"{how} of {da.sizes[d]}" for d in over}
+    return _reduce(da, over, how), {d: f"{how} of {da.sizes[d]}" for d in over}
+
+
+def _reduce(da: xr.DataArray, over: Sequence[str], how: str) -> xr.DataArray:
+    """`reduce`, without looking for NaN where the selection has none.
+
+    The CLI opens complete steps only, and a checked read refuses NaN in them as lost data
+    unless a cache hook left that map uncomputed (`computed` False). Where every map selected
+    was computed, skipping NaN gives the same values, bit for bit, and costs time: on the
+    benchmark store a span's mean over every step, layer and head took 2.5 s skipping NaN
+    against 1.1 s without, the prompt's 10.0 s against 6.4 s.
+    """
+    everywhere = "computed" in da.coords and bool(da.computed.all())
+    return reduce(da, over, how, skipna=False if everywhere else None)
 
 
 def _sibling(path: Path, suffix: str, extension: str | None = None) -> Path:
@@ -247,7 +260,7 @@ def _heatmap(args: argparse.Namespace) -> None:
         named = [d.strip() for d in args.over.split(",") if d.strip()]
         # A dim already narrowed to one value (--head 3) needs no reducing.
         over = [d for d in named if not (d in da.coords and d not in da.dims)]
-    m = reduce(da, over, args.reduce)
+    m = _reduce(da, over, args.reduce)
     title = describe(m, {d: f"{args.reduce} of {da.sizes[d]}" for d in over})
     with _progress(args):
         if args.overlay:
@@ -337,7 +350,7 @@ def _frames(args: argparse.Namespace) -> None:
         grid(maps, col="frame", path=out, title=title)
     written = [out]
     if movie is not None:
-        over_frames = reduce(maps, ["step"], args.reduce) if by_step else maps
+        over_frames = _reduce(maps, ["step"], args.reduce) if by_step else maps
         animate(
             over_frames,
             movie,

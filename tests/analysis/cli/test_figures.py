@@ -154,6 +154,27 @@ def test_a_partial_run_warns_on_stderr_and_draws_its_complete_steps(
     assert "attnscope: warning: run-0000" in err and "steps 2, 3 are missing" in err
 
 
+def test_the_maps_a_cache_hook_skipped_are_left_out_of_a_reduction(
+    store, tmp_path, captured, run_cli
+):
+    """Skipped maps read NaN: the CLI's mean skips them (and only there may it not look)."""
+    path, expected = store
+    group = zarr.open_group(path, path="run-0000", mode="r+")
+    for name in sf.DIRECTIONS:
+        group[name][1, 3] = np.nan  # step 1, layer single_transformer_blocks.1
+    group.attrs[sf.SKIPPED] = [[1, "single_transformer_blocks.1"]]
+    out = tmp_path / "cat.png"
+    for verb in ("heatmap", "heads"):
+        status, _, err = run_cli(verb, path, "--span", "cat", "-o", out, "-q")
+        assert status == 0, err
+    maps = expected["txt2img"][:, :, :, 1].copy()  # step, layer, head, y, x
+    maps[1, 3] = np.nan
+    (m, _), _ = captured["heatmap"][0]
+    np.testing.assert_allclose(m.values, np.nanmean(maps, axis=(0, 1, 2)), rtol=1e-6)
+    (grid_maps,), _ = captured["grid"][0]
+    np.testing.assert_allclose(grid_maps.values, np.nanmean(maps, axis=(0, 1)), rtol=1e-6)
+
+
 def test_frames_draws_frames_by_steps_and_animates_the_frames(
     make_store, tmp_path, captured, run_cli
 ):
