@@ -180,7 +180,6 @@ class TraceWriter:
         self._slots: dict[int, _Slot] = {}  # accepted steps not yet durable
         self._free: list[dict[str, torch.Tensor]] = []  # host buffers ready for reuse
         self._buffers_allocated = 0
-        self._buffers_wanted = min(max_pending, self._n_steps)  # the pool, _allocate_buffers
         self._seen: set[tuple[int, int]] = set()
         self._listed: list[int] = listed
         self._skipped: list[list[Any]] = skipped
@@ -518,10 +517,9 @@ class TraceWriter:
         """Allocate the pool of step buffers, one at a time, each handed to put() once made:
         max_pending steps' (fewer for a shorter run), pinned where CUDA is."""
         try:
-            while True:
+            for _ in range(min(self._max_pending, self._n_steps)):
                 with self._cond:
-                    done = self._buffers_allocated == self._buffers_wanted
-                    if done or self._aborted or self._error is not None:
+                    if self._aborted or self._error is not None:
                         return
                 # An allocation, no computation: it starts no OpenMP team on this thread.
                 host = {
