@@ -8,7 +8,11 @@ steps at 1024², latents out, untraced and traced with default settings (the all
 traced / untraced wall time (the process's first traced run and a later one apart), the GPU
 memory tracing adds, the bytes written and the decoded GB/s the recording sustained, and what
 pinning host memory costs there (a process's first run pins its step buffers on a writer
-thread from the run's start; the generation's first put() waits for the first of them).
+thread from the run's start; the generation's first put() waits for the first of them). The
+breakdown of the traced run gives the seconds the capture and the model's attention kept the GPU
+busy (CUDA events), and `capture_per_call` (bench/capture_cost.py) the capture of one call at
+that shape: its work counted, its GPU time per chunk size against the attention's, its error
+against float64, and its GEMM in float32 against bf16 inputs on tensor cores.
 
 The GPU box has torch but no registry, so what else this needs travels as wheels:
 
@@ -119,6 +123,7 @@ def measure(smoke: bool) -> dict[str, Any]:
     """Time untraced and traced generations; the figures for docs/benchmarks.md."""
     import torch
 
+    from bench import capture_cost
     from bench.common import GEOMETRIES
     from bench.overhead import measure as pairs_of
     from tracer.allocator import tune_for_recording
@@ -151,6 +156,7 @@ def measure(smoke: bool) -> dict[str, Any]:
         "decoded_gb_s": traced["decoded_bytes"] / traced["wall"] / 1e9,
         "allocator_tuned": tuned,
         "pinning_seconds_per_gib": pinning_seconds_per_gib(),
+        "capture_per_call": capture_cost.measure(geo),
         "seconds_in_all": time.perf_counter() - started,
     }
 

@@ -92,11 +92,19 @@ def _overhead(r: dict[str, Any], main: str) -> str:
 def _gpu(r: dict[str, Any]) -> str:
     gpu = r["overhead"].get("flux-dev-gpu")
     if gpu:
-        return (
+        b = gpu.get("breakdown") or {}
+        text = (
             f"**GPU ({gpu['ratio']['attnscope']:.3f} at FLUX.1-dev's shape).** Measured on "
             f"{r['machine'].get('gpu')}; the lse kernels used are checked once per call "
             "signature against SDPA's own output (one extra attention per run)."
         )
+        if "capture_device" in b:
+            text += (
+                f" In the instrumented traced run the capture kept the GPU busy "
+                f"{b['capture_device']:.2f} s and the model's attention calls "
+                f"{b['attention_device']:.2f} s, of {b['wall']:.2f} s (CUDA events)."
+            )
+        return text + "\n\n" + _capture_counted()
     return (
         "**GPU at FLUX.1-dev's shape: not measured here** (no CUDA device on this machine; "
         "`python -m bench` runs it whenever `torch.cuda.is_available()`, and `python -m "
@@ -104,13 +112,50 @@ def _gpu(r: dict[str, Any]) -> str:
         "docstring). On CUDA the tap takes "
         "the flash or memory-efficient kernel's lse (the kernels FLUX's unmasked bf16 "
         "attention gets), verified bit-identical against SDPA's own output once per call "
-        "signature; cuDNN attention falls back to recomputing. The capture then costs a few "
-        "skinny GEMMs per call against the model's 2·N²·D·H attention, the device-to-host copy "
-        "of the maps is asynchronous into pinned buffers. What this machine cannot show is "
-        "the host side at that shape: a process's first run also pins its step buffers "
-        "(2.3 GB, on a writer thread from the run's start, while put() waits for the first) "
-        "and faults zarrs' working memory in while its first steps are written, which "
-        "*Writer rate against a GPU* measures as its warm-up and projects."
+        "signature; cuDNN attention falls back to recomputing; the device-to-host copy of the "
+        "maps is asynchronous into pinned buffers. A process's first run also pins its step "
+        "buffers (2.3 GB, on a writer thread from the run's start, while put() waits for the "
+        "first) and faults zarrs' working memory in while its first steps are written, which "
+        "*Writer rate against a GPU* measures as its warm-up and projects.\n\n" + _capture_counted()
+    )
+
+
+def _capture_counted() -> str:
+    """The capture's work at FLUX.1-dev's shape, counted, against an H100's peak rates."""
+    from bench.capture_cost import ROWS, work
+    from bench.common import GEOMETRIES
+    from bench.rate import H100_STEP_SECONDS
+
+    geo = GEOMETRIES["flux-dev-gpu"]
+    w = work(geo)
+    calls = geo.num_layers + geo.num_single_layers
+    # NVIDIA's H100 SXM datasheet: FP32 67 TFLOP/s, BF16 dense 989 TFLOP/s, HBM3 3.35 TB/s.
+    fp32, bf16, memory = 67e12, 989e12, 3.35e12
+    passes = 6  # each block: the GEMM's broadcast input and its output, exp, the span reduction
+    arithmetic = calls * w["capture_flop"] / fp32
+    traffic = calls * passes * w["block_bytes"] / memory
+    return (
+        "**The capture on a GPU, counted.** With the kernel's lse, a call's capture is two "
+        "float32 GEMMs, every text position against the image positions (txt2img: text "
+        "queries against image keys; img2txt: image queries against text keys), reduced to "
+        f"token rows. A 20-word prompt has {ROWS} rows but {geo.text_len} text positions, each "
+        f"some row's: the padding's {geo.text_len - ROWS + 1} are summed into one. At "
+        f"FLUX.1-dev's shape that is {w['capture_flop'] / 1e9:.1f} GFLOP in float32 per call "
+        f"against the model's attention's {w['attention_flop'] / 1e9:.0f} GFLOP in bf16, and "
+        f"about {passes} passes over {w['block_bytes'] / 1e6:.0f} MB of float32 probability "
+        f"blocks (the GEMM's broadcast input and output, exp, the span reduction). At an H100 "
+        "SXM's peak rates (NVIDIA's datasheet: 67 TFLOP/s float32 without tensor cores, 989 "
+        f"bf16 with, 3.35 TB/s), a step's {calls} calls take at least "
+        f"{1e3 * arithmetic:.0f} ms of float32 arithmetic and about {1e3 * traffic:.0f} ms "
+        f"of memory traffic, against {1e3 * calls * w['attention_flop'] / bf16:.0f} ms for the "
+        f"model's attention and about {1e3 * H100_STEP_SECONDS:.0f} ms for the whole step: on "
+        "a GPU the capture, "
+        "not only the writer, may decide the ratio. `python -m bench.gpu` measures it "
+        "(`capture_per_call`: the GPU time of one call per chunk size against the attention's, "
+        "its error against float64, and its GEMM in float32 against bf16 inputs on tensor "
+        "cores with a float32 output, whose products are exact in float32), so that the "
+        "first GPU run decides between the levers: the GEMMs on tensor cores, chunks whose "
+        "blocks stay in the 50 MB L2, a fused kernel that never writes the blocks out."
     )
 
 

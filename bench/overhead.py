@@ -78,7 +78,7 @@ def measure(geometry: dict[str, Any], pairs: dict[str, int]) -> dict[str, Any]:
 
     breakdown = None
     if "attnscope" in pairs:
-        with scratch("breakdown") as workdir, _timing_parts() as parts:
+        with scratch("breakdown") as workdir, _timing_parts(geo.device) as parts:
             total = run("attnscope", workdir)["wall"]
         breakdown = {"wall": total, **parts}
 
@@ -104,17 +104,21 @@ def measure(geometry: dict[str, Any], pairs: dict[str, int]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _timing_parts() -> Iterator[dict[str, float]]:
+def _timing_parts(device: str) -> Iterator[dict[str, float]]:
     """Seconds spent in the tracer's parts during one traced generation (wrapped functions).
 
     `start_run` (starting a run on the generation's thread: its name, the writer), `lay_down`
     (laying the run group down, on the writer's thread during the first step), `capture` (the
     capture math, on the generation's thread), `writer_put`, and `writer_step` (compressing and
     writing a step's shards, on the writer's store threads, in parallel with the generation:
-    thread-seconds, summed).
+    thread-seconds, summed). Those are the host's clock, which on a GPU sees only the launches;
+    `capture_device` and `attention_device` are the seconds the capture and the model's own
+    attention calls (the tap's kernel that returns the lse) kept the `device` busy: CUDA events
+    around each call there, the host's clock on the CPU.
     """
     import tracer.durable as durable
     import tracer.session as session
+    import tracer.tap as tap
     import tracer.writer as writer
 
     parts: dict[str, float] = {}
@@ -125,7 +129,9 @@ def _timing_parts() -> Iterator[dict[str, float]]:
         (writer.TraceWriter, "put", "writer_put"),
         (durable.StagedShards, "write", "writer_step"),
     ]
-    originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]
+    on_device = [(session, "attention_maps", "capture"), (tap, "_run_with_lse", "attention")]
+    originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets + on_device]
+    clock = _DeviceClock(device)
 
     def timed(function: Any, key: str) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -137,10 +143,60 @@ def _timing_parts() -> Iterator[dict[str, float]]:
 
         return wrapper
 
-    for (owner, attr, key), (_, _, function) in zip(targets, originals, strict=True):
-        setattr(owner, attr, timed(function, key))
+    for owner, attr, key in targets:
+        setattr(owner, attr, timed(getattr(owner, attr), key))
+    for owner, attr, key in on_device:
+        setattr(owner, attr, clock.timed(getattr(owner, attr), key))
     try:
         yield parts
+        parts |= {f"{key}_device": seconds for key, seconds in clock.seconds().items()}
     finally:
         for owner, attr, function in originals:
             setattr(owner, attr, function)
+
+
+class _DeviceClock:
+    """Seconds wrapped calls keep a device busy, summed per key. On CUDA a call returns once its
+    kernels are queued, so each is bracketed by CUDA events on the current stream, read at the
+    end (the stream's time between them: the call's kernels, and any wait for the host to queue
+    them); on the CPU the call is its work, and the host's clock is the device's."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+        self.spans: dict[str, list[Any]] = {}
+
+    def timed(self, function: Any, key: str) -> Any:
+        import torch
+
+        spans = self.spans.setdefault(key, [])
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if self.cuda:
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    end.record()
+                    spans.append((start, end))
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spans.append(time.perf_counter() - start)
+
+        return wrapper
+
+    def calls(self, key: str) -> list[float]:
+        """Seconds of each call of `key` so far, in order; waits for the device to finish."""
+        spans = self.spans.get(key, [])
+        if not self.cuda:
+            return list(spans)
+        import torch
+
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) / 1e3 for start, end in spans]
+
+    def seconds(self) -> dict[str, float]:
+        """Each key's seconds so far, summed over its calls."""
+        return {key: sum(self.calls(key)) for key in self.spans}

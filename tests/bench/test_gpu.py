@@ -37,6 +37,33 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     assert figures["decoded_gb_s"] > 0
     assert figures["gpu_memory_added_bytes"] is None  # no CUDA here
     assert figures["pinning_seconds_per_gib"] is None
+    # The device's seconds in the capture and in the model's attention (on the CPU, the same
+    # calls' host time: the host's clock wraps the device's).
+    parts = figures["breakdown"]
+    assert 0 < parts["capture"] <= parts["capture_device"] < parts["wall"]
+    assert 0 < parts["attention_device"] < parts["wall"]
+
+
+def test_the_capture_per_call_is_counted_measured_and_checked():
+    from bench.capture_cost import CHUNK_SIZES, measure, work
+    from bench.common import GEOMETRIES
+
+    geo = GEOMETRIES["flux-dev-gpu"]
+    # Counted by hand for FLUX.1-dev at 1024² (24 heads of 128, 512 text + 4096 image tokens)
+    # and a 20-word prompt's 26 rows: 4·H·T·I·(D + rows), 4·H·N²·D, two [H, T, I] float32 blocks.
+    assert work(geo) == {
+        "capture_flop": 31_004_295_168,
+        "attention_flop": 260_919_263_232,
+        "block_bytes": 402_653_184,
+    }
+    got = measure(GEOMETRIES["quick"], repeats=2)
+    assert got["kernel"] == "cpu_flash"
+    assert got["attention_seconds"] > 0
+    assert set(got["chunks"]) == set(CHUNK_SIZES)
+    for chunk in got["chunks"].values():
+        assert chunk["seconds"] > 0
+        assert chunk["max_relative_error"] < 1e-4  # float32 against float64
+    assert "gemm" not in got  # CUDA only
 
 
 def test_the_wheels_it_carries_cover_what_the_tracer_imports_and_leave_torch():
