@@ -327,6 +327,7 @@ def _txt2img(
     # With the lse only the image keys are needed: a view, which the GEMM reads as it is laid
     # out (a transposed copy of the keys cost a third of this direction's time on the CPU).
     k_image = None if lse is None else k_t[:, :, image]
+    block = None if lse is None else _block_memory(heads * min(chunk_size, n_rows) * n_image, q)
     for start in range(0, n_rows, chunk_size):
         chunk = rows[start : start + chunk_size]
         # Indexing, not index_select, which first copies a strided q (heads not outermost) whole.
@@ -342,7 +343,7 @@ def _txt2img(
         mask_image = (
             mask_rows if mask_rows is None or mask_rows.shape[-1] == 1 else mask_rows[..., image]
         )
-        probs = _probs_from_lse(q_rows, k_image, mask_image, scale, lse[:, chunk])
+        probs = _probs_from_lse(q_rows, k_image, mask_image, scale, lse[:, chunk], block)
         w = weights[:, start : start + chunk_size].expand(heads, -1, -1)
         out.baddbmm_(w, probs)
     return out
@@ -422,23 +423,36 @@ def _img2txt(
     return out
 
 
+def _block_memory(n_floats: int, like: torch.Tensor) -> torch.Tensor:
+    """Float32 memory for blocks of up to `n_floats` values, on `like`'s device: one per call,
+    reused by its chunks (see _probs_from_lse)."""
+    return torch.empty(n_floats, dtype=torch.float32, device=like.device)
+
+
 def _probs_from_lse(
     q_rows: torch.Tensor,
     k_t: torch.Tensor,
     mask_rows: torch.Tensor | None,
     scale: float,
     lse_rows: torch.Tensor,
+    memory: torch.Tensor,
 ) -> torch.Tensor:
     """Softmax probabilities ``[H, rows, K]`` of these query rows at the keys of ``k_t``
-    (``[H, D, K]``), from each row's log-sum-exp over all keys: exp(q·kᵀ·scale + mask - lse)."""
+    (``[H, D, K]``), from each row's log-sum-exp over all keys: exp(q·kᵀ·scale + mask - lse).
+
+    Written into `memory` (``_block_memory``): on the CPU a new block for each chunk is fresh
+    pages, which the kernel faults in at about a third of the GEMM's own time.
+    """
+    heads, rows, n_keys = q_rows.shape[0], q_rows.shape[1], k_t.shape[-1]
+    logits = memory[: heads * rows * n_keys].view(heads, rows, n_keys)
     lse_rows = lse_rows.to(torch.float32).unsqueeze(-1)
     if mask_rows is not None and mask_rows.dtype != torch.bool:
-        logits = torch.baddbmm(mask_rows.to(torch.float32), q_rows, k_t, alpha=scale)
+        torch.baddbmm(mask_rows.to(torch.float32), q_rows, k_t, alpha=scale, out=logits)
         logits.sub_(lse_rows)
     else:
         # q·kᵀ·scale - lse as the GEMM writes its output (beta·input + alpha·q·kᵀ): no further
         # passes over the block for the scale and the normaliser.
-        logits = torch.baddbmm(lse_rows.neg(), q_rows, k_t, alpha=scale)
+        torch.baddbmm(lse_rows.neg(), q_rows, k_t, alpha=scale, out=logits)
         if mask_rows is not None:
             logits.masked_fill_(~mask_rows, _NEG_INF)
     probs = logits.exp_()
@@ -478,10 +492,11 @@ def _img2txt_from_lse(
     # within the H * chunk_size * N floats the other paths use, in few large (fast) steps.
     rows_per_block = max(chunk_size, chunk_size * n_tokens // max(n_keys, n_spans))
     out = torch.empty(heads, n_spans, n_image, dtype=torch.float32, device=device)
+    block = _block_memory(heads * min(rows_per_block, n_image) * n_keys, q)
     for start in range(0, n_image, rows_per_block):
         stop = min(start + rows_per_block, n_image)
         mask_rows = _mask_rows(mask3, slice(text_len + start, text_len + stop))
         q_rows = q[:, text_len + start : text_len + stop].to(torch.float32)
-        probs = _probs_from_lse(q_rows, k_t, mask_rows, scale, lse_image[:, start:stop])
+        probs = _probs_from_lse(q_rows, k_t, mask_rows, scale, lse_image[:, start:stop], block)
         out[:, :, start:stop] = torch.matmul(probs, weights).transpose(1, 2)
     return out
