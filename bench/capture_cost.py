@@ -114,7 +114,7 @@ def _gemm(q: Any, k: Any, text: int, clock: Any, repeats: int) -> dict[str, floa
     want = f32()
     try:
         got = tensor_cores()
-    except RuntimeError as exc:  # an overload this torch or device lacks: say so, go on
+    except (RuntimeError, TypeError) as exc:  # an overload this torch lacks: say so, go on
         return {"float32_seconds": clock.calls("gemm float32")[0], "out_dtype_error": str(exc)}
     for _ in range(repeats - 1):
         f32(), tensor_cores()
