@@ -97,7 +97,7 @@ def attention_maps(
         )
     )
     # Observation only: no autograd graph (it would keep every chunk's block alive).
-    with torch.no_grad(), _cpu_threads_for(work, q.device):
+    with torch.no_grad(), _cpu_threads_for(work, q.device), _float32_matmuls():
         # The keys in float32 once per call (every chunk reads all of them); the queries a chunk
         # at a time, so a half-precision model's extra memory stays within the chunk's bound.
         k32 = k.to(torch.float32)
@@ -145,7 +145,7 @@ def cross_attention_maps(
     _check_span_members(span_members, text_len)
     mask3 = _as_3d_mask(mask, heads, n_image, text_len)
     work = 4 * heads * q.shape[-1] * n_image * text_len
-    with torch.no_grad(), _cpu_threads_for(work, q.device):
+    with torch.no_grad(), _cpu_threads_for(work, q.device), _float32_matmuls():
         maps = _img2txt(
             q,
             k.to(torch.float32),
@@ -158,6 +158,41 @@ def cross_attention_maps(
             first_query=0,
         )
     return {"img2txt": maps}
+
+
+# The backends whose float32 matmuls torch may run in lower precision, by the process's choice:
+# TF32 on CUDA, bf16 (or TF32) through oneDNN on the CPU (torch.set_float32_matmul_precision).
+_REDUCED_MATMULS = ("cuda", "mkldnn")
+
+
+@contextlib.contextmanager
+def _float32_matmuls() -> Iterator[None]:
+    """The capture's float32 matmuls in float32 whatever the process allows its model.
+
+    Diffusion scripts often allow TF32 (`torch.backends.cuda.matmul.allow_tf32 = True`): it
+    rounds q and k to 10 mantissa bits inside a float32 GEMM, a logit error of about 1e-3 of its
+    size, several times the store's bound on the maps. The capture asks each backend for IEEE
+    float32 and gives back its previous setting after, through torch's per-backend settings
+    (torch >= 2.9), which leave the legacy ones as they were; older torch has only the global
+    one. Set process-wide: a matmul on another thread meanwhile runs in float32 too.
+    """
+    backends = [getattr(getattr(torch.backends, name), "matmul", None) for name in _REDUCED_MATMULS]
+    if not all(hasattr(b, "fp32_precision") for b in backends):
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(before)
+        return
+    before = [b.fp32_precision for b in backends]
+    for backend in backends:
+        backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for backend, precision in zip(backends, before, strict=True):
+            backend.fp32_precision = precision
 
 
 @contextlib.contextmanager

@@ -201,6 +201,63 @@ def test_small_captures_run_on_one_thread_and_restore_the_count(monkeypatch):
     assert torch.get_num_threads() == before
 
 
+@pytest.fixture
+def reduced_precision_matmuls():
+    """The process lets float32 matmuls run in lower precision, as diffusion scripts often do
+    (TF32 on CUDA, bf16 through oneDNN on the CPU); torch's defaults again afterwards."""
+    torch.set_float32_matmul_precision("medium")
+    yield {b: getattr(torch.backends, b).matmul.fp32_precision for b in ("cuda", "mkldnn")}
+    torch.set_float32_matmul_precision("highest")
+    for b in ("cuda", "mkldnn"):
+        getattr(torch.backends, b).matmul.fp32_precision = "none"
+
+
+def test_the_capture_computes_in_float32_whatever_the_process_allows(
+    monkeypatch, reduced_precision_matmuls
+):
+    assert reduced_precision_matmuls == {"cuda": "tf32", "mkldnn": "bf16"}
+    seen = []
+    for name in ("_txt2img", "_img2txt_from_lse", "_img2txt"):
+        real = getattr(capture, name)
+
+        def spy(*args, real=real, **kwargs):
+            seen.append(
+                {b: getattr(torch.backends, b).matmul.fp32_precision for b in ("cuda", "mkldnn")}
+            )
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(capture, name, spy)
+    q = torch.randn(2, 30, 8)
+    members = torch.ones(1, 6, dtype=bool)
+    lse = exact_lse(q, q, None, 0.3).float()
+    attention_maps(q, q, mask=None, scale=0.3, text_len=6, span_members=members, lse=lse)
+    attention_maps(q, q, mask=None, scale=0.3, text_len=6, span_members=members)
+    capture.cross_attention_maps(q, q[:, :6], mask=None, scale=0.3, span_members=members)
+    assert len(seen) == 5 and all(s == {"cuda": "ieee", "mkldnn": "ieee"} for s in seen)
+    # The process's own choice is given back, and its legacy setting agrees with it still (torch
+    # raises where the two disagree).
+    after = {b: getattr(torch.backends, b).matmul.fp32_precision for b in ("cuda", "mkldnn")}
+    assert after == reduced_precision_matmuls
+    assert torch.get_float32_matmul_precision() == "medium"
+    assert torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_maps_stay_exact_on_cuda_where_the_process_allows_tf32(reduced_precision_matmuls):
+    gen = torch.Generator().manual_seed(3)
+    heads, n, dim, text_len = 4, 600, 64, 88
+    q, k = (torch.randn(heads, n, dim, generator=gen) * 2 for _ in range(2))
+    members = members_for(torch.Generator().manual_seed(0), 3, text_len)
+    lse = exact_lse(q, k, None, dim**-0.5).float()
+    got = attention_maps(
+        q.cuda(), k.cuda(), mask=None, scale=dim**-0.5, text_len=text_len, span_members=members,
+        lse=lse.cuda(),
+    )  # fmt: skip
+    assert_maps_close(
+        {d: m.cpu() for d, m in got.items()}, reference(q, k, None, dim**-0.5, text_len, members)
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # tap: the model's call through the kernel that returns the lse
 
