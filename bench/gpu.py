@@ -12,7 +12,8 @@ thread from the run's start; the generation's first put() waits for the first of
 breakdown of the traced run gives the seconds the capture and the model's attention kept the GPU
 busy (CUDA events), and `capture_per_call` (bench/capture_cost.py) the capture of one call at
 that shape: its work counted, its GPU time per chunk size against the attention's, its error
-against float64, and its GEMM in float32 against bf16 inputs on tensor cores.
+against float64, and its GEMM in float32 against bf16 inputs on tensor cores. That is measured
+first, and `--json` is rewritten after each part, so a failure or a timeout later on keeps it.
 
 The GPU box has torch but no registry, so what else this needs travels as wheels:
 
@@ -34,6 +35,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -119,8 +121,14 @@ def _installed(name: str) -> bool:
     return True
 
 
-def measure(smoke: bool) -> dict[str, Any]:
-    """Time untraced and traced generations; the figures for docs/benchmarks.md."""
+def measure(
+    smoke: bool, save: Callable[[dict[str, Any]], None] = lambda figures: None
+) -> dict[str, Any]:
+    """Time untraced and traced generations; the figures for docs/benchmarks.md.
+
+    `save` gets the figures measured so far after each part, the quick ones first: a GPU box is
+    lent for minutes, and what a failure or a timeout later on leaves is kept.
+    """
     import torch
 
     from bench import capture_cost
@@ -135,15 +143,20 @@ def measure(smoke: bool) -> dict[str, Any]:
     # (a smoke run shares the test suite's process, which is left as it is).
     tuned = not smoke and tune_for_recording()
     started = time.perf_counter()
+    figures: dict[str, Any] = {
+        "geometry": asdict(geo),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "allocator_tuned": tuned,
+        "capture_per_call": capture_cost.measure(geo),
+    }
+    save(figures)
     # Two pairs: a process's first traced run pays for its buffers (pinned host memory, zarrs'
     # working memory) as it goes; a later run reuses them (bench.rate projects both).
     result = pairs_of(asdict(geo), {"attnscope": 2})
     traced = result["outputs"]["attnscope"]
     peak = result["cuda_peak"]
     first, later = result["ratios"]["attnscope"]["wall"]
-    return {
-        "geometry": asdict(geo),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    figures |= {
         "traced_over_untraced": result["ratio"]["attnscope"],
         "traced_over_untraced_first_run": first,
         "traced_over_untraced_later_run": later,
@@ -154,11 +167,13 @@ def measure(smoke: bool) -> dict[str, Any]:
         "token_rows": traced["token_rows"],
         "decoded_bytes": traced["decoded_bytes"],
         "decoded_gb_s": traced["decoded_bytes"] / traced["wall"] / 1e9,
-        "allocator_tuned": tuned,
-        "pinning_seconds_per_gib": pinning_seconds_per_gib(),
-        "capture_per_call": capture_cost.measure(geo),
-        "seconds_in_all": time.perf_counter() - started,
     }
+    save(figures)
+    # After the traced runs, whose first pins its step buffers afresh: see the function.
+    figures["pinning_seconds_per_gib"] = pinning_seconds_per_gib()
+    figures["seconds_in_all"] = time.perf_counter() - started
+    save(figures)
+    return figures
 
 
 def pinning_seconds_per_gib() -> float | None:
@@ -192,10 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.install:
         install(args.install)
-    figures = measure(args.smoke)
-    print(json.dumps(figures, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=1))
+
+    def save(figures: dict[str, Any]) -> None:
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=1))
+
+    print(json.dumps(measure(args.smoke, save), indent=1))
     return 0
 
 

@@ -44,6 +44,21 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     assert 0 < parts["attention_device"] < parts["wall"]
 
 
+def test_what_was_measured_before_a_failure_is_kept(tmp_path, monkeypatch):
+    import bench.overhead
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the traced runs failed")
+
+    monkeypatch.setattr(bench.overhead, "measure", fail)
+    out = tmp_path / "gpu.json"
+    with pytest.raises(RuntimeError, match="the traced runs failed"):
+        main(["--smoke", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert figures["capture_per_call"]["attention_seconds"] > 0
+    assert "traced_over_untraced" not in figures
+
+
 def test_the_capture_per_call_is_counted_measured_and_checked():
     from bench.capture_cost import CHUNK_SIZES, measure, work
     from bench.common import GEOMETRIES
