@@ -12,8 +12,9 @@ thread from the run's start; the generation's first put() waits for the first of
 breakdown of the traced run gives the seconds the capture and the model's attention kept the GPU
 busy (CUDA events), and `capture_per_call` (bench/capture_cost.py) the capture of one call at
 that shape: its work counted, its GPU time per chunk size against the attention's, its error
-against float64, and its GEMM in float32 against bf16 inputs on tensor cores. That is measured
-first, and `--json` is rewritten after each part, so a failure or a timeout later on keeps it.
+against float64, and its GEMM in float32 against bf16 inputs on tensor cores. Before all that
+it runs the suite's CUDA tests there (`cuda_tests`: the only place they run), and `--json` is
+rewritten after each part, so a failure or a timeout later on keeps what came before.
 
 The GPU box has torch but no registry, so what else this needs travels as wheels:
 
@@ -32,6 +33,7 @@ import argparse
 import importlib
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import time
@@ -40,7 +42,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-# What a traced generation imports (the modules run here, on the CPU, import the same).
+# What a traced generation imports (the modules run here, on the CPU, import the same), and
+# pytest for the suite's CUDA tests.
 MODULES = (
     "tracer",
     "tracer.demo",
@@ -50,15 +53,23 @@ MODULES = (
     "dask.array",
     "zarrs",
     "psutil",
+    "pytest",
 )
+ROOT = Path(__file__).resolve().parent.parent
+# The suite's tests marked `cuda`, in the files whose imports the carried wheels cover: never run
+# but on a GPU box. The one other file with such a test needs DiffSynth-Studio, not carried.
+CUDA_TESTS = ("tests/tracer/test_lse_path.py", "tests/tracer/test_writer.py")
 
 
 SITE = Path("/tmp/attnscope-site")  # where carried wheels are installed on the GPU box
 
-# Imported here only because they are installed (for the S3 tests): accelerate, which diffusers
-# imports, loads boto3 when it finds it. No trace uses them, and at 16 MB they would take the
-# carried wheels past the device's 64 MiB.
-NOT_CARRIED = frozenset({"boto3", "botocore", "s3transfer", "jmespath"})
+# Imported here only because they are installed: accelerate, which diffusers imports, loads
+# boto3 (installed for the S3 tests) when it finds it; diffusers and transformers load peft and
+# sentencepiece, and numcodecs msgpack, likewise. No trace uses them (the smoke run passes with
+# them blocked), and they would take the carried wheels past the device's 64 MiB.
+NOT_CARRIED = frozenset(
+    {"boto3", "botocore", "s3transfer", "jmespath", "peft", "sentencepiece", "msgpack"}
+)
 
 
 def requires() -> list[str]:
@@ -147,8 +158,11 @@ def measure(
         "geometry": asdict(geo),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "allocator_tuned": tuned,
-        "capture_per_call": capture_cost.measure(geo),
     }
+    if not smoke:  # the suite runs these itself, skipped where there is no GPU
+        figures["cuda_tests"] = cuda_tests()
+        save(figures)
+    figures["capture_per_call"] = capture_cost.measure(geo)
     save(figures)
     # Two pairs: a process's first traced run pays for its buffers (pinned host memory, zarrs'
     # working memory) as it goes; a later run reuses them (bench.rate projects both).
@@ -174,6 +188,22 @@ def measure(
     figures["seconds_in_all"] = time.perf_counter() - started
     save(figures)
     return figures
+
+
+def cuda_tests() -> dict[str, Any]:
+    """The suite's CUDA tests (CUDA_TESTS, `pytest -m cuda`) run in a child with the carried
+    wheels: its exit status, summary line and failed tests."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SITE), str(ROOT)]))
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"]
+    done = subprocess.run(
+        [*command, *CUDA_TESTS], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    lines = done.stdout.splitlines()
+    return {
+        "returncode": done.returncode,
+        "summary": lines[-1] if lines else done.stderr[-2000:],
+        "failed": [line for line in lines if line.startswith(("FAILED", "ERROR"))],
+    }
 
 
 def pinning_seconds_per_gib() -> float | None:

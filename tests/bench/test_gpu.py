@@ -6,6 +6,7 @@ import base64
 import hashlib
 import importlib
 import json
+import re
 import sys
 import zipfile
 from importlib import metadata
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu import install, main, requires
+from bench.gpu import CUDA_TESTS, ROOT, cuda_tests, install, main, requires
 
 
 def test_the_smoke_run_writes_every_figure(tmp_path):
@@ -81,13 +82,33 @@ def test_the_capture_per_call_is_counted_measured_and_checked():
     assert "gemm" not in got  # CUDA only
 
 
+def test_it_runs_every_cuda_test_whose_imports_it_carries():
+    marked = {
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "tests").rglob("test_*.py")
+        if re.search(r"^\s*@pytest\.mark\.cuda$|marks=pytest\.mark\.cuda\b", path.read_text(), re.M)
+    }
+    # The one left out imports DiffSynth-Studio, whose wheels the box is not given.
+    assert marked == {*CUDA_TESTS, "tests/tracer/adapters/test_diffsynth_flux.py"}
+    for path in CUDA_TESTS:
+        assert "diffsynth" not in (ROOT / path).read_text()
+
+
+def test_the_cuda_tests_are_run_and_reported():
+    got = cuda_tests()  # no CUDA here: each is collected and skipped
+    assert got["returncode"] == 0 and got["failed"] == []
+    assert "skipped" in got["summary"] and "deselected" in got["summary"]
+
+
 def test_the_wheels_it_carries_cover_what_the_tracer_imports_and_leave_torch():
     pins = {pin.split("==")[0].lower() for pin in requires()}
     needed = {"diffusers", "transformers", "tokenizers", "zarr", "zarrs", "numcodecs", "xarray"}
-    assert needed | {"dask"} <= pins
+    assert needed | {"dask", "pytest", "pluggy"} <= pins
     assert not pins & {"torch", "torchvision", "numpy", "attnscope"}
     # Installed here for the S3 tests and imported by accelerate when present; never by a trace.
     assert not pins & {"boto3", "botocore", "s3transfer", "jmespath"}
+    # Loaded by diffusers, transformers and numcodecs when installed; a trace runs without them.
+    assert not pins & {"peft", "sentencepiece", "msgpack"}
 
 
 def _wheel(folder: Path, name: str, module: str, source: str) -> Path:

@@ -242,7 +242,7 @@ def test_the_capture_computes_in_float32_whatever_the_process_allows(
     assert torch.backends.cuda.matmul.allow_tf32
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_maps_stay_exact_on_cuda_where_the_process_allows_tf32(reduced_precision_matmuls):
     gen = torch.Generator().manual_seed(3)
     heads, n, dim, text_len = 4, 600, 64, 88
@@ -346,7 +346,7 @@ def test_a_call_sdpa_refuses_raises_its_own_error():
         tapped(module, q, q, q)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION"])
 def test_cuda_kernels_are_bit_identical_and_give_the_lse(backend):
     gen = torch.Generator().manual_seed(7)

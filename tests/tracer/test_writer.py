@@ -908,7 +908,7 @@ def test_init_refuses_missing_array_and_read_only_group(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------- CUDA
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_put_is_asynchronous_and_exact(tmp_path: Path) -> None:
     path = tmp_path / "t.zarr"
     run = make_run(path, keepbits=None)

@@ -377,9 +377,7 @@ def test_unsupported_features_and_bad_entity_names_fail_before_generating(pipe, 
     "device",
     [
         "cpu",
-        pytest.param(
-            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-        ),
+        pytest.param("cuda", marks=pytest.mark.cuda),
     ],
 )
 def test_bfloat16_with_offload_between_models(device, tmp_path, monkeypatch):
