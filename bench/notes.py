@@ -41,7 +41,13 @@ def _overhead(r: dict[str, Any], main: str) -> str:
         "(each token row's, the padding's included) against all keys; img2txt, all image "
         "queries against the text keys, summed per row; run on one thread because on shared "
         "cores small ops spread over OpenMP threads spend more time at barriers than "
-        "computing;",
+        "computing"
+        + (
+            f" (the model's own attention calls took {b['attention_device']:.2f} s in the "
+            "same run);"
+            if "attention_device" in b
+            else ";"
+        ),
         f"- starting the run: {b.get('start_run', math.nan):.3f} s once per run, on the "
         "generation's thread (claiming its name, starting the writer). The writer's thread "
         f"lays the run group down during the first step ({b.get('lay_down', math.nan):.3f} s: "
