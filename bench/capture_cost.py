@@ -46,7 +46,7 @@ def measure(geo: Geometry, repeats: int = 5) -> dict[str, Any]:
     import torch
 
     import tracer.tap as tap
-    from bench.overhead import _DeviceClock
+    from bench.overhead import DeviceClock
     from tracer.capture import attention_maps
 
     dtype, device = getattr(torch, geo.dtype), torch.device(geo.device)
@@ -63,7 +63,7 @@ def measure(geo: Geometry, repeats: int = 5) -> dict[str, Any]:
     kernel = tap._lse_kernel(bound)
     if kernel is None:
         raise RuntimeError(f"no lse kernel for this call at {geo.name}: the tap would recompute")
-    clock = _DeviceClock(geo.device)
+    clock = DeviceClock(geo.device)
     attention = clock.timed(lambda: tap._run_with_lse(kernel, bound), "attention")
     lse = attention()[1][0]
 

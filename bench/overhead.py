@@ -131,7 +131,7 @@ def _timing_parts(device: str) -> Iterator[dict[str, float]]:
     ]
     on_device = [(session, "attention_maps", "capture"), (tap, "_run_with_lse", "attention")]
     originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets + on_device]
-    clock = _DeviceClock(device)
+    clock = DeviceClock(device)
 
     def timed(function: Any, key: str) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -155,7 +155,7 @@ def _timing_parts(device: str) -> Iterator[dict[str, float]]:
             setattr(owner, attr, function)
 
 
-class _DeviceClock:
+class DeviceClock:
     """Seconds wrapped calls keep a device busy, summed per key. On CUDA a call returns once its
     kernels are queued, so each is bracketed by CUDA events on the current stream, read at the
     end (the stream's time between them: the call's kernels, and any wait for the host to queue

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -160,9 +161,18 @@ def cross_attention_maps(
     return {"img2txt": maps}
 
 
-# The backends whose float32 matmuls torch may run in lower precision, by the process's choice:
-# TF32 on CUDA, bf16 (or TF32) through oneDNN on the CPU (torch.set_float32_matmul_precision).
-_REDUCED_MATMULS = ("cuda", "mkldnn")
+def _matmul_backends() -> list[Any] | None:
+    """torch's per-backend float32 matmul settings (torch >= 2.9) of the backends that may run
+    float32 matmuls in lower precision by the process's choice: TF32 on CUDA, bf16 (or TF32)
+    through oneDNN on the CPU. None where torch has only the global setting."""
+    backends = [
+        getattr(getattr(torch.backends, name), "matmul", None) for name in ("cuda", "mkldnn")
+    ]
+    return backends if all(hasattr(b, "fp32_precision") for b in backends) else None
+
+
+# Looked up once: _float32_matmuls runs on every traced attention call.
+_MATMUL_BACKENDS = _matmul_backends()
 
 
 @contextlib.contextmanager
@@ -176,8 +186,7 @@ def _float32_matmuls() -> Iterator[None]:
     (torch >= 2.9), which leave the legacy ones as they were; older torch has only the global
     one. Set process-wide: a matmul on another thread meanwhile runs in float32 too.
     """
-    backends = [getattr(getattr(torch.backends, name), "matmul", None) for name in _REDUCED_MATMULS]
-    if not all(hasattr(b, "fp32_precision") for b in backends):
+    if _MATMUL_BACKENDS is None:
         before = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")
         try:
@@ -185,13 +194,13 @@ def _float32_matmuls() -> Iterator[None]:
         finally:
             torch.set_float32_matmul_precision(before)
         return
-    before = [b.fp32_precision for b in backends]
-    for backend in backends:
+    before = [b.fp32_precision for b in _MATMUL_BACKENDS]
+    for backend in _MATMUL_BACKENDS:
         backend.fp32_precision = "ieee"
     try:
         yield
     finally:
-        for backend, precision in zip(backends, before, strict=True):
+        for backend, precision in zip(_MATMUL_BACKENDS, before, strict=True):
             backend.fp32_precision = precision
 
 
