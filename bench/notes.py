@@ -251,8 +251,8 @@ def _analysis(r: dict[str, Any]) -> str:
         no_skipna = m["decoded_bytes"] / m["no_skipna_compute_seconds"] / 1e6
         where = (
             "A local store's maps are read through TensorStore, which decodes chunks outside "
-            "the GIL (dask's threads read side by side; TensorStore's own pool is one thread, "
-            "which keeps the peak memory down) and checks each chunk's CRC32C. What is left is "
+            "the GIL (dask's threads read side by side, and TensorStore decodes on as many threads "
+            "as dask has workers) and checks each chunk's CRC32C. What is left is "
             "mostly the reduction asked for: on float maps xarray's `.mean()` skips NaN by "
             "default, and dask's NaN-skipping mean copies each chunk and builds its NaN mask "
             "twice; and the span views: each token row a span holds is read as an array of its "
