@@ -205,10 +205,13 @@ def _partial_message(info: RunInfo, where: str, complete_only: bool) -> str | No
 # hundred tasks rather than tens of thousands, small enough that a laptop's threads each holding
 # a couple of chunks (and a span's float64 sum of one) stay within a few hundred MB.
 CHUNK_BYTES = 16 * 2**20
-# A token row's own chunks (span views, `_row_reader`). Measured on the benchmark's store (two
-# cores): the mean of every span ran at 751, 843-912 and 827 MB/s with 4, 8 and 16 MiB chunks
-# (peak RSS 259, 536-548 and 681 MB); the token rows' own 16 MiB chunks of all rows, 793-805.
-ROW_CHUNK_BYTES = 8 * 2**20
+# A token row's own chunks (span views, `_row_reader`): 24 MiB holds a FLUX.1-dev row's 57 layers
+# of a step (22.4 MB). Measured on the benchmark's store (two cores, TensorStore decoding on
+# both), alternating in one process: the mean of every span, medians 696, 835 and 875 MB/s with
+# 8, 16 and 32 MiB chunks; the steps' whole rows in separate processes 838-1084 MB/s, peak RSS
+# 662 MiB, against 660-797 MB/s and 387 MiB with 8 MiB; one word's span 0.47 s against 0.91 s.
+# Fewer, larger tasks: each task's scheduling holds the GIL that the reads and sums wait on.
+ROW_CHUNK_BYTES = 24 * 2**20
 
 
 def _default_chunks(group: zarr.Group) -> dict[str, int]:
