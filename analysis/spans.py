@@ -172,7 +172,7 @@ def _combine(
 
 # Values summed per block: the float64 running sums of a block (512 KiB) stay in the core's cache
 # while each row's values are added, instead of streaming a chunk-sized float64 buffer through
-# memory once per row. Six of the benchmark's 8 MiB row chunks: 11-12 ms, against 16-18 ms.
+# memory once per row. Six 8 MiB row chunks (the benchmark store's): 11-12 ms, against 16-18 ms.
 SUM_BLOCK = 2**16
 
 
