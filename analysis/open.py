@@ -481,12 +481,18 @@ def _row_chunks(row: xr.DataArray) -> tuple[tuple[int, ...], ...]:
     chunks = list(row.data.chunks)
     if "layer" in row.dims:
         axis = row.dims.index("layer")
-        per_layer = row.dtype.itemsize * math.prod(
-            n for d, n in row.sizes.items() if d not in ("step", "layer")
-        )
-        layers = max(1, ROW_CHUNK_BYTES // per_layer)
-        chunks[axis] = da.core.normalize_chunks(layers, (row.sizes["layer"],))[0]
+        chunks[axis] = da.core.normalize_chunks(row_layers(row), (row.sizes["layer"],))[0]
     return tuple(chunks)
+
+
+def row_layers(maps: xr.DataArray) -> int:
+    """How many layers of one step of one token row of `maps` (a direction's maps, token rows
+    or a span's) a dask chunk of a span's row holds: as many as fit in ROW_CHUNK_BYTES, at
+    least one, at most all."""
+    per_layer = maps.dtype.itemsize * math.prod(
+        n for d, n in maps.sizes.items() if d not in ("step", "layer", "token", "span")
+    )
+    return max(1, min(maps.sizes["layer"], ROW_CHUNK_BYTES // per_layer))
 
 
 def _tokens(group: zarr.Group, arrays: Mapping[str, Any], where: str) -> list[dict[str, Any]]:

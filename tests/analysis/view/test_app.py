@@ -7,6 +7,7 @@ import pytest
 from starlette.testclient import TestClient
 from synthetic_trace import Run, open_plain, token_rows, write_store
 
+from analysis import open as analysis_open
 from analysis.view.app import create_app
 from analysis.view.maps import ViewStore
 
@@ -44,6 +45,28 @@ def test_a_map_is_the_stored_row_at_those_positions(client, store, direction, st
         expected = expected.mean(0) if position == "mean" else expected[position]
     np.testing.assert_allclose(np.array(answer["values"]), expected, rtol=1e-6)
     assert answer["max"] == pytest.approx(expected.max(), rel=1e-6)
+
+
+def test_each_token_row_is_read_in_chunks_of_many_layers(store, monkeypatch):
+    """One step and one token row a dask chunk, and as many layers as fit in ROW_CHUNK_BYTES:
+    a mean over every step and layer is a few tasks, not one per stored chunk."""
+    path, _ = store
+    maps = ViewStore(str(path)).tokens(None).txt2img
+    sizes = maps.sizes
+    assert maps.chunksizes["step"] == (1,) * sizes["step"]
+    assert maps.chunksizes["token"] == (1,) * sizes["token"]
+    assert maps.chunksizes["layer"] == (sizes["layer"],)  # a small store's layers all fit
+    per_layer = 4 * sizes["head"] * sizes["y"] * sizes["x"]  # float32, one step and row
+    monkeypatch.setattr(analysis_open, "ROW_CHUNK_BYTES", 2 * per_layer + 1)
+    view = ViewStore(str(path))
+    assert view.tokens(None).txt2img.chunksizes["layer"] == (2, 2, 1)  # 5 layers, 2 a chunk
+    # Read across those chunks, the maps are the stored ones.
+    plain = open_plain(path, "run-0000").txt2img.isel(token=row_of("cat")).values
+    answer = TestClient(create_app(view)).get(
+        "/api/map", params=dict(direction="txt2img", span="cat", step=1, layer="mean", head=2)
+    )
+    expected = plain[1, :, 2].astype(np.float64).mean(0)
+    np.testing.assert_allclose(answer.json()["values"], expected, rtol=1e-6)
 
 
 def test_a_phrase_is_the_mean_or_sum_of_its_rows(client, store):
