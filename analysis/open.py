@@ -486,11 +486,11 @@ def _row_chunks(row: xr.DataArray) -> tuple[tuple[int, ...], ...]:
 
 
 def row_layers(maps: xr.DataArray) -> int:
-    """How many layers of one step of one token row of `maps` (a direction's maps, token rows
-    or a span's) a dask chunk of a span's row holds: as many as fit in ROW_CHUNK_BYTES, at
+    """How many layers of one step of one token row of `maps` (a direction's token rows, or
+    one of them) a dask chunk of a span's row holds: as many as fit in ROW_CHUNK_BYTES, at
     least one, at most all."""
     per_layer = maps.dtype.itemsize * math.prod(
-        n for d, n in maps.sizes.items() if d not in ("step", "layer", "token", "span")
+        n for d, n in maps.sizes.items() if d not in ("step", "layer", "token")
     )
     return max(1, min(maps.sizes["layer"], ROW_CHUNK_BYTES // per_layer))
 
