@@ -284,34 +284,24 @@ def open_trace(
     # part of a shard, and most reads are: a damaged chunk would be drawn.
     # Span views read each token row in chunks of their own, unless the caller chose chunks.
     row_chunks = chunks is None
+    chunks = _default_chunks(group) if chunks is None else chunks
     with sf.quiet_zarr():
-        if chunks is None:
-            chunks = _default_chunks(group)
-            # Our chunks hold whole stored chunks of the maps; xarray warns only because they
-            # split the tiny 1-D coordinates (timestep, layer_kind), which are loaded below.
-            warnings.filterwarnings("ignore", "The specified chunks separate", UserWarning)
         try:
+            # Opened without dask: xarray decodes the run lazily, the small non-index
+            # coordinates (timestep, sigma, layer_kind, token_text, ...) are read here, one read
+            # each, and the maps become dask arrays of their own (_checked_variables). Chunked
+            # by xarray, each 1-D coordinate would be read in the maps' chunks: 77 reads, not 8,
+            # on the benchmark's store (one step a chunk), 115-130 ms of a 300 ms opening.
             ds = xr.open_zarr(
-                root.store,
-                group=info.name,
-                consolidated=False,
-                chunks=dict(chunks),
-                zarr_format=3,
+                root.store, group=info.name, consolidated=False, chunks=None, zarr_format=3
             )
-            # The small non-index coordinates (timestep, sigma, layer_kind, branch) are metadata:
-            # read here, in one pass on this thread. A scheduler's threads or a cluster would
-            # cost more than the reads; naming the scheduler by its function, not "sync", also
-            # spares dask's check for a cluster, which imports dask.distributed (0.2 s).
             names = [name for name in ds.coords if name not in ds.indexes]
-            values = dask.compute(*(ds.coords[name] for name in names), scheduler=dask.get)
-            small = dict(zip(names, values, strict=True))
+            ds = ds.assign_coords({name: ds.coords[name].variable.compute() for name in names})
         except Exception:
             # Name the damaged coordinate chunk, if that is what failed.
             _diagnose(group, arrays, info.name, where)
             raise
-    ds = ds.assign_coords(small)
-    with sf.quiet_zarr():
-        ds, dropped, sources = _checked_variables(ds, group, info, where)
+        ds, dropped, sources = _checked_variables(ds, group, info, where, chunks)
     read_row = _row_reader(ds, sources, own_chunks=row_chunks)
     ds.attrs.update(run=info.name, store=where)
     if dropped:
@@ -346,11 +336,12 @@ def _refuse_inconsistent(
     """Raise FormatError for the first finding of `run_findings` that stops a reader."""
     coords = {}
     for name, meta in arrays.items():
-        if len(meta["shape"]) <= 1 and group[name].nchunks_initialized == group[name].nchunks:
+        if len(meta["shape"]) > 1:
+            continue
+        array = group[name]  # each a metadata read: once
+        if array.nchunks_initialized == array.nchunks:
             label = f"{info.name}/{name} in {where}"
-            coords[name] = np.asarray(
-                trust.CheckedArray(group[name], label, dims=meta["dims"])[...]
-            )
+            coords[name] = np.asarray(trust.CheckedArray(array, label, dims=meta["dims"])[...])
     with sf.quiet_zarr():
         keepbits = {d: sf.keepbits_of(group[d]) for d in sf.DIRECTIONS if d in arrays}
     for finding in run_findings(info.name, info.attrs, arrays, coords, keepbits):
@@ -372,10 +363,11 @@ def _diagnose(group: zarr.Group, arrays: Mapping[str, Any], run: str, where: str
 
 
 def _checked_variables(
-    ds: xr.Dataset, group: zarr.Group, info: RunInfo, where: str
+    ds: xr.Dataset, group: zarr.Group, info: RunInfo, where: str, chunks: Mapping[str, Any]
 ) -> tuple[xr.Dataset, list[str], dict[str, trust.CheckedArray]]:
-    """Read every data variable through trust.CheckedArray; drop what was never written. Also
-    return the CheckedArray of each variable read through one.
+    """Read every data variable through trust.CheckedArray, in dask chunks of `chunks` (see
+    `_dask_chunks`); drop what was never written. Also return the CheckedArray of each variable
+    read through one.
 
     The image and entity masks are written whole, at the end and the start of a run: when a
     run that is not complete lacks their object they are dropped (never drawn as zeros); when a
@@ -391,11 +383,12 @@ def _checked_variables(
     skipped = sf.skipped_positions(info.attrs, info.steps, labels.get("layer", []))
     replaced, dropped, sources = {}, [], {}
     for name, var in ds.data_vars.items():
-        if not isinstance(var.data, da.Array) or name not in group:
+        var_chunks = _dask_chunks(var.variable, chunks)
+        array = group.get(name)
+        if array is None or var.dtype != array.dtype or var.shape != array.shape:
+            # xarray decoded it (never for this format's variables): its reading, chunked
+            replaced[name] = var.chunk(dict(zip(var.dims, var_chunks, strict=True)))
             continue
-        array = group[name]
-        if var.dtype != array.dtype or var.shape != array.shape:
-            continue  # xarray decoded it (never for this format's variables): leave it be
         label = f"{info.name}/{name} in {where}"
         missing = None
         if name not in sf.DIRECTIONS and array.nchunks_initialized < array.nchunks:
@@ -417,10 +410,8 @@ def _checked_variables(
             skipped=skipped if name in sf.DIRECTIONS else (),
             reader=tensorstore_reader.reader_for(array) if name in sf.DIRECTIONS else None,
         )
-        token = dask.base.tokenize(
-            where, info.name, name, var.data.chunks, listed, missing, skipped
-        )
-        data = _dask_array(checked, var.data.chunks, f"attnscope-{name}-{token}")
+        token = dask.base.tokenize(where, info.name, name, var_chunks, listed, missing, skipped)
+        data = _dask_array(checked, var_chunks, f"attnscope-{name}-{token}")
         replaced[name] = var.copy(data=data)
         sources[name] = checked
     ds = ds.drop_vars(dropped).assign(replaced)
@@ -430,6 +421,17 @@ def _checked_variables(
             computed[step, layer] = False
         ds = ds.assign_coords(computed=(("step", "layer"), computed))
     return ds, dropped, sources
+
+
+def _dask_chunks(var: xr.Variable, chunks: Mapping[str, Any]) -> tuple[tuple[int, ...], ...]:
+    """Dask chunks of `var` as `xarray.open_zarr(chunks=chunks)` gives them: `chunks` for the
+    dims it names, the stored chunks for the others."""
+    stored = var.encoding.get("preferred_chunks", {})
+    preferred = tuple(stored.get(d, n) for d, n in zip(var.dims, var.shape, strict=True))
+    wanted = tuple(chunks.get(d) or p for d, p in zip(var.dims, preferred, strict=True))
+    return da.core.normalize_chunks(
+        wanted, shape=var.shape, dtype=var.dtype, previous_chunks=preferred
+    )
 
 
 def _dask_array(array: Any, chunks: Any, name: str) -> da.Array:

@@ -65,8 +65,6 @@ class ViewStore:
     def _open(self, run: str | None) -> xr.Dataset:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PartialRunWarning)
-            # Splitting a shard into its stored chunks is the point, not a performance hazard.
-            warnings.filterwarnings("ignore", "The specified chunks separate", UserWarning)
             # Opened once as open_trace chunks it, to learn the maps' shape (metadata only).
             rows = open_trace(self.path, run, storage_options=self.storage_options, tokens=True)
             maps = next((rows[d] for d in sf.DIRECTIONS if d in rows), None)

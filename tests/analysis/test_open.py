@@ -59,8 +59,9 @@ def test_dask_chunks_follow_the_size_budget_or_the_caller(store, monkeypatch):
     assert ds.txt2img.data.chunks[1] == (4, 1)
     np.testing.assert_array_equal(ds.txt2img.values, expected["txt2img"])
     with warnings.catch_warnings():
-        # xarray may note that these chunks split the small 1-D coordinates: not our concern.
-        warnings.simplefilter("ignore", UserWarning)
+        # Whole stored chunks of the maps, and the small 1-D coordinates are read whole: no
+        # warning that the chunks split stored ones.
+        warnings.simplefilter("error", UserWarning)
         finer = analysis.open_trace(path, chunks={"layer": 1, "step": 2})
     assert finer.img2txt.data.chunksize == (2, 1, 3, 1, 6, 10)
     assert finer.img2txt_tokens.data.chunksize == (2, 1, 3, 1, 6, 10)
