@@ -104,7 +104,9 @@ def mean_heatmap(path: str, png: str) -> dict[str, Any]:
     start = time.perf_counter()
     import analysis
 
-    ds = analysis.open_trace(path)
+    open_trace = analysis.open_trace  # its module's imports (xarray, dask, zarr) happen here
+    imported = time.perf_counter()
+    ds = open_trace(path)
     opened = time.perf_counter()
     mean = ds.txt2img.mean(["step", "layer", "head"]).compute()
     computed = time.perf_counter()
@@ -153,7 +155,8 @@ def mean_heatmap(path: str, png: str) -> dict[str, Any]:
     decode = time.perf_counter() - decode
     return {
         "decoded_bytes": int(ds.txt2img.nbytes),
-        "open_seconds": opened - start,
+        "import_seconds": imported - start,
+        "open_seconds": opened - imported,
         "compute_seconds": median(runs),
         "compute_runs": runs,
         "draw_seconds": drawn - computed,

@@ -859,6 +859,11 @@ def _analysis(r: dict[str, Any]) -> str:
             f"({w['decoded_bytes'] / w['write_seconds'] / 1e6:,.0f} MB/s decoded)",
         ],
         [
+            "opening the run (`analysis.open_trace(STORE)`: metadata and small coordinates), "
+            "the first in a process",
+            f"{m['open_seconds'] * 1e3:,.0f} ms",
+        ],
+        [
             "mean over step, layer, head of every span (`ds.txt2img.mean([...]).compute()`)",
             f"{m['compute_seconds']:.1f} s = **{rate:,.0f} MB/s** decoded"
             + (
