@@ -386,7 +386,7 @@ def _checked_variables(
         var_chunks = _dask_chunks(var.variable, chunks)
         array = group.get(name)
         if array is None or var.dtype != array.dtype or var.shape != array.shape:
-            # xarray decoded it (never for this format's variables): its reading, chunked
+            # xarray decoded it (never this format's variables): read by xarray, same chunks
             replaced[name] = var.chunk(dict(zip(var.dims, var_chunks, strict=True)))
             continue
         label = f"{info.name}/{name} in {where}"
