@@ -6,7 +6,8 @@ with the default error bound.
 Its values are random attention-like probabilities (log-normal, about 1/4096 on average), so they
 compress about as real maps do. Measured, each in a fresh interpreter:
 - the mean heatmap over all steps, layers and heads of every span (the whole store decoded once;
-  the median of MEAN_RUNS): time, decoded MB/s and peak RSS;
+  the median of MEAN_RUNS): time, decoded MB/s and peak RSS, in a process as the library leaves
+  it and in one whose allocator is set as the `attnscope` command sets it;
 - the CLI from a cold start (new interpreter, imports included, page cache warm) to the PNG of one
   map (one step, layer, head and span), and to the mean map of one span over everything.
 """
@@ -108,17 +109,10 @@ def mean_heatmap(path: str, png: str) -> dict[str, Any]:
     imported = time.perf_counter()
     ds = open_trace(path)
     opened = time.perf_counter()
-    mean = ds.txt2img.mean(["step", "layer", "head"]).compute()
+    runs, mean = _span_means(ds)
     computed = time.perf_counter()
     analysis.heatmap(mean.sel(span="prompt"), path=png)
     drawn = time.perf_counter()
-    # The same mean twice more (the page cache is warm for all three): the median of the three
-    # is the figure, the shared cores' load moving it by a tenth or more from run to run.
-    runs = [computed - opened]
-    for _ in range(MEAN_RUNS - 1):
-        again = time.perf_counter()
-        ds.txt2img.mean(["step", "layer", "head"]).compute()
-        runs.append(time.perf_counter() - again)
     peak = peak_rss()
     # One word's question: its span reads its own token row only.
     word = time.perf_counter()
@@ -167,6 +161,35 @@ def mean_heatmap(path: str, png: str) -> dict[str, Any]:
         "rows_compute_seconds": rows,
         "no_skipna_compute_seconds": no_skipna,
         "url_compute_seconds": url,
+    }
+
+
+def _span_means(ds: Any) -> tuple[list[float], Any]:
+    """Seconds of each of MEAN_RUNS means of every span over step, layer and head (the page
+    cache warm for all: their median is the figure, the shared cores' load moving it by a tenth
+    or more from run to run), and the mean."""
+    runs = []
+    for _ in range(MEAN_RUNS):
+        start = time.perf_counter()
+        mean = ds.txt2img.mean(["step", "layer", "head"]).compute()
+        runs.append(time.perf_counter() - start)
+    return runs, mean
+
+
+def mean_allocator_tuned(path: str) -> dict[str, Any]:
+    """The mean of every span (as `mean_heatmap`) in a process whose allocator is set as the
+    `attnscope` command sets it (`analysis.allocator`). Fresh interpreter."""
+    from analysis.allocator import reuse_freed_memory
+
+    tuned = reuse_freed_memory()
+    import analysis
+
+    runs, _ = _span_means(analysis.open_trace(path))
+    return {
+        "allocator_tuned": tuned,
+        "compute_seconds": median(runs),
+        "compute_runs": runs,
+        "peak_rss": peak_rss(),
     }
 
 

@@ -4,7 +4,7 @@ Builds a full-shape random-weight `FluxTransformer2DModel` from FLUX.1-dev's con
 double and 38 single blocks, 24 heads of 128) on the device, in bf16, with no download, inside
 the demo pipeline (tiny random text encoders and VAE; the prompt is 20 words). Then times 28
 steps at 1024², latents out, untraced and traced with default settings (the allocator set as
-`attnscope record` sets it, tracer.allocator), as two pairs (bench.overhead), and writes:
+`attnscope record` sets it, analysis.allocator), as two pairs (bench.overhead), and writes:
 traced / untraced wall time (the process's first traced run and a later one apart), the GPU
 memory tracing adds, the bytes written and the decoded GB/s the recording sustained, and what
 pinning host memory costs there (a process's first run pins its step buffers on a writer
@@ -142,17 +142,17 @@ def measure(
     """
     import torch
 
+    from analysis.allocator import reuse_freed_memory
     from bench import capture_cost
     from bench.common import GEOMETRIES
     from bench.overhead import measure as pairs_of
-    from tracer.allocator import tune_for_recording
 
     geo = GEOMETRIES["quick" if smoke else "flux-dev-gpu"]
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("bench.gpu needs a CUDA device (or --smoke for the CPU quick geometry)")
     # This script owns its process, as `attnscope record` does: the same allocator settings
     # (a smoke run shares the test suite's process, which is left as it is).
-    tuned = not smoke and tune_for_recording()
+    tuned = not smoke and reuse_freed_memory()
     started = time.perf_counter()
     figures: dict[str, Any] = {
         "geometry": asdict(geo),

@@ -16,7 +16,7 @@ and the pending steps side by side), sync them and rename them into place (trace
 the step.
 
 Each is measured twice: in a process as the library leaves it, and with glibc's allocator set as
-`attnscope record` sets it (tracer.allocator: freed memory is reused, not faulted in afresh).
+`attnscope record` sets it (analysis.allocator: freed memory is reused, not faulted in afresh).
 
 It reports, per core count: the decoded MB/s of the whole run (every step's bytes over the time
 from the first put() to the last step durable) and the sustained rate (the steps after the first
@@ -171,7 +171,7 @@ def memory_cost() -> dict[str, float]:
 def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[str, Any]:
     """Feed `steps` FLUX-shaped steps to the writer on `cores` host cores. Fresh interpreter.
 
-    `tuned`: with the allocator set as `attnscope record` sets it (tracer.allocator), paced and
+    `tuned`: with the allocator set as `attnscope record` sets it (analysis.allocator), paced and
     unthrottled only.
     """
     from tracer.durable import DIRECT_IO_ENV
@@ -253,9 +253,9 @@ def _take_cores(cores: int, tuned: bool) -> None:
     """Run this process on the first `cores` cores; `tuned`: allocator as `attnscope record`."""
     os.sched_setaffinity(0, set(range(cores)))
     if tuned:
-        from tracer.allocator import tune_for_recording
+        from analysis.allocator import reuse_freed_memory
 
-        tune_for_recording()
+        reuse_freed_memory()
     import torch
 
     torch.set_num_threads(cores)

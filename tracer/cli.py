@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from analysis import store_format as fmt
+from analysis.allocator import reuse_freed_memory
 from analysis.cli.args import integers, names, positive
 from analysis.errors import AttnscopeError, UsageError, WriterError
-from tracer.allocator import tune_for_recording
 from tracer.claims import DEFAULT_LEASE_SECONDS
 from tracer.spans import parse_span_argument
 
@@ -562,7 +562,7 @@ def run_record(args: argparse.Namespace) -> int:
     entity_names, eligen = _entities(args)
     if not args.estimate:
         # This process is the recording's own: its writer reuses the memory it frees.
-        tune_for_recording()
+        reuse_freed_memory()
     created = False
     if not args.estimate and (args.prompts is None or args.overwrite):
         created = _check_out(args)

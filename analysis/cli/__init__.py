@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..allocator import reuse_freed_memory
 from ..errors import AttnscopeError
 from .args import TRACER_HINT
 
@@ -111,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "takes_any", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.verb != "record":  # record sets it itself, not for an estimate (it records nothing)
+        # This process is the command's own: the maps' chunk buffers are reused, not faulted in
+        # afresh for every chunk.
+        reuse_freed_memory()
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:

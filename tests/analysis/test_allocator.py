@@ -1,5 +1,5 @@
-"""tracer.allocator: a recording process reuses the memory it frees instead of faulting it in
-again (each step's shard buffers, hundreds of MB at FLUX.1-dev's shape)."""
+"""analysis.allocator: the `attnscope` command's process reuses the memory it frees instead of
+faulting it in again (a recording's shard buffers, a reduction's chunk buffers)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import platform
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import pytest
 
-from tracer import allocator
+from analysis import allocator
 
 # The environment the module's docstring gives, for a process started with these settings.
 DOCUMENTED_ENV = dict(
@@ -19,12 +20,17 @@ DOCUMENTED_ENV = dict(
     for pair in re.search(r"`(MALLOC_ARENA_MAX=[^`]+)`", allocator.__doc__).group(1).split()
 )
 
-# Allocates and frees a block of argv[2] bytes, then counts the page faults of doing it again.
+# Sets the allocator up as argv[1] says (as the library leaves it; tuned; or the `attnscope`
+# command run with the arguments after the size), allocates and frees a block of argv[2] bytes,
+# then counts the page faults of doing it again.
 FAULTS_OF_A_SECOND_BLOCK = """
 import resource, sys
 if sys.argv[1] == "tuned":
-    from tracer.allocator import tune_for_recording
-    assert tune_for_recording()
+    from analysis.allocator import reuse_freed_memory
+    assert reuse_freed_memory()
+elif sys.argv[1] == "command":
+    from analysis.cli import main
+    assert main(sys.argv[3:]) == 0
 def block(n=int(sys.argv[2])):
     data = bytearray(n)
     data[::4096] = b"\\x01" * len(range(0, n, 4096))  # one write to every page
@@ -35,16 +41,18 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def faults(mode: str, size: int, env: dict[str, str] | None = None) -> int:
+def faults(
+    mode: str, size: int, env: dict[str, str] | None = None, command: Sequence[str] = ()
+) -> int:
     """Page faults of the second block in a fresh interpreter (the settings are process-wide)."""
     out = subprocess.run(
-        [sys.executable, "-c", FAULTS_OF_A_SECOND_BLOCK, mode, str(size)],
+        [sys.executable, "-c", FAULTS_OF_A_SECOND_BLOCK, mode, str(size), *command],
         capture_output=True,
         text=True,
         check=True,
         env=env,
     )
-    return int(out.stdout)
+    return int(out.stdout.splitlines()[-1])  # after what the command printed
 
 
 @pytest.mark.skipif(
@@ -68,13 +76,37 @@ def test_the_environment_the_docs_give_does_the_same():
 
 
 def test_the_cli_sets_it_for_a_recording(tmp_path, monkeypatch):
+    import analysis.cli
     from analysis.cli import main
     from tracer import cli
 
     applied = []
-    monkeypatch.setattr(cli, "tune_for_recording", lambda: applied.append(True) or True)
+    monkeypatch.setattr(cli, "reuse_freed_memory", lambda: applied.append("record") or True)
+    monkeypatch.setattr(
+        analysis.cli, "reuse_freed_memory", lambda: applied.append("command") or True
+    )
     out = tmp_path / "demo.zarr"
     assert main(["record", "--demo", "--num-inference-steps", "1", "--out", str(out)]) == 0
-    assert applied == [True]
+    assert applied == ["record"]
     assert main(["record", "--demo", "--estimate", "--out", str(tmp_path / "no.zarr")]) == 0
-    assert applied == [True]  # an estimate records nothing: the process is left as it is
+    assert applied == ["record"]  # an estimate records nothing: the process is left as it is
+
+
+@pytest.mark.parametrize("verb", [["info"], ["verify"], ["heatmap", "-q", "-o", "{tmp}/m.png"]])
+def test_the_cli_sets_it_for_the_verbs_that_read(verb, tmp_path, monkeypatch, store):
+    import analysis.cli
+
+    applied = []
+    monkeypatch.setattr(analysis.cli, "reuse_freed_memory", lambda: applied.append(True) or True)
+    args = [verb[0], str(store[0]), *(a.format(tmp=tmp_path) for a in verb[1:])]
+    assert analysis.cli.main(args) == 0
+    assert applied == [True]
+
+
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc", reason="the settings are glibc's; elsewhere nothing is done"
+)
+def test_a_command_that_read_maps_reuses_the_memory_it_frees(store):
+    """The settings themselves, in a fresh interpreter that ran `attnscope info` first."""
+    size = 256 * 2**20
+    assert faults("command", size, command=["info", str(store[0])]) < size // 4096 // 100
