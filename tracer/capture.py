@@ -341,6 +341,88 @@ def _dead_rows(mask_rows: torch.Tensor) -> torch.Tensor:
     return mask_rows.amax(dim=-1) == _NEG_INF
 
 
+class _SpanRows:
+    """How each span's map comes from the maps of the text positions it holds.
+
+    `positions`: the text positions some span holds, ascending: the rows (txt2img) or keys
+    (img2txt) a direction computes. A span of one position (each token row of a prompt) is that
+    position's map, copied; a longer one (the padding's, a span named over several tokens) is the
+    weighted sum of its positions' maps, a GEMM with as many rows as there are such spans. One
+    GEMM over every span would read each block once more and do most of the arithmetic for the
+    copies. Indices and weights are built where span_members lives (the CPU, normally: no
+    accelerator sync), then sent without blocking. `mean`: a span's map is the mean over its
+    positions (txt2img), else their sum (img2txt). `chunk_size`: the positions of a block.
+    """
+
+    def __init__(
+        self, span_members: torch.Tensor, device: torch.device, *, mean: bool, chunk_size: int
+    ) -> None:
+        positions = span_members.any(dim=0).nonzero().flatten()
+        members = span_members[:, positions]
+        counts = members.sum(dim=1)
+        single, several = (counts == 1).nonzero().flatten(), (counts > 1).nonzero().flatten()
+        single_position = members[single].to(torch.uint8).argmax(dim=1)
+        weights = members[several].to(torch.float32)
+        if mean:
+            weights /= counts[several].unsqueeze(1)
+
+        def send(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        self.n_spans, self.n_positions = members.shape
+        self.positions = send(positions)
+        # Per block of positions: its single-position spans, as runs (span, row in the block,
+        # length) of consecutive spans on consecutive rows, each copied as one slice: a prompt's
+        # token rows are one run. (index_copy_ took several times as long on the CPU.)
+        self._singles: list[list[tuple[int, int, int]]] = []
+        for start in range(0, self.n_positions, chunk_size):
+            runs: list[tuple[int, int, int]] = []
+            for span, position in zip(single.tolist(), single_position.tolist(), strict=True):
+                row = position - start
+                if not 0 <= row < chunk_size:
+                    continue
+                if runs and runs[-1][0] + runs[-1][2] == span and runs[-1][1] + runs[-1][2] == row:
+                    runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+                else:
+                    runs.append((span, row, 1))
+            self._singles.append(runs)
+        self._several = send(several) if len(several) else None
+        self._weights = send(weights)  # [spans of several positions, positions]
+
+    def add_rows(
+        self,
+        out: torch.Tensor,
+        block: torch.Tensor,
+        index: int,
+        start: int,
+        row_scale: torch.Tensor | None = None,
+    ) -> None:
+        """Add to `out` [H, S, P] the spans' share of `block` [H, rows, P], block `index` of
+        the positions (from `start`), each row times `row_scale` [H, rows] if given."""
+        for span, row, length in self._singles[index]:
+            rows, target = slice(row, row + length), out[:, span : span + length]
+            if row_scale is None:
+                target.copy_(block[:, rows])
+            else:
+                torch.mul(block[:, rows], row_scale[:, rows, None], out=target)
+        if self._several is not None:
+            weights = self._weights[:, start : start + block.shape[1]]
+            weights = (
+                weights.expand(block.shape[0], -1, -1)
+                if row_scale is None
+                else weights * row_scale.unsqueeze(1)
+            )
+            out.index_add_(1, self._several, torch.bmm(weights, block))
+
+    def set_columns(self, out: torch.Tensor, block: torch.Tensor) -> None:
+        """Set `out` [H, S, rows] to the spans' share of `block` [H, rows, positions]."""
+        for span, column, length in self._singles[0]:
+            out[:, span : span + length] = block[:, :, column : column + length].transpose(1, 2)
+        if self._several is not None:
+            sums = torch.matmul(block, self._weights.t())
+            out.index_copy_(1, self._several, sums.transpose(1, 2))
+
+
 def _txt2img(
     q: torch.Tensor,
     k32: torch.Tensor,
@@ -355,41 +437,33 @@ def _txt2img(
     """Text queries of some span against the image keys. With the kernel's `lse`, each row's
     probabilities are exp(logit - lse) over the image keys alone; else the whole softmax row."""
     heads = q.shape[0]
-    device = q.device
-    # Only the text queries of some span are needed. Rows and span-mean weights are built where
-    # span_members lives (the CPU, normally: no accelerator sync), then sent without blocking.
-    rows = span_members.any(dim=0).nonzero().flatten()
-    members = span_members[:, rows].to(torch.float32)
-    weights = members / members.sum(dim=1, keepdim=True)  # [S, M]: row s averages span s
-    rows = rows.to(device, non_blocking=True)
-    weights = weights.to(device, non_blocking=True)
-    n_spans, n_rows = weights.shape
+    # Only the text queries of some span are needed.
+    spans = _SpanRows(span_members, q.device, mean=True, chunk_size=chunk_size)
+    rows, n_rows = spans.positions, spans.n_positions
 
-    out = torch.zeros(heads, n_spans, n_image, dtype=torch.float32, device=device)
+    out = torch.zeros(heads, spans.n_spans, n_image, dtype=torch.float32, device=q.device)
     k_t = k32.transpose(1, 2)
     image = slice(text_len, text_len + n_image)
     # With the lse only the image keys are needed: a view, which the GEMM reads as it is laid
     # out (a transposed copy of the keys cost a third of this direction's time on the CPU).
     k_image = None if lse is None else k_t[:, :, image]
     block = None if lse is None else _block_memory(heads * min(chunk_size, n_rows) * n_image, q)
-    for start in range(0, n_rows, chunk_size):
+    for index, start in enumerate(range(0, n_rows, chunk_size)):
         chunk = rows[start : start + chunk_size]
         # Indexing, not index_select, which first copies a strided q (heads not outermost) whole.
         q_rows = q[:, chunk].to(torch.float32)
         mask_rows = _mask_rows(mask3, chunk)
         if lse is None:
             exps, inv_sums = _unnormalised_probs(q_rows, k_t, mask_rows, scale)
-            # Folding each row's 1/sum into the [H, S, rows] span weights saves a pass.
-            w = weights[:, start : start + chunk_size] * inv_sums.unsqueeze(1)
-            out.baddbmm_(w, exps[:, :, image])
+            # Each row's 1/sum goes with its share, not over the block: that saves a pass.
+            spans.add_rows(out, exps[:, :, image], index, start, row_scale=inv_sums)
             continue
         # A mask broadcast over the keys (last dim 1) applies to the image keys as it is.
         mask_image = (
             mask_rows if mask_rows is None or mask_rows.shape[-1] == 1 else mask_rows[..., image]
         )
         probs = _probs_from_lse(q_rows, k_image, mask_image, scale, lse[:, chunk], block)
-        w = weights[:, start : start + chunk_size].expand(heads, -1, -1)
-        out.baddbmm_(w, probs)
+        spans.add_rows(out, probs, index, start)
     return out
 
 
@@ -519,28 +593,24 @@ def _img2txt_from_lse(
     lse: torch.Tensor,
 ) -> torch.Tensor:
     heads, n_tokens, _ = q.shape
-    device = q.device
     # sum_{j in s} P[i, j] = sum_{j in s} exp(q_i·k_j·scale + mask_ij - lse_i): only the text keys
     # of some span are needed, with lse_i, the kernel's normaliser over all keys.
-    keys = span_members.any(dim=0).nonzero().flatten()
-    weights = span_members[:, keys].t().to(torch.float32)  # [K, S]: key j counts for span s
-    keys = keys.to(device, non_blocking=True)
-    weights = weights.to(device, non_blocking=True)
+    spans = _SpanRows(span_members, q.device, mean=False, chunk_size=text_len)
+    keys, n_keys = spans.positions, spans.n_positions
     k_t = k32[:, keys].transpose(1, 2).contiguous()  # [H, D, K]; see _txt2img on indexing
     lse_image = lse[:, text_len : text_len + n_image]
     if mask3 is not None and mask3.shape[2] > 1:
         mask3 = mask3[:, :, keys]
 
-    n_keys, n_spans = weights.shape
     # Blocks are [H, rows, K] (and [H, rows, S]), not [H, rows, N]: as many rows as keep a block
     # within the H * chunk_size * N floats the other paths use, in few large (fast) steps.
-    rows_per_block = max(chunk_size, chunk_size * n_tokens // max(n_keys, n_spans))
-    out = torch.empty(heads, n_spans, n_image, dtype=torch.float32, device=device)
+    rows_per_block = max(chunk_size, chunk_size * n_tokens // max(n_keys, spans.n_spans))
+    out = torch.empty(heads, spans.n_spans, n_image, dtype=torch.float32, device=q.device)
     block = _block_memory(heads * min(rows_per_block, n_image) * n_keys, q)
     for start in range(0, n_image, rows_per_block):
         stop = min(start + rows_per_block, n_image)
         mask_rows = _mask_rows(mask3, slice(text_len + start, text_len + stop))
         q_rows = q[:, text_len + start : text_len + stop].to(torch.float32)
         probs = _probs_from_lse(q_rows, k_t, mask_rows, scale, lse_image[:, start:stop], block)
-        out[:, :, start:stop] = torch.matmul(probs, weights).transpose(1, 2)
+        spans.set_columns(out[:, :, start:stop], probs)
     return out

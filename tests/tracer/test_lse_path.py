@@ -82,6 +82,37 @@ def test_img2txt_from_exact_lse_matches_float64(kind, chunk_size):
     assert_maps_close(got, reference(q, k, mask, 0.3, text_len, members))
 
 
+def token_row_members(text_len: int = 16) -> torch.Tensor:
+    """Spans as a recording lays them out (one per token, in order, then the padding's) and
+    more: a span over several tokens, a kept padding position (also in the padding's span) and
+    a token that is a span twice, out of order."""
+    spans = [[i] for i in range(9)] + [[2, 3, 4], list(range(9, text_len)), [12], [5]]
+    members = torch.zeros(len(spans), text_len, dtype=torch.bool)
+    for row, positions in enumerate(spans):
+        members[row, positions] = True
+    return members
+
+
+@pytest.mark.parametrize("lse", ["from the kernel", "recomputed"])
+@pytest.mark.parametrize("kind", ["none", "bool [N, N]", "float [1, H, N, N]"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 256])
+def test_token_row_spans_match_float64(lse, kind, chunk_size):
+    """Single-token spans are copied in runs that blocks of positions split; the others summed."""
+    gen = torch.Generator().manual_seed(5)
+    heads, dim, text_len, n_image = 3, 8, 16, 21
+    n = text_len + n_image
+    q = torch.randn(heads, n, dim, generator=gen)
+    k = torch.randn(heads, n, dim, generator=gen)
+    members = token_row_members(text_len)
+    mask = squeeze_mask(make_mask(kind, gen, heads, n))
+    exact = exact_lse(q, k, mask, 0.3).float() if lse == "from the kernel" else None
+    got = attention_maps(
+        q, k, mask=mask, scale=0.3, text_len=text_len, span_members=members,
+        chunk_size=chunk_size, lse=exact,
+    )  # fmt: skip
+    assert_maps_close(got, reference(q, k, mask, 0.3, text_len, members))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_img2txt_from_the_cpu_kernels_lse_matches_float64(dtype):
     gen = torch.Generator().manual_seed(2)
