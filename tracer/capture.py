@@ -349,10 +349,11 @@ class _SpanRows:
     (img2txt) a direction computes. A span of one position (each token row of a prompt) is that
     position's map, copied; a longer one (the padding's, a span named over several tokens) is the
     weighted sum of its positions' maps, a GEMM with as many rows as there are such spans. One
-    GEMM over every span would read each block once more and do most of the arithmetic for the
-    copies. Indices and weights are built where span_members lives (the CPU, normally: no
-    accelerator sync), then sent without blocking. `mean`: a span's map is the mean over its
-    positions (txt2img), else their sum (img2txt). `chunk_size`: the positions of a block.
+    GEMM over every span would do a multiply-add per span for each value of a block, most of
+    them by zero weights. Indices and weights are built where span_members lives (the CPU,
+    normally: no accelerator sync), then sent without blocking. `mean`: a span's map is the mean
+    over its positions (txt2img), else their sum (img2txt). `chunk_size`: the positions of a
+    block.
     """
 
     def __init__(
