@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import dask.array  # noqa: F401 (see below)
 import numpy as np
 import xarray as xr
 import zarr
@@ -31,6 +32,11 @@ from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
 from analysis import store_format as fmt
+
+# dask is imported above although nothing here names it: laying a run down needs it
+# (store_format.run_skeleton), and a run is laid down on a writer's thread during the
+# generation's first step, where importing it (0.1 s) would hold the GIL from the generation.
+# Imported with the tracer, a process's first run pays nothing for it.
 
 
 def _local(path: str) -> Path | None:
