@@ -22,7 +22,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import dask.array  # noqa: F401 (see below)
+# Laying a run down needs dask (store_format.run_skeleton imports it when called), on a
+# writer's thread during the generation's first step: imported there, dask.array (0.1 s) would
+# hold the GIL from the generation. Imported with the tracer, a first run pays nothing for it.
+import dask.array  # noqa: F401
 import numpy as np
 import xarray as xr
 import zarr
@@ -32,11 +35,6 @@ from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
 from analysis import store_format as fmt
-
-# dask is imported above although nothing here names it: laying a run down needs it
-# (store_format.run_skeleton), and a run is laid down on a writer's thread during the
-# generation's first step, where importing it (0.1 s) would hold the GIL from the generation.
-# Imported with the tracer, a process's first run pays nothing for it.
 
 
 def _local(path: str) -> Path | None:
