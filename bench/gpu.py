@@ -42,6 +42,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from packaging.utils import canonicalize_name
+
 # What a traced generation imports (the modules run here, on the CPU, import the same), and
 # pytest for the suite's CUDA tests.
 MODULES = (
@@ -74,25 +76,11 @@ NOT_CARRIED = frozenset(
 
 def requires() -> list[str]:
     """Distributions those modules import, at the versions installed here, less torch's own."""
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
     for module in MODULES:
         importlib.import_module(module)
     owners = importlib.metadata.packages_distributions()
     imported = {d for m in list(sys.modules) for d in owners.get(m.split(".")[0], [])}
-    # torch and what it installs with it are on the GPU box already.
-    there, todo = set(), ["torch", "torchvision"]
-    while todo:
-        name = canonicalize_name(todo.pop())
-        if name in there or not _installed(name):
-            continue
-        there.add(name)
-        for line in importlib.metadata.requires(name) or []:
-            requirement = Requirement(line)
-            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                todo.append(requirement.name)
-    left = there | NOT_CARRIED | {"attnscope"}
+    left = _torch_own() | NOT_CARRIED | {"attnscope"}
     keep = sorted(d for d in imported if canonicalize_name(d) not in left)
     return [f"{d}=={importlib.metadata.version(d)}" for d in keep]
 
@@ -109,19 +97,39 @@ def download(folder: Path, python: str | None) -> list[str]:
 
 
 def install(folder: Path, target: Path = SITE) -> None:
-    """Install the carried wheels (no registry) into `target`, first on sys.path, except
-    distributions already installed. Not into the box's own environment, which may not be
-    writable."""
+    """Install the carried wheels (no registry) into `target`, first on sys.path, except torch's
+    own distributions, which stay the box's. Not into the box's own environment, which may not
+    be writable."""
+    # The box's image has its own transformers, huggingface_hub, xarray, pandas...: the carried
+    # ones shadow them, so that a run there uses the versions the suite passes with here.
+    box = _torch_own()
     wheels = [
         str(wheel)
         for wheel in sorted(folder.glob("*.whl"))
-        if not _installed(wheel.name.split("-")[0])  # torch, numpy: the box's own
+        if canonicalize_name(wheel.name.split("-")[0]) not in box
     ]
     if wheels:
         pip = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile"]
         subprocess.run([*pip, "-q", "--upgrade", "--target", str(target), *wheels], check=True)
     sys.path.insert(0, str(target))
     importlib.invalidate_caches()
+
+
+def _torch_own() -> set[str]:
+    """torch, torchvision and what they require, as installed here (canonical names)."""
+    from packaging.requirements import Requirement
+
+    there, todo = set(), ["torch", "torchvision"]
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in there or not _installed(name):
+            continue
+        there.add(name)
+        for line in importlib.metadata.requires(name) or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return there
 
 
 def _installed(name: str) -> bool:
@@ -194,6 +202,9 @@ def cuda_tests() -> dict[str, Any]:
     """The suite's CUDA tests (CUDA_TESTS, `pytest -m cuda`) run in a child with the carried
     wheels: its exit status, summary line and failed tests."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SITE), str(ROOT)]))
+    # The box's pytest plugins (its image has several) would load into the carried pytest,
+    # whose version they may not support; these tests use none.
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"]
     done = subprocess.run(
         [*command, *CUDA_TESTS], cwd=ROOT, env=env, capture_output=True, text=True, check=False

@@ -137,11 +137,15 @@ def test_carried_wheels_install_beside_the_box_s_python_and_import(tmp_path, mon
     carried = tmp_path / "wheels"
     carried.mkdir()
     _wheel(carried, "attnscope_carried_probe", "attnscope_carried_probe", "VALUE = 7\n")
-    # A distribution the box has already (numpy, here) is left to the box's own.
+    # torch's own distributions (numpy, which torchvision requires) are left to the box's.
     _wheel(carried, "numpy", "numpy_carried_by_mistake", "VALUE = 0\n")
+    # Any other the box has too (xarray, here) is shadowed by the carried one.
+    _wheel(carried, "xarray", "xarray_carried_probe", "VALUE = 3\n")
     site = tmp_path / "site"
     install(carried, site)
     assert sys.path[0] == str(site)
     assert importlib.import_module("attnscope_carried_probe").VALUE == 7
     assert not (site / "numpy_carried_by_mistake.py").exists()
     assert metadata.version("numpy") != "1.0"
+    assert importlib.import_module("xarray_carried_probe").VALUE == 3
+    assert metadata.version("xarray") == "1.0"
