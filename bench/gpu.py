@@ -187,6 +187,7 @@ def measure(
         "gpu_memory_added_bytes": peak["attnscope"] - peak["untraced"] if peak else None,
         "bytes_written": traced["bytes"],
         "token_rows": traced["token_rows"],
+        "lse_used": traced["lse_used"],
         "decoded_bytes": traced["decoded_bytes"],
         "decoded_gb_s": traced["decoded_bytes"] / traced["wall"] / 1e9,
     }

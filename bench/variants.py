@@ -32,14 +32,17 @@ def attnscope(
     return {"path": str(workdir / "trace.zarr")}
 
 
-def decoded(path: str) -> dict[str, int]:
-    """Token rows and decoded bytes of the trace at `path` (metadata only; not timed)."""
+def decoded(path: str) -> dict[str, Any]:
+    """Token rows and decoded bytes of the trace at `path`, and its traced attention calls by
+    where their normalisers came from (metadata only; not timed)."""
     import analysis
+    from analysis.store_format import LSE_USED
 
     recorded = analysis.open_trace(path, tokens=True)
     return {
         "token_rows": recorded.sizes["token"],
         "decoded_bytes": int(recorded.txt2img.nbytes + recorded.img2txt.nbytes),
+        "lse_used": recorded.attrs.get(LSE_USED),
     }
 
 

@@ -78,7 +78,7 @@ def _read_call(args: Sequence[Any], kwargs: dict[str, Any]) -> AttentionCall:
 
 def _lse_kernel(bound: dict[str, Any]) -> str | None:
     """Which log-sum-exp-returning kernel SDPA would run for this call, if one: cpu_flash,
-    cuda_flash or cuda_efficient; None when the call must run as made."""
+    cuda_flash, cuda_efficient or cuda_cudnn; None when the call must run as made."""
     query, key, value = bound["query"], bound["key"], bound["value"]
     mask = bound.get("attn_mask")
     dropout = bound.get("dropout_p", 0.0)
@@ -109,7 +109,11 @@ def _lse_kernel(bound: dict[str, Any]) -> str | None:
         return "cuda_flash"  # a head dim SDPA would pad is left alone
     if choice == SDPBackend.EFFICIENT_ATTENTION:
         return "cuda_efficient"
-    return None  # cuDNN decides its kernel by whether the lse is asked for: not touched
+    if choice == SDPBackend.CUDNN_ATTENTION:
+        # SDPA's first choice on Hopper. Asked for the lse, cuDNN may build another graph: the
+        # check against SDPA's own output (_SdpaCalls) keeps this kernel only where it is not.
+        return "cuda_cudnn"
+    return None
 
 
 def _run_with_lse(kernel: str, bound: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +139,11 @@ def _run_with_lse(kernel: str, bound: dict[str, Any]) -> tuple[torch.Tensor, tor
             query, key, value, 0.0, False, False, scale=scale
         )[:2]
         return out, lse
+    if kernel == "cuda_cudnn":
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, key, value, None, True, 0.0, False, False, scale=scale
+        )[:2]
+        return out, lse.reshape(query.shape[:-1])  # cuDNN's statistics are [B, H, N, 1]
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
         query, key, value, None, True, 0.0, False, scale=scale
     )[:2]

@@ -36,6 +36,8 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     per_row = figures["geometry"]["steps"] * layers * figures["geometry"]["num_attention_heads"]
     assert figures["decoded_bytes"] == 2 * per_row * figures["token_rows"] * grid * 4
     assert figures["decoded_gb_s"] > 0
+    # Every traced call took its normalisers from the kernel: 3 layers x 2 steps.
+    assert figures["lse_used"] == {"kernel": 6, "recompute": 0}
     assert figures["gpu_memory_added_bytes"] is None  # no CUDA here
     assert figures["pinning_seconds_per_gib"] is None
     # The device's seconds in the capture and in the model's attention (on the CPU, the same
@@ -74,6 +76,7 @@ def test_the_capture_per_call_is_counted_measured_and_checked():
     }
     got = measure(GEOMETRIES["quick"], repeats=2)
     assert got["kernel"] == "cpu_flash"
+    assert got["bit_identical_to_sdpa"] is True
     assert got["attention_seconds"] > 0
     assert set(got["chunks"]) == set(CHUNK_SIZES)
     for chunk in got["chunks"].values():

@@ -378,7 +378,7 @@ def test_a_call_sdpa_refuses_raises_its_own_error():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION"])
+@pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"])
 def test_cuda_kernels_are_bit_identical_and_give_the_lse(backend):
     gen = torch.Generator().manual_seed(7)
     heads, n, dim, text_len = 4, 300, 64, 44
