@@ -392,6 +392,8 @@ def test_cuda_kernels_are_bit_identical_and_give_the_lse(backend):
     assert torch.equal(out, expected)
     assert call.lse is not None and call.lse.shape == (1, heads, n)
     members = members_for(torch.Generator().manual_seed(0), 3, text_len)
+    # bf16 q and k go into float32-output GEMMs on tensor cores (torch >= 2.8).
+    assert capture._half_gemms(q[0], k[0]) == hasattr(torch.ops.aten.baddbmm, "dtype_out")
     got = attention_maps(
         q[0], k[0], mask=None, scale=dim**-0.5, text_len=text_len, span_members=members,
         lse=call.lse[0],
