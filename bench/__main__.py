@@ -9,6 +9,9 @@
                                    # the report unless --output is given
     python -m bench --json r.json  # also keep the raw results
     python -m bench rate           # the writer against a GPU's step rate (bench/rate.py)
+    python -m bench gpu gpu.json --at REV
+                                   # files the figures of `python -m bench.gpu --json gpu.json`
+                                   # (run on a GPU box at commit REV) into the report
 
 This process only orchestrates: every measurement runs in a fresh interpreter
 (bench.common.isolated), and this one never imports torch, so that it neither competes for the
@@ -252,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["rate"]:
         return rate.main(argv[1:])
+    if argv[:1] == ["gpu"]:
+        return file_gpu(argv[1:])
     args = _parse(argv)
     results = run(args)
     report = render(results)
@@ -264,6 +269,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     log(f"done in {results['total_seconds'] / 60:.1f} min")
+    return 0
+
+
+def file_gpu(argv: list[str]) -> int:
+    """`python -m bench gpu FILE --at REV`: the figures a GPU box measured with `python -m
+    bench.gpu --json FILE` into the results (`gpu_box`), and the report rewritten from them."""
+    parser = argparse.ArgumentParser(prog="python -m bench gpu", description=file_gpu.__doc__)
+    parser.add_argument("figures", type=Path, help="the JSON `python -m bench.gpu` wrote")
+    parser.add_argument("--at", required=True, help="the commit the GPU box ran")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    args = parser.parse_args(argv)
+    figures = json.loads(args.figures.read_text())
+    if figures.get("geometry", {}).get("device") != "cuda":
+        parser.error(f"{args.figures}: not the figures of a GPU run (a --smoke run's?)")
+    results = json.loads(args.results.read_text())
+    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    results["gpu_box"] = figures | {"at": args.at, "filed": date}
+    command = "python -m bench gpu " + shlex.join(argv)
+    results.setdefault("reruns", []).append(
+        {"command": command, "date": date, "sections": ["gpu box"]}
+    )
+    args.results.write_text(json.dumps(results, indent=1))
+    args.output.write_text(render(results))
+    log(f"wrote {args.output}")
     return 0
 
 

@@ -152,8 +152,10 @@ def measure(
 
     from analysis.allocator import reuse_freed_memory
     from bench import capture_cost
-    from bench.common import GEOMETRIES
+    from bench.common import GEOMETRIES, scratch
     from bench.overhead import measure as pairs_of
+    from bench.rate import disk_sync_mb_s
+    from bench.variants import deep_pending_steps
 
     geo = GEOMETRIES["quick" if smoke else "flux-dev-gpu"]
     if not smoke and not torch.cuda.is_available():
@@ -172,10 +174,16 @@ def measure(
         save(figures)
     figures["capture_per_call"] = capture_cost.measure(geo)
     save(figures)
+    with scratch("disk") as folder:  # where the traced runs write their stores
+        disk = disk_sync_mb_s(folder, 16 if smoke else 2048)
+    figures["host"] = {"cores": len(os.sched_getaffinity(0)), "disk_sync_mb_s": disk}
+    save(figures)
     # Two pairs: a process's first traced run pays for its buffers (pinned host memory, zarrs'
-    # working memory) as it goes; a later run reuses them (bench.rate projects both).
-    result = pairs_of(asdict(geo), {"attnscope": 2})
+    # working memory) as it goes; a later run reuses them (bench.rate projects both). One more
+    # with more steps in flight, to see whether the host's idle cores would keep up.
+    result = pairs_of(asdict(geo), {"attnscope": 2, "attnscope-deep": 1})
     traced = result["outputs"]["attnscope"]
+    deep = result["outputs"]["attnscope-deep"]
     peak = result["cuda_peak"]
     first, later = result["ratios"]["attnscope"]["wall"]
     figures |= {
@@ -183,13 +191,22 @@ def measure(
         "traced_over_untraced_first_run": first,
         "traced_over_untraced_later_run": later,
         "median_wall": result["median_wall"],
+        "median_cpu": result["median_cpu"],  # all threads: cores busy = cpu / wall
         "breakdown": result["breakdown"],
         "gpu_memory_added_bytes": peak["attnscope"] - peak["untraced"] if peak else None,
         "bytes_written": traced["bytes"],
+        "bytes_per_value": traced["bytes"] / (traced["decoded_bytes"] / 4),
         "token_rows": traced["token_rows"],
         "lse_used": traced["lse_used"],
         "decoded_bytes": traced["decoded_bytes"],
         "decoded_gb_s": traced["decoded_bytes"] / traced["wall"] / 1e9,
+        "deeper_writer": {
+            "max_pending_steps": deep_pending_steps(),
+            "traced_over_untraced": result["ratio"]["attnscope-deep"],
+            "wall": deep["wall"],
+            "cpu": deep["cpu"],
+            "gpu_memory_added_bytes": (peak["attnscope-deep"] - peak["untraced"] if peak else None),
+        },
     }
     save(figures)
     # After the traced runs, whose first pins its step buffers afresh: see the function.

@@ -7,6 +7,7 @@ its labels).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,20 @@ def untraced(pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None) 
 
 
 def attnscope(
-    pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None, lse: str = "kernel"
+    pipe: Any,
+    geo: Geometry,
+    workdir: Path,
+    steps: int | None = None,
+    lse: str = "kernel",
+    max_pending_steps: int = 2,
 ) -> dict[str, Any]:
     """Every layer, head and step, both directions, every token row, compressed on disk."""
     import tracer
 
-    with tracer.trace(pipe, workdir / "trace.zarr", progress=False, lse=lse):
+    path = workdir / "trace.zarr"
+    with tracer.trace(pipe, path, progress=False, lse=lse, max_pending_steps=max_pending_steps):
         generate(pipe, geo, steps)
-    return {"path": str(workdir / "trace.zarr")}
+    return {"path": str(path)}
 
 
 def decoded(path: str) -> dict[str, Any]:
@@ -53,6 +60,19 @@ def attnscope_recompute(
     return attnscope(pipe, geo, workdir, steps, lse="recompute")
 
 
+def attnscope_deep(
+    pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None
+) -> dict[str, Any]:
+    """attnscope with as many steps in flight as half the host's cores (at least the default
+    2): a step's shard is encoded on about one core, so the default keeps four cores busy."""
+    return attnscope(pipe, geo, workdir, steps, max_pending_steps=deep_pending_steps())
+
+
+def deep_pending_steps() -> int:
+    """The steps in flight of `attnscope_deep` on this host."""
+    return max(2, len(os.sched_getaffinity(0)) // 2)
+
+
 def seed(pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None) -> dict[str, Any]:
     from bench.baselines import seed_method
 
@@ -73,6 +93,7 @@ VARIANTS: dict[str, Variant] = {
     "untraced": untraced,
     "attnscope": attnscope,
     "attnscope-recompute": attnscope_recompute,
+    "attnscope-deep": attnscope_deep,
     "seed": seed,
     "amd": amd,
 }
@@ -81,6 +102,7 @@ LABELS = {
     "untraced": "untraced",
     "attnscope": "attnscope",
     "attnscope-recompute": "attnscope, lse recomputed (old path)",
+    "attnscope-deep": "attnscope, half the cores' steps in flight",
     "seed": "seed method",
     "amd": "attention-map-diffusers",
 }
@@ -96,6 +118,7 @@ def describe(name: str, geo: Geometry) -> str:
             "padding summed in one row), Zarr with bit-rounding + LZ4"
         ),
         "attnscope-recompute": "same as attnscope",
+        "attnscope-deep": "same as attnscope",
         "seed": (
             f"all {layers} layers, heads and steps: the whole text-rows × image-columns block and "
             "the image-rows × text-columns block of every map, per token, .npy"

@@ -36,6 +36,11 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     per_row = figures["geometry"]["steps"] * layers * figures["geometry"]["num_attention_heads"]
     assert figures["decoded_bytes"] == 2 * per_row * figures["token_rows"] * grid * 4
     assert figures["decoded_gb_s"] > 0
+    assert 0 < figures["bytes_per_value"] < 4
+    assert figures["host"]["cores"] >= 1 and figures["host"]["disk_sync_mb_s"] > 0
+    assert figures["median_cpu"]["attnscope"] > 0
+    deep = figures["deeper_writer"]
+    assert deep["max_pending_steps"] >= 2 and deep["traced_over_untraced"] > 0
     # Every traced call took its normalisers from the kernel: 3 layers x 2 steps.
     assert figures["lse_used"] == {"kernel": 6, "recompute": 0}
     assert figures["gpu_memory_added_bytes"] is None  # no CUDA here

@@ -72,3 +72,74 @@ def test_the_report_of_record_keeps_its_results_beside_it():
     assert main._parse(["--quick"]).json is None
     with pytest.raises(SystemExit):  # a report elsewhere: nothing to keep by default
         main._parse(["--rerun", "view", "--output", "elsewhere.md"])
+
+
+def _gpu_figures() -> dict:
+    """What `python -m bench.gpu --json` writes on a GPU box, with round numbers."""
+    return {
+        "geometry": {"name": "flux-dev-gpu", "device": "cuda"},
+        "device": "NVIDIA H200",
+        "cuda_tests": {"returncode": 0, "summary": "5 passed", "failed": []},
+        "capture_per_call": {
+            "kernel": "cuda_cudnn",
+            "chunks": {"256": {"seconds": 0.002}, "512": {"seconds": 0.0015}},
+            "attention_seconds": 0.0004,
+            "gemm": {
+                "float32_seconds": 0.00025,
+                "out_dtype_seconds": 0.00004,
+                "out_dtype_max_abs_error": 2e-5,
+                "logit_scale": 70.0,
+            },
+        },
+        "traced_over_untraced": 5.5,
+        "traced_over_untraced_first_run": 5.0,
+        "traced_over_untraced_later_run": 6.0,
+        "median_wall": {"untraced": 5.0, "attnscope": 27.5},
+        "breakdown": {
+            "wall": 28.0, "writer_put": 18.0, "capture_device": 2.5, "attention_device": 0.7
+        },
+        "gpu_memory_added_bytes": 92e6,
+        "bytes_written": 24e9,
+        "token_rows": 45,
+        "lse_used": {"kernel": 1596, "recompute": 0},
+        "decoded_bytes": 56e9,
+        "decoded_gb_s": 2.0,
+        "pinning_seconds_per_gib": 0.4,
+    }  # fmt: skip
+
+
+def test_a_gpu_box_s_figures_are_filed_into_the_report(tmp_path):
+    results, report, figures = (tmp_path / name for name in ("r.json", "r.md", "gpu.json"))
+    results.write_text((main.DEFAULT_RESULTS).read_text())
+    figures.write_text(json.dumps(_gpu_figures()))
+    paths = ["--results", str(results), "--output", str(report)]
+    assert main.main(["gpu", str(figures), "--at", "abc1234", *paths]) == 0
+    filed = json.loads(results.read_text())
+    assert filed["gpu_box"]["at"] == "abc1234"
+    assert filed["gpu_box"]["traced_over_untraced"] == 5.5
+    assert filed["reruns"][-1]["sections"] == ["gpu box"]
+    text = report.read_text()
+    row = "| tracing overhead, FLUX.1-dev shape on an NVIDIA H200 (`python -m bench.gpu`) |"
+    assert f"{row} ≤ 1.10 | 5.500 | **missed** |" in text
+    assert "**GPU at FLUX.1-dev's shape: 5.50 on an NVIDIA H200 (missed; target 1.10).**" in text
+    assert "put() held the generation 18.0 s" in text
+    # What bench.gpu measures since: the host's cores and disk, and a deeper writer queue.
+    host = {
+        "host": {"cores": 16, "disk_sync_mb_s": 1742.0},
+        "median_cpu": {"attnscope": 137.5},
+        "bytes_per_value": 1.71,
+        "deeper_writer": {"max_pending_steps": 8, "traced_over_untraced": 1.5},
+    }
+    figures.write_text(json.dumps(_gpu_figures() | host))
+    assert main.main(["gpu", str(figures), "--at", "abc1234", *paths]) == 0
+    text = report.read_text()
+    assert "The host: 16 cores, its disk syncing 1,742 MB/s; a traced run kept 5.0 of" in text
+    assert "With 8 steps in flight instead of 2: 1.50." in text
+
+
+def test_figures_of_a_smoke_run_are_refused(tmp_path, capsys):
+    figures = tmp_path / "gpu.json"
+    figures.write_text(json.dumps(_gpu_figures() | {"geometry": {"device": "cpu"}}))
+    with pytest.raises(SystemExit):
+        main.main(["gpu", str(figures), "--at", "abc1234", "--results", str(tmp_path / "r")])
+    assert "not the figures of a GPU run" in capsys.readouterr().err
