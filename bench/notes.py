@@ -164,6 +164,13 @@ def _gpu_box(box: dict[str, Any]) -> str:
             f"(largest difference {gemm['out_dtype_max_abs_error']:.1e} on logits up to "
             f"{gemm['logit_scale']:.0f})"
         )
+    fused = call.get("padding_fused", {})
+    if "seconds" in fused:
+        text += (
+            f"; the padding row's two maps from fused kernels' log-sum-exps (not yet in the "
+            f"tracer, bench/capture_cost.py) {1e3 * fused['seconds']:.3f} ms, largest error "
+            f"{fused['max_relative_error']:.1e} against float64"
+        )
     text += (
         f". The suite's CUDA tests there: {box['cuda_tests']['summary']}. Pinning host memory "
         f"afresh took {box['pinning_seconds_per_gib']:.2f} s per GiB."

@@ -128,6 +128,8 @@ def test_a_gpu_box_s_figures_are_filed_into_the_report(tmp_path):
         "host": {"cores": 16, "disk_sync_mb_s": 1742.0},
         "median_cpu": {"attnscope": 137.5},
         "bytes_per_value": 1.71,
+        "capture_per_call": _gpu_figures()["capture_per_call"]
+        | {"padding_fused": {"seconds": 0.00012, "max_relative_error": 3e-6}},
         "deeper_writer": {"max_pending_steps": 8, "traced_over_untraced": 1.5},
     }
     figures.write_text(json.dumps(_gpu_figures() | host))
@@ -135,6 +137,7 @@ def test_a_gpu_box_s_figures_are_filed_into_the_report(tmp_path):
     text = report.read_text()
     assert "The host: 16 cores, its disk syncing 1,742 MB/s; a traced run kept 5.0 of" in text
     assert "With 8 steps in flight instead of 2: 1.50." in text
+    assert "log-sum-exps (not yet in the tracer, bench/capture_cost.py) 0.120 ms" in text
 
 
 def test_figures_of_a_smoke_run_are_refused(tmp_path, capsys):
