@@ -70,7 +70,7 @@ __all__ = [
 # split into sub-word pieces. Some lines start with a capital letter because the T5 side, like the
 # real one, is case-sensitive. UnigramTrainer only takes a whole word as a candidate piece when the
 # corpus also shows it continued within a whitespace-delimited chunk ("red," "reddish"), so the
-# last lines give a few common prompt words ("on", "red", "the") such company.
+# last lines give a few common prompt words ("on", "red", "the", "photo", "sitting") such company.
 DEMO_CORPUS = """\
 a photo of a cat sitting on a red chair
 a photo of a dog sitting on a blue chair
@@ -119,6 +119,8 @@ a cat on a chair, a dog on the floor, a bird on a branch
 one red rose in a glass vase, only one, on a wooden table
 there is a cat inside the house, then a dog comes into the room
 a kitten with a ball of wool, sitting on a table, photo taken from above
+photos of a small grey cat, sitting beside the windows in the mornings, with velvety fur
+a photo, of a white cat and a small dog, sitting, by a window, on a velvet chair, in the morning
 """
 
 # Special tokens where the real vocabularies have them: T5's <pad>, </s>, <unk> are ids 0, 1, 2
