@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 PROMPT = "a cat on a red chair"
-# The issue's GPU case: a 20-word prompt (26 token rows with the demo tokenizers).
+# The issue's GPU case: a 20-word prompt (28 token rows under the demo tokenizers: its 26 T5
+# pieces, </s> and the padding's row; the issue counts about 26).
 PROMPT_20_WORDS = (
     "a photo of a small grey cat sitting on a red velvet chair beside a window in the morning light"
 )
