@@ -5,14 +5,17 @@ double and 38 single blocks, 24 heads of 128) on the device, in bf16, with no do
 the demo pipeline (tiny random text encoders and VAE; the prompt is 20 words). Then times 28
 steps at 1024², latents out, untraced and traced with default settings (the allocator set as
 `attnscope record` sets it, analysis.allocator), as two pairs (bench.overhead), and writes:
-traced / untraced wall time (the process's first traced run and a later one apart), the GPU
-memory tracing adds, the bytes written and the decoded GB/s the recording sustained, and what
-pinning host memory costs there (a process's first run pins its step buffers on a writer
+traced / untraced wall time (the process's first traced run and a later one apart, and one more
+pair with half the host's cores' steps in flight: `deeper_writer`), the GPU memory tracing adds,
+the bytes written and the decoded GB/s the recording sustained, the host's cores and the synced
+rate of the disk the stores go to, the traced runs' CPU seconds, and what pinning host memory
+costs there (a process's first run pins its step buffers on a writer
 thread from the run's start; the generation's first put() waits for the first of them). The
 breakdown of the traced run gives the seconds the capture and the model's attention kept the GPU
 busy (CUDA events), and `capture_per_call` (bench/capture_cost.py) the capture of one call at
 that shape: its work counted, its GPU time per chunk size against the attention's, its error
-against float64, and its GEMM in float32 against bf16 inputs on tensor cores. Before all that
+against float64, its GEMM in float32 against bf16 inputs on tensor cores, and the padding row
+from fused kernels' log-sum-exps (`padding_fused`, not yet in the tracer). Before all that
 it runs the suite's CUDA tests there (`cuda_tests`: the only place they run), and `--json` is
 rewritten after each part, so a failure or a timeout later on keeps what came before.
 
