@@ -155,6 +155,13 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
     parser.add_argument("--keepbits", type=int, default=fmt.DEFAULT_KEEPBITS)
     parser.add_argument("--lossless", action="store_true", help="store without bit rounding")
     parser.add_argument("--chunk-size", type=int, default=256, help="queries per capture chunk")
+    parser.add_argument(
+        "--max-pending-steps",
+        type=positive(int),
+        default=2,
+        help="steps taken and not yet on disk (default 2): each holds one step of maps in host "
+        "memory, and the writer encodes each on about one core, so more may use more cores",
+    )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     parser.add_argument("--revision", default=None, help="model revision (hub)")
@@ -620,6 +627,7 @@ def _record(
             args.out,
             spans=spans,
             chunk_size=args.chunk_size,
+            max_pending_steps=args.max_pending_steps,
             entity_names=entity_names,
             **_recorded(args),
         ) as recorder:

@@ -582,7 +582,10 @@ def trace(
     `steps` take labels or selector strings of `analysis.selection` (`"single"`, `"0:3"`,
     `[0, 5]`); `directions` any of `txt2img`, `img2txt`. `keepbits=None` stores losslessly.
     `lse="recompute"` recomputes img2txt's normalisers instead of taking them from the model's
-    attention kernel. `entity_names` names the spans of EliGen entity prompts (DiffSynth;
+    attention kernel. `max_pending_steps`: steps taken and not yet durable, each holding one
+    step's maps in host memory; the generation waits for the writer beyond them, and the writer
+    encodes each step's shards on about one core apiece, so more may keep more of a large
+    host's cores busy. `entity_names` names the spans of EliGen entity prompts (DiffSynth;
     default `entity0`, `entity1`, ...). The pipeline is restored on exit, even after an error.
     """
     options = Options(

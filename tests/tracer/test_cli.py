@@ -184,3 +184,20 @@ def test_diffsynth_demo_with_eligen_entities(tmp_path):
     # The left half of a 128-pixel image: token columns 0..3 of 8.
     assert ds.entity_mask.sel(entity="kitten").values[:, :4].all()
     assert not ds.entity_mask.sel(entity="kitten").values[:, 4:].any()
+
+
+def test_more_steps_in_flight_reach_the_writer(tmp_path, monkeypatch):
+    from tracer.writer import TraceWriter
+
+    taken = []
+    init = TraceWriter.__init__
+
+    def spy(self, *args, **kwargs):
+        taken.append(kwargs["max_pending"])
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(TraceWriter, "__init__", spy)
+    out = tmp_path / "deep.zarr"
+    assert record("--out", str(out), "--num-inference-steps", "4", "--max-pending-steps", "3") == 0
+    assert taken == [3]
+    assert runs(out)["run-0000"].attrs["steps_complete"] == [0, 1, 2, 3]
