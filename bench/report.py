@@ -6,22 +6,9 @@ from typing import Any
 
 from bench.common import GEOMETRIES, Geometry
 from bench.notes import limits, method
-from bench.rate import BASELINE, BUFFERED, HOSTS, PACED_LATER
-from bench.summary import growth_summary, memory_summary
+from bench.rate import BASELINE, BUFFERED, HOSTS, PACED_LATER, TOKEN_ROWS
+from bench.summary import TARGETS, bytes_per_value, growth_summary, memory_summary
 from bench.variants import LABELS, describe
-
-TARGETS = {
-    "overhead_cpu": 1.15,
-    "overhead_gpu": 1.10,
-    "extra_memory": 0.10,
-    "analysis_mb_s": 1000.0,
-    "analysis_rss": 1e9,
-    "first_heatmap_s": 3.0,
-    "writer_mb_s_per_core": 600.0,
-    "writer_scaling": 1.8,
-    "writer_projected_ratio": 1.10,
-    "run_fixed_ms": 50.0,
-}
 
 
 def _mib(n: float) -> str:
@@ -660,9 +647,9 @@ def _rate_against_the_gpu_box(r: dict[str, Any]) -> str:
         f"**Measured on a GPU box instead** (*GPU at FLUX.1-dev's shape*): "
         f"{box['traced_over_untraced']:.2f} on an {box['device']}, its traced generation writing "
         f"{box['decoded_gb_s']:.2f} GB/s decoded. The projection did not hold there. Its steps "
-        f"have 26 token rows of a real recording's maps; the box's had {rows} "
-        f"({rows / 26:.2f}× the bytes decoded), from random weights, at "
-        f"{box['bytes_written'] / (box['decoded_bytes'] / 4):.2f} bytes per value on disk. And it "
+        f"have {TOKEN_ROWS} token rows of a real recording's maps; the box's had {rows} "
+        f"({rows / TOKEN_ROWS:.2f}× the bytes decoded), from random weights, at "
+        f"{bytes_per_value(box):.2f} bytes per value on disk. And it "
         "scales the per-core rate measured on 1 and 2 cores to 16, where the writer keeps only "
         "its pending steps' shards in flight (two steps, four shards, by default)."
     )

@@ -6,6 +6,25 @@ from typing import Any
 
 from bench.common import median
 
+# What docs/benchmarks.md holds each figure to (the issues' targets).
+TARGETS = {
+    "overhead_cpu": 1.15,
+    "overhead_gpu": 1.10,
+    "extra_memory": 0.10,
+    "analysis_mb_s": 1000.0,
+    "analysis_rss": 1e9,
+    "first_heatmap_s": 3.0,
+    "writer_mb_s_per_core": 600.0,
+    "writer_scaling": 1.8,
+    "writer_projected_ratio": 1.10,
+    "run_fixed_ms": 50.0,
+}
+
+
+def bytes_per_value(gpu_box: dict[str, Any]) -> float:
+    """Bytes on disk per float32 value a GPU box's traced generation recorded."""
+    return gpu_box["bytes_written"] / (gpu_box["decoded_bytes"] / 4)
+
 
 def memory_summary(r: dict[str, Any], allocator: str = "fixed") -> dict[str, dict[str, Any]]:
     """Per variant: median peak RSS over its processes, extra over untraced, every peak."""
