@@ -8,7 +8,8 @@ steps at 1024², latents out, untraced and traced with default settings (the all
 traced / untraced wall time (the process's first traced run and a later one apart, and one more
 pair with half the host's cores' steps in flight: `deeper_writer`), the GPU memory tracing adds,
 the bytes written and the decoded GB/s the recording sustained, the host's cores and the synced
-rate of the disk the stores go to, the traced runs' CPU seconds, and what pinning host memory
+rate of the disk the stores go to, the traced runs' CPU seconds and page faults (whether the
+allocator's settings held: analysis.allocator, `malloc_arenas`), and what pinning host memory
 costs there (a process's first run pins its step buffers on a writer
 thread from the run's start; the generation's first put() waits for the first of them). The
 breakdown of the traced run gives the seconds the capture and the model's attention kept the GPU
@@ -144,16 +145,19 @@ def _installed(name: str) -> bool:
 
 
 def measure(
-    smoke: bool, save: Callable[[dict[str, Any]], None] = lambda figures: None
+    smoke: bool,
+    save: Callable[[dict[str, Any]], None] = lambda figures: None,
+    allocator_tuned: bool = False,
 ) -> dict[str, Any]:
     """Time untraced and traced generations; the figures for docs/benchmarks.md.
 
     `save` gets the figures measured so far after each part, the quick ones first: a GPU box is
     lent for minutes, and what a failure or a timeout later on leaves is kept.
+    `allocator_tuned`: what `reuse_freed_memory()` returned, called before anything else ran.
     """
     import torch
 
-    from analysis.allocator import reuse_freed_memory
+    from analysis.allocator import arenas
     from bench import capture_cost
     from bench.common import GEOMETRIES, scratch
     from bench.overhead import measure as pairs_of
@@ -163,14 +167,11 @@ def measure(
     geo = GEOMETRIES["quick" if smoke else "flux-dev-gpu"]
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("bench.gpu needs a CUDA device (or --smoke for the CPU quick geometry)")
-    # This script owns its process, as `attnscope record` does: the same allocator settings
-    # (a smoke run shares the test suite's process, which is left as it is).
-    tuned = not smoke and reuse_freed_memory()
     started = time.perf_counter()
     figures: dict[str, Any] = {
         "geometry": asdict(geo),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "allocator_tuned": tuned,
+        "allocator_tuned": allocator_tuned,
     }
     if not smoke:  # the suite runs these itself, skipped where there is no GPU
         figures["cuda_tests"] = cuda_tests()
@@ -203,6 +204,9 @@ def measure(
         "lse_used": traced["lse_used"],
         "decoded_bytes": traced["decoded_bytes"],
         "decoded_gb_s": traced["decoded_bytes"] / traced["wall"] / 1e9,
+        # A page fault per 4 KiB written would mean the writer's buffers are faulted in afresh.
+        "page_faults_per_gb_decoded": traced["page_faults"] / (traced["decoded_bytes"] / 1e9),
+        "malloc_arenas": arenas(),
         "deeper_writer": {
             "max_pending_steps": deep_pending_steps(),
             "traced_over_untraced": result["ratio"]["attnscope-deep"],
@@ -269,12 +273,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.install:
         install(args.install)
+    # This script owns its process, as `attnscope record` does: the same allocator settings,
+    # before anything starts a thread (CUDA's first call does; analysis.allocator says why). A
+    # smoke run shares the test suite's process, which is left as it is.
+    tuned = False
+    if not args.smoke:
+        from analysis.allocator import reuse_freed_memory
+
+        tuned = reuse_freed_memory()
 
     def save(figures: dict[str, Any]) -> None:
         if args.json:
             args.json.write_text(json.dumps(figures, indent=1))
 
-    print(json.dumps(measure(args.smoke, save), indent=1))
+    print(json.dumps(measure(args.smoke, save, tuned), indent=1))
     return 0
 
 

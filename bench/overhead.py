@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import resource
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,8 +47,13 @@ def measure(geometry: dict[str, Any], pairs: dict[str, int]) -> dict[str, Any]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         wall, cpu = time.perf_counter(), time.process_time()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         recorded = VARIANTS[name](pipe, geo, workdir)
-        recorded |= {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+        recorded |= {
+            "wall": time.perf_counter() - wall,
+            "cpu": time.process_time() - cpu,
+            "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
+        }
         if geo.device == "cuda":
             recorded["cuda_peak"] = torch.cuda.max_memory_allocated()
         recorded["bytes"] = du(workdir)

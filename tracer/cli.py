@@ -7,6 +7,7 @@ import importlib
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from analysis import store_format as fmt
-from analysis.allocator import reuse_freed_memory
+from analysis.allocator import ENVIRONMENT, arenas, reuse_freed_memory
 from analysis.cli.args import integers, names, positive
 from analysis.errors import AttnscopeError, UsageError, WriterError
 from tracer.claims import DEFAULT_LEASE_SECONDS
@@ -556,6 +557,22 @@ def _abandon(out: str, prompt: str, seed: int) -> None:
             )
 
 
+def _reuse_freed_memory() -> str | None:
+    """Set the allocator for the recording; what to warn of where threads that started earlier
+    defeat it (analysis.allocator)."""
+    if reuse_freed_memory():
+        return None
+    count = arenas()
+    if count is None or count == 1:
+        return None  # not glibc's allocator: nothing to set
+    return (
+        f"this process has {count} malloc arenas before recording (threads allocated before "
+        f"attnscope could set glibc's allocator), so the writer's step buffers are faulted in "
+        f"afresh every step, which costs it most of its speed on many cores; start the process "
+        f"with {ENVIRONMENT}"
+    )
+
+
 def run_record(args: argparse.Namespace) -> int:
     """Load the pipeline, generate each asked run under `tracer.trace`, report what was written."""
     spans = None
@@ -567,14 +584,14 @@ def run_record(args: argparse.Namespace) -> int:
     _apply_defaults(args)
     jobs = _jobs(args)
     entity_names, eligen = _entities(args)
-    if not args.estimate:
-        # This process is the recording's own: its writer reuses the memory it frees.
-        reuse_freed_memory()
+    # This process is the recording's own: its writer reuses the memory it frees. Set before
+    # the pipeline starts threads; a warning that it could not be waits for the recording.
+    allocator_warning = None if args.estimate else _reuse_freed_memory()
     created = False
     if not args.estimate and (args.prompts is None or args.overwrite):
         created = _check_out(args)
     try:
-        _record(args, jobs, spans, entity_names, eligen)
+        _record(args, jobs, spans, entity_names, eligen, allocator_warning)
     except AttnscopeError as error:
         if not str(error).startswith("record: "):
             error.args = (f"record: {error}", *error.args[1:])  # say which verb refused
@@ -596,6 +613,7 @@ def _record(
     spans: dict[str, Any] | None,
     entity_names: list[str] | None,
     eligen: dict[str, Any],
+    allocator_warning: str | None = None,
 ) -> None:
     from tracer import trace
 
@@ -634,6 +652,8 @@ def _record(
             for prompt, seed in _claimed(args, todo):
                 pipe(**_call_arguments(args, prompt, seed), **eligen)
                 print(f"recorded {recorder.last_run} into {args.out}", file=sys.stderr)
+        if allocator_warning is not None:  # said once the recording went through
+            warnings.warn(allocator_warning, RuntimeWarning, stacklevel=1)
     except (WriterError, OSError) as error:
         # A full disk, a quota, a read-only or vanished store: stop with the cause.
         run = recorder.last_run if recorder is not None else None

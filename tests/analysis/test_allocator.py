@@ -67,6 +67,71 @@ def test_a_freed_block_is_reused_instead_of_faulted_in_again(mib):
     assert faults("tuned", mib * 2**20) < pages // 100
 
 
+# A thread allocates (and so makes an arena of its own) before the settings if argv[1] says so;
+# then a thread started after them allocates and frees a block of argv[2] bytes, and counts its
+# page faults of doing it again.
+FAULTS_IN_A_LATER_THREAD = """
+import resource, sys, threading
+from analysis.allocator import arenas, reuse_freed_memory
+if sys.argv[1] == "thread first":
+    ready = threading.Barrier(2)
+    early = threading.Thread(target=lambda: (bytearray(10**5), ready.wait()))
+    early.start()
+    ready.wait()
+    early.join()
+print(reuse_freed_memory(), arenas())
+def later(n=int(sys.argv[2])):
+    def block():
+        data = bytearray(n)
+        data[::4096] = b"\\x01" * len(range(0, n, 4096))
+    block()
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    block()
+    print(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+thread = threading.Thread(target=later)
+thread.start()
+thread.join()
+"""
+
+
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc", reason="the settings are glibc's; elsewhere nothing is done"
+)
+def test_a_thread_that_allocated_first_defeats_the_settings_and_it_is_said():
+    """Threads started after the settings take over the early thread's arena, where glibc maps
+    large blocks afresh: the settings say they do not hold, and indeed they do not."""
+    size = 256 * 2**20
+    pages = size // 4096
+    runs = {}
+    for order in ("settings first", "thread first"):
+        out = subprocess.run(
+            [sys.executable, "-c", FAULTS_IN_A_LATER_THREAD, order, str(size)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        runs[order] = (out[0], int(out[1]), int(out[2]))
+    assert runs["settings first"][:2] == ("True", 1)
+    assert runs["settings first"][2] < pages // 100
+    held, arenas, faults = runs["thread first"]
+    assert held == "False" and arenas >= 2
+    assert faults > pages // 2
+
+
+def test_a_recording_says_when_the_settings_do_not_hold(tmp_path, monkeypatch, capsys):
+    from analysis.cli import main
+    from tracer import cli
+
+    monkeypatch.setattr(cli, "reuse_freed_memory", lambda: False)
+    monkeypatch.setattr(cli, "arenas", lambda: 3)
+    out = tmp_path / "demo.zarr"
+    assert main(["record", "--demo", "--num-inference-steps", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "attnscope: warning: this process has 3 malloc arenas" in err
+    assert allocator.ENVIRONMENT in err
+    assert "run-0000" in err  # and it recorded
+
+
 @pytest.mark.skipif(
     platform.libc_ver()[0] != "glibc", reason="the settings are glibc's; elsewhere nothing is done"
 )

@@ -39,6 +39,10 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     assert 0 < figures["bytes_per_value"] < 4
     assert figures["host"]["cores"] >= 1 and figures["host"]["disk_sync_mb_s"] > 0
     assert figures["median_cpu"]["attnscope"] > 0
+    # Whether the allocator's settings held: a smoke run leaves the suite's process as it is.
+    assert figures["allocator_tuned"] is False
+    assert figures["page_faults_per_gb_decoded"] > 0
+    assert figures["malloc_arenas"] >= 1
     deep = figures["deeper_writer"]
     assert deep["max_pending_steps"] >= 2 and deep["traced_over_untraced"] > 0
     # Every traced call took its normalisers from the kernel: 3 layers x 2 steps.
