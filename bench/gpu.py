@@ -179,8 +179,15 @@ def measure(
     figures["capture_per_call"] = capture_cost.measure(geo)
     save(figures)
     with scratch("disk") as folder:  # where the traced runs write their stores
-        disk = disk_sync_mb_s(folder, 16 if smoke else 2048)
-    figures["host"] = {"cores": len(os.sched_getaffinity(0)), "disk_sync_mb_s": disk}
+        megabytes = 16 if smoke else 2048
+        disk = disk_sync_mb_s(folder, megabytes)
+        # As the writer writes: four shards in flight (two steps, two directions), each whole.
+        parallel = disk_sync_mb_s(folder, 2 * megabytes, files=4, block_mib=4 if smoke else 64)
+    figures["host"] = {
+        "cores": len(os.sched_getaffinity(0)),
+        "disk_sync_mb_s": disk,
+        "disk_sync_mb_s_4_files": parallel,
+    }
     save(figures)
     # Two pairs: a process's first traced run pays for its buffers (pinned host memory, zarrs'
     # working memory) as it goes; a later run reuses them (bench.rate projects both). One more

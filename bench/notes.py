@@ -186,6 +186,19 @@ def _gpu_box(box: dict[str, Any]) -> str:
             f"{deep['max_pending_steps']} steps in flight instead of 2: "
             f"{deep['traced_over_untraced']:.2f}."
         )
+        if "disk_sync_mb_s_4_files" in box["host"]:
+            text += (
+                f" Four files written side by side in 64 MiB writes, as the writer's shards are, "
+                f"synced {box['host']['disk_sync_mb_s_4_files']:,.0f} MB/s."
+            )
+    if "malloc_arenas" in box:
+        text += (
+            f" The allocator's settings (analysis.allocator) "
+            f"{'held' if box['allocator_tuned'] else 'did not hold'}: "
+            f"{box['malloc_arenas']} malloc arena(s) after the runs, "
+            f"{box['page_faults_per_gb_decoded']:,.0f} page faults per decoded GB in a traced "
+            f"run (each GB copied into memory faulted in afresh costs about 244,000)."
+        )
     return text
 
 

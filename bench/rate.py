@@ -53,6 +53,7 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -121,26 +122,42 @@ class _Listings:
         return self._times
 
 
-def disk_sync_mb_s(folder: Path, megabytes: int = 1024) -> float:
+def disk_sync_mb_s(
+    folder: Path, megabytes: int = 1024, files: int = 1, block_mib: int = 1
+) -> float:
     """This disk's sequential write rate with fsync, written as the writer writes synced shards
-    (past the page cache where the file system takes it): the ceiling for durable steps here."""
+    (past the page cache where the file system takes it): the ceiling for durable steps here.
+
+    `files` are written side by side, `megabytes` in all, in writes of `block_mib` MiB: as
+    several steps' shards are in flight at once, each written in large pieces.
+    """
     from tracer.durable import takes_direct_io
 
-    block = mmap.mmap(-1, 2**20)  # page-aligned, as O_DIRECT asks
-    block.write(os.urandom(2**20))
-    path = folder / "disk-rate.bin"
     direct = os.O_DIRECT if takes_direct_io(folder) else 0
+    block = mmap.mmap(-1, block_mib * 2**20)  # page-aligned, as O_DIRECT asks
+    block.write(os.urandom(block_mib * 2**20))
+    writes = max(1, megabytes // block_mib // files)
+
+    paths = [folder / f"disk-rate-{index}.bin" for index in range(files)]
+
+    def write(path: Path) -> None:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o600)
+        try:
+            for _ in range(writes):
+                os.write(descriptor, block)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
     start = time.perf_counter()
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o600)
     try:
-        for _ in range(megabytes):
-            os.write(descriptor, block)
-        os.fsync(descriptor)
+        with ThreadPoolExecutor(files) as pool:
+            list(pool.map(write, paths))
+        seconds = time.perf_counter() - start
     finally:
-        os.close(descriptor)
-    seconds = time.perf_counter() - start
-    path.unlink()
-    return megabytes * 2**20 / seconds / 1e6
+        for path in paths:
+            path.unlink(missing_ok=True)
+    return files * writes * block_mib * 2**20 / seconds / 1e6
 
 
 def touch_memory(gigabytes: float) -> float:

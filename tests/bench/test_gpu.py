@@ -38,6 +38,7 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     assert figures["decoded_gb_s"] > 0
     assert 0 < figures["bytes_per_value"] < 4
     assert figures["host"]["cores"] >= 1 and figures["host"]["disk_sync_mb_s"] > 0
+    assert figures["host"]["disk_sync_mb_s_4_files"] > 0
     assert figures["median_cpu"]["attnscope"] > 0
     # Whether the allocator's settings held: a smoke run leaves the suite's process as it is.
     assert figures["allocator_tuned"] is False

@@ -138,6 +138,15 @@ def test_a_gpu_box_s_figures_are_filed_into_the_report(tmp_path):
     assert "The host: 16 cores, its disk syncing 1,742 MB/s; a traced run kept 5.0 of" in text
     assert "With 8 steps in flight instead of 2: 1.50." in text
     assert "log-sum-exps (not yet in the tracer, bench/capture_cost.py) 0.120 ms" in text
+    # And since: the disk written as the writer writes, and whether the allocator's settings held.
+    host["host"] |= {"disk_sync_mb_s_4_files": 3105.0}
+    allocator = {"allocator_tuned": False, "malloc_arenas": 3, "page_faults_per_gb_decoded": 2.5e5}
+    figures.write_text(json.dumps(_gpu_figures() | host | allocator))
+    assert main.main(["gpu", str(figures), "--at", "abc1234", *paths]) == 0
+    text = report.read_text()
+    assert "in 64 MiB writes, as the writer's shards are, synced 3,105 MB/s." in text
+    assert "settings (analysis.allocator) did not hold: 3 malloc arena(s) after the" in text
+    assert "250,000 page faults per decoded GB" in text
 
 
 def test_figures_of_a_smoke_run_are_refused(tmp_path, capsys):
