@@ -3,7 +3,15 @@ and a generation played through the writer's backpressure; against figures worke
 
 import pytest
 
-from bench.rate import _durable_times, _seconds_per_step, _simulated_ratio, _sustained
+from bench.rate import (
+    HEADS,
+    TOKEN_ROWS,
+    _durable_times,
+    _seconds_per_step,
+    _simulated_ratio,
+    _sustained,
+    layer_maps,
+)
 
 STEP_BYTES = 300_000_000
 
@@ -34,11 +42,39 @@ def test_a_writer_without_warm_up_reads_none_when_fed_paced_or_at_once():
     assert _sustained([0.3, 0.6, 0.9], STEP_BYTES, 0.0)["warm_up_seconds"] == pytest.approx(0.0)
 
 
+def two_cores(sustained_mb_s: float, disk_sync_mb_s: float = 1e9) -> dict:
+    """Runs on two cores at `sustained_mb_s` decoded, 4 steps storing 100 MB each."""
+    unthrottled = {"sustained_mb_s": sustained_mb_s, "stored_bytes": 4 * 100e6}
+    return {"unthrottled": unthrottled, "steps": 4, "disk_sync_mb_s": disk_sync_mb_s}
+
+
 def test_a_host_s_step_time_scales_one_core_s_rate_per_doubling_of_cores_at_most_twice():
     one = {"unthrottled": {"sustained_mb_s": 750.0}}
     # 2.2x from 1 to 2 cores is the shared cores' noise: 16 cores write 16 times one core.
-    noisy = {"unthrottled": {"sustained_mb_s": 1_650.0}}
+    noisy = two_cores(1_650.0)
     assert _seconds_per_step(one, noisy, STEP_BYTES, 16) == pytest.approx(300 / (750 * 16))
     # 1.8x per doubling: 8 cores are three doublings.
-    slower = {"unthrottled": {"sustained_mb_s": 1_350.0}}
+    slower = two_cores(1_350.0)
     assert _seconds_per_step(one, slower, STEP_BYTES, 8) == pytest.approx(300 / (750 * 1.8**3))
+
+
+def test_a_host_s_step_time_is_never_less_than_the_disk_takes_to_sync_it():
+    one = {"unthrottled": {"sustained_mb_s": 750.0}}
+    # 100 MB stored a step at 1,000 MB/s: 0.1 s, whatever the cores.
+    slow_disk = two_cores(1_500.0, disk_sync_mb_s=1_000.0)
+    assert _seconds_per_step(one, slow_disk, STEP_BYTES, 16) == pytest.approx(0.1)
+    assert _seconds_per_step(one, slow_disk, STEP_BYTES, 1) == pytest.approx(300 / 750)
+
+
+@pytest.mark.parametrize("rows", [260, 100, 25])
+def test_a_fed_chunk_s_heads_are_different_maps_of_the_demo(rows):
+    """Repeated maps inside a chunk compress and encode faster than real ones do."""
+    import torch
+
+    demo = torch.arange(rows, dtype=torch.float32)[:, None].expand(rows, 16)
+    for layer in range(3):
+        maps = layer_maps(demo, layer)
+        assert maps.shape == (HEADS, TOKEN_ROWS, 16) and maps.is_contiguous()
+        for token in range(TOKEN_ROWS):
+            heads = maps[:, token, 0]
+            assert len(set(heads.tolist())) == HEADS  # one chunk: every head a different row
