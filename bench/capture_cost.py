@@ -123,7 +123,7 @@ def _padding_fused(
     timed = clock.timed(lambda: padding_maps(q, k, lse, scale, text, positions), "padding")
     try:
         maps = timed()
-    except RuntimeError as exc:  # no fused kernel with an lse for these inputs here
+    except (RuntimeError, TypeError, ValueError) as exc:  # no fused kernel with an lse here
         return {"error": str(exc)[:500]}
     for _ in range(4):
         timed()

@@ -131,9 +131,8 @@ def _gpu(r: dict[str, Any]) -> str:
 
 def _gpu_box(box: dict[str, Any]) -> str:
     """The figures of `python -m bench.gpu` on a GPU box, filed by `python -m bench gpu`."""
-    wall, b, call = box["median_wall"], box["breakdown"], box["capture_per_call"]
+    wall, b = box["median_wall"], box["breakdown"]
     ratio, target = box["traced_over_untraced"], TARGETS["overhead_gpu"]
-    gemm = call.get("gemm", {})
     text = (
         f"**GPU at FLUX.1-dev's shape: {ratio:.2f} on an {box['device']} "
         f"({'met' if ratio <= target else 'missed'}; target {target:.2f}).** "
@@ -150,28 +149,9 @@ def _gpu_box(box: dict[str, Any]) -> str:
         "waiting for the writer (its backpressure), the capture kept the GPU busy "
         f"{b['capture_device']:.2f} s and the model's attention {b['attention_device']:.2f} s "
         f"(CUDA events). Every traced call took its normalisers from the kernel "
-        f"({box['lse_used']['kernel']:,} calls, {box['lse_used']['recompute']} recomputed): "
-        f"`{call['kernel']}`, its output bit-identical to SDPA's."
+        f"({box['lse_used']['kernel']:,} calls, {box['lse_used']['recompute']} recomputed)"
     )
-    chunk = call["chunks"][max(call["chunks"], key=int)]
-    text += (
-        f" One call's capture took {1e3 * chunk['seconds']:.2f} ms of GPU time (the "
-        f"largest chunks), the model's attention {1e3 * call['attention_seconds']:.2f} ms"
-    )
-    if "out_dtype_seconds" in gemm:
-        text += (
-            f"; its GEMM {1e3 * gemm['float32_seconds']:.3f} ms in float32 against "
-            f"{1e3 * gemm['out_dtype_seconds']:.3f} ms from bf16 inputs with a float32 output "
-            f"(largest difference {gemm['out_dtype_max_abs_error']:.1e} on logits up to "
-            f"{gemm['logit_scale']:.0f})"
-        )
-    fused = call.get("padding_fused", {})
-    if "seconds" in fused:
-        text += (
-            f"; the padding row's two maps from fused kernels' log-sum-exps (not yet in the "
-            f"tracer, bench/capture_cost.py) {1e3 * fused['seconds']:.3f} ms, largest error "
-            f"{fused['max_relative_error']:.1e} against float64"
-        )
+    text += _gpu_call(box["capture_per_call"])
     text += (
         f". The suite's CUDA tests there: {box['cuda_tests']['summary']}. Pinning host memory "
         f"afresh took {box['pinning_seconds_per_gib']:.2f} s per GiB."
@@ -199,6 +179,36 @@ def _gpu_box(box: dict[str, Any]) -> str:
             f"{box['page_faults_per_gb_decoded']:,.0f} page faults per decoded GB in a traced "
             f"run (each GB copied into memory faulted in afresh costs about 244,000)."
         )
+    return text
+
+
+def _gpu_call(call: dict[str, Any]) -> str:
+    """One traced call at the GPU box's shape (bench/capture_cost.py), as measured there."""
+    if "error" in call:
+        return f"; measuring one call's capture failed there: {call['error']}"
+    chunk = call["chunks"][max(call["chunks"], key=int)]
+    text = (
+        f": `{call['kernel']}`, its output bit-identical to SDPA's. One call's capture took "
+        f"{1e3 * chunk['seconds']:.2f} ms of GPU time (the largest chunks), the model's "
+        f"attention {1e3 * call['attention_seconds']:.2f} ms"
+    )
+    gemm = call.get("gemm", {})
+    if "out_dtype_seconds" in gemm:
+        text += (
+            f"; its GEMM {1e3 * gemm['float32_seconds']:.3f} ms in float32 against "
+            f"{1e3 * gemm['out_dtype_seconds']:.3f} ms from bf16 inputs with a float32 output "
+            f"(largest difference {gemm['out_dtype_max_abs_error']:.1e} on logits up to "
+            f"{gemm['logit_scale']:.0f})"
+        )
+    fused = call.get("padding_fused", {})
+    if "seconds" in fused:
+        text += (
+            f"; the padding row's two maps from fused kernels' log-sum-exps (not yet in the "
+            f"tracer, bench/capture_cost.py) {1e3 * fused['seconds']:.3f} ms, largest error "
+            f"{fused['max_relative_error']:.1e} against float64"
+        )
+    elif "error" in fused:
+        text += f"; the padding row from fused kernels failed there: {fused['error']}"
     return text
 
 

@@ -57,6 +57,20 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     assert 0 < parts["attention_device"] < parts["wall"]
 
 
+def test_a_capture_that_cannot_be_measured_does_not_stop_the_pairs(tmp_path, monkeypatch):
+    import bench.capture_cost
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no lse kernel")
+
+    monkeypatch.setattr(bench.capture_cost, "measure", fail)
+    out = tmp_path / "gpu.json"
+    assert main(["--smoke", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["capture_per_call"] == {"error": "RuntimeError: no lse kernel"}
+    assert figures["traced_over_untraced"] > 0
+
+
 def test_what_was_measured_before_a_failure_is_kept(tmp_path, monkeypatch):
     import bench.overhead
 

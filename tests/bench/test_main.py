@@ -147,6 +147,13 @@ def test_a_gpu_box_s_figures_are_filed_into_the_report(tmp_path):
     assert "in 64 MiB writes, as the writer's shards are, synced 3,105 MB/s." in text
     assert "settings (analysis.allocator) did not hold: 3 malloc arena(s) after the" in text
     assert "250,000 page faults per decoded GB" in text
+    # A capture that could not be measured there leaves the rest of the box's figures.
+    failed = {"capture_per_call": {"error": "RuntimeError: no kernel"}}
+    figures.write_text(json.dumps(_gpu_figures() | host | allocator | failed))
+    assert main.main(["gpu", str(figures), "--at", "abc1234", *paths]) == 0
+    text = report.read_text()
+    assert "measuring one call's capture failed there: RuntimeError: no kernel." in text
+    assert "The host: 16 cores" in text
 
 
 def test_figures_of_a_smoke_run_are_refused(tmp_path, capsys):
