@@ -15,15 +15,16 @@ the txt2img GEMM alone, in float32 as the capture runs it and from the model's b
 a float32 output (`out_dtype`, tensor cores; bf16 products are exact in float32): what moving
 the capture's GEMMs onto tensor cores would gain and cost in error (tracer.capture does so now).
 
-And one lever not yet in the tracer (`padding_maps`, measured beside the capture): a prompt's
-padding row sums hundreds of text positions, and it is what makes the capture's probability
-blocks [H, 512, image] rather than [H, 26, image]. Its two maps are log-sum-exps over those
-positions, which a fused attention kernel returns without writing any block out.
+And the padding row both ways (`padding_row`): a prompt's padding row sums hundreds of text
+positions, and it is what makes the capture's probability blocks [H, 512, image] rather than
+[H, 26, image]. Its two maps are log-sum-exps over those positions, which fused attention
+kernels return without writing any block out (tracer.capture's fused spans, the default on
+CUDA): the capture at the largest chunks with the padding row from blocks and from fused
+kernels, each timed and checked.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Any
 
@@ -76,7 +77,7 @@ def measure(geo: Geometry, repeats: int = 5) -> dict[str, Any]:
     # What the tap checks once per call signature before it keeps the kernel's lse.
     same = torch.equal(output, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
-    def capture(chunk_size: int) -> dict[str, torch.Tensor]:
+    def capture(chunk_size: int, fused_spans: bool | None = None) -> dict[str, torch.Tensor]:
         return attention_maps(
             q[0],
             k[0],
@@ -86,6 +87,7 @@ def measure(geo: Geometry, repeats: int = 5) -> dict[str, Any]:
             span_members=members,
             lse=lse,
             chunk_size=chunk_size,
+            fused_spans=fused_spans,
         )
 
     reference = _reference(q[0], k[0], dim**-0.5, text, members)
@@ -108,83 +110,29 @@ def measure(geo: Geometry, repeats: int = 5) -> dict[str, Any]:
         out["chunks"][chunk_size] = {"seconds": seconds, "max_relative_error": error}
     if geo.device == "cuda":
         out["gemm"] = _gemm(q[0], k[0], text, clock, repeats)
-    out["padding_fused"] = _padding_fused(q[0], k[0], lse, dim**-0.5, text, reference, clock)
+    out["padding_row"] = {
+        way: _timed_capture(lambda f=fused: capture(max(CHUNK_SIZES), f), way, reference, clock)
+        for way, fused in (("blocks", False), ("fused", True))
+    }
     return out
 
 
-def _padding_fused(
-    q: Any, k: Any, lse: Any, scale: float, text: int, reference: dict[str, Any], clock: Any
+def _timed_capture(
+    capture: Any, key: str, reference: dict[str, Any], clock: Any, repeats: int = 5
 ) -> dict[str, Any]:
-    """`padding_maps` for the padding row of `measure`'s members: device seconds (median of 5)
-    and its largest error against the float64 reference."""
-    import torch
-
-    positions = torch.arange(ROWS - 1, text, device=q.device)
-    timed = clock.timed(lambda: padding_maps(q, k, lse, scale, text, positions), "padding")
+    """`capture()`'s device seconds (median of `repeats`) and largest error against float64;
+    what failed instead, where it cannot run here."""
+    timed = clock.timed(capture, key)
     try:
         maps = timed()
-    except (RuntimeError, TypeError, ValueError) as exc:  # no fused kernel with an lse here
+    except (RuntimeError, TypeError, ValueError) as exc:  # a fused kernel these inputs lack
         return {"error": str(exc)[:500]}
-    for _ in range(4):
+    for _ in range(repeats - 1):
         timed()
     return {
-        "seconds": _median_of(clock, "padding", 5),
-        "max_relative_error": max(
-            _relative_error(maps[d], reference[d][:, ROWS - 1]) for d in maps
-        ),
+        "seconds": _median_of(clock, key, repeats),
+        "max_relative_error": max(_relative_error(maps[d], reference[d]) for d in maps),
     }
-
-
-def padding_maps(
-    q: Any, k: Any, lse: Any, scale: float, text_len: int, positions: Any
-) -> dict[str, Any]:
-    """txt2img and img2txt `[H, image]` of one span of many text `positions`, from the
-    log-sum-exps of two fused attention calls, with no `[H, positions, image]` block written.
-
-    ``q``, ``k``: ``[H, N, D]``, the text first; ``lse``: ``[H, N]``, the model kernel's.
-    img2txt is the sum over the span's keys j of exp(q_p·k_j·scale - lse_p), that is
-    exp(LSE_j(q_p·k_j·scale) - lse_p): the image queries attending the span's keys. txt2img is
-    the mean over the span's queries i of exp(q_i·k_p·scale - lse_i): the image keys attending
-    the span's queries, each with a bias -lse_i, which enters the kernel's dot product as three
-    extra dims of the keys (the bias over `scale`, split into parts of q's dtype whose sum
-    keeps float32's precision) against ones in the queries, for kernels that take no float32
-    bias beside half-precision inputs.
-    """
-    import torch
-
-    from tracer import tap
-
-    heads, n_tokens, dim = q.shape
-    image = slice(text_len, n_tokens)
-    rest = (-lse[:, positions] / scale).double()
-    parts = []
-    for _ in range(3):
-        parts.append(rest.to(q.dtype))
-        rest = rest - parts[-1].double()
-    width = -(-(dim + len(parts)) // 8) * 8  # the CUDA kernels' alignment
-    keys = q.new_zeros(1, heads, len(positions), width)
-    keys[0, :, :, :dim] = q[:, positions]
-    keys[0, :, :, dim : dim + len(parts)] = torch.stack(parts, dim=-1)
-    queries = k.new_zeros(1, heads, n_tokens - text_len, width)
-    queries[0, :, :, :dim] = k[:, image]
-    queries[0, :, :, dim : dim + len(parts)] = 1
-    txt2img = _lse_of(tap, queries, keys, scale)
-    image_lse = _lse_of(tap, q[:, image].unsqueeze(0), k[:, positions].unsqueeze(0), scale)
-    return {
-        "txt2img": (txt2img - math.log(len(positions))).exp(),
-        "img2txt": (image_lse - lse[:, image].float()).exp(),
-    }
-
-
-def _lse_of(tap: Any, queries: Any, keys: Any, scale: float) -> Any:
-    """`[H, L]`: each query's log-sum-exp over `keys` (float32), from SDPA's fused kernel."""
-    import torch
-
-    bound = {"query": queries, "key": keys, "value": torch.zeros_like(keys), "scale": scale}
-    kernel = tap._lse_kernel(bound)
-    if kernel is None:
-        raise RuntimeError(f"no lse-returning kernel for {queries.dtype} on {queries.device}")
-    return tap._run_with_lse(kernel, bound)[1][0].float()
 
 
 def _median_of(clock: Any, key: str, n: int) -> float:

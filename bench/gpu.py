@@ -16,7 +16,7 @@ breakdown of the traced run gives the seconds the capture and the model's attent
 busy (CUDA events), and `capture_per_call` (bench/capture_cost.py) the capture of one call at
 that shape: its work counted, its GPU time per chunk size against the attention's, its error
 against float64, its GEMM in float32 against bf16 inputs on tensor cores, and the padding row
-from fused kernels' log-sum-exps (`padding_fused`, not yet in the tracer). Before all that
+from blocks against from fused kernels' log-sum-exps (`padding_row`). Before all that
 it runs the suite's CUDA tests there (`cuda_tests`: the only place they run), and `--json` is
 rewritten after each part, so a failure or a timeout later on keeps what came before.
 

@@ -200,15 +200,15 @@ def _gpu_call(call: dict[str, Any]) -> str:
             f"(largest difference {gemm['out_dtype_max_abs_error']:.1e} on logits up to "
             f"{gemm['logit_scale']:.0f})"
         )
-    fused = call.get("padding_fused", {})
-    if "seconds" in fused:
-        text += (
-            f"; the padding row's two maps from fused kernels' log-sum-exps (not yet in the "
-            f"tracer, bench/capture_cost.py) {1e3 * fused['seconds']:.3f} ms, largest error "
-            f"{fused['max_relative_error']:.1e} against float64"
-        )
-    elif "error" in fused:
-        text += f"; the padding row from fused kernels failed there: {fused['error']}"
+    for way, label in (("blocks", "from blocks"), ("fused", "from fused kernels")):
+        figure = call.get("padding_row", {}).get(way, {})
+        if "seconds" in figure:
+            text += (
+                f"; the capture with the padding row {label} {1e3 * figure['seconds']:.3f} ms, "
+                f"largest error {figure['max_relative_error']:.1e} against float64"
+            )
+        elif "error" in figure:
+            text += f"; the padding row {label} failed there: {figure['error']}"
     return text
 
 
@@ -247,8 +247,10 @@ def _capture_counted() -> str:
         "its error against float64, and its GEMM in float32 against bf16 inputs on tensor "
         "cores with a float32 output, whose products are exact in float32). The GEMMs run so "
         "where torch has such GEMMs (CUDA, torch ≥ 2.8); what is left is the blocks' memory "
-        "traffic, for chunks whose blocks stay in the 50 MB L2 or a fused kernel that never "
-        "writes them out."
+        "traffic. On CUDA the padding's row now takes no block: its maps are log-sum-exps over "
+        "its positions from two fused attention calls (tracer.capture's fused spans), so the "
+        f"blocks are of {ROWS - 1} positions, not {geo.text_len}; `capture_per_call` "
+        "measures the capture both ways (`padding_row`)."
     )
 
 

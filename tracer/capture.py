@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import operator
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from analysis.store_format import DIRECTIONS, check_directions
+from tracer import kernels
 
 __all__ = ["attention_maps", "cross_attention_maps"]
 
@@ -23,6 +25,10 @@ _NEG_INF = float("-inf")
 
 # Below this many flops a call's capture runs on one CPU thread (see _cpu_threads_for).
 _SMALL_WORK_FLOPS = 2e8
+
+# A span of at least this many text positions (a prompt's padding row: hundreds of them) is a
+# fused span where fused spans are used (attention_maps): its maps come from fused kernels.
+FUSED_SPAN_POSITIONS = 32
 
 
 def attention_maps(
@@ -37,6 +43,7 @@ def attention_maps(
     chunk_size: int = 256,
     lse: torch.Tensor | None = None,
     n_image: int | None = None,
+    fused_spans: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Text/image attention maps of one batch element of a joint attention.
 
@@ -64,6 +71,12 @@ def attention_maps(
 
     Keep ``span_members`` on the CPU (it is fixed for a run): it is then checked and turned into
     weights without waiting for the accelerator.
+
+    ``fused_spans``: with the ``lse`` and no mask, compute each span of at least
+    ``FUSED_SPAN_POSITIONS`` text positions (a prompt's padding row) from two fused attention
+    calls' log-sum-exps (``_fused_span_maps``) instead of blocks of its positions' rows, which
+    are most of the capture's work at FLUX's shape (488 of 512 text positions for a 20-word
+    prompt). ``None``: on CUDA only; on the CPU it was no faster (bench/capture_cost.py).
     """
     wanted = check_directions(directions)
     heads, n_tokens, _ = _check_qk(q, k)
@@ -87,6 +100,43 @@ def attention_maps(
     if lse is not None:
         _check_lse(lse, q)
 
+    with torch.no_grad():
+        fused = _fused_span_maps(
+            q, k, lse, mask3, scale, text_len, n_image, span_members, wanted, fused_spans
+        )
+    if fused is None:
+        return _block_maps(
+            q, k, mask3, scale, text_len, n_image, span_members, wanted, chunk_size, lse
+        )
+    spans, fused_maps = fused
+    rest = sorted(set(range(span_members.shape[0])) - set(spans))
+    if not rest:
+        return fused_maps
+    maps = _block_maps(
+        q, k, mask3, scale, text_len, n_image, span_members[rest], wanted, chunk_size, lse
+    )
+    for name, block_rows in maps.items():
+        out = q.new_empty(q.shape[0], span_members.shape[0], n_image, dtype=torch.float32)
+        out[:, rest] = block_rows
+        out[:, spans] = fused_maps[name]
+        maps[name] = out
+    return maps
+
+
+def _block_maps(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask3: torch.Tensor | None,
+    scale: float,
+    text_len: int,
+    n_image: int,
+    span_members: torch.Tensor,
+    wanted: Sequence[str],
+    chunk_size: int,
+    lse: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """attention_maps' maps from blocks of probabilities of the spans' positions' rows."""
+    heads, n_tokens = q.shape[0], q.shape[1]
     maps: dict[str, torch.Tensor] = {}
     n_rows = int(span_members.any(dim=0).sum())  # text queries (txt2img) = span keys (img2txt)
     work = (
@@ -120,6 +170,76 @@ def attention_maps(
                     q, gemm_keys, mask3, scale, text_len, n_image, span_members, chunk_size
                 )
     return maps
+
+
+def _fused_span_maps(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor | None,
+    mask3: torch.Tensor | None,
+    scale: float,
+    text_len: int,
+    n_image: int,
+    span_members: torch.Tensor,
+    wanted: Sequence[str],
+    fused_spans: bool | None,
+) -> tuple[list[int], dict[str, torch.Tensor]] | None:
+    """The fused spans (see attention_maps) and their maps ``[H, fused spans, n_image]``; None
+    where there are none, or no fused kernel returns a log-sum-exp for these inputs.
+
+    A span's img2txt is the sum over its keys j of exp(q_p·k_j·scale - lse_p), that is
+    exp(LSE_j(q_p·k_j·scale) - lse_p): the image queries attending the span's keys alone. Its
+    txt2img is the mean over its queries i of exp(q_i·k_p·scale - lse_i): the image keys, as
+    queries, attending the span's queries, as keys, each with a bias -lse_i. The bias enters the
+    kernel's dot product as three extra dims of those keys (-lse_i / scale, split into parts of
+    q's dtype whose sum keeps float32's precision) against ones, since the kernels that return a
+    log-sum-exp take no float32 bias beside half-precision inputs.
+    """
+    use = q.device.type == "cuda" if fused_spans is None else fused_spans
+    if not use or lse is None or mask3 is not None:
+        return None
+    counts = span_members.sum(dim=1)
+    spans = (counts >= FUSED_SPAN_POSITIONS).nonzero().flatten().tolist()
+    if not spans:
+        return None
+    heads, _, dim = q.shape
+    image = slice(text_len, text_len + n_image)
+    width = -(-(dim + 3) // 8) * 8  # the CUDA kernels' alignment
+    if "txt2img" in wanted:
+        image_keys = k.new_zeros(1, heads, n_image, width)  # the image keys, as queries
+        image_keys[0, :, :, :dim] = k[:, image]
+        image_keys[0, :, :, dim : dim + 3] = 1
+    out = {name: q.new_empty(heads, len(spans), n_image, dtype=torch.float32) for name in wanted}
+    for index, span in enumerate(spans):
+        positions = span_members[span].nonzero().flatten().to(q.device, non_blocking=True)
+        if "txt2img" in wanted:
+            remainder = -lse[:, positions].double() / scale
+            span_queries = q.new_zeros(1, heads, len(positions), width)  # as keys
+            span_queries[0, :, :, :dim] = q[:, positions]
+            for part in range(3):
+                span_queries[0, :, :, dim + part] = remainder.to(q.dtype)
+                remainder -= span_queries[0, :, :, dim + part].double()
+            summed = _lse_of(image_keys, span_queries, scale)
+            if summed is None:
+                return None
+            out["txt2img"][:, index] = (summed - math.log(int(counts[span]))).exp()
+        if "img2txt" in wanted:
+            span_keys = k[:, positions].unsqueeze(0)
+            summed = _lse_of(q[:, image].unsqueeze(0), span_keys, scale)
+            if summed is None:
+                return None
+            out["img2txt"][:, index] = (summed - lse[:, image].to(torch.float32)).exp()
+    return spans, out
+
+
+def _lse_of(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """``[H, L]``: each of ``queries``' (``[1, H, L, D]``) float32 log-sum-exp over ``keys``
+    from a fused kernel; None where none returns one for these inputs."""
+    bound = {"query": queries, "key": keys, "value": torch.zeros_like(keys), "scale": scale}
+    kernel = kernels.lse_kernel(bound)
+    if kernel is None:
+        return None
+    return kernels.run_with_lse(kernel, bound)[1][0].to(torch.float32)
 
 
 def cross_attention_maps(

@@ -129,7 +129,12 @@ def test_a_gpu_box_s_figures_are_filed_into_the_report(tmp_path):
         "median_cpu": {"attnscope": 137.5},
         "bytes_per_value": 1.71,
         "capture_per_call": _gpu_figures()["capture_per_call"]
-        | {"padding_fused": {"seconds": 0.00012, "max_relative_error": 3e-6}},
+        | {
+            "padding_row": {
+                "blocks": {"seconds": 0.0015, "max_relative_error": 2e-6},
+                "fused": {"error": "no kernel"},
+            }
+        },
         "deeper_writer": {"max_pending_steps": 8, "traced_over_untraced": 1.5},
     }
     figures.write_text(json.dumps(_gpu_figures() | host))
@@ -137,7 +142,8 @@ def test_a_gpu_box_s_figures_are_filed_into_the_report(tmp_path):
     text = report.read_text()
     assert "The host: 16 cores, its disk syncing 1,742 MB/s; a traced run kept 5.0 of" in text
     assert "With 8 steps in flight instead of 2: 1.50." in text
-    assert "log-sum-exps (not yet in the tracer, bench/capture_cost.py) 0.120 ms" in text
+    assert "the capture with the padding row from blocks 1.500 ms, largest error 2.0e-06" in text
+    assert "the padding row from fused kernels failed there: no kernel" in text
     # And since: the disk written as the writer writes, and whether the allocator's settings held.
     host["host"] |= {"disk_sync_mb_s_4_files": 3105.0}
     allocator = {"allocator_tuned": False, "malloc_arenas": 3, "page_faults_per_gb_decoded": 2.5e5}

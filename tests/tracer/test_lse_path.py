@@ -132,6 +132,102 @@ def test_img2txt_from_the_cpu_kernels_lse_matches_float64(dtype):
     assert_maps_close(got, reference(q[0], k[0], None, 0.125, text_len, members), rtol=rtol)
 
 
+def padded_prompt_members(text_len: int, tokens: int) -> torch.Tensor:
+    """A recording's token rows: one per token, then the padding's row over all the rest."""
+    members = torch.zeros(tokens + 1, text_len, dtype=torch.bool)
+    members[range(tokens), range(tokens)] = True
+    members[tokens, tokens:] = True
+    return members
+
+
+def kernel_lse(q, k, scale):
+    """The CPU kernel's output and lse of one [1, H, N, D] attention, as the tap gets them."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, scale=scale)[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("directions", [("txt2img", "img2txt"), ("txt2img",), ("img2txt",)])
+def test_a_padding_row_from_fused_kernels_matches_float64(monkeypatch, dtype, directions):
+    """The padding's row (54 positions here) from two fused calls' log-sum-exps, the token rows
+    from blocks: together the float64 definition, in the spans' order."""
+    gen = torch.Generator().manual_seed(4)
+    heads, dim, text_len, n_image = 3, 64, 64, 80
+    n = text_len + n_image
+    q = torch.randn(1, heads, n, dim, generator=gen).to(dtype)
+    k = torch.randn(1, heads, n, dim, generator=gen).to(dtype)
+    members = padded_prompt_members(text_len, tokens=10)
+    lse = kernel_lse(q, k, 0.125)[0]
+    fused = []
+    real = capture.kernels.run_with_lse
+    monkeypatch.setattr(
+        capture.kernels,
+        "run_with_lse",
+        lambda kernel, bound: fused.append(kernel) or real(kernel, bound),
+    )
+    got = attention_maps(
+        q[0], k[0], mask=None, scale=0.125, text_len=text_len, span_members=members, lse=lse,
+        directions=directions, fused_spans=True,
+    )  # fmt: skip
+    assert fused == ["cpu_flash"] * len(directions)  # one fused call per direction, one row
+    want = reference(q[0], k[0], None, 0.125, text_len, members)
+    # As exact as the kernels' lse (see the test above).
+    rtol = 1e-5 if dtype == torch.float32 else 1e-4
+    assert_maps_close(got, {name: want[name] for name in directions}, rtol=rtol)
+    # Only fused rows: the padding's alone.
+    alone = attention_maps(
+        q[0], k[0], mask=None, scale=0.125, text_len=text_len, span_members=members[-1:],
+        lse=lse, directions=directions, fused_spans=True,
+    )  # fmt: skip
+    assert_maps_close(alone, {name: want[name][:, -1:] for name in directions}, rtol=rtol)
+
+
+def test_short_spans_a_mask_or_no_lse_keep_to_blocks(monkeypatch):
+    gen = torch.Generator().manual_seed(6)
+    heads, dim, text_len, n_image = 2, 16, 40, 30
+    n = text_len + n_image
+    q = torch.randn(1, heads, n, dim, generator=gen)
+    k = torch.randn(1, heads, n, dim, generator=gen)
+    monkeypatch.setattr(capture.kernels, "run_with_lse", None)  # never called
+    short = padded_prompt_members(text_len, tokens=20)  # a padding row of 20 positions
+    mask = squeeze_mask(make_mask("bool [N, N]", gen, heads, n))
+    cases = [
+        (short, None, exact_lse(q[0], k[0], None, 0.3).float()),
+        (padded_prompt_members(text_len, tokens=4), mask, exact_lse(q[0], k[0], mask, 0.3).float()),
+        (padded_prompt_members(text_len, tokens=4), None, None),
+    ]
+    for members, mask, lse in cases:
+        got = attention_maps(
+            q[0], k[0], mask=mask, scale=0.3, text_len=text_len, span_members=members, lse=lse,
+            fused_spans=True,
+        )  # fmt: skip
+        assert_maps_close(got, reference(q[0], k[0], mask, 0.3, text_len, members))
+
+
+@pytest.mark.cuda
+def test_on_cuda_a_padding_row_comes_from_fused_kernels():
+    gen = torch.Generator().manual_seed(8)
+    heads, dim, text_len, n_image = 4, 128, 128, 256
+    n = text_len + n_image
+    q, k = (torch.randn(1, heads, n, dim, generator=gen).to("cuda", torch.bfloat16) for _ in "qk")
+    members = padded_prompt_members(text_len, tokens=12)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.no_grad():
+        _, call = tapped(Attention(), q, k, k)
+    fused = []
+    real = capture.kernels.run_with_lse
+    capture.kernels.run_with_lse = lambda kernel, bound: fused.append(kernel) or real(kernel, bound)
+    try:
+        got = attention_maps(
+            q[0], k[0], mask=None, scale=dim**-0.5, text_len=text_len, span_members=members,
+            lse=call.lse[0],
+        )  # fmt: skip
+    finally:
+        capture.kernels.run_with_lse = real
+    assert len(fused) == 2  # the default on CUDA
+    want = reference(q[0].cpu(), k[0].cpu(), None, dim**-0.5, text_len, members)
+    for name, expected_map in want.items():
+        torch.testing.assert_close(got[name].cpu().double(), expected_map, atol=1e-5, rtol=1e-3)
+
+
 @pytest.mark.parametrize("kind", ["none", "bool [1, N, N]", "float [1, N, N]"])
 def test_strided_inputs_and_a_broadcast_mask_are_read_in_place(kind):
     """q and k as SDPA gets them from a [B, N, H, D] projection (heads not outermost) and a mask
