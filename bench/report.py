@@ -878,9 +878,28 @@ def _codecs(r: dict[str, Any]) -> str:
             "unshuffled LZ4 and Zstandard streams are what a GPU compressor (nvCOMP) writes that "
             "Zarr readers decode: Zarr v3's only shuffle is inside Blosc's frame.",
             _table(["compressor", "encode", "decode", "stored per value"], rows),
+            *_by_keepbits(r["codecs"]),
             "Command: `python -m bench` (section `codecs`, `bench/codecs.py`).",
         ]
     )
+
+
+def _by_keepbits(codecs: dict[str, Any]) -> list[str]:
+    """Bytes stored per value as the kept mantissa bits go down (the format's compressor)."""
+    stored = codecs.get("bytes_per_value_by_keepbits")
+    if not stored:
+        return []
+    rows = [
+        [keepbits, f"2^-{int(keepbits) + 1} = {2.0 ** -(int(keepbits) + 1):.2e}", f"{b:.3f} B"]
+        for keepbits, b in stored.items()
+    ]
+    return [
+        "The same chunks rounded to fewer mantissa bits (`attnscope record --keepbits N`), "
+        "through the format's LZ4 with bit-shuffle: each bit kept costs about an eighth of a "
+        "byte per value, the exponent bits the rest. bf16, which FLUX computes in, carries 7 "
+        "(8 significant).",
+        _table(["keepbits", "relative error bound", "stored per value"], rows),
+    ]
 
 
 def _analysis(r: dict[str, Any]) -> str:

@@ -168,3 +168,25 @@ def test_figures_of_a_smoke_run_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main.main(["gpu", str(figures), "--at", "abc1234", "--results", str(tmp_path / "r")])
     assert "not the figures of a GPU run" in capsys.readouterr().err
+
+
+def test_the_compressor_section_says_what_each_kept_bit_costs():
+    from bench.report import _codecs
+
+    codec = {"codec": "blosc lz4-5 bitshuffle", "encode_mb_s": 1e3, "decode_mb_s": 1.6e3}
+    results = {
+        "codecs": {
+            "chunks": 30,
+            "decoded_bytes": 12e6,
+            "codecs": [codec | {"bytes_per_value": 1.674}],
+            # As JSON gives them back: the keepbits as strings.
+            "bytes_per_value_by_keepbits": {"9": 1.670, "7": 1.419},
+        }
+    }
+    text = _codecs(results)
+    assert "| blosc lz4-5 bitshuffle | 1,000 MB/s | 1,600 MB/s | 1.674 B |" in text
+    assert "| 9 | 2^-10 = 9.77e-04 | 1.670 B |" in text
+    assert "| 7 | 2^-8 = 3.91e-03 | 1.419 B |" in text
+    # Results from before the keepbits were measured render without the table.
+    del results["codecs"]["bytes_per_value_by_keepbits"]
+    assert "relative error bound" not in _codecs(results)
