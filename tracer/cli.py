@@ -153,7 +153,13 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
     parser.add_argument("--heads", default=None, help="e.g. 3, 0,3,5 or 0:7 (inclusive)")
     parser.add_argument("--steps", default=None, help="steps to record, e.g. 0,10:20")
     parser.add_argument("--directions", type=names, default=list(fmt.DIRECTIONS))
-    parser.add_argument("--keepbits", type=int, default=fmt.DEFAULT_KEEPBITS)
+    parser.add_argument(
+        "--keepbits",
+        type=int,
+        default=fmt.DEFAULT_KEEPBITS,
+        help=f"mantissa bits each value keeps, relative error at most 2^-(N+1) (default "
+        f"{fmt.DEFAULT_KEEPBITS}); each bit fewer stores about an eighth of a byte less per value",
+    )
     parser.add_argument("--lossless", action="store_true", help="store without bit rounding")
     parser.add_argument("--chunk-size", type=int, default=256, help="queries per capture chunk")
     parser.add_argument(
