@@ -51,7 +51,7 @@ def lse_kernel(bound: dict[str, Any]) -> str | None:
         return "cuda_efficient"
     if choice == SDPBackend.CUDNN_ATTENTION:
         # SDPA's first choice on Hopper. Asked for the lse, cuDNN may build another graph: the
-        # check against SDPA's own output (_SdpaCalls) keeps this kernel only where it is not.
+        # check against SDPA's own output (tracer.tap's _SdpaCalls) keeps it only where it is not.
         return "cuda_cudnn"
     return None
 
