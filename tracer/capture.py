@@ -75,8 +75,8 @@ def attention_maps(
     ``fused_spans``: with the ``lse`` and no mask, compute each span of at least
     ``FUSED_SPAN_POSITIONS`` text positions (a prompt's padding row) from two fused attention
     calls' log-sum-exps (``_fused_span_maps``) instead of blocks of its positions' rows, which
-    are most of the capture's work at FLUX's shape (488 of 512 text positions for a 20-word
-    prompt). ``None``: on CUDA only; on the CPU it was no faster (bench/capture_cost.py).
+    are most of the capture's work at FLUX's shape (485 of 512 text positions for a 20-word
+    prompt's 28 rows). ``None``: on CUDA only; on the CPU it was no faster (bench/capture_cost.py).
     """
     wanted = check_directions(directions)
     heads, n_tokens, _ = _check_qk(q, k)
