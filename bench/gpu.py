@@ -9,7 +9,9 @@ traced / untraced wall time (the process's first traced run and a later one apar
 pair with half the host's cores' steps in flight: `deeper_writer`), the GPU memory tracing adds,
 the bytes written and the decoded GB/s the recording sustained, the host's cores and the synced
 rate of the disk the stores go to, the traced runs' CPU seconds and page faults (whether the
-allocator's settings held: analysis.allocator, `malloc_arenas`), and what pinning host memory
+allocator's settings held: analysis.allocator, `malloc_arenas`), the writer alone on the host's
+cores with 2 and half the cores' steps in flight (`writer_alone`, bench.rate's feed of real
+maps), and what pinning host memory
 costs there (a process's first run pins its step buffers on a writer
 thread from the run's start; the generation's first put() waits for the first of them). The
 breakdown of the traced run gives the seconds the capture and the model's attention kept the GPU
@@ -161,7 +163,7 @@ def measure(
     from bench import capture_cost
     from bench.common import GEOMETRIES, scratch
     from bench.overhead import measure as pairs_of
-    from bench.rate import disk_sync_mb_s
+    from bench.rate import disk_sync_mb_s, writer_alone
     from bench.variants import deep_pending_steps
 
     geo = GEOMETRIES["quick" if smoke else "flux-dev-gpu"]
@@ -225,6 +227,10 @@ def measure(
             "gpu_memory_added_bytes": (peak["attnscope-deep"] - peak["untraced"] if peak else None),
         },
     }
+    save(figures)
+    # The writer without the generation beside it: what the host's cores and disk do alone.
+    pending = sorted({2, deep_pending_steps()})
+    figures["writer_alone"] = writer_alone(pending, 3, 3) if smoke else writer_alone(pending)
     save(figures)
     # After the traced runs, whose first pins its step buffers afresh: see the function.
     figures["pinning_seconds_per_gib"] = pinning_seconds_per_gib()

@@ -171,6 +171,19 @@ def _gpu_box(box: dict[str, Any]) -> str:
                 f" Four files written side by side in 64 MiB writes, as the writer's shards are, "
                 f"synced {box['host']['disk_sync_mb_s_4_files']:,.0f} MB/s."
             )
+    if "writer_alone" in box:
+        from bench.rate import H100_STEP_SECONDS
+
+        alone = box["writer_alone"]
+        runs = ", ".join(
+            f"{label} {run['decoded_mb_s']:,.0f} MB/s" for label, run in alone["runs"].items()
+        )
+        text += (
+            f" The writer alone on the host's {alone['cores']} cores ({alone['steps']} steps of "
+            f"{alone['step_bytes'] / 1e9:.2f} GB decoded, bench.rate's feed of real maps), "
+            f"decoded: {runs}; an H100's step needs "
+            f"{alone['step_bytes'] / H100_STEP_SECONDS / 1e6:,.0f} MB/s."
+        )
     if "malloc_arenas" in box:
         text += (
             f" The allocator's settings (analysis.allocator) "

@@ -53,6 +53,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -292,9 +293,9 @@ def _take_cores(cores: int, tuned: bool) -> None:
 
 class _Load:
     """FLUX.1-dev-shaped steps of real maps, rounded as from the GPU, and a run's coordinates
-    for `steps` steps."""
+    for `steps` steps (of `layers` layers: FLUX.1-dev's 57 but for a smoke run)."""
 
-    def __init__(self, workdir: Path, steps: int) -> None:
+    def __init__(self, workdir: Path, steps: int, layers: int = LAYERS) -> None:
         import numpy as np
 
         from analysis import store_format as fmt
@@ -304,26 +305,30 @@ class _Load:
             d: bitround_(v, fmt.DEFAULT_KEEPBITS)
             for d, v in _demo_maps(workdir / "demo.zarr").items()
         }
-        self.maps = {d: [layer_maps(v, layer) for layer in range(LAYERS)] for d, v in demo.items()}
+        self.layers = layers
+        self.maps = {d: [layer_maps(v, layer) for layer in range(layers)] for d, v in demo.items()}
         rows = [fmt.TokenRow(i, 1, f"t{i}", "prompt") for i in range(TOKEN_ROWS - 1)]
         rows.append(fmt.TokenRow(TOKEN_ROWS - 1, 512 - TOKEN_ROWS + 1, "<pad>", "prompt", True))
         self.coords = fmt.run_coords(
             steps=list(range(steps)),
             timesteps=np.linspace(1000, 1000 / steps, steps),
             sigmas=np.linspace(1, 1 / steps, steps),
-            layers=[f"layer.{i}" for i in range(LAYERS)],
-            layer_kinds=["double"] * LAYERS,
+            layers=[f"layer.{i}" for i in range(layers)],
+            layer_kinds=["double"] * layers,
             heads=list(range(HEADS)),
             tokens=rows,
             grid=GRID,
         )
         self.attrs = {fmt.STATUS: fmt.RECORDING, fmt.STEPS_COMPLETE: [], fmt.TEXT_LEN: 512}
-        self.step_bytes = 2 * LAYERS * HEADS * TOKEN_ROWS * GRID[0] * GRID[1] * 4
+        self.step_bytes = 2 * layers * HEADS * TOKEN_ROWS * GRID[0] * GRID[1] * 4
 
 
-def _feed(load: _Load, store: Path, steps: int, pace: float, fsync: bool = True) -> dict[str, Any]:
+def _feed(
+    load: _Load, store: Path, steps: int, pace: float, fsync: bool = True, max_pending: int = 2
+) -> dict[str, Any]:
     """One run: the first `steps` of `load`'s steps fed to a new writer into `store`, a step
-    every `pace` seconds (0: as fast as it takes them); what it measured."""
+    every `pace` seconds (0: as fast as it takes them), `max_pending` steps in flight (the
+    default's); what it measured."""
     from analysis import store_format as fmt
     from tracer.store import claim_run, lay_down_run
     from tracer.writer import RunPlan, TraceWriter
@@ -344,17 +349,18 @@ def _feed(load: _Load, store: Path, steps: int, pace: float, fsync: bool = True)
     writer = TraceWriter(
         RunPlan(load.coords, None, lay_down),
         directions=list(fmt.DIRECTIONS),
-        n_layers=LAYERS,
+        n_layers=load.layers,
+        max_pending=max_pending,
         fsync=fsync,
     )
     waited, start, cpu = 0.0, time.perf_counter(), time.process_time()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     listings = _Listings(writer, start)
     for step in range(steps):
-        for layer in range(LAYERS):
+        for layer in range(load.layers):
             # As a GPU makes them: each layer's maps when its block has run, the step's last at
             # the end of its period; a generation held in put() resumes where it stopped.
-            due = start + waited + (step + (layer + 1) / LAYERS) * pace
+            due = start + waited + (step + (layer + 1) / load.layers) * pace
             time.sleep(max(0.0, due - time.perf_counter()))
             before = time.perf_counter()
             writer.put(step, layer, {d: load.maps[d][layer] for d in fmt.DIRECTIONS})
@@ -533,6 +539,39 @@ def _durable_times(
 # run's rate was a third warm-up, serial start and end: its 1 -> 2 core scaling read 1.29-1.51
 # where 8 steps read 1.65 on the same machine.
 STEPS = 8
+
+
+def writer_alone(
+    pending: Sequence[int], steps: int = STEPS, layers: int = LAYERS
+) -> dict[str, Any]:
+    """The writer alone on this process's cores, in this process (its allocator as it is), fed
+    as fast as it takes them and at an H100's step: its decoded MB/s with each of `pending`
+    steps in flight. On a GPU box (bench.gpu) it tells the writer's own rate there from what the
+    generation beside it costs."""
+    with scratch("writer") as workdir:
+        load = _Load(workdir, steps, layers)
+        runs = {}
+        for max_pending in pending:
+            for pace in (0.0, H100_STEP_SECONDS):
+                run = _feed(load, workdir / "w.zarr", steps, pace, max_pending=max_pending)
+                label = f"{max_pending} steps in flight, " + ("paced" if pace else "unthrottled")
+                runs[label] = {key: run[key] for key in _WRITER_ALONE}
+    return {
+        "cores": len(os.sched_getaffinity(0)),
+        "steps": steps,
+        "step_bytes": load.step_bytes,
+        "runs": runs,
+    }
+
+
+_WRITER_ALONE = (
+    "decoded_mb_s",
+    "sustained_mb_s",
+    "put_wait_seconds",
+    "cpu_seconds",
+    "close_seconds",
+    "stored_bytes",
+)
 
 
 def figures(period: float = H100_STEP_SECONDS, steps: int = STEPS) -> dict[str, Any]:

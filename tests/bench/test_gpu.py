@@ -44,6 +44,16 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     assert figures["allocator_tuned"] is False
     assert figures["page_faults_per_gb_decoded"] > 0
     assert figures["malloc_arenas"] >= 1
+    # The writer alone, fed real maps: 3 steps of 3 layers here, with 2 and more in flight.
+    alone = figures["writer_alone"]
+    assert alone["steps"] == 3 and alone["step_bytes"] == 2 * 3 * 24 * 26 * 64 * 64 * 4
+    assert set(alone["runs"]) == {
+        f"{pending} steps in flight, {how}"
+        for pending in {2, figures["deeper_writer"]["max_pending_steps"]}
+        for how in ("unthrottled", "paced")
+    }
+    for run in alone["runs"].values():
+        assert run["decoded_mb_s"] > 0 and run["stored_bytes"] > 0
     deep = figures["deeper_writer"]
     assert deep["max_pending_steps"] >= 2 and deep["traced_over_untraced"] > 0
     # Every traced call took its normalisers from the kernel: 3 layers x 2 steps.

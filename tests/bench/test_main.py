@@ -153,6 +153,22 @@ def test_a_gpu_box_s_figures_are_filed_into_the_report(tmp_path):
     assert "in 64 MiB writes, as the writer's shards are, synced 3,105 MB/s." in text
     assert "settings (analysis.allocator) did not hold: 3 malloc arena(s) after the" in text
     assert "250,000 page faults per decoded GB" in text
+    # The writer alone on the box's cores.
+    run = {"decoded_mb_s": 9876.0}
+    alone = {
+        "writer_alone": {
+            "cores": 16,
+            "steps": 8,
+            "step_bytes": 1.165e9,
+            "runs": {"2 steps in flight, unthrottled": run, "8 steps in flight, paced": run},
+        }
+    }
+    figures.write_text(json.dumps(_gpu_figures() | host | allocator | alone))
+    assert main.main(["gpu", str(figures), "--at", "abc1234", *paths]) == 0
+    text = report.read_text()
+    assert "The writer alone on the host's 16 cores (8 steps of 1.17 GB decoded" in text
+    assert "2 steps in flight, unthrottled 9,876 MB/s, 8 steps in flight, paced 9,876" in text
+    assert "an H100's step needs 7,767 MB/s." in text
     # A capture that could not be measured there leaves the rest of the box's figures.
     failed = {"capture_per_call": {"error": "RuntimeError: no kernel"}}
     figures.write_text(json.dumps(_gpu_figures() | host | allocator | failed))
