@@ -198,8 +198,7 @@ def _fused_span_maps(
     use = q.device.type == "cuda" if fused_spans is None else fused_spans
     if not use or lse is None or mask3 is not None:
         return None
-    counts = span_members.sum(dim=1)
-    spans = (counts >= FUSED_SPAN_POSITIONS).nonzero().flatten().tolist()
+    spans, span_positions = _long_spans(span_members, q.device)
     if not spans:
         return None
     heads, _, dim = q.shape
@@ -210,8 +209,7 @@ def _fused_span_maps(
         image_keys[0, :, :, :dim] = k[:, image]
         image_keys[0, :, :, dim : dim + 3] = 1
     out = {name: q.new_empty(heads, len(spans), n_image, dtype=torch.float32) for name in wanted}
-    for index, span in enumerate(spans):
-        positions = span_members[span].nonzero().flatten().to(q.device, non_blocking=True)
+    for index, positions in enumerate(span_positions):
         if "txt2img" in wanted:
             remainder = -lse[:, positions].double() / scale
             span_queries = q.new_zeros(1, heads, len(positions), width)  # as keys
@@ -222,7 +220,7 @@ def _fused_span_maps(
             summed = _lse_of(image_keys, span_queries, scale)
             if summed is None:
                 return None
-            out["txt2img"][:, index] = (summed - math.log(int(counts[span]))).exp()
+            out["txt2img"][:, index] = (summed - math.log(len(positions))).exp()
         if "img2txt" in wanted:
             span_keys = k[:, positions].unsqueeze(0)
             summed = _lse_of(q[:, image].unsqueeze(0), span_keys, scale)
@@ -230,6 +228,25 @@ def _fused_span_maps(
                 return None
             out["img2txt"][:, index] = (summed - lse[:, image].to(torch.float32)).exp()
     return spans, out
+
+
+def _long_spans(
+    span_members: torch.Tensor, device: torch.device
+) -> tuple[list[int], list[torch.Tensor]]:
+    """The spans of at least FUSED_SPAN_POSITIONS positions and each one's positions on
+    `device`, built once per run's span members: a copy from pageable host memory to a CUDA
+    device waits for the stream, which would hold the generation's thread at every call."""
+    members = span_members.cpu().contiguous().numpy().tobytes()
+    return _cached_long_spans(members, tuple(span_members.shape), device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_long_spans(
+    members: bytes, shape: tuple[int, int], device: torch.device
+) -> tuple[list[int], list[torch.Tensor]]:
+    span_members = torch.frombuffer(bytearray(members), dtype=torch.bool).reshape(shape)
+    spans = (span_members.sum(dim=1) >= FUSED_SPAN_POSITIONS).nonzero().flatten().tolist()
+    return spans, [span_members[span].nonzero().flatten().to(device) for span in spans]
 
 
 def _lse_of(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor | None:
