@@ -234,8 +234,8 @@ def _long_spans(
     span_members: torch.Tensor, device: torch.device
 ) -> tuple[list[int], list[torch.Tensor]]:
     """The spans of at least FUSED_SPAN_POSITIONS positions and each one's positions on
-    `device`, built once per run's span members: a copy from pageable host memory to a CUDA
-    device waits for the stream, which would hold the generation's thread at every call."""
+    `device`, built once per run's span members: CUDA may make a copy from pageable host memory
+    wait for the stream, which would hold the generation's thread at every call."""
     members = span_members.cpu().contiguous().numpy().tobytes()
     return _cached_long_spans(members, tuple(span_members.shape), device)
 

@@ -169,8 +169,8 @@ def test_a_padding_row_from_fused_kernels_matches_float64(monkeypatch, dtype, di
         directions=directions, fused_spans=True,
     )  # fmt: skip
     assert fused == ["cpu_flash"] * len(directions)  # one fused call per direction, one row
-    # A run's long spans go to the device once, not at every call (a pageable copy to a CUDA
-    # device waits for its stream).
+    # A run's long spans go to the device once, not at every call (CUDA may make a pageable
+    # copy wait for the stream).
     built = capture._cached_long_spans.cache_info().misses
     attention_maps(
         q[0], k[0], mask=None, scale=0.125, text_len=text_len, span_members=members.clone(),
