@@ -134,6 +134,7 @@ class Recorder:
         n_heads = self.layers[0].heads
         self.heads = select_indices("head", options.heads, n_heads)
         self._head_index = None if len(self.heads) == n_heads else torch.tensor(self.heads)
+        self._head_index_on: dict[torch.device, torch.Tensor] = {}
         fmt.check_directions(options.directions)
         self.directions = self._model_directions(options.directions)
         fmt.check_keepbits(options.keepbits)
@@ -462,12 +463,20 @@ class Recorder:
             if mask.ndim == 4:
                 mask = mask[batch if mask.shape[0] > 1 else 0]
             if self._head_index is not None and mask.ndim == 3 and mask.shape[0] > 1:
-                mask = mask[self._head_index.to(mask.device)]
+                mask = mask[self._heads_on(mask.device)]
         if self._head_index is not None:
-            index = self._head_index.to(query.device)
+            index = self._heads_on(query.device)
             query, key = query[index], key[index]
-            lse = None if lse is None else lse[index.to(lse.device)]
+            lse = None if lse is None else lse[self._heads_on(lse.device)]
         return query, key, mask, lse, call.scale
+
+    def _heads_on(self, device: torch.device) -> torch.Tensor:
+        """The recorded heads' index on `device`, sent there once: CUDA may make a copy from
+        pageable host memory wait for the stream, at every traced call."""
+        index = self._head_index_on.get(device)
+        if index is None:
+            index = self._head_index_on[device] = self._head_index.to(device)
+        return index
 
     def _joint_maps(
         self,
