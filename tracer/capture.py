@@ -699,9 +699,7 @@ def _img2txt(
     # unfused one): pad V with zero columns or, when there are more spans than head dims, pad q
     # and k with zero dims (q·k is unchanged), to a multiple of 8 for the CUDA kernels' alignment.
     width = dim if n_spans <= dim else -(-n_spans // 8) * 8
-    values = torch.zeros(n_keys, width, dtype=torch.float32, device=span_members.device)
-    values[:text_len, :n_spans] = span_members.t()
-    values = values.to(device, non_blocking=True).expand(1, heads, -1, -1)
+    values = _span_values(span_members, n_keys, width, device).expand(1, heads, -1, -1)
     k4 = F.pad(k32, (0, width - dim)).unsqueeze(0)
 
     out = torch.empty(heads, n_spans, n_image, dtype=torch.float32, device=device)
@@ -723,6 +721,26 @@ def _img2txt(
             sums = sums.masked_fill(_dead_rows(mask_rows).unsqueeze(-1), 0.0)
         out[:, :, start:stop] = sums.transpose(1, 2)
     return out
+
+
+def _span_values(
+    span_members: torch.Tensor, n_keys: int, width: int, device: torch.device
+) -> torch.Tensor:
+    """``V [n_keys, width]`` float32 on `device`: V[j, s] = 1 where text key j is in span s
+    (the first ``text_len`` keys are the text), zero elsewhere. Built once per run's spans:
+    CUDA may make a copy from pageable host memory wait for the stream, at every call."""
+    members = span_members.cpu().contiguous().numpy().tobytes()
+    return _cached_span_values(members, tuple(span_members.shape), n_keys, width, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_span_values(
+    members: bytes, shape: tuple[int, int], n_keys: int, width: int, device: torch.device
+) -> torch.Tensor:
+    span_members = torch.frombuffer(bytearray(members), dtype=torch.bool).reshape(shape)
+    values = torch.zeros(n_keys, width, dtype=torch.float32)
+    values[: shape[1], : shape[0]] = span_members.t()
+    return values.to(device)
 
 
 def _block_memory(n_floats: int, like: torch.Tensor) -> torch.Tensor:
