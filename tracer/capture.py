@@ -10,7 +10,7 @@ import contextlib
 import functools
 import math
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -230,21 +230,32 @@ def _fused_span_maps(
     return spans, out
 
 
+def _once_per_run(build: Callable[..., Any]) -> Callable[..., Any]:
+    """`build(span_members, ...)` made once per span members' values (and arguments), and reused:
+    a run's span members are the same at every call. What it builds lives on the device, sent
+    there once: CUDA may make a copy from pageable host memory wait for the stream, which at
+    every call would hold the generation's thread."""
+
+    @functools.lru_cache(maxsize=16)
+    def cached(members: bytes, shape: tuple[int, int], *args: Any, **kwargs: Any) -> Any:
+        span_members = torch.frombuffer(bytearray(members), dtype=torch.bool).reshape(shape)
+        return build(span_members, *args, **kwargs)
+
+    @functools.wraps(build)
+    def once(span_members: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        members = span_members.cpu().contiguous().numpy().tobytes()
+        return cached(members, tuple(span_members.shape), *args, **kwargs)
+
+    once.cache_info = cached.cache_info  # what the tests read
+    return once
+
+
+@_once_per_run
 def _long_spans(
     span_members: torch.Tensor, device: torch.device
 ) -> tuple[list[int], list[torch.Tensor]]:
     """The spans of at least FUSED_SPAN_POSITIONS positions and each one's positions on
-    `device`, built once per run's span members: CUDA may make a copy from pageable host memory
-    wait for the stream, which would hold the generation's thread at every call."""
-    members = span_members.cpu().contiguous().numpy().tobytes()
-    return _cached_long_spans(members, tuple(span_members.shape), device)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_long_spans(
-    members: bytes, shape: tuple[int, int], device: torch.device
-) -> tuple[list[int], list[torch.Tensor]]:
-    span_members = torch.frombuffer(bytearray(members), dtype=torch.bool).reshape(shape)
+    `device`."""
     spans = (span_members.sum(dim=1) >= FUSED_SPAN_POSITIONS).nonzero().flatten().tolist()
     return spans, [span_members[span].nonzero().flatten().to(device) for span in spans]
 
@@ -589,21 +600,13 @@ class _SpanRows:
             out.index_copy_(1, self._several, sums.transpose(1, 2))
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_span_rows(
-    members: bytes, shape: tuple[int, int], device: torch.device, mean: bool, chunk_size: int
-) -> _SpanRows:
-    span_members = torch.frombuffer(bytearray(members), dtype=torch.bool).reshape(shape)
-    return _SpanRows(span_members, device, mean=mean, chunk_size=chunk_size)
-
-
+@_once_per_run
 def _span_rows(
     span_members: torch.Tensor, device: torch.device, *, mean: bool, chunk_size: int
 ) -> _SpanRows:
-    """`_SpanRows` of these span members, built once: a run's are the same at every call, and
-    building them (a few dozen small ops) cost half a millisecond, twice per call."""
-    members = span_members.cpu().contiguous().numpy().tobytes()
-    return _cached_span_rows(members, tuple(span_members.shape), device, mean, chunk_size)
+    """`_SpanRows` of these span members (building them, a few dozen small ops, cost half a
+    millisecond, twice per call)."""
+    return _SpanRows(span_members, device, mean=mean, chunk_size=chunk_size)
 
 
 def _txt2img(
@@ -723,23 +726,14 @@ def _img2txt(
     return out
 
 
+@_once_per_run
 def _span_values(
     span_members: torch.Tensor, n_keys: int, width: int, device: torch.device
 ) -> torch.Tensor:
     """``V [n_keys, width]`` float32 on `device`: V[j, s] = 1 where text key j is in span s
-    (the first ``text_len`` keys are the text), zero elsewhere. Built once per run's spans:
-    CUDA may make a copy from pageable host memory wait for the stream, at every call."""
-    members = span_members.cpu().contiguous().numpy().tobytes()
-    return _cached_span_values(members, tuple(span_members.shape), n_keys, width, device)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_span_values(
-    members: bytes, shape: tuple[int, int], n_keys: int, width: int, device: torch.device
-) -> torch.Tensor:
-    span_members = torch.frombuffer(bytearray(members), dtype=torch.bool).reshape(shape)
+    (the first ``text_len`` keys are the text), zero elsewhere."""
     values = torch.zeros(n_keys, width, dtype=torch.float32)
-    values[: shape[1], : shape[0]] = span_members.t()
+    values[: span_members.shape[1], : span_members.shape[0]] = span_members.t()
     return values.to(device)
 
 

@@ -171,12 +171,12 @@ def test_a_padding_row_from_fused_kernels_matches_float64(monkeypatch, dtype, di
     assert fused == ["cpu_flash"] * len(directions)  # one fused call per direction, one row
     # A run's long spans go to the device once, not at every call (CUDA may make a pageable
     # copy wait for the stream).
-    built = capture._cached_long_spans.cache_info().misses
+    built = capture._long_spans.cache_info().misses
     attention_maps(
         q[0], k[0], mask=None, scale=0.125, text_len=text_len, span_members=members.clone(),
         lse=lse, directions=directions, fused_spans=True,
     )  # fmt: skip
-    assert capture._cached_long_spans.cache_info().misses == built
+    assert capture._long_spans.cache_info().misses == built
     want = reference(q[0], k[0], None, 0.125, text_len, members)
     # As exact as the kernels' lse (see the test above).
     rtol = 1e-5 if dtype == torch.float32 else 1e-4
