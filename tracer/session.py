@@ -108,6 +108,8 @@ class _Run:
     pending: dict[str, list[tuple[torch.Tensor, ...]]] = field(default_factory=dict)
     progress: Any = None
     lse_calls_before: dict[str, int] = field(default_factory=dict)
+    # Per group of keys of a cross-attention made of several calls: its rows, on the device.
+    rows_on: dict[tuple[int, int, torch.device], torch.Tensor] = field(default_factory=dict)
 
 
 class Recorder:
@@ -555,11 +557,21 @@ class Recorder:
         first = 0
         for call, count in zip(calls, n_keys, strict=True):
             part = members[:, first : first + count]
-            first += count
             rows = part.any(dim=1)  # the rows whose positions are among this call's keys
             if rows.any():
-                maps[:, rows.to(maps.device)] = img2txt(call, part[rows])
+                maps[:, self._rows_on(first, count, rows, maps.device)] = img2txt(call, part[rows])
+            first += count
         return {"img2txt": maps}
+
+    def _rows_on(
+        self, first: int, count: int, rows: torch.Tensor, device: torch.device
+    ) -> torch.Tensor:
+        """`rows` (the rows of the run's text keys first..first + count) on `device`, sent there
+        once per run: CUDA may make a copy from pageable host memory wait for the stream."""
+        key = (first, count, device)
+        if key not in self._run.rows_on:
+            self._run.rows_on[key] = rows.to(device)
+        return self._run.rows_on[key]
 
 
 @contextlib.contextmanager
