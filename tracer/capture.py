@@ -11,7 +11,7 @@ import functools
 import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -108,17 +108,16 @@ def attention_maps(
         return _block_maps(
             q, k, mask3, scale, text_len, n_image, span_members, wanted, chunk_size, lse
         )
-    spans, fused_maps = fused
-    rest = sorted(set(range(span_members.shape[0])) - set(spans))
-    if not rest:
+    long, fused_maps = fused
+    if long.rest_members is None:
         return fused_maps
     maps = _block_maps(
-        q, k, mask3, scale, text_len, n_image, span_members[rest], wanted, chunk_size, lse
+        q, k, mask3, scale, text_len, n_image, long.rest_members, wanted, chunk_size, lse
     )
     for name, block_rows in maps.items():
         out = q.new_empty(q.shape[0], span_members.shape[0], n_image, dtype=torch.float32)
-        out[:, rest] = block_rows
-        out[:, spans] = fused_maps[name]
+        out.index_copy_(1, long.rest, block_rows)
+        out.index_copy_(1, long.index, fused_maps[name])
         maps[name] = out
     return maps
 
@@ -183,7 +182,7 @@ def _fused_span_maps(
     span_members: torch.Tensor,
     wanted: Sequence[str],
     fused_spans: bool | None,
-) -> tuple[list[int], dict[str, torch.Tensor]] | None:
+) -> tuple[_LongSpans, dict[str, torch.Tensor]] | None:
     """The fused spans (see attention_maps) and their maps ``[H, fused spans, n_image]``; None
     where there are none, or no fused kernel returns a log-sum-exp for these inputs.
 
@@ -198,8 +197,8 @@ def _fused_span_maps(
     use = q.device.type == "cuda" if fused_spans is None else fused_spans
     if not use or lse is None or mask3 is not None:
         return None
-    spans, span_positions = _long_spans(span_members, q.device)
-    if not spans:
+    long = _long_spans(span_members, q.device)
+    if long is None:
         return None
     heads, _, dim = q.shape
     image = slice(text_len, text_len + n_image)
@@ -208,8 +207,9 @@ def _fused_span_maps(
         image_keys = k.new_zeros(1, heads, n_image, width)  # the image keys, as queries
         image_keys[0, :, :, :dim] = k[:, image]
         image_keys[0, :, :, dim : dim + 3] = 1
-    out = {name: q.new_empty(heads, len(spans), n_image, dtype=torch.float32) for name in wanted}
-    for index, positions in enumerate(span_positions):
+    n_long = len(long.positions)
+    out = {name: q.new_empty(heads, n_long, n_image, dtype=torch.float32) for name in wanted}
+    for index, positions in enumerate(long.positions):
         if "txt2img" in wanted:
             remainder = -lse[:, positions].double() / scale
             span_queries = q.new_zeros(1, heads, len(positions), width)  # as keys
@@ -227,7 +227,7 @@ def _fused_span_maps(
             if summed is None:
                 return None
             out["img2txt"][:, index] = (summed - lse[:, image].to(torch.float32)).exp()
-    return spans, out
+    return long, out
 
 
 def _once_per_run(build: Callable[..., Any]) -> Callable[..., Any]:
@@ -250,14 +250,29 @@ def _once_per_run(build: Callable[..., Any]) -> Callable[..., Any]:
     return once
 
 
+class _LongSpans(NamedTuple):
+    """The spans of at least FUSED_SPAN_POSITIONS positions (long) and the others, indices on
+    the device, for attention_maps to put their maps together without a copy from the host."""
+
+    positions: list[torch.Tensor]  # each long span's text positions
+    index: torch.Tensor  # the long spans' indices among all spans
+    rest: torch.Tensor  # the other spans' indices
+    rest_members: torch.Tensor | None  # the other spans' members (on the CPU); None: none
+
+
 @_once_per_run
-def _long_spans(
-    span_members: torch.Tensor, device: torch.device
-) -> tuple[list[int], list[torch.Tensor]]:
-    """The spans of at least FUSED_SPAN_POSITIONS positions and each one's positions on
-    `device`."""
-    spans = (span_members.sum(dim=1) >= FUSED_SPAN_POSITIONS).nonzero().flatten().tolist()
-    return spans, [span_members[span].nonzero().flatten().to(device) for span in spans]
+def _long_spans(span_members: torch.Tensor, device: torch.device) -> _LongSpans | None:
+    """The long spans of these span members and the others; None where none is long."""
+    long = span_members.sum(dim=1) >= FUSED_SPAN_POSITIONS
+    if not long.any():
+        return None
+    rest = (~long).nonzero().flatten()
+    return _LongSpans(
+        positions=[members.nonzero().flatten().to(device) for members in span_members[long]],
+        index=long.nonzero().flatten().to(device),
+        rest=rest.to(device),
+        rest_members=span_members[rest] if len(rest) else None,
+    )
 
 
 def _lse_of(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor | None:

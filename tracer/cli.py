@@ -570,7 +570,7 @@ def _reuse_freed_memory() -> str | None:
         return None
     count = arenas()
     if count is None or count == 1:
-        return None  # not glibc's allocator: nothing to set
+        return None  # not glibc's allocator, or no thread's arena to blame
     return (
         f"this process has {count} malloc arenas before recording (threads allocated before "
         f"attnscope could set glibc's allocator), so the writer's step buffers are faulted in "
