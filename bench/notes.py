@@ -39,9 +39,8 @@ def _overhead(r: dict[str, Any], main: str) -> str:
         f"({1000 * b.get('capture', math.nan) / calls:.0f} ms each), on the generation's "
         "thread. With the kernel's log-sum-exp it is a few GEMMs: txt2img, every text query "
         "(each token row's, the padding's included) against all keys; img2txt, all image "
-        "queries against the text keys, summed per row; run on one thread because on shared "
-        "cores small ops spread over OpenMP threads spend more time at barriers than "
-        "computing"
+        "queries against the text keys, summed per row; on the model's own threads (one "
+        "thread for a tiny call, where OpenMP's barriers would cost more than its ops)"
         + (
             f" (the model's own attention calls took {b['attention_device']:.2f} s in the "
             "same run);"

@@ -24,7 +24,7 @@ __all__ = ["attention_maps", "cross_attention_maps"]
 _NEG_INF = float("-inf")
 
 # Below this many flops a call's capture runs on one CPU thread (see _cpu_threads_for).
-_SMALL_WORK_FLOPS = 2e8
+_SMALL_WORK_FLOPS = 1e7
 
 # A span of at least this many text positions (a prompt's padding row: hundreds of them) is a
 # fused span where fused spans are used (attention_maps): its maps come from fused kernels.
@@ -397,12 +397,13 @@ def _float32_matmuls() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _cpu_threads_for(flops: float, device: torch.device) -> Iterator[None]:
-    """One intra-op thread for a small capture on the CPU, the current number otherwise.
+    """One intra-op thread for a tiny capture on the CPU, the current number otherwise.
 
-    With the kernel's lse, a call's capture is a few dozen small ops (some MFLOP each). Spread
-    over OpenMP threads, each op ends at a barrier that waits for every thread, and when other
-    processes share the cores that wait costs more than the op: on 2 shared cores, a FLUX-sized
-    call took 85 ms on 2 threads and 8 ms on one.
+    Spread over OpenMP threads, each op ends at a barrier that waits for every thread, and when
+    other processes share the cores that wait can cost more than a tiny op. Past about 1e7 flops
+    the model's threads win all the same: on 2 idle cores a call of 4 heads × 64, 128 text and
+    1,024 image tokens (1.4e8 flops) took 2.8 ms on one thread and 1.4 ms on two, and the
+    families' small FLUX traced/untraced read 1.48 against 1.38 (bench.families' geometry).
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1 or flops >= _SMALL_WORK_FLOPS:
