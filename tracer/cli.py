@@ -196,7 +196,7 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
         "--estimate",
         action="store_true",
         help="print the bytes per step and per generation, decoded and on disk, and the write "
-        "rate needed at --step-seconds; generate nothing",
+        "rates (decoded, and to disk) needed at --step-seconds; generate nothing",
     )
     parser.add_argument(
         "--step-seconds",
@@ -458,7 +458,8 @@ def _check_disk(out: str, costs: list[Any]) -> None:
         raise UsageError(
             f"record: {len(costs)} run(s) need about {needed / 1e9:.1f} GB on disk but "
             f"{folder} has {free / 1e9:.1f} GB free; narrow the recording (--layers, --heads, "
-            f"--steps, --directions) or see the cost first with --estimate"
+            f"--steps, --directions), keep fewer bits (--keepbits) or see the cost first with "
+            f"--estimate"
         )
 
 

@@ -12,10 +12,11 @@ from tracer.adapters import adapter_for
 from tracer.session import Selector, select_indices, select_layers
 from tracer.spans import token_rows
 
-# Stored bytes per value at the default keepbits, as docs/benchmarks.md measures them on the
-# demo's maps (bit-shuffled LZ4 over rounded float32). Other settings are estimated without
-# any compression credit: sign, exponent and kept mantissa bits, rounded up to whole bytes.
-MEASURED_BYTES_PER_VALUE = {fmt.DEFAULT_KEEPBITS: 1.72}
+# Stored bytes per value at keepbits 9 (the default) down to 5, as docs/benchmarks.md measures
+# them (*Compressor choice*: the format's bit-shuffled LZ4 over a real demo recording's
+# FLUX-shaped chunks; `python -m bench --rerun codecs`). Other settings are estimated without any
+# compression credit: sign, exponent and kept mantissa bits, rounded up to whole bytes.
+MEASURED_BYTES_PER_VALUE = {9: 1.67, 8: 1.54, 7: 1.42, 6: 1.30, 5: 1.17}
 H100_STEP_SECONDS = 0.15  # FLUX.1-dev, 1024², bf16
 
 
@@ -58,6 +59,12 @@ class Estimate:
         """Decoded bytes per second the host must write to keep up at `step_seconds` a step."""
         return self.step_bytes / self.step_seconds
 
+    @property
+    def disk_rate_needed(self) -> float:
+        """Expected bytes per second the disk must take (and sync) to keep up at `step_seconds`
+        a step: where the disk is slower, the generation waits for it."""
+        return self.stored_bytes / self.steps / self.step_seconds
+
     def __str__(self) -> str:
         return "\n".join(
             [
@@ -67,7 +74,8 @@ class Estimate:
                 f"per step: {_size(self.step_bytes)} decoded",
                 f"per generation: {_size(self.generation_bytes)} decoded, about "
                 f"{_size(self.stored_bytes)} on disk",
-                f"needs {_size(self.rate_needed)}/s decoded at {self.step_seconds} s a step",
+                f"needs {_size(self.rate_needed)}/s decoded, about "
+                f"{_size(self.disk_rate_needed)}/s to disk, at {self.step_seconds} s a step",
             ]
         )
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import namedtuple
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ import zarr
 import tracer
 from analysis.cli import main
 from tracer.demo import demo_pipeline
-from tracer.estimate import estimate
+from tracer.estimate import MEASURED_BYTES_PER_VALUE, estimate
 
 CALL = {
     "prompt": "a cat on a red chair",
@@ -60,12 +62,31 @@ def test_another_familys_estimate_is_the_size_of_the_recording(tmp_path, family)
     assert cost.generation_bytes == sum(array.nbytes for array in stored)
 
 
+def test_fewer_kept_bits_are_estimated_to_store_fewer_bytes():
+    pipe = demo_pipeline(seed=0, max_sequence_length=32)
+    stored = {bits: estimate(pipe, CALL, keepbits=bits).stored_bytes for bits in (5, 7, 9, 12)}
+    assert stored[5] < stored[7] < stored[9] < stored[12]
+    cost = estimate(pipe, CALL, keepbits=7)
+    assert cost.stored_bytes == pytest.approx(cost.generation_bytes / 4 * 1.42)
+    assert cost.disk_rate_needed == pytest.approx(cost.stored_bytes / 3 / 0.15)
+
+
+def test_the_estimates_bytes_per_value_are_the_benchmarks():
+    """The estimate's figures are the compressor benchmark's last measurement."""
+    report = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.json"
+    measured = json.loads(report.read_text())["codecs"]
+    by_keepbits = {int(k): v for k, v in measured["bytes_per_value_by_keepbits"].items()}
+    assert by_keepbits.keys() == MEASURED_BYTES_PER_VALUE.keys()
+    for keepbits, value in by_keepbits.items():
+        assert MEASURED_BYTES_PER_VALUE[keepbits] == pytest.approx(value, abs=0.005)
+
+
 def test_record_estimate_prints_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "e.zarr"
     assert main(["record", "--demo", "--estimate", "--num-steps", "2", "--out", str(out)]) == 0
     said = capsys.readouterr().out
     assert "maps: 5 layers × 4 heads × " in said and "2 steps" in said
-    assert "decoded at 0.15 s a step" in said
+    assert "decoded, about " in said and "/s to disk, at 0.15 s a step" in said
     assert not out.exists()
 
 
@@ -76,4 +97,5 @@ def test_a_recording_that_cannot_fit_is_refused_before_it_starts(tmp_path, capsy
     assert main(["record", "--demo", "--num-steps", "2", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "need about" in err and "has 0.0 GB free" in err and "--estimate" in err
+    assert "--keepbits" in err
     assert not out.exists()
