@@ -48,6 +48,11 @@ DEMO_TEXT_LEN = {"lumina2": 256, "flux2-dev": 512, "hunyuan-video15": None}
 # The video frames of a video demo's calls: two latent frames (4 video frames each, after the
 # first alone).
 DEMO_NUM_FRAMES = {"wan": 5, "cogvideox": 5, "hunyuan-video15": 5}
+# A generation that waited on the writer longer than this share of its time, and longer than a
+# run's fixed cost (laying it down, syncing its last step: well under a second), is told what
+# writes less (at FLUX.1-dev's shape on an H200 it waited 18 of 28 s: docs/benchmarks.md).
+WAITED_WORTH_A_HINT = 0.1
+WAITED_SECONDS_WORTH_A_HINT = 1.0
 
 
 def load_demo(family: str, **kwargs: Any) -> Any:
@@ -445,6 +450,24 @@ def _check_url_out(args: argparse.Namespace) -> None:
     fs.rm(root, recursive=True)
 
 
+def _recorded_line(recorder: Any, out: str, seconds: float) -> str:
+    """What a recorded generation cost: the seconds the generation waited for the writer, and
+    what writes less where that is much of its time."""
+    writing = recorder.writing[recorder.last_run]
+    said = (
+        f"recorded {recorder.last_run} into {out} in {seconds:.1f} s, of which the generation "
+        f"waited {writing.waited_s:.1f} s for the writer ({writing.decoded_mb_s:,.0f} MB/s "
+        f"decoded made durable)"
+    )
+    if writing.waited_s > max(WAITED_SECONDS_WORTH_A_HINT, WAITED_WORTH_A_HINT * seconds):
+        said += (
+            "; the host or its disk writes slower than the model computes: --keepbits 7 "
+            "(bf16's precision), fewer --layers, --heads or --steps, or one of --directions "
+            "writes less"
+        )
+    return said
+
+
 def _check_disk(out: str, costs: list[Any]) -> None:
     """Refuse a recording that cannot fit on the disk it goes to (local paths)."""
     if _is_url(out):
@@ -657,8 +680,10 @@ def _record(
             **_recorded(args),
         ) as recorder:
             for prompt, seed in _claimed(args, todo):
+                started = time.perf_counter()
                 pipe(**_call_arguments(args, prompt, seed), **eligen)
-                print(f"recorded {recorder.last_run} into {args.out}", file=sys.stderr)
+                said = _recorded_line(recorder, args.out, time.perf_counter() - started)
+                print(said, file=sys.stderr)
         if allocator_warning is not None:  # said once the recording went through
             warnings.warn(allocator_warning, RuntimeWarning, stacklevel=1)
     except (WriterError, OSError) as error:

@@ -33,7 +33,7 @@ from tracer.spans import (
 )
 from tracer.store import claim_run, lay_down_run, open_store, write_variable
 from tracer.tap import AttentionCall, AttentionTap
-from tracer.writer import RunPlan, TraceWriter
+from tracer.writer import Progress, RunPlan, TraceWriter
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,12 @@ class _Run:
 
 
 class Recorder:
-    """Records every generation of one pipeline into the store at `path`, one run each."""
+    """Records every generation of one pipeline into the store at `path`, one run each.
+
+    `runs` names the runs recorded, in order; `writing[run]` says how that run's writer kept up
+    (its write rate, and the seconds the generation waited for it: where the host or its disk
+    writes slower than the model computes).
+    """
 
     def __init__(
         self,
@@ -128,6 +133,8 @@ class Recorder:
         self.options = options
         self.adapter = adapter or adapter_for(pipe, entity_names)
         self.runs: list[str] = []
+        # How each run's writer kept up, as the run ended (tracer.writer.Progress).
+        self.writing: dict[str, Progress] = {}
         all_layers = self.adapter.layers()
         self.layers = select_layers(all_layers, options.layers)
         self.adapter.check_attention(self.layers)
@@ -231,6 +238,7 @@ class Recorder:
                 raise TapError("the pipeline never called its denoiser: nothing was recorded")
             self._finish_step(run)
             run.writer.close()
+            self.writing[run.name] = run.writer.progress()
             self._show_progress(run, final=True)
             group = run.writer.run
             image = self.adapter.image(output)
@@ -245,6 +253,7 @@ class Recorder:
                 stop = run.writer.close if isinstance(error, Exception) else run.writer.abort
                 with contextlib.suppress(Exception):
                     stop()
+                self.writing[run.name] = run.writer.progress()
                 if isinstance(error, KeyboardInterrupt):
                     reason = f"interrupted at step {run.step}"
                     kept = run.writer.steps_complete
@@ -417,7 +426,8 @@ class Recorder:
         writing = run.writer.progress()
         run.progress.set_postfix_str(
             f"writing {writing.decoded_mb_s:.0f} MB/s decoded, {writing.backlog} "
-            f"step{'' if writing.backlog == 1 else 's'} pending",
+            f"step{'' if writing.backlog == 1 else 's'} pending, generation waited "
+            f"{writing.waited_s:.1f} s",
             refresh=False,
         )
         run.progress.update(len(run.writer.steps_complete) - run.progress.n)

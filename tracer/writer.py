@@ -91,7 +91,8 @@ class Progress:
     """How a writer keeps up: what the progress bar shows."""
 
     backlog: int  # steps accepted and not yet durable (at most max_pending)
-    decoded_mb_s: float  # decoded MB made durable per second since the first put()
+    decoded_mb_s: float  # decoded MB made durable per second, from the first put() to close()
+    waited_s: float  # seconds put() and close() held the generation waiting for the writer
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,8 @@ class TraceWriter:
         self._skipped: list[list[Any]] = skipped
         self._durable: list[int] = []  # positions made durable by this writer, in order
         self._first_put: float | None = None  # time.perf_counter() of the first put()
+        self._closed_at: float | None = None  # and of close() returning, the last step durable
+        self._waited = 0.0  # seconds put() (backpressure) and close() (the flush) waited
         self._error: WriterError | None = None
         self._closed = False  # no more put()
         self._aborted = False
@@ -287,10 +290,11 @@ class TraceWriter:
         """The backlog and the write rate so far."""
         with self._cond:
             backlog, durable, first = len(self._slots), len(self._durable), self._first_put
-        seconds = time.perf_counter() - first if first is not None else 0.0
+            end, waited = self._closed_at, self._waited
+        seconds = (end or time.perf_counter()) - first if first is not None else 0.0
         step_bytes = len(self._directions) * 4 * math.prod(self._step_shape)
         rate = durable * step_bytes / seconds / 1e6 if seconds > 0 else 0.0
-        return Progress(backlog=backlog, decoded_mb_s=rate)
+        return Progress(backlog=backlog, decoded_mb_s=rate, waited_s=waited)
 
     def put(self, step_pos: int, layer_pos: int, maps: Mapping[str, torch.Tensor]) -> None:
         """Hand over the maps of one (step, layer): `{direction: [H, T, cells] float32}` (T rows).
@@ -375,12 +379,16 @@ class TraceWriter:
         error, if there was one.
         """
         if not self._finished:
+            started = time.perf_counter()
             self._closed = True
             self._queue.put(_STOP)
             self._thread.join()
             self._lister.join()
             self._stores.shutdown()
             self._finished = True
+            with self._cond:
+                self._closed_at = time.perf_counter()
+                self._waited += self._closed_at - started
             self._remove_staging()
             with self._cond:
                 incomplete = sorted(self._slots.values(), key=lambda s: s.step_pos)
@@ -493,22 +501,26 @@ class TraceWriter:
 
     def _open_slot(self, step_pos: int) -> _Slot:
         """A slot for a new step, waiting (backpressure) until one is free. Holds self._cond."""
-        while len(self._slots) >= self._max_pending:
+        started = time.perf_counter()
+        try:
+            while len(self._slots) >= self._max_pending:
+                self._raise_if_failed_locked()
+                if all(len(s.put_layers) < self._n_layers for s in self._slots.values()):
+                    # Nothing pending can ever complete without more put()s from this, the only
+                    # producer thread: waiting would hang forever.
+                    pending = sorted(self._step_values[p] for p in self._slots)
+                    raise RuntimeError(
+                        f"put() for step {self._step_values[step_pos]} would wait forever: "
+                        f"max_pending={self._max_pending} steps {pending} are pending and none "
+                        f"has all {self._n_layers} layers; finish a step before starting another"
+                    )
+                self._cond.wait()
             self._raise_if_failed_locked()
-            if all(len(s.put_layers) < self._n_layers for s in self._slots.values()):
-                # Nothing pending can ever complete without more put()s from this, the only
-                # producer thread: waiting would hang forever.
-                pending = sorted(self._step_values[p] for p in self._slots)
-                raise RuntimeError(
-                    f"put() for step {self._step_values[step_pos]} would wait forever: "
-                    f"max_pending={self._max_pending} steps {pending} are pending and none has "
-                    f"all {self._n_layers} layers; finish a step before starting another"
-                )
-            self._cond.wait()
-        self._raise_if_failed_locked()
-        while not self._free:  # the pool is still being allocated (_allocate_buffers)
-            self._cond.wait()
-            self._raise_if_failed_locked()
+            while not self._free:  # the pool is still being allocated (_allocate_buffers)
+                self._cond.wait()
+                self._raise_if_failed_locked()
+        finally:
+            self._waited += time.perf_counter() - started
         slot = _Slot(step_pos, self._free.pop())
         self._slots[step_pos] = slot
         return slot

@@ -136,12 +136,18 @@ def test_a_gpu_box_s_figures_are_filed_into_the_report(tmp_path):
             }
         },
         "deeper_writer": {"max_pending_steps": 8, "traced_over_untraced": 1.5},
+        "keepbits_7": {
+            "traced_over_untraced": 1.3,
+            "bytes_written": 12.7e9,
+            "bytes_per_value": 1.42,
+        },
     }
     figures.write_text(json.dumps(_gpu_figures() | host))
     assert main.main(["gpu", str(figures), "--at", "abc1234", *paths]) == 0
     text = report.read_text()
     assert "The host: 16 cores, its disk syncing 1,742 MB/s; a traced run kept 5.0 of" in text
     assert "With 8 steps in flight instead of 2: 1.50." in text
+    assert "(`--keepbits 7`): 1.30, 12.7 GB written (1.42 bytes per value)." in text
     assert "the capture with the padding row from blocks 1.500 ms, largest error 2.0e-06" in text
     assert "the padding row from fused kernels failed there: no kernel" in text
     # And since: the disk written as the writer writes, and whether the allocator's settings held.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import numpy as np
 import pytest
@@ -37,6 +38,36 @@ def test_the_progress_bar_shows_the_write_rate_and_backlog(tmp_path, capsys):
     assert record("--out", str(tmp_path / "demo.zarr"), "--num-inference-steps", "3") == 0
     bar = capsys.readouterr().err
     assert re.search(r"writing \d+ MB/s decoded, [0-2] steps? pending", bar), bar
+    assert re.search(r"pending, generation waited \d+\.\d s", bar), bar
+    said = re.search(r"recorded run-0000 into \S+ in (\S+) s, of which the generation waited "
+                     r"(\S+) s for the writer \(\d+ MB/s decoded made durable\)", bar)  # fmt: skip
+    assert said, bar
+    assert 0 <= float(said[2]) <= float(said[1])
+
+
+def test_a_generation_held_up_by_the_writer_is_told_what_writes_less(tmp_path, capsys, monkeypatch):
+    from tracer.durable import StagedShards
+
+    write = StagedShards.write
+
+    def slow_disk(self, *args, **kwargs):
+        time.sleep(0.6)
+        write(self, *args, **kwargs)
+
+    monkeypatch.setattr(StagedShards, "write", slow_disk)
+    assert record("--out", str(tmp_path / "slow.zarr"), "--num-inference-steps", "3") == 0
+    said = capsys.readouterr().err
+    waited = float(re.search(r"the generation waited (\S+) s for the writer", said)[1])
+    # Three steps of two shards written side by side, two steps in flight: the third step waits
+    # for the first, close() for the last two.
+    assert waited >= 1.2
+    assert "writes slower than the model computes: --keepbits 7" in said
+
+
+def test_a_runs_fixed_cost_gets_no_hint(tmp_path, capsys):
+    assert record("--out", str(tmp_path / "quick.zarr")) == 0
+    said = capsys.readouterr().err
+    assert "for the writer" in said and "writes slower than the model" not in said
 
 
 def test_existing_store_needs_append_or_overwrite(tmp_path, capsys):

@@ -317,7 +317,9 @@ def test_lse_path_memory_stays_within_the_chunk_bound():
     assert max(sizes) <= max(1.5 * block, output)
 
 
-def test_small_captures_run_on_one_thread_and_restore_the_count(monkeypatch):
+@pytest.fixture
+def capture_threads(monkeypatch):
+    """The intra-op thread counts the capture's img2txt ran with, one per call."""
     seen = []
     real = capture._img2txt_from_lse
 
@@ -326,27 +328,23 @@ def test_small_captures_run_on_one_thread_and_restore_the_count(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(capture, "_img2txt_from_lse", spy)
+    return seen
+
+
+def test_small_captures_run_on_one_thread_and_restore_the_count(capture_threads):
     before = torch.get_num_threads()
     q = torch.randn(2, 30, 8)
     attention_maps(
         q, q, mask=None, scale=0.3, text_len=6, span_members=torch.ones(1, 6, dtype=bool),
         lse=exact_lse(q, q, None, 0.3).float(),
     )  # fmt: skip
-    assert seen == [1]
+    assert capture_threads == [1]
     assert torch.get_num_threads() == before
 
 
-def test_larger_captures_run_on_the_models_threads(monkeypatch):
+def test_larger_captures_run_on_the_models_threads(capture_threads):
     """Past a tiny call the capture keeps the model's thread count: on 2 idle cores a call of
     1.4e8 flops took half as long on two threads as on one."""
-    seen = []
-    real = capture._img2txt_from_lse
-
-    def spy(*args):
-        seen.append(torch.get_num_threads())
-        return real(*args)
-
-    monkeypatch.setattr(capture, "_img2txt_from_lse", spy)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -357,7 +355,7 @@ def test_larger_captures_run_on_the_models_threads(monkeypatch):
         )  # fmt: skip
     finally:
         torch.set_num_threads(before)
-    assert seen == [2]
+    assert capture_threads == [2]
 
 
 @pytest.fixture

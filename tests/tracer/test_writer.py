@@ -30,7 +30,7 @@ import zarr
 from zarr.storage import LocalStore, WrapperStore
 
 from analysis import store_format as sf
-from tracer.writer import Progress, RunPlan, TraceWriter, WriterError
+from tracer.writer import RunPlan, TraceWriter, WriterError
 
 GROUP = "run-0000"
 STEPS = (0, 2, 4, 6, 8)  # coordinate values differ from positions on purpose
@@ -508,7 +508,9 @@ def test_backpressure_blocks_and_bounds_pending(tmp_path: Path) -> None:
         time.sleep(0.3)
         assert calls[-1] == (2, 0)
         assert len(returned) == max_pending * N_LAYERS
-        assert writer.progress() == Progress(backlog=max_pending, decoded_mb_s=0.0)
+        progress = writer.progress()
+        assert (progress.backlog, progress.decoded_mb_s) == (max_pending, 0.0)
+        assert progress.waited_s < 0.3  # put() is waiting still: counted once it is through
         # Step 0 written (one shard per direction): step 2 goes in, step 3 waits.
         release(len(sf.DIRECTIONS))
         wait_until(lambda: len(calls) == (max_pending + 1) * N_LAYERS + 1)
@@ -523,6 +525,10 @@ def test_backpressure_blocks_and_bounds_pending(tmp_path: Path) -> None:
     assert max(ahead) <= max_pending
     progress = writer.progress()
     assert progress.backlog == 0 and progress.decoded_mb_s > 0
+    # put() of steps 2 and 3 waited for the writer at least the 0.3 s each stood held above.
+    assert progress.waited_s >= 0.6
+    time.sleep(0.05)
+    assert writer.progress() == progress  # the rate is the run's, not diluted after close()
     ds = read_run(path)
     assert ds.attrs[sf.STEPS_COMPLETE] == list(STEPS)
     for (step_pos, layer_pos), put_maps in maps.items():
