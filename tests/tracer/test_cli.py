@@ -51,16 +51,16 @@ def test_a_generation_held_up_by_the_writer_is_told_what_writes_less(tmp_path, c
     write = StagedShards.write
 
     def slow_disk(self, *args, **kwargs):
-        time.sleep(0.6)
+        time.sleep(3.0)
         write(self, *args, **kwargs)
 
     monkeypatch.setattr(StagedShards, "write", slow_disk)
-    assert record("--out", str(tmp_path / "slow.zarr"), "--num-inference-steps", "3") == 0
+    assert record("--out", str(tmp_path / "slow.zarr")) == 0
     said = capsys.readouterr().err
     waited = float(re.search(r"the generation waited (\S+) s for the writer", said)[1])
-    # Three steps of two shards written side by side, two steps in flight: the third step waits
-    # for the first, close() for the last two.
-    assert waited >= 1.2
+    # However fast the generation, close() waits for most of the last step's write: all but
+    # what the pipeline's own work after its last step (decoding the image) took meanwhile.
+    assert waited >= 2.0, said
     assert "writes slower than the model computes: --keepbits 7" in said
 
 
