@@ -165,13 +165,13 @@ def _gpu_box(box: dict[str, Any]) -> str:
             f"{deep['max_pending_steps']} steps in flight instead of 2: "
             f"{deep['traced_over_untraced']:.2f}."
         )
-        if "keepbits_7" in box:
-            bf16_bits = box["keepbits_7"]
+        if "keepbits_9" in box:
+            nine_bits = box["keepbits_9"]
             text += (
-                f" Keeping bf16's 7 mantissa bits instead of 9 (`--keepbits 7`): "
-                f"{bf16_bits['traced_over_untraced']:.2f}, "
-                f"{bf16_bits['bytes_written'] / 1e9:.1f} GB written "
-                f"({bf16_bits['bytes_per_value']:.2f} bytes per value)."
+                f" Keeping 9 mantissa bits instead of the default's {box['keepbits']} "
+                f"(`--keepbits 9`): {nine_bits['traced_over_untraced']:.2f}, "
+                f"{nine_bits['bytes_written'] / 1e9:.1f} GB written "
+                f"({nine_bits['bytes_per_value']:.2f} bytes per value)."
             )
         if "disk_sync_mb_s_4_files" in box["host"]:
             text += (

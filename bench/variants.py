@@ -22,8 +22,8 @@ def untraced(pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None) 
     return {}
 
 
-# Mantissa bits a bf16 value has: what `record --keepbits 7` keeps of float32 maps.
-BF16_KEEPBITS = 7
+# The format's default: what a recording keeps of a float32 model's maps (tracer.rounding).
+FLOAT32_KEEPBITS = 9
 
 
 def attnscope(
@@ -43,10 +43,11 @@ def decoded(path: str) -> dict[str, Any]:
     """Token rows and decoded bytes of the trace at `path`, and its traced attention calls by
     where their normalisers came from (metadata only; not timed)."""
     import analysis
-    from analysis.store_format import LSE_USED
+    from analysis.store_format import KEEPBITS, LSE_USED
 
     recorded = analysis.open_trace(path, tokens=True)
     return {
+        "keepbits": recorded.txt2img.attrs.get(KEEPBITS),
         "token_rows": recorded.sizes["token"],
         "decoded_bytes": int(recorded.txt2img.nbytes + recorded.img2txt.nbytes),
         "lse_used": recorded.attrs.get(LSE_USED),
@@ -68,12 +69,12 @@ def attnscope_deep(
     return attnscope(pipe, geo, workdir, steps, max_pending_steps=deep_pending_steps())
 
 
-def attnscope_bf16_bits(
+def attnscope_float32_bits(
     pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None
 ) -> dict[str, Any]:
-    """attnscope keeping bf16's 7 mantissa bits instead of 9: fewer bytes on disk, where the
-    disk is what the generation waits for."""
-    return attnscope(pipe, geo, workdir, steps, keepbits=BF16_KEEPBITS)
+    """attnscope keeping 9 mantissa bits whatever the model's dtype (a bf16 model's default is
+    7): what the two bits more cost where the disk is what the generation waits for."""
+    return attnscope(pipe, geo, workdir, steps, keepbits=FLOAT32_KEEPBITS)
 
 
 def deep_pending_steps() -> int:
@@ -102,7 +103,7 @@ VARIANTS: dict[str, Variant] = {
     "attnscope": attnscope,
     "attnscope-recompute": attnscope_recompute,
     "attnscope-deep": attnscope_deep,
-    "attnscope-keepbits7": attnscope_bf16_bits,
+    "attnscope-keepbits9": attnscope_float32_bits,
     "seed": seed,
     "amd": amd,
 }
@@ -112,7 +113,7 @@ LABELS = {
     "attnscope": "attnscope",
     "attnscope-recompute": "attnscope, lse recomputed (old path)",
     "attnscope-deep": "attnscope, half the cores' steps in flight",
-    "attnscope-keepbits7": "attnscope, keepbits 7 (bf16's precision)",
+    "attnscope-keepbits9": "attnscope, keepbits 9 (a float32 model's)",
     "seed": "seed method",
     "amd": "attention-map-diffusers",
 }
@@ -129,7 +130,7 @@ def describe(name: str, geo: Geometry) -> str:
         ),
         "attnscope-recompute": "same as attnscope",
         "attnscope-deep": "same as attnscope",
-        "attnscope-keepbits7": "same as attnscope, 7 mantissa bits kept instead of 9",
+        "attnscope-keepbits9": "same as attnscope, 9 mantissa bits kept whatever the dtype",
         "seed": (
             f"all {layers} layers, heads and steps: the whole text-rows × image-columns block and "
             "the image-rows × text-columns block of every map, per token, .npy"

@@ -19,6 +19,7 @@ from analysis.allocator import ENVIRONMENT, arenas, reuse_freed_memory
 from analysis.cli.args import integers, names, positive
 from analysis.errors import AttnscopeError, UsageError, WriterError
 from tracer.claims import DEFAULT_LEASE_SECONDS
+from tracer.rounding import MODEL_PRECISION
 from tracer.spans import parse_span_argument
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -160,10 +161,12 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
     parser.add_argument("--directions", type=names, default=list(fmt.DIRECTIONS))
     parser.add_argument(
         "--keepbits",
-        type=int,
-        default=fmt.DEFAULT_KEEPBITS,
-        help=f"mantissa bits each value keeps, relative error at most 2^-(N+1) (default "
-        f"{fmt.DEFAULT_KEEPBITS}); each bit fewer stores about an eighth of a byte less per value",
+        type=_keepbits,
+        default=MODEL_PRECISION,
+        help="mantissa bits each value keeps, relative error at most 2^-(N+1); default 'model': "
+        "the model's own precision, 7 for bf16 (its attention kernel rounds its probabilities "
+        f"so) and {fmt.DEFAULT_KEEPBITS} otherwise; each bit fewer stores about an eighth of a "
+        "byte less per value",
     )
     parser.add_argument("--lossless", action="store_true", help="store without bit rounding")
     parser.add_argument("--chunk-size", type=int, default=256, help="queries per capture chunk")
@@ -414,6 +417,18 @@ def _estimate(
     )
 
 
+def _keepbits(text: str) -> int | str:
+    """--keepbits: a number of bits, or 'model'."""
+    if text == MODEL_PRECISION:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of mantissa bits (1..23) or {MODEL_PRECISION!r}, got {text!r}"
+        ) from None
+
+
 def _recorded(args: argparse.Namespace) -> dict[str, Any]:
     """What `record` records, as options of `tracer.trace` (and of `tracer.estimate`)."""
     return {
@@ -461,9 +476,9 @@ def _recorded_line(recorder: Any, out: str, seconds: float) -> str:
     )
     if writing.waited_s > max(WAITED_SECONDS_WORTH_A_HINT, WAITED_WORTH_A_HINT * seconds):
         said += (
-            "; the host or its disk writes slower than the model computes: --keepbits 7 "
-            "(bf16's precision), fewer --layers, --heads or --steps, or one of --directions "
-            "writes less"
+            "; the host or its disk writes slower than the model computes: fewer --keepbits "
+            "(each bit an eighth of a byte less per value), fewer --layers, --heads or --steps, "
+            "or one of --directions writes less"
         )
     return said
 

@@ -9,13 +9,15 @@ from typing import Any
 
 from analysis import store_format as fmt
 from tracer.adapters import adapter_for
+from tracer.rounding import MODEL_PRECISION, keepbits_for
 from tracer.session import Selector, select_indices, select_layers
 from tracer.spans import token_rows
 
-# Stored bytes per value at keepbits 9 (the default) down to 5, as docs/benchmarks.md measures
-# them (*Compressor choice*: the format's bit-shuffled LZ4 over a real demo recording's
-# FLUX-shaped chunks; `python -m bench --rerun codecs`). Other settings are estimated without any
-# compression credit: sign, exponent and kept mantissa bits, rounded up to whole bytes.
+# Stored bytes per value at keepbits 9 (a float32 model's default) down to 5 (a bf16 model's
+# default is 7), as docs/benchmarks.md measures them (*Compressor choice*: the format's
+# bit-shuffled LZ4 over a real demo recording's FLUX-shaped chunks; `python -m bench --rerun
+# codecs`). Other settings are estimated without any compression credit: sign, exponent and kept
+# mantissa bits, rounded up to whole bytes.
 MEASURED_BYTES_PER_VALUE = {9: 1.67, 8: 1.54, 7: 1.42, 6: 1.30, 5: 1.17}
 H100_STEP_SECONDS = 0.15  # FLUX.1-dev, 1024², bf16
 
@@ -87,6 +89,12 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def _weights_dtype(attention: Any) -> Any:
+    """The dtype of an attention's weights: before any call, the closest to the dtype it computes
+    in that there is (a recording reads its latents')."""
+    return next((p.dtype for p in attention.parameters()), None)
+
+
 def estimate(
     pipe: Any,
     call: Mapping[str, Any],
@@ -96,7 +104,7 @@ def estimate(
     steps: Selector | None = None,
     directions: Sequence[str] = fmt.DIRECTIONS,
     keep_tokens: tuple[int, int] | None = None,
-    keepbits: int | None = fmt.DEFAULT_KEEPBITS,
+    keepbits: int | str | None = MODEL_PRECISION,
     step_seconds: float = H100_STEP_SECONDS,
     entity_names: Sequence[str] | None = None,
 ) -> Estimate:
@@ -119,6 +127,6 @@ def estimate(
         grid=adapter.latent_grid(sizes),
         steps=len(select_indices("step", steps, n_steps)),
         directions=tuple(d for d in fmt.check_directions(directions) if d not in absent),
-        keepbits=fmt.check_keepbits(keepbits),
+        keepbits=keepbits_for(keepbits, _weights_dtype(chosen[0].attention)),
         step_seconds=step_seconds,
     )

@@ -12,9 +12,33 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from analysis import store_format as fmt
+from analysis.errors import UsageError
+
 MANTISSA_BITS = 23  # float32
 
+# The keepbits setting that keeps the precision the model computes in (keepbits_for), and what it
+# keeps: bf16's 7 mantissa bits; the format's default for float32 and float16 (10 bits) models.
+MODEL_PRECISION = "model"
+_MODEL_KEEPBITS = {torch.bfloat16: 7}
+
 Maps = TypeVar("Maps", torch.Tensor, np.ndarray)
+
+
+def keepbits_for(setting: int | str | None, dtype: torch.dtype | None) -> int | None:
+    """The mantissa bits a recording keeps of a model computing in `dtype` (None: unknown):
+    `setting` itself (None: lossless), or for MODEL_PRECISION bf16's 7 for a bf16 model and the
+    format's default (9) otherwise. A bf16 attention kernel rounds its probabilities to bf16
+    before they weigh the values: bits past those the model never used."""
+    if isinstance(setting, str) and setting == MODEL_PRECISION:
+        return _MODEL_KEEPBITS.get(dtype, fmt.DEFAULT_KEEPBITS)
+    try:
+        return fmt.check_keepbits(setting)
+    except UsageError:
+        raise UsageError(
+            f"keepbits must be an integer in 1..{MANTISSA_BITS} (float32 mantissa bits kept), "
+            f"None for lossless or {MODEL_PRECISION!r} (the model's own precision), got {setting!r}"
+        ) from None
 
 
 def bitround_(maps: Maps, keepbits: int | None) -> Maps:

@@ -23,6 +23,7 @@ from tracer.adapters import adapter_for
 from tracer.adapters.base import Adapter, DenoiserCall, Generation, Layer
 from tracer.capture import attention_maps, cross_attention_maps
 from tracer.layout import canonical_order, reorder
+from tracer.rounding import MODEL_PRECISION, keepbits_for
 from tracer.spans import (
     Span,
     SpanRequest,
@@ -47,7 +48,7 @@ class Options:
     directions: Sequence[str] = fmt.DIRECTIONS
     keep_tokens: tuple[int, int] | None = None
     chunk_size: int = 256
-    keepbits: int | None = fmt.DEFAULT_KEEPBITS
+    keepbits: int | str | None = MODEL_PRECISION
     lse: str = "kernel"
     max_pending_steps: int = 2
     progress: bool = True
@@ -110,6 +111,7 @@ class _Run:
     lse_calls_before: dict[str, int] = field(default_factory=dict)
     # Per group of keys of a cross-attention made of several calls: its rows, on the device.
     rows_on: dict[tuple[int, int, torch.device], torch.Tensor] = field(default_factory=dict)
+    keepbits: int | None = None  # the mantissa bits its maps keep (Options.keepbits resolved)
 
 
 class Recorder:
@@ -146,7 +148,7 @@ class Recorder:
         self._head_index_on: dict[torch.device, torch.Tensor] = {}
         fmt.check_directions(options.directions)
         self.directions = self._model_directions(options.directions)
-        fmt.check_keepbits(options.keepbits)
+        keepbits_for(options.keepbits, None)  # checked before any run
         if not isinstance(options.chunk_size, int) or options.chunk_size < 1:
             raise UsageError(f"chunk_size must be a positive integer, got {options.chunk_size!r}")
         self.keep_tokens = _check_keep_tokens(options.keep_tokens)
@@ -304,6 +306,9 @@ class Recorder:
                 f"tokens the model attends"
             )
         run.rows = self._rows(run, call.text_len)
+        # The dtype of this call's latents: what the model computes in (weights may be stored
+        # in another, cast per layer), and a pipeline may be cast between generations.
+        run.keepbits = keepbits_for(self.options.keepbits, call.dtype)
         coords = fmt.run_coords(
             steps=steps,
             timesteps=timesteps[steps],
@@ -318,9 +323,9 @@ class Recorder:
         run.name = claim_run(self.path)
         self.runs.append(run.name)
         # The run's metadata is laid down on a writer's thread, during the first step.
-        lay_down = functools.partial(self._lay_down, run.name, coords, attrs, run.generation)
+        lay_down = functools.partial(self._lay_down, run, coords, attrs)
         run.writer = TraceWriter(
-            RunPlan(coords, self.options.keepbits, lay_down),
+            RunPlan(coords, run.keepbits, lay_down),
             directions=list(self.directions),
             n_layers=len(self.layers),
             max_pending=self.options.max_pending_steps,
@@ -340,11 +345,10 @@ class Recorder:
             leave=False,
         )
 
-    def _lay_down(
-        self, name: str, coords: dict[str, Any], attrs: dict[str, Any], generation: Generation
-    ) -> zarr.Group:
-        """The run group of claimed run `name`, with its coordinates and entity masks."""
-        group = lay_down_run(self.path, name, coords, attrs, self.directions, self.options.keepbits)
+    def _lay_down(self, run: _Run, coords: dict[str, Any], attrs: dict[str, Any]) -> zarr.Group:
+        """The run group of claimed `run`, with its coordinates and entity masks."""
+        group = lay_down_run(self.path, run.name, coords, attrs, self.directions, run.keepbits)
+        generation = run.generation
         if generation.entity_masks is not None:
             masks = fmt.entity_mask_variable(generation.entity_masks, generation.entity_names)
             write_variable(group, "entity_mask", masks)
@@ -377,14 +381,14 @@ class Recorder:
                 fmt.ENTITY_PROMPTS: run.generation.attrs.get(fmt.ENTITY_PROMPTS, []),
                 fmt.DIRECTIONS_ABSENT: dict(self.adapter.absent_directions),
                 fmt.TEXT_LEN: call.text_len,
-                fmt.ERROR_BOUND: fmt.relative_error_bound(options.keepbits),
+                fmt.ERROR_BOUND: fmt.relative_error_bound(run.keepbits),
                 fmt.CAPTURE: fmt.Capture(
                     directions=self.directions,
                     layers=tuple(layer.name for layer in self.layers),
                     heads=tuple(self.heads),
                     steps=tuple(steps),
                     chunk_size=options.chunk_size,
-                    keepbits=options.keepbits,
+                    keepbits=run.keepbits,
                     lse=options.lse,
                     keep_tokens=self.keep_tokens,
                 ).to_dict(),
@@ -596,7 +600,7 @@ def trace(
     directions: Sequence[str] = fmt.DIRECTIONS,
     keep_tokens: tuple[int, int] | None = None,
     chunk_size: int = 256,
-    keepbits: int | None = fmt.DEFAULT_KEEPBITS,
+    keepbits: int | str | None = MODEL_PRECISION,
     max_pending_steps: int = 2,
     progress: bool = True,
     lse: str = "kernel",
@@ -611,7 +615,10 @@ def trace(
     positions as rows. `spans` names spans to store with the run (default: the prompt and each
     of its words): a word of the prompt or a `(start, stop)` token range. `layers`, `heads` and
     `steps` take labels or selector strings of `analysis.selection` (`"single"`, `"0:3"`,
-    `[0, 5]`); `directions` any of `txt2img`, `img2txt`. `keepbits=None` stores losslessly.
+    `[0, 5]`); `directions` any of `txt2img`, `img2txt`. `keepbits`: the mantissa bits each value
+    keeps (relative error at most 2^-(keepbits+1)); the default, `"model"`, keeps the model's own
+    precision (7 bits for a bf16 model, whose attention kernel rounds its probabilities so, and 9
+    otherwise); None stores losslessly.
     `lse="recompute"` recomputes img2txt's normalisers instead of taking them from the model's
     attention kernel. `max_pending_steps`: steps taken and not yet durable, each holding one
     step's maps in host memory; the generation waits for the writer beyond them, and the writer

@@ -136,10 +136,11 @@ def test_a_gpu_box_s_figures_are_filed_into_the_report(tmp_path):
             }
         },
         "deeper_writer": {"max_pending_steps": 8, "traced_over_untraced": 1.5},
-        "keepbits_7": {
+        "keepbits": 7,
+        "keepbits_9": {
             "traced_over_untraced": 1.3,
-            "bytes_written": 12.7e9,
-            "bytes_per_value": 1.42,
+            "bytes_written": 15.0e9,
+            "bytes_per_value": 1.67,
         },
     }
     figures.write_text(json.dumps(_gpu_figures() | host))
@@ -147,7 +148,7 @@ def test_a_gpu_box_s_figures_are_filed_into_the_report(tmp_path):
     text = report.read_text()
     assert "The host: 16 cores, its disk syncing 1,742 MB/s; a traced run kept 5.0 of" in text
     assert "With 8 steps in flight instead of 2: 1.50." in text
-    assert "(`--keepbits 7`): 1.30, 12.7 GB written (1.42 bytes per value)." in text
+    assert "instead of the default's 7 (`--keepbits 9`): 1.30, 15.0 GB written (1.67 bytes" in text
     assert "the capture with the padding row from blocks 1.500 ms, largest error 2.0e-06" in text
     assert "the padding row from fused kernels failed there: no kernel" in text
     # And since: the disk written as the writer writes, and whether the allocator's settings held.

@@ -13,12 +13,15 @@ NEG_INF = float("-inf")
 # The relative error bound of the default store, stated here rather than read from the code under
 # test: bit rounding keeps 9 of float32's 23 mantissa bits, so a stored value is within 2^-10.
 DEFAULT_BOUND = 2.0**-10
+# A bf16 model's default store keeps bf16's 7 mantissa bits: within 2^-8.
+BF16_BOUND = 2.0**-8
 
 
-def stated_bound(attrs) -> float:
-    """DEFAULT_BOUND, after checking that the run's `error_bound` attribute says the same."""
-    assert attrs["error_bound"] == DEFAULT_BOUND, attrs["error_bound"]
-    return DEFAULT_BOUND
+def stated_bound(attrs, bound: float = DEFAULT_BOUND) -> float:
+    """`bound` (the default store's), after checking that the run's `error_bound` attribute says
+    the same."""
+    assert attrs["error_bound"] == bound, attrs["error_bound"]
+    return bound
 
 
 def reference(

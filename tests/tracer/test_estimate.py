@@ -71,6 +71,15 @@ def test_fewer_kept_bits_are_estimated_to_store_fewer_bytes():
     assert cost.disk_rate_needed == pytest.approx(cost.stored_bytes / 3 / 0.15)
 
 
+def test_the_estimate_keeps_the_models_precision_as_a_recording_does():
+    bf16 = demo_pipeline(seed=0, max_sequence_length=32, dtype=torch.bfloat16)
+    cost = estimate(bf16, CALL)
+    assert cost.keepbits == 7
+    assert cost.stored_bytes == pytest.approx(cost.generation_bytes / 4 * 1.42)
+    assert estimate(bf16, CALL, keepbits=9).keepbits == 9
+    assert estimate(demo_pipeline(seed=0, max_sequence_length=32), CALL).keepbits == 9
+
+
 def test_the_estimates_bytes_per_value_are_the_benchmarks():
     """The estimate's figures are the compressor benchmark's last measurement."""
     report = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.json"

@@ -7,7 +7,8 @@ import pytest
 import torch
 from numcodecs import BitRound
 
-from tracer.rounding import bitround_
+from analysis.errors import UsageError
+from tracer.rounding import bitround_, keepbits_for
 
 SPECIAL = np.array(
     [0.0, -0.0, 1.0, -1.0, 1.5, 3.4e38, -3.4e38, 1e-45, 1e-38, np.inf, -np.inf, np.nan],
@@ -45,3 +46,25 @@ def test_the_stated_bound_holds_and_lossless_leaves_maps_alone():
         bitround_(torch.ones(3, dtype=torch.bfloat16), 9)
     with pytest.raises(TypeError, match=r"float32 maps, got float64"):
         bitround_(np.ones(3), 9)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "keepbits"),
+    [
+        (torch.bfloat16, 7),
+        (torch.float16, 9),
+        (torch.float32, 9),
+        (torch.float8_e4m3fn, 9),
+        (None, 9),
+    ],
+)
+def test_the_model_precision_is_bf16s_7_bits_for_a_bf16_model_and_9_otherwise(dtype, keepbits):
+    """bf16 has 7 mantissa bits; float16's 10 and float32's 23 are capped at the format's 9."""
+    assert keepbits_for("model", dtype) == keepbits
+    assert keepbits_for(5, dtype) == 5 and keepbits_for(None, dtype) is None
+
+
+@pytest.mark.parametrize("setting", [0, 24, "float16", 7.5, True])
+def test_a_bad_keepbits_names_what_is_accepted(setting):
+    with pytest.raises(UsageError, match=r"1\.\.23 .* None for lossless or 'model'"):
+        keepbits_for(setting, torch.bfloat16)

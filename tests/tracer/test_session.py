@@ -116,6 +116,27 @@ def test_store_equals_float64_softmax_for_every_layer_step_head(pipe, tmp_path, 
     assert_spans_match_reference(path, rec.last_run, log, spans, layers_per_call=5)
 
 
+def test_a_bf16_model_keeps_bf16s_precision_unless_asked_for_more(tmp_path):
+    """bf16's 7 mantissa bits by default (its attention kernel rounds its probabilities so), the
+    bound stated to match; an explicit keepbits wins."""
+    pipe = demo_pipeline(seed=0, max_sequence_length=TEXT_LEN, dtype=torch.bfloat16)
+    path = tmp_path / "bf16.zarr"
+    with tracer.trace(pipe, path, progress=False) as rec:
+        generate(pipe, steps=2, height=64, width=64)
+    default = rec.last_run
+    with tracer.trace(pipe, path, keepbits=9, progress=False) as rec:
+        generate(pipe, steps=2, height=64, width=64)
+    for run, keepbits in ((default, 7), (rec.last_run, 9)):
+        group = zarr.open_group(path, path=run, mode="r")
+        assert group.attrs["error_bound"] == 2.0 ** -(keepbits + 1)
+        assert group.attrs["capture"]["keepbits"] == keepbits
+        for name in ("txt2img", "img2txt"):
+            assert group[name].attrs["keepbits"] == keepbits
+            bits = group[name][:].view(np.int32)
+            assert not (bits & ((1 << (23 - keepbits)) - 1)).any()  # the rest are zeros
+            assert (bits & (1 << (23 - keepbits))).any()  # the last kept bit is used
+
+
 def test_output_is_bit_for_bit_unchanged(pipe, tmp_path):
     plain = generate(pipe, seed=3).images
     with tracer.trace(pipe, tmp_path / "t.zarr", progress=False):

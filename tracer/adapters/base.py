@@ -54,6 +54,7 @@ class DenoiserCall:
     text_start: int = 0
     image_start: int | None = None
     batch_index: int = 0  # the batch element that is the conditional generation of the prompt
+    dtype: torch.dtype | None = None  # its latents': what the model computes in (autocast aside)
 
     @property
     def image_first(self) -> int:

@@ -318,7 +318,12 @@ class DiffSynthFlux(Adapter):
                 raise UnsupportedModelError(
                     f"image ids describe a {grids[key]} grid but the latents a {(rows, cols)} one"
                 )
-        return DenoiserCall(timestep=self._timestep(inputs), text_len=text_len, grid=(rows, cols))
+        return DenoiserCall(
+            timestep=self._timestep(inputs),
+            text_len=text_len,
+            grid=(rows, cols),
+            dtype=latents.dtype,
+        )
 
     def _timestep(self, inputs: Mapping[str, Any]) -> float:
         given = float(inputs["timestep"].reshape(-1)[0])

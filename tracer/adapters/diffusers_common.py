@@ -6,6 +6,7 @@ joint sequence (`denoiser_call`), and how its prompts become text tokens (`gener
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from abc import abstractmethod
@@ -62,9 +63,15 @@ class DiffusersAdapter(Adapter):
 
     def watch_denoiser(self, on_call: Callable[[DenoiserCall], None]) -> Callable[[], None]:
         signature = inspect.signature(self.transformer.forward)
+        latents = next(iter(signature.parameters))  # every family's first: hidden_states, x
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            on_call(self.denoiser_call(signature.bind_partial(*args, **kwargs).arguments))
+            arguments = signature.bind_partial(*args, **kwargs).arguments
+            given = arguments.get(latents)
+            if isinstance(given, (list, tuple)) and given:  # Z-Image: one tensor per image
+                given = given[0]
+            dtype = getattr(given, "dtype", None)
+            on_call(dataclasses.replace(self.denoiser_call(arguments), dtype=dtype))
 
         handle = self.transformer.register_forward_pre_hook(hook, with_kwargs=True)
         return handle.remove
