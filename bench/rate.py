@@ -9,11 +9,11 @@ a 64×64 latent grid (real maps compress as maps do; random numbers do not), one
 held in put() resumes where it stopped), on 1 and then 2 host cores (`sched_setaffinity`), each
 in a fresh process.
 
-The maps arrive already rounded to the default keepbits, as they leave a GPU (tracer.rounding
-rounds them there, before the copy), so the host does here what it does on a GPU box: copy
-each layer into the step buffer, encode the step's shards (zarrs, on every core; both directions
-and the pending steps side by side), sync them and rename them into place (tracer.durable), list
-the step.
+The maps arrive already rounded to what a recording of FLUX.1-dev (a bf16 model) keeps by default, 7
+mantissa bits, as they leave a GPU (tracer.rounding rounds them there, before the copy), so the host
+does here what it does on a GPU box: copy each layer into the step buffer, encode the step's shards
+(zarrs, on every core; both directions and the pending steps side by side), sync them and rename
+them into place (tracer.durable), list the step.
 
 Each is measured twice: in a process as the library leaves it, and with glibc's allocator set as
 `attnscope record` sets it (analysis.allocator: freed memory is reused, not faulted in afresh).
@@ -240,6 +240,7 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
         "steps": steps,
         "period": period,
         "step_bytes": load.step_bytes,
+        "keepbits": load.keepbits,
         "disk_sync_mb_s": disk,
     } | results
 
@@ -297,13 +298,15 @@ class _Load:
 
     def __init__(self, workdir: Path, steps: int, layers: int = LAYERS) -> None:
         import numpy as np
+        import torch
 
         from analysis import store_format as fmt
-        from tracer.rounding import bitround_
+        from tracer.rounding import MODEL_PRECISION, bitround_, keepbits_for
 
+        # What a recording of FLUX.1-dev, which computes in bf16, keeps by default.
+        self.keepbits = keepbits_for(MODEL_PRECISION, torch.bfloat16)
         demo = {
-            d: bitround_(v, fmt.DEFAULT_KEEPBITS)
-            for d, v in _demo_maps(workdir / "demo.zarr").items()
+            d: bitround_(v, self.keepbits) for d, v in _demo_maps(workdir / "demo.zarr").items()
         }
         self.layers = layers
         self.maps = {d: [layer_maps(v, layer) for layer in range(layers)] for d, v in demo.items()}

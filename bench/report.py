@@ -570,11 +570,12 @@ def _rate(r: dict[str, Any]) -> str:
             f"a step: 57 layers × 24 heads × 26 token rows × 64×64, both directions) made of a "
             f"real demo recording's maps, {step['steps']} steps, one every {step['period']} s "
             "(paced) and as fast as it takes them (unthrottled), on 1 and 2 cores. The maps "
-            "arrive rounded, as from a GPU; each step's shards are encoded by zarrs, written "
-            "past the page cache (O_DIRECT), synced and renamed into place before the step is "
-            "listed, every pending step's shards in flight at once. Beside it: the same "
-            "through the page cache, without fsync (through the page cache, unsynced), and on "
-            "zarr-python's own codec pipeline (the baseline, through the page cache).",
+            f"arrive rounded{_rounded_as(step)}, as from a GPU; each step's shards are encoded "
+            "by zarrs, written past the page cache (O_DIRECT), synced and renamed into place "
+            "before the step is listed, every pending step's shards in flight at once. Beside "
+            "it: the same through the page cache, without fsync (through the page cache, "
+            "unsynced), and on zarr-python's own codec pipeline (the baseline, through the page "
+            "cache).",
             _table(
                 [
                     "cores",
@@ -882,6 +883,13 @@ def _codecs(r: dict[str, Any]) -> str:
             "Command: `python -m bench` (section `codecs`, `bench/codecs.py`).",
         ]
     )
+
+
+def _rounded_as(run: dict[str, Any]) -> str:
+    """The keepbits the rate benchmark's maps were rounded to, where its figures say."""
+    if "keepbits" not in run:
+        return ""
+    return f" to keepbits {run['keepbits']} (what a recording of FLUX.1-dev, in bf16, keeps)"
 
 
 def _by_keepbits(codecs: dict[str, Any]) -> list[str]:
