@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import textwrap
 import warnings
 from typing import Any
@@ -119,7 +120,13 @@ def describe(info: dict[str, Any]) -> str:
         lines.append(f"  entities  {', '.join(run['entities'])}")
     if sf.ERROR_BOUND in attrs:
         bound = float(attrs[sf.ERROR_BOUND])
-        stated = "lossless" if bound == 0 else f"relative error <= {bound:.3g}"
+        # The bound is 2^-(keepbits + 1): a bf16 model's run keeps 7 bits by default, others 9.
+        kept = round(-math.log2(bound)) - 1 if bound > 0 else None
+        stated = (
+            "lossless"
+            if kept is None
+            else f"relative error <= {bound:.3g} ({kept} mantissa bits kept)"
+        )
         lines.append(f"  error     {stated}")
     written = sum(v["bytes_written"] for v in run["variables"].values())
     attention = sum(v["bytes_on_disk"] for v in run["variables"].values())

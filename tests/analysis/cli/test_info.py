@@ -29,7 +29,7 @@ def test_info_shows_runs_prompt_spans_dims_steps_and_size(make_store, capsys, ru
     assert "cat     tokens 1  'cat'" in out and "prompt  tokens 0..5  'a cat on a mat .'" in out
     assert "step 5 · layer 5 · head 3 · token 7 · y 4 · x 7  (layers: 2 double, 3 single)" in out
     assert "    prompt: 0 a · 1 cat · 2 on · 3 a · 4 mat · 5 . · 6..9 <pad>" in out
-    assert "relative error <= 0.000977" in out
+    assert "relative error <= 0.000977 (9 mantissa bits kept)" in out
 
     status, out, _ = run_cli("info", path, "--run", "run-0000", "--json")
     info = json.loads(out)["run"]
