@@ -67,6 +67,12 @@ class Estimate:
         a step: where the disk is slower, the generation waits for it."""
         return self.stored_bytes / self.steps / self.step_seconds
 
+    @property
+    def _kept(self) -> str:
+        if self.keepbits is None:
+            return "lossless"
+        return f"{self.keepbits} mantissa bits kept, relative error <= 2^-{self.keepbits + 1}"
+
     def __str__(self) -> str:
         return "\n".join(
             [
@@ -75,7 +81,7 @@ class Estimate:
                 f"steps",
                 f"per step: {_size(self.step_bytes)} decoded",
                 f"per generation: {_size(self.generation_bytes)} decoded, about "
-                f"{_size(self.stored_bytes)} on disk",
+                f"{_size(self.stored_bytes)} on disk ({self._kept})",
                 f"needs {_size(self.rate_needed)}/s decoded, about "
                 f"{_size(self.disk_rate_needed)}/s to disk, at {self.step_seconds} s a step",
             ]

@@ -96,6 +96,7 @@ def test_record_estimate_prints_and_writes_nothing(tmp_path, capsys):
     said = capsys.readouterr().out
     assert "maps: 5 layers × 4 heads × " in said and "2 steps" in said
     assert "decoded, about " in said and "/s to disk, at 0.15 s a step" in said
+    assert "on disk (9 mantissa bits kept, relative error <= 2^-10)" in said  # a float32 demo
     assert not out.exists()
 
 
