@@ -22,10 +22,6 @@ def untraced(pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None) 
     return {}
 
 
-# The format's default: what a recording keeps of a float32 model's maps (tracer.rounding).
-FLOAT32_KEEPBITS = 9
-
-
 def attnscope(
     pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None, **options: Any
 ) -> dict[str, Any]:
@@ -74,7 +70,9 @@ def attnscope_float32_bits(
 ) -> dict[str, Any]:
     """attnscope keeping 9 mantissa bits whatever the model's dtype (a bf16 model's default is
     7): what the two bits more cost where the disk is what the generation waits for."""
-    return attnscope(pipe, geo, workdir, steps, keepbits=FLOAT32_KEEPBITS)
+    from analysis.store_format import DEFAULT_KEEPBITS  # a float32 model's (tracer.rounding)
+
+    return attnscope(pipe, geo, workdir, steps, keepbits=DEFAULT_KEEPBITS)
 
 
 def deep_pending_steps() -> int:
