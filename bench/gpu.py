@@ -164,8 +164,9 @@ def measure(
     from bench import capture_cost
     from bench.common import GEOMETRIES, scratch
     from bench.overhead import measure as pairs_of
-    from bench.rate import disk_sync_mb_s, writer_alone
+    from bench.rate import writer_alone
     from bench.variants import deep_pending_steps
+    from tracer.durable import disk_sync_rate
 
     geo = GEOMETRIES["quick" if smoke else "flux-dev-gpu"]
     if not smoke and not torch.cuda.is_available():
@@ -186,9 +187,10 @@ def measure(
     save(figures)
     with scratch("disk") as folder:  # where the traced runs write their stores
         megabytes = 16 if smoke else 2048
-        disk = disk_sync_mb_s(folder, megabytes)
+        disk = disk_sync_rate(folder, megabytes * 2**20) / 1e6
         # As the writer writes: four shards in flight (two steps, two directions), each whole.
-        parallel = disk_sync_mb_s(folder, 2 * megabytes, files=4, block_mib=4 if smoke else 64)
+        block = (4 if smoke else 64) * 2**20
+        parallel = disk_sync_rate(folder, 2 * megabytes * 2**20, files=4, block_bytes=block) / 1e6
     figures["host"] = {
         "cores": len(os.sched_getaffinity(0)),
         "disk_sync_mb_s": disk,

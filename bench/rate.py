@@ -54,7 +54,6 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -135,44 +134,6 @@ class _Listings:
         return self._times
 
 
-def disk_sync_mb_s(
-    folder: Path, megabytes: int = 1024, files: int = 1, block_mib: int = 1
-) -> float:
-    """This disk's sequential write rate with fsync, written as the writer writes synced shards
-    (past the page cache where the file system takes it): the ceiling for durable steps here.
-
-    `files` are written side by side, `megabytes` in all, in writes of `block_mib` MiB: as
-    several steps' shards are in flight at once, each written in large pieces.
-    """
-    from tracer.durable import takes_direct_io
-
-    direct = os.O_DIRECT if takes_direct_io(folder) else 0
-    block = mmap.mmap(-1, block_mib * 2**20)  # page-aligned, as O_DIRECT asks
-    block.write(os.urandom(block_mib * 2**20))
-    writes = max(1, megabytes // block_mib // files)
-
-    paths = [folder / f"disk-rate-{index}.bin" for index in range(files)]
-
-    def write(path: Path) -> None:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o600)
-        try:
-            for _ in range(writes):
-                os.write(descriptor, block)
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-    start = time.perf_counter()
-    try:
-        with ThreadPoolExecutor(files) as pool:
-            list(pool.map(write, paths))
-        seconds = time.perf_counter() - start
-    finally:
-        for path in paths:
-            path.unlink(missing_ok=True)
-    return files * writes * block_mib * 2**20 / seconds / 1e6
-
-
 def touch_memory(gigabytes: float) -> float:
     """Seconds per GB to touch `gigabytes` of memory this process never had. Fresh interpreter."""
     import numpy as np
@@ -204,7 +165,7 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
     `tuned`: with the allocator set as `attnscope record` sets it (analysis.allocator), paced and
     unthrottled only.
     """
-    from tracer.durable import DIRECT_IO_ENV
+    from tracer.durable import DIRECT_IO_ENV, disk_sync_rate
     from tracer.zarr_pipeline import ENV
 
     _take_cores(cores, tuned)
@@ -234,7 +195,7 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
             measured = _feed(load, workdir / f"{name}.zarr", steps, pace, fsync)
             if name not in results or measured["seconds"] < results[name]["seconds"]:
                 results[name] = measured
-        disk = disk_sync_mb_s(workdir)
+        disk = disk_sync_rate(workdir, 2**30) / 1e6
     return {
         "cores": cores,
         "steps": steps,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import shutil
 import sys
@@ -405,6 +406,7 @@ def _estimate(
     seed: int,
     entity_names: list[str] | None,
     eligen: dict[str, Any],
+    out: str | None = None,
 ) -> Any:
     from tracer.estimate import estimate
 
@@ -413,6 +415,7 @@ def _estimate(
         _call_arguments(args, prompt, seed) | eligen,
         step_seconds=args.step_seconds,
         entity_names=entity_names,
+        out=out,
         **_recorded(args),
     )
 
@@ -485,11 +488,11 @@ def _recorded_line(recorder: Any, out: str, seconds: float) -> str:
 
 def _check_disk(out: str, costs: list[Any]) -> None:
     """Refuse a recording that cannot fit on the disk it goes to (local paths)."""
-    if _is_url(out):
+    from tracer.store import folder_beside
+
+    folder = folder_beside(out)
+    if folder is None:
         return  # an object store says when it is full, as a failed write
-    folder = Path(out)
-    while not folder.exists():
-        folder = folder.parent
     free = shutil.disk_usage(folder).free
     needed = sum(cost.stored_bytes for cost in costs)
     if needed > free:
@@ -679,6 +682,9 @@ def _record(
     _one_progress_bar(pipe)
     costs = [_estimate(args, pipe, prompt, seed, entity_names, eligen) for prompt, seed in todo]
     if args.estimate:
+        # The disk --out goes to, probed once for every run's estimate.
+        probed = _estimate(args, pipe, *todo[0], entity_names, eligen, out=args.out).disk_rate
+        costs = [dataclasses.replace(cost, disk_rate=probed) for cost in costs]
         for (prompt, seed), cost in zip(todo, costs, strict=True):
             print(f"{prompt!r} (seed {seed})\n{cost}")
         return

@@ -23,8 +23,10 @@ import asyncio
 import mmap
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +161,41 @@ def takes_direct_io(folder: Path) -> bool:
     finally:
         os.close(descriptor)
         probe.unlink(missing_ok=True)
+
+
+def disk_sync_rate(folder: Path, nbytes: int, *, files: int = 1, block_bytes: int = 2**20) -> float:
+    """Bytes per second the disk under `folder` takes and syncs, written as the writer writes
+    its shards (past the page cache where the file system takes O_DIRECT, then fsync): the
+    ceiling for durable steps there.
+
+    `nbytes` in all, split over `files` written side by side (as several shards are in flight
+    at once), in writes of `block_bytes`. The files are removed again.
+    """
+    direct = os.O_DIRECT if _direct_io_wanted() and takes_direct_io(folder) else 0
+    block = mmap.mmap(-1, block_bytes)  # page-aligned, as O_DIRECT asks
+    block.write(os.urandom(block_bytes))  # incompressible, should the file system compress
+    writes = max(1, nbytes // block_bytes // files)
+    probes = [folder / f"disk-rate.{uuid.uuid4().hex}.partial" for _ in range(files)]
+
+    def write(path: Path) -> None:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | direct, 0o600)
+        try:
+            for _ in range(writes):
+                os.write(descriptor, block)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+    start = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(files, thread_name_prefix="attnscope-disk-rate") as pool:
+            list(pool.map(write, probes))
+        seconds = time.perf_counter() - start
+    finally:
+        block.close()
+        for path in probes:
+            path.unlink(missing_ok=True)
+    return files * writes * block_bytes / seconds
 
 
 def _make_folders(folder: Path) -> list[Path]:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from analysis import store_format as fmt
 from tracer.adapters import adapter_for
+from tracer.durable import disk_sync_rate
 from tracer.rounding import MODEL_PRECISION, keepbits_for
 from tracer.session import Selector, select_indices, select_layers
 from tracer.spans import token_rows
+from tracer.store import folder_beside
 
 # Stored bytes per value at keepbits 9 (a float32 model's default) down to 5 (a bf16 model's
 # default is 7), as docs/benchmarks.md measures them (*Compressor choice*: the format's
@@ -20,6 +24,8 @@ from tracer.spans import token_rows
 # mantissa bits, rounded up to whole bytes.
 MEASURED_BYTES_PER_VALUE = {9: 1.67, 8: 1.54, 7: 1.42, 6: 1.30, 5: 1.17}
 H100_STEP_SECONDS = 0.15  # FLUX.1-dev, 1024², bf16
+# Large enough that a disk's cache does not answer for it, small enough to say at once.
+DISK_PROBE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class Estimate:
     directions: tuple[str, ...]
     keepbits: int | None
     step_seconds: float
+    disk_rate: float | None = None  # bytes/s the disk the store goes to synced; None: not probed
 
     @property
     def step_bytes(self) -> int:
@@ -68,24 +75,41 @@ class Estimate:
         return self.stored_bytes / self.steps / self.step_seconds
 
     @property
+    def disk_ratio(self) -> float | None:
+        """The least traced/untraced the probed disk allows at `step_seconds` a step: the
+        generation waits for the disk once it is slower than the steps (1.0 where it keeps up);
+        None where no disk was probed."""
+        if self.disk_rate is None:
+            return None
+        return max(1.0, self.stored_bytes / self.disk_rate / (self.steps * self.step_seconds))
+
+    @property
     def _kept(self) -> str:
         if self.keepbits is None:
             return "lossless"
         return f"{self.keepbits} mantissa bits kept, relative error <= 2^-{self.keepbits + 1}"
 
     def __str__(self) -> str:
-        return "\n".join(
-            [
-                f"maps: {self.layers} layers × {self.heads} heads × {self.rows} token rows × "
-                f"{'×'.join(map(str, self.grid))}, {' + '.join(self.directions)}, {self.steps} "
-                f"steps",
-                f"per step: {_size(self.step_bytes)} decoded",
-                f"per generation: {_size(self.generation_bytes)} decoded, about "
-                f"{_size(self.stored_bytes)} on disk ({self._kept})",
-                f"needs {_size(self.rate_needed)}/s decoded, about "
-                f"{_size(self.disk_rate_needed)}/s to disk, at {self.step_seconds} s a step",
-            ]
-        )
+        lines = [
+            f"maps: {self.layers} layers × {self.heads} heads × {self.rows} token rows × "
+            f"{'×'.join(map(str, self.grid))}, {' + '.join(self.directions)}, {self.steps} "
+            f"steps",
+            f"per step: {_size(self.step_bytes)} decoded",
+            f"per generation: {_size(self.generation_bytes)} decoded, about "
+            f"{_size(self.stored_bytes)} on disk ({self._kept})",
+            f"needs {_size(self.rate_needed)}/s decoded, about "
+            f"{_size(self.disk_rate_needed)}/s to disk, at {self.step_seconds} s a step",
+        ]
+        if self.disk_rate is not None:
+            synced = f"the disk it goes to synced {_size(self.disk_rate)}/s in a probe"
+            if self.disk_ratio > 1.0:
+                lines.append(
+                    f"{synced}: the generation would wait for it and take about "
+                    f"{self.disk_ratio:.2f}× as long as untraced, or longer"
+                )
+            else:
+                lines.append(f"{synced}: it keeps up")
+        return "\n".join(lines)
 
 
 def _size(n: float) -> str:
@@ -113,9 +137,12 @@ def estimate(
     keepbits: int | str | None = MODEL_PRECISION,
     step_seconds: float = H100_STEP_SECONDS,
     entity_names: Sequence[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
 ) -> Estimate:
-    """What `tracer.trace(pipe, ..., same options)` would record for `pipe(**call)`: nothing is
-    generated. `step_seconds` is the step time the recording must keep up with."""
+    """What `tracer.trace(pipe, out, same options)` would record for `pipe(**call)`: nothing is
+    generated. `step_seconds` is the step time the recording must keep up with. With a local
+    `out`, the disk it goes to is probed for the rate it syncs at (`Estimate.disk_rate`): up to
+    DISK_PROBE_BYTES written beside the store as the writer writes, and removed."""
     adapter = adapter_for(pipe, entity_names)
     absent = adapter.absent_directions  # none recorded (Sana's, Wan's txt2img)
     chosen = select_layers(adapter.layers(), layers)
@@ -126,7 +153,7 @@ def estimate(
     rows = token_rows(text, text.length, sorted(keep))
     sizes = {key: call.get(key) for key in ("height", "width")} | generation.attrs
     n_steps = int(call.get("num_inference_steps") or 28)
-    return Estimate(
+    cost = Estimate(
         layers=len(chosen),
         heads=n_heads,
         rows=len(rows),
@@ -136,3 +163,10 @@ def estimate(
         keepbits=keepbits_for(keepbits, _weights_dtype(chosen[0].attention)),
         step_seconds=step_seconds,
     )
+    folder = folder_beside(out) if out is not None else None
+    if folder is None:
+        return cost
+    # As many files side by side as the writer has shards in flight by default (two steps).
+    files = 2 * len(cost.directions)
+    probe = min(DISK_PROBE_BYTES, max(files * 2**20, math.ceil(cost.stored_bytes)))
+    return dataclasses.replace(cost, disk_rate=disk_sync_rate(folder, probe, files=files))

@@ -42,6 +42,18 @@ def _local(path: str) -> Path | None:
     return None if "://" in str(path) else Path(path)
 
 
+def folder_beside(path: str | os.PathLike[str]) -> Path | None:
+    """The nearest existing folder above local store path `path`: where the disk the store is
+    (or would be) on can be asked about without touching the store. None for a URL."""
+    store = _local(os.fspath(path))
+    if store is None:
+        return None
+    folder = store.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
 def _group_json(attributes: Mapping[str, Any]) -> str:
     """A Zarr v3 group's zarr.json with these attributes, written whole in one create."""
     return json.dumps(

@@ -16,7 +16,13 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
 from analysis import store_format as sf
-from tracer.durable import DIRECT_IO_ENV, StagedShards, takes_direct_io, write_attributes
+from tracer.durable import (
+    DIRECT_IO_ENV,
+    StagedShards,
+    disk_sync_rate,
+    takes_direct_io,
+    write_attributes,
+)
 
 SHAPE = (3, 2, 4, 2, 8, 8)  # step, layer, head, token, y, x
 
@@ -139,6 +145,32 @@ def test_the_direct_io_probe_leaves_nothing_and_says_no_where_refused(tmp_path, 
     assert takes_direct_io(tmp_path) == hasattr(os, "O_DIRECT")  # ext4 and tmpfs take it
     _refuse_o_direct(monkeypatch)
     assert takes_direct_io(tmp_path) is False
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("disk", ["direct", "refuses O_DIRECT"])
+def test_the_disk_rate_probe_writes_and_syncs_what_it_says_and_leaves_nothing(
+    tmp_path, monkeypatch, synced, disk
+):
+    if disk == "refuses O_DIRECT":
+        _refuse_o_direct(monkeypatch)
+    written: dict[str, int] = {}
+    real_write = os.write
+
+    def write(descriptor: int, data) -> int:
+        path = os.readlink(f"/proc/self/fd/{descriptor}")
+        written[path] = written.get(path, 0) + real_write(descriptor, data)
+        return len(data)
+
+    monkeypatch.setattr(os, "write", write)
+    rate = disk_sync_rate(tmp_path, 8 * 2**20, files=4, block_bytes=2**20)
+    assert rate > 0
+    # Four files of 2 MiB each (beside the page that asked the disk about O_DIRECT), every
+    # one synced once it was written, none left behind.
+    written = {path: n for path, n in written.items() if "direct-io." not in path}
+    assert sorted(written.values()) == [2 * 2**20] * 4
+    assert sorted(synced) == sorted(written)
+    assert all(Path(p).parent == tmp_path and p.endswith(".partial") for p in written)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from collections import namedtuple
@@ -97,7 +98,54 @@ def test_record_estimate_prints_and_writes_nothing(tmp_path, capsys):
     assert "maps: 5 layers × 4 heads × " in said and "2 steps" in said
     assert "decoded, about " in said and "/s to disk, at 0.15 s a step" in said
     assert "on disk (9 mantissa bits kept, relative error <= 2^-10)" in said  # a float32 demo
-    assert not out.exists()
+    assert "the disk it goes to synced " in said  # probed beside the store, and removed
+    assert list(tmp_path.iterdir()) == []
+
+
+FLUX_DEV = {"layers": 57, "heads": 24, "rows": 26, "grid": (64, 64), "steps": 28}
+
+
+@pytest.mark.parametrize("disk_gb_s", [1.742, 2.5, 4.0])
+def test_the_estimate_says_how_long_a_slower_disk_would_hold_the_generation(disk_gb_s):
+    cost = tracer.Estimate(
+        **FLUX_DEV,
+        directions=("txt2img", "img2txt"),
+        keepbits=7,
+        step_seconds=0.15,
+        disk_rate=disk_gb_s * 1e9,
+    )
+    # By hand: 57 × 24 × 26 × 4096 values a step and direction, 1.42 bytes each on disk.
+    stored = 28 * 2 * 57 * 24 * 26 * 4096 * 1.42
+    expected = max(1.0, stored / (disk_gb_s * 1e9) / (28 * 0.15))
+    assert cost.disk_ratio == pytest.approx(expected)
+    said = str(cost).splitlines()[-1]
+    assert said.startswith(f"the disk it goes to synced {disk_gb_s:.2f} GB/s in a probe: ")
+    if expected > 1:
+        assert f"take about {expected:.2f}× as long as untraced, or longer" in said
+    else:
+        assert said.endswith(": it keeps up")
+
+
+def test_an_estimate_probes_a_local_disk_only(tmp_path, monkeypatch):
+    pipe = demo_pipeline(seed=0, max_sequence_length=32)
+    assert estimate(pipe, CALL).disk_rate is None
+    assert estimate(pipe, CALL, out="s3://bucket/run.zarr").disk_rate is None
+    probed: list[tuple] = []
+
+    def disk_sync_rate(folder, nbytes, *, files):
+        probed.append((folder, nbytes, files))
+        return 5e8
+
+    # The module: `tracer.estimate` as an attribute is the function.
+    monkeypatch.setattr(
+        importlib.import_module("tracer.estimate"), "disk_sync_rate", disk_sync_rate
+    )
+    cost = estimate(pipe, CALL, out=tmp_path / "new" / "folders" / "cat.zarr")
+    assert cost.disk_rate == 5e8 and "synced 500.00 MB/s in a probe" in str(cost)
+    # Beside the store, in the nearest folder that exists; a file per shard in flight (two
+    # steps' of each direction); a small recording probes a few MiB, not the largest probe.
+    assert probed == [(tmp_path, 4 * 2**20, 4)]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_recording_that_cannot_fit_is_refused_before_it_starts(tmp_path, capsys, monkeypatch):
