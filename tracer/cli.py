@@ -481,7 +481,7 @@ def _recorded_line(recorder: Any, out: str, seconds: float) -> str:
         said += (
             "; the host or its disk writes slower than the model computes: fewer --keepbits "
             "(each bit an eighth of a byte less per value), fewer --layers, --heads or --steps, "
-            "or one of --directions writes less"
+            "or one of --directions writes less; --estimate says whether the disk keeps up"
         )
     return said
 

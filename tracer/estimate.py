@@ -105,7 +105,8 @@ class Estimate:
             if self.disk_ratio > 1.0:
                 lines.append(
                     f"{synced}: the generation would wait for it and take about "
-                    f"{self.disk_ratio:.2f}× as long as untraced, or longer"
+                    f"{self.disk_ratio:.2f}× as long as untraced, or longer (a faster disk, or "
+                    f"fewer bytes: keepbits, layers, heads, steps, directions)"
                 )
             else:
                 lines.append(f"{synced}: it keeps up")

@@ -62,6 +62,7 @@ def test_a_generation_held_up_by_the_writer_is_told_what_writes_less(tmp_path, c
     # what the pipeline's own work after its last step (decoding the image) took meanwhile.
     assert waited >= 2.0, said
     assert "writes slower than the model computes: fewer --keepbits" in said
+    assert "--estimate says whether the disk keeps up" in said
 
 
 def test_a_runs_fixed_cost_gets_no_hint(tmp_path, capsys):
