@@ -14,7 +14,9 @@ allocator's settings held: analysis.allocator, `malloc_arenas`), the writer alon
 cores with 2 and half the cores' steps in flight (`writer_alone`, bench.rate's feed of real
 maps), and what pinning host memory
 costs there (a process's first run pins its step buffers on a writer
-thread from the run's start; the generation's first put() waits for the first of them). The
+thread from the run's start; the generation's first put() waits for the first of them), through
+PyTorch's caching host allocator as the writer does and with its pages faulted in by several
+threads, then registered (`pinning_registered`). The
 breakdown of the traced run gives the seconds the capture and the model's attention kept the GPU
 busy (CUDA events), and `capture_per_call` (bench/capture_cost.py) the capture of one call at
 that shape: its work counted, its GPU time per chunk size against the attention's, its error
@@ -40,6 +42,7 @@ import argparse
 import importlib
 import importlib.metadata
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,7 +70,11 @@ MODULES = (
 ROOT = Path(__file__).resolve().parent.parent
 # The suite's tests marked `cuda`, in the files whose imports the carried wheels cover: never run
 # but on a GPU box. The one other file with such a test needs DiffSynth-Studio, not carried.
-CUDA_TESTS = ("tests/tracer/test_lse_path.py", "tests/tracer/test_writer.py")
+CUDA_TESTS = (
+    "tests/tracer/test_lse_path.py",
+    "tests/tracer/test_writer.py",
+    "tests/tracer/test_pinning.py",
+)
 
 
 SITE = Path("/tmp/attnscope-site")  # where carried wheels are installed on the GPU box
@@ -244,8 +251,9 @@ def measure(
     pending = sorted({2, deep_pending_steps()})
     figures["writer_alone"] = writer_alone(pending, 3, 3) if smoke else writer_alone(pending)
     save(figures)
-    # After the traced runs, whose first pins its step buffers afresh: see the function.
+    # After the traced runs, whose first pins its step buffers afresh: see the functions.
     figures["pinning_seconds_per_gib"] = pinning_seconds_per_gib()
+    figures["pinning_registered"] = pinning_registered()
     figures["seconds_in_all"] = time.perf_counter() - started
     save(figures)
     return figures
@@ -287,6 +295,32 @@ def pinning_seconds_per_gib() -> float | None:
     return seconds / 2
 
 
+def pinning_registered() -> dict[str, Any] | None:
+    """What pinning costs with PyTorch's other way of pinning host memory: allocated plainly,
+    its pages faulted in by several threads, then registered with CUDA
+    (`pinned_use_cuda_host_register`, `pinned_num_register_threads`: the largest power of two
+    up to the cores, as the setting asks). Set for this process from here on, so measured last;
+    None without CUDA, the error where this torch refuses the setting."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    threads = 2 ** int(math.log2(min(len(os.sched_getaffinity(0)), 128)))
+    try:
+        torch.cuda.memory._set_allocator_settings(
+            f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}"
+        )
+    except Exception as exc:
+        return {"threads": threads, "error": f"{type(exc).__name__}: {exc}"[:500]}
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    # 4 GiB: pinning_seconds_per_gib left a 2 GiB block cached, which would be reused.
+    block = torch.empty(2**30, dtype=torch.float32, pin_memory=True)
+    seconds = time.perf_counter() - start
+    del block
+    return {"threads": threads, "seconds_per_gib": seconds / 4}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n")[0])
     parser.add_argument("--wheels", type=Path, help="download the wheels it needs here; exit")
@@ -301,14 +335,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.install:
         install(args.install)
-    # This script owns its process, as `attnscope record` does: the same allocator settings,
-    # before anything starts a thread (CUDA's first call does; analysis.allocator says why). A
-    # smoke run shares the test suite's process, which is left as it is.
+    # This script owns its process, as `attnscope record` does: the same allocator settings
+    # (glibc's, and PyTorch's for pinned memory: tracer.pinning), before anything starts a
+    # thread (CUDA's first call does; analysis.allocator says why). A smoke run shares the test
+    # suite's process, which is left as it is.
     tuned = False
     if not args.smoke:
         from analysis.allocator import reuse_freed_memory
+        from tracer.pinning import pin_at_size
 
         tuned = reuse_freed_memory()
+        pin_at_size()
 
     def save(figures: dict[str, Any]) -> None:
         if args.json:

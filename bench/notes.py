@@ -153,8 +153,18 @@ def _gpu_box(box: dict[str, Any]) -> str:
     text += _gpu_call(box["capture_per_call"])
     text += (
         f". The suite's CUDA tests there: {box['cuda_tests']['summary']}. Pinning host memory "
-        f"afresh took {box['pinning_seconds_per_gib']:.2f} s per GiB."
+        f"afresh took {box['pinning_seconds_per_gib']:.2f} s per GiB"
     )
+    registered = box.get("pinning_registered")
+    if registered is not None and "error" in registered:
+        text += f"; with its pages registered instead, refused there: {registered['error']}"
+    elif registered is not None:
+        text += (
+            f", {registered['seconds_per_gib']:.2f} s with its pages faulted in by "
+            f"{registered['threads']} threads and registered (PyTorch's "
+            "`pinned_use_cuda_host_register`)"
+        )
+    text += "."
     if "host" in box:
         cores_busy = box["median_cpu"]["attnscope"] / wall["attnscope"]
         deep = box["deeper_writer"]

@@ -20,6 +20,7 @@ from analysis.allocator import ENVIRONMENT, arenas, reuse_freed_memory
 from analysis.cli.args import integers, names, positive
 from analysis.errors import AttnscopeError, UsageError, WriterError
 from tracer.claims import DEFAULT_LEASE_SECONDS
+from tracer.pinning import pin_at_size
 from tracer.rounding import MODEL_PRECISION
 from tracer.spans import parse_span_argument
 
@@ -634,7 +635,10 @@ def run_record(args: argparse.Namespace) -> int:
     entity_names, eligen = _entities(args)
     # This process is the recording's own: its writer reuses the memory it frees. Set before
     # the pipeline starts threads; a warning that it could not be waits for the recording.
-    allocator_warning = None if args.estimate else _reuse_freed_memory()
+    allocator_warning = None
+    if not args.estimate:  # an estimate records nothing: the process is left as it is
+        allocator_warning = _reuse_freed_memory()
+        pin_at_size()  # the step buffers' pinned memory at their size (tracer.pinning)
     created = False
     if not args.estimate and (args.prompts is None or args.overwrite):
         created = _check_out(args)
@@ -683,8 +687,9 @@ def _record(
     costs = [_estimate(args, pipe, prompt, seed, entity_names, eligen) for prompt, seed in todo]
     if args.estimate:
         # The disk --out goes to, probed once for every run's estimate.
-        probed = _estimate(args, pipe, *todo[0], entity_names, eligen, out=args.out).disk_rate
-        costs = [dataclasses.replace(cost, disk_rate=probed) for cost in costs]
+        probed = _estimate(args, pipe, *todo[0], entity_names, eligen, out=args.out)
+        disk = {"disk_rate": probed.disk_rate, "disk_error": probed.disk_error}
+        costs = [dataclasses.replace(cost, **disk) for cost in costs]
         for (prompt, seed), cost in zip(todo, costs, strict=True):
             print(f"{prompt!r} (seed {seed})\n{cost}")
         return

@@ -41,6 +41,7 @@ class Estimate:
     keepbits: int | None
     step_seconds: float
     disk_rate: float | None = None  # bytes/s the disk the store goes to synced; None: not probed
+    disk_error: str | None = None  # why the disk could not be probed (a full or read-only one)
 
     @property
     def step_bytes(self) -> int:
@@ -100,6 +101,8 @@ class Estimate:
             f"needs {_size(self.rate_needed)}/s decoded, about "
             f"{_size(self.disk_rate_needed)}/s to disk, at {self.step_seconds} s a step",
         ]
+        if self.disk_error is not None:
+            lines.append(f"the disk it goes to could not be probed: {self.disk_error}")
         if self.disk_rate is not None:
             synced = f"the disk it goes to synced {_size(self.disk_rate)}/s in a probe"
             if self.disk_ratio > 1.0:
@@ -170,4 +173,7 @@ def estimate(
     # As many files side by side as the writer has shards in flight by default (two steps).
     files = 2 * len(cost.directions)
     probe = min(DISK_PROBE_BYTES, max(files * 2**20, math.ceil(cost.stored_bytes)))
-    return dataclasses.replace(cost, disk_rate=disk_sync_rate(folder, probe, files=files))
+    try:
+        return dataclasses.replace(cost, disk_rate=disk_sync_rate(folder, probe, files=files))
+    except OSError as error:
+        return dataclasses.replace(cost, disk_error=f"{type(error).__name__}: {error}")

@@ -158,6 +158,17 @@ def test_a_gpu_box_s_figures_are_filed_into_the_report(tmp_path):
     assert main.main(["gpu", str(figures), "--at", "abc1234", *paths]) == 0
     text = report.read_text()
     assert "in 64 MiB writes, as the writer's shards are, synced 3,105 MB/s." in text
+    assert "Pinning host memory afresh took 0.40 s per GiB." in text
+    # And since: pinning by registering pages several threads faulted in.
+    registered = {"pinning_registered": {"threads": 16, "seconds_per_gib": 0.05}}
+    figures.write_text(json.dumps(_gpu_figures() | host | allocator | registered))
+    assert main.main(["gpu", str(figures), "--at", "abc1234", *paths]) == 0
+    text = report.read_text()
+    assert "took 0.40 s per GiB, 0.05 s with its pages faulted in by 16 threads and" in text
+    refused = {"pinning_registered": {"threads": 16, "error": "RuntimeError: unknown"}}
+    figures.write_text(json.dumps(_gpu_figures() | host | allocator | refused))
+    assert main.main(["gpu", str(figures), "--at", "abc1234", *paths]) == 0
+    assert "registered instead, refused there: RuntimeError: unknown." in report.read_text()
     assert "settings (analysis.allocator) did not hold: 3 malloc arena(s) after the" in text
     assert "250,000 page faults per decoded GB" in text
     # The writer alone on the box's cores.

@@ -148,6 +148,21 @@ def test_an_estimate_probes_a_local_disk_only(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_disk_that_cannot_be_probed_is_said_and_the_estimate_stands(
+    tmp_path, monkeypatch, capsys
+):
+    def full(folder, nbytes, *, files):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(importlib.import_module("tracer.estimate"), "disk_sync_rate", full)
+    out = tmp_path / "cat.zarr"
+    assert main(["record", "--demo", "--estimate", "--num-steps", "2", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "per generation: " in said and "/s to disk, at 0.15 s a step" in said
+    assert "the disk it goes to could not be probed: OSError: [Errno 28] No space left" in said
+    assert "synced" not in said
+
+
 def test_a_recording_that_cannot_fit_is_refused_before_it_starts(tmp_path, capsys, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
