@@ -170,10 +170,13 @@ def estimate(
     folder = folder_beside(out) if out is not None else None
     if folder is None:
         return cost
-    # As many files side by side as the writer has shards in flight by default (two steps).
+    # As many files side by side as the writer has shards in flight by default (two steps),
+    # each written in one piece as a shard is, in whole MiB (O_DIRECT writes whole pages).
     files = 2 * len(cost.directions)
     probe = min(DISK_PROBE_BYTES, max(files * 2**20, math.ceil(cost.stored_bytes)))
+    block = probe // files // 2**20 * 2**20
     try:
-        return dataclasses.replace(cost, disk_rate=disk_sync_rate(folder, probe, files=files))
+        rate = disk_sync_rate(folder, files * block, files=files, block_bytes=block)
+        return dataclasses.replace(cost, disk_rate=rate)
     except OSError as error:
         return dataclasses.replace(cost, disk_error=f"{type(error).__name__}: {error}")

@@ -132,8 +132,8 @@ def test_an_estimate_probes_a_local_disk_only(tmp_path, monkeypatch):
     assert estimate(pipe, CALL, out="s3://bucket/run.zarr").disk_rate is None
     probed: list[tuple] = []
 
-    def disk_sync_rate(folder, nbytes, *, files):
-        probed.append((folder, nbytes, files))
+    def disk_sync_rate(folder, nbytes, *, files, block_bytes):
+        probed.append((folder, nbytes, files, block_bytes))
         return 5e8
 
     # The module: `tracer.estimate` as an attribute is the function.
@@ -143,15 +143,20 @@ def test_an_estimate_probes_a_local_disk_only(tmp_path, monkeypatch):
     cost = estimate(pipe, CALL, out=tmp_path / "new" / "folders" / "cat.zarr")
     assert cost.disk_rate == 5e8 and "synced 500.00 MB/s in a probe" in str(cost)
     # Beside the store, in the nearest folder that exists; a file per shard in flight (two
-    # steps' of each direction); a small recording probes a few MiB, not the largest probe.
-    assert probed == [(tmp_path, 4 * 2**20, 4)]
+    # steps' of each direction), each in one write; a small recording probes a few MiB, not
+    # the largest probe.
+    assert probed == [(tmp_path, 4 * 2**20, 4, 2**20)]
     assert list(tmp_path.iterdir()) == []
+    # A large one probes 256 MiB: four shards of 64 MiB.
+    large = CALL | {"height": 1024, "width": 1024, "num_inference_steps": 200}
+    assert estimate(pipe, large, out=tmp_path / "cat.zarr").stored_bytes > 2**28
+    assert probed[-1] == (tmp_path, 2**28, 4, 2**26)
 
 
 def test_a_disk_that_cannot_be_probed_is_said_and_the_estimate_stands(
     tmp_path, monkeypatch, capsys
 ):
-    def full(folder, nbytes, *, files):
+    def full(folder, nbytes, *, files, block_bytes):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(importlib.import_module("tracer.estimate"), "disk_sync_rate", full)
