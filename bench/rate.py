@@ -66,6 +66,7 @@ HOSTS = (8, 16)
 BASELINE = "unthrottled, zarr-python's pipeline"
 BUFFERED = "unthrottled, through the page cache"
 PACED_LATER = "paced, later run"
+LOOK_SECONDS = 0.005  # how often _Listings looks at the steps listed
 
 
 def _demo_maps(path: Path) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def layer_maps(demo: Any, layer: int) -> Any:
 
 class _Listings:
     """When each step was listed durable, in seconds since `start`: the writer's
-    steps_complete, looked at every 5 ms on a thread of its own."""
+    steps_complete, looked at every LOOK_SECONDS on a thread of its own."""
 
     def __init__(self, writer: Any, start: float) -> None:
         self._writer, self._start = writer, start
@@ -119,7 +120,7 @@ class _Listings:
         self._thread.start()
 
     def _watch(self) -> None:
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(LOOK_SECONDS):
             self._look()
 
     def _look(self) -> None:
@@ -466,6 +467,8 @@ def _sustained(listed: list[float], step_bytes: int, period: float) -> dict[str,
     _simulated_ratio plays it: how much later than the first step's feeding plus WARM_UP_STEPS
     sustained steps the first WARM_UP_STEPS were durable."""
     seconds_per_step = (listed[-1] - listed[WARM_UP_STEPS - 1]) / (len(listed) - WARM_UP_STEPS)
+    # Steps listed between two looks read as listed at once: each took at most a look's time.
+    seconds_per_step = max(seconds_per_step, LOOK_SECONDS)
     expected = period + WARM_UP_STEPS * seconds_per_step
     return {
         "sustained_mb_s": step_bytes / seconds_per_step / 1e6,

@@ -5,6 +5,7 @@ import pytest
 
 from bench.rate import (
     HEADS,
+    LOOK_SECONDS,
     TOKEN_ROWS,
     _durable_times,
     _seconds_per_step,
@@ -40,6 +41,12 @@ def test_a_writer_without_warm_up_reads_none_when_fed_paced_or_at_once():
     assert paced["warm_up_seconds"] == pytest.approx(0.0)
     # All at once: the first durable after one step's writing.
     assert _sustained([0.3, 0.6, 0.9], STEP_BYTES, 0.0)["warm_up_seconds"] == pytest.approx(0.0)
+
+
+def test_steps_listed_between_two_looks_took_at_most_a_look_each():
+    # A short smoke run: the last two steps seen listed in the same look.
+    figures = _sustained([0.237, 0.325, 0.325], STEP_BYTES, 0.0)
+    assert figures["sustained_mb_s"] == pytest.approx(STEP_BYTES / LOOK_SECONDS / 1e6)
 
 
 def two_cores(sustained_mb_s: float, disk_sync_mb_s: float = 1e9) -> dict:
