@@ -32,12 +32,14 @@ Threading contract:
   `steps_complete`) or reopen the group; a stale `Group` object would write the old list back.
 - Three kinds of background thread: one absorbs the maps into step buffers, a pool stores the
   shards (every pending step's, side by side), and one lists the stored steps in order.
-- On CUDA, the device-to-host copy is queued on the tensor's device's *current stream*, so maps
-  must be produced on that stream (as the tracer does) and not modified in place afterwards.
+- On CUDA, maps must be produced on their device's *current stream* (as the tracer does): put()
+  clones them there (the caller may then reuse its tensors) and copies the clones to the host on
+  a stream of the writer's own, beside the model's.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import operator
 import queue
@@ -84,6 +86,9 @@ class _Item:
 
 
 _STOP = object()  # queue sentinel: no more items
+# Device->host copies the model may run ahead of (two layers' maps of both directions): enough
+# for each layer's copy to run during the next layer's compute.
+_COPIES_AHEAD = 4
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,10 @@ class TraceWriter:
         self._n_steps = len(steps)
         # Pinned host memory is what lets a device->host copy run asynchronously.
         self._pin = torch.cuda.is_available()
+        # Per CUDA device, used by put()'s thread only: the stream maps are copied off on, and
+        # the copies queued there the model has not been made to wait for yet (_copy_off).
+        self._copy_streams: dict[torch.device, Any] = {}
+        self._copies_ahead: dict[torch.device, collections.deque[Any]] = {}
 
         self._cond = threading.Condition()
         # Everything below is guarded by self._cond.
@@ -355,21 +364,44 @@ class TraceWriter:
         events: list[Any] = []
         for name, tensor in tensors.items():
             if tensor.is_cuda:
-                # Rounded on the GPU, then straight into the step's pinned buffer; the event
-                # tells the worker when the bytes are there, so this thread never waits for it.
-                if self._keepbits[name] is not None:
-                    tensor = bitround_(tensor.clone(), self._keepbits[name])
                 row = slot.host[name][layer_pos].view(self._map_shape)
-                row.copy_(tensor, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(tensor.device))
-                events.append(event)
+                events.append(self._copy_off(tensor, row, self._keepbits[name]))
             elif tensor.device.type == "cpu":
                 cpu[name] = tensor
             else:
                 # Other accelerators: no event API relied on here; a plain (blocking) copy.
                 cpu[name] = tensor.to("cpu")
         self._queue.put(_Item(slot, layer_pos, cpu, events))
+
+    def _copy_off(self, tensor: torch.Tensor, row: torch.Tensor, keepbits: int | None) -> Any:
+        """Queue the copy of CUDA map `tensor` into `row` of a step's pinned buffer, rounded to
+        `keepbits`; the event that says the bytes are there (the worker waits on it, never the
+        generation's thread).
+
+        The copy runs on a stream of the writer's, beside the model's: queued on the model's
+        stream, every kernel after it would wait for the bytes to cross to the host. It copies
+        a clone the writer owns, rounded on the model's stream, so the caller may reuse its
+        tensor at once; the model runs at most _COPIES_AHEAD copies ahead, since each clone holds
+        device memory until it is copied.
+        """
+        device = tensor.device
+        model = torch.cuda.current_stream(device)
+        owned = bitround_(tensor.clone(), keepbits)
+        copies = self._copy_streams.get(device)
+        if copies is None:
+            copies = self._copy_streams[device] = torch.cuda.Stream(device)
+        copies.wait_stream(model)
+        with torch.cuda.stream(copies):
+            row.copy_(owned, non_blocking=True)
+        # The caching allocator must not hand the clone's memory on before the copy has read it.
+        owned.record_stream(copies)
+        event = torch.cuda.Event()
+        event.record(copies)
+        ahead = self._copies_ahead.setdefault(device, collections.deque())
+        ahead.append(event)
+        if len(ahead) > _COPIES_AHEAD:
+            model.wait_event(ahead.popleft())  # on the device: this thread does not wait
+        return event
 
     def close(self) -> None:
         """Write everything pending, stop the worker, and raise WriterError if anything failed.

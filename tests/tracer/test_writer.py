@@ -945,6 +945,39 @@ def test_cuda_put_is_asynchronous_and_exact(tmp_path: Path) -> None:
     assert ds.attrs[sf.STEPS_COMPLETE] == list(STEPS)
 
 
+@pytest.mark.cuda
+def test_cuda_maps_are_copied_off_beside_the_models_stream(tmp_path: Path) -> None:
+    """The device->host copy runs on a stream of the writer's: the model's work queued after
+    put() does not wait for it, and the caller may overwrite its maps at once."""
+    path = tmp_path / "t.zarr"
+    writer = TraceWriter(make_run(path), directions=sf.DIRECTIONS, n_layers=N_LAYERS)
+    rng = np.random.default_rng(17)
+    expected = {key: random_maps(rng, sf.DIRECTIONS) for key in all_keys()}
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = torch.cuda.current_stream(device)
+    for step_pos, layer_pos in all_keys():
+        maps = {name: t.to(device) for name, t in expected[(step_pos, layer_pos)].items()}
+        busy = (step_pos, layer_pos) == (0, 1)
+        if busy:  # the writer's copy stream, made by the first put(), kept busy for ~0.5 s
+            copies = writer._copy_streams[device]
+            with torch.cuda.stream(copies):
+                torch.cuda._sleep(1_000_000_000)
+        writer.put(step_pos, layer_pos, maps)
+        for tensor in maps.values():
+            tensor.fill_(float("nan"))  # the caller reuses its memory on the model's stream
+        if busy:
+            done = torch.cuda.Event()
+            done.record(model)
+            done.synchronize()
+            # The model's stream got past put() and the fill while the copy still waited.
+            assert not copies.query()
+    writer.close()
+    ds = read_run(path)
+    for (step_pos, layer_pos), put_maps in expected.items():
+        assert_stored(ds, step_pos, layer_pos, put_maps, 9)
+    assert ds.attrs[sf.STEPS_COMPLETE] == list(STEPS)
+
+
 def test_the_step_buffers_are_allocated_beside_the_generation_not_by_put(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
