@@ -30,12 +30,13 @@ baseline), and the fixed costs: starting the run as the session does, on the gen
 thread during the first step, `laid_down_seconds`), and the flush after the last put
 (`close_seconds`).
 
-The projection to an H100 host assumes the sustained per-core rate and its measured 1 -> 2 core
-scaling (at most 2) hold per doubling of cores, keeps the warm-up measured on 2 cores, and plays
-a 28-step generation through the writer's backpressure (_simulated_ratio): traced / untraced is
-when its last step is durable over 28 H100 steps. For later runs it is also measured (emulate):
-the real writer on 2 cores is fed a 28-step generation whose period is stretched by how much
-longer a step takes to write here than projected on the host, so it faces the host's load.
+The projection to an H100 host takes the sustained per-core rate sped up by Amdahl's law, with
+the serial fraction its measured 1 -> 2 core scaling (at most 2) gives, keeps the warm-up
+measured on 2 cores, and plays a 28-step generation through the writer's backpressure
+(_simulated_ratio): traced / untraced is when its last step is durable over 28 H100 steps. For
+later runs it is also measured (emulate): the real writer on 2 cores is fed a 28-step generation
+whose period is stretched by how much longer a step takes to write here than projected on the
+host, so it faces the host's load.
 
     python -m bench rate                     # prints the figures
     python -m bench rate --json rate.json    # and writes them as JSON
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import mmap
 import os
 import resource
@@ -135,29 +135,38 @@ class _Listings:
         return self._times
 
 
-def touch_memory(gigabytes: float) -> float:
-    """Seconds per GB to touch `gigabytes` of memory this process never had. Fresh interpreter."""
+def touch_memory(gigabytes: float, huge_pages: bool = False) -> float:
+    """Seconds per GB to touch `gigabytes` of memory this process never had. Fresh interpreter.
+
+    In 4 KiB pages, as the writer's buffers are faulted in (neither glibc nor torch asks for
+    more), or `huge_pages` madvised for transparent huge pages, as NumPy asks for its large arrays.
+    """
     import numpy as np
 
+    size = int(gigabytes * 2**30)
     start = time.perf_counter()
-    np.ones(int(gigabytes * 2**30) // 4, dtype=np.float32)
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge_pages:
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    np.frombuffer(memory, dtype=np.float32).fill(1.0)
     return (time.perf_counter() - start) / gigabytes
 
 
 def memory_cost() -> dict[str, float]:
-    """What a page fault costs here: touching memory after a pause, and again at once.
+    """What a page fault costs here, in 4 KiB pages and in huge pages: touching memory after a
+    pause, and again at once.
 
     Where the machine is a virtual machine whose balloon hands the memory its guest frees back
-    to the host (this one), memory touched after a pause costs a fault on the host as well; a
-    GPU host owns its memory, and pays what memory just freed costs.
+    to the host (this one), memory touched after a pause may cost a fault on the host as well.
     """
-    time.sleep(5.0)  # Linux reports free pages to a balloon 2 s after they are freed
-    after_a_pause = isolated("bench.rate:touch_memory", gigabytes=2.0)
-    just_freed = isolated("bench.rate:touch_memory", gigabytes=2.0)
-    return {
-        "touch_seconds_per_gb_after_a_pause": after_a_pause,
-        "touch_seconds_per_gb_just_freed": just_freed,
-    }
+    out = {}
+    for pages, huge_pages in (("4k", False), ("huge", True)):
+        time.sleep(5.0)  # Linux reports free pages to a balloon 2 s after they are freed
+        for when in ("after_a_pause", "just_freed"):
+            out[f"touch_seconds_per_gb_{pages}_pages_{when}"] = isolated(
+                "bench.rate:touch_memory", gigabytes=2.0, huge_pages=huge_pages
+            )
+    return out
 
 
 def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[str, Any]:
@@ -413,7 +422,7 @@ def _by_cpu_time(one_core: dict[str, Any], step_bytes: int) -> dict[str, float]:
 def _projected(one: dict[str, Any], two: dict[str, Any], step_bytes: int) -> dict[str, float]:
     """From the runs on one and two cores: the sustained rate per core and its 1 -> 2 core
     scaling (and the same over whole runs), and traced/untraced at the H100's step rate on each
-    of HOSTS, the scaling assumed to hold per doubling of cores (_simulated_ratio)."""
+    of HOSTS: the rate sped up by Amdahl's law (_seconds_per_step), played (_simulated_ratio)."""
     per_core = one["unthrottled"]["sustained_mb_s"]
     scaling = two["unthrottled"]["sustained_mb_s"] / per_core
     # The warm-up of a process's first run (the paced one comes first), on the most cores here.
@@ -444,13 +453,15 @@ def _seconds_per_step(
     one: dict[str, Any], two: dict[str, Any], step_bytes: int, host: int
 ) -> float:
     """A step's sustained writing time projected for `host` cores, from the runs on one and two
-    cores: one core's rate, times its 1 -> 2 core scaling per doubling of cores, and never less
-    than this disk takes to sync the step's stored bytes (more cores do not make it faster)."""
+    cores: one core's rate sped up by Amdahl's law, with the serial fraction that gives the
+    measured 1 -> 2 core scaling, and never less than this disk takes to sync the step's stored
+    bytes (more cores do not make it faster)."""
     per_core = one["unthrottled"]["sustained_mb_s"]
     # A measured 1 -> 2 scaling above 2 is noise (the cores are shared): never project faster
-    # than one core's rate times the cores.
-    per_doubling = min(two["unthrottled"]["sustained_mb_s"] / per_core, 2.0)
-    by_cores = step_bytes / (per_core * per_doubling ** math.log2(host) * 1e6)
+    # than one core's rate times the cores; below 1, nothing scales.
+    scaling = min(max(two["unthrottled"]["sustained_mb_s"] / per_core, 1.0), 2.0)
+    serial = 2.0 / scaling - 1.0
+    by_cores = step_bytes * (serial + (1.0 - serial) / host) / (per_core * 1e6)
     stored_per_step = two["unthrottled"]["stored_bytes"] / two["steps"]
     return max(by_cores, stored_per_step / (two["disk_sync_mb_s"] * 1e6))
 
