@@ -16,7 +16,8 @@ maps), and what pinning host memory
 costs there (a process's first run pins its step buffers on a writer
 thread from the run's start; the generation's first put() waits for the first of them), through
 PyTorch's caching host allocator as the writer does and with its pages faulted in by several
-threads, then registered (`pinning_registered`). The
+threads, then registered (`pinning_registered`), and the rate of a device->host copy into
+pinned memory on a stream of its own, as the writer copies maps off (`copy_off_gb_s`). The
 breakdown of the traced run gives the seconds the capture and the model's attention kept the GPU
 busy (CUDA events), and `capture_per_call` (bench/capture_cost.py) the capture of one call at
 that shape: its work counted, its GPU time per chunk size against the attention's, its error
@@ -253,6 +254,7 @@ def measure(
     save(figures)
     # After the traced runs, whose first pins its step buffers afresh: see the functions.
     figures["pinning_seconds_per_gib"] = pinning_seconds_per_gib()
+    figures["copy_off_gb_s"] = copy_off_gb_s()
     figures["pinning_registered"] = pinning_registered()
     figures["seconds_in_all"] = time.perf_counter() - started
     save(figures)
@@ -293,6 +295,30 @@ def pinning_seconds_per_gib() -> float | None:
     seconds = time.perf_counter() - start
     del block
     return seconds / 2
+
+
+def copy_off_gb_s() -> float | None:
+    """GB/s a device->host copy into pinned memory runs at, on a stream of its own, as the
+    writer copies maps off (a step of FLUX.1-dev's maps is 1-2 GB every 0.15 s); None without
+    CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    device = torch.empty(2**28, dtype=torch.float32, device="cuda").fill_(1.0)  # 1 GiB
+    host = torch.empty(device.shape, dtype=torch.float32, pin_memory=True)
+    stream = torch.cuda.Stream()
+    seconds = []
+    for _ in range(3):
+        stream.wait_stream(torch.cuda.current_stream())
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            start.record()
+            host.copy_(device, non_blocking=True)
+            end.record()
+        end.synchronize()
+        seconds.append(start.elapsed_time(end) / 1e3)
+    return device.numel() * 4 / min(seconds) / 1e9
 
 
 def pinning_registered() -> dict[str, Any] | None:

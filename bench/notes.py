@@ -165,6 +165,11 @@ def _gpu_box(box: dict[str, Any]) -> str:
             "`pinned_use_cuda_host_register`)"
         )
     text += "."
+    if box.get("copy_off_gb_s") is not None:
+        text += (
+            f" A device->host copy into pinned memory, on a stream of its own as the writer's, "
+            f"ran at {box['copy_off_gb_s']:.1f} GB/s."
+        )
     if "host" in box:
         cores_busy = box["median_cpu"]["attnscope"] / wall["attnscope"]
         deep = box["deeper_writer"]

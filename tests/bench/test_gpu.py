@@ -66,6 +66,7 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     assert figures["gpu_memory_added_bytes"] is None  # no CUDA here
     assert figures["pinning_seconds_per_gib"] is None
     assert figures["pinning_registered"] is None
+    assert figures["copy_off_gb_s"] is None
     # The device's seconds in the capture and in the model's attention (on the CPU, the same
     # calls' host time: the host's clock wraps the device's).
     parts = figures["breakdown"]

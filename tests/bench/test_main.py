@@ -161,10 +161,12 @@ def test_a_gpu_box_s_figures_are_filed_into_the_report(tmp_path):
     assert "Pinning host memory afresh took 0.40 s per GiB." in text
     # And since: pinning by registering pages several threads faulted in.
     registered = {"pinning_registered": {"threads": 16, "seconds_per_gib": 0.05}}
-    figures.write_text(json.dumps(_gpu_figures() | host | allocator | registered))
+    copies = {"copy_off_gb_s": 24.5}
+    figures.write_text(json.dumps(_gpu_figures() | host | allocator | registered | copies))
     assert main.main(["gpu", str(figures), "--at", "abc1234", *paths]) == 0
     text = report.read_text()
     assert "took 0.40 s per GiB, 0.05 s with its pages faulted in by 16 threads and" in text
+    assert "on a stream of its own as the writer's, ran at 24.5 GB/s." in text
     refused = {"pinning_registered": {"threads": 16, "error": "RuntimeError: unknown"}}
     figures.write_text(json.dumps(_gpu_figures() | host | allocator | refused))
     assert main.main(["gpu", str(figures), "--at", "abc1234", *paths]) == 0
