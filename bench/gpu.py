@@ -159,12 +159,14 @@ def measure(
     smoke: bool,
     save: Callable[[dict[str, Any]], None] = lambda figures: None,
     allocator_tuned: bool = False,
+    pinned_at_size: bool = False,
 ) -> dict[str, Any]:
     """Time untraced and traced generations; the figures for docs/benchmarks.md.
 
     `save` gets the figures measured so far after each part, the quick ones first: a GPU box is
     lent for minutes, and what a failure or a timeout later on leaves is kept.
-    `allocator_tuned`: what `reuse_freed_memory()` returned, called before anything else ran.
+    `allocator_tuned`: what `reuse_freed_memory()` returned, called before anything else ran;
+    `pinned_at_size`: what `tracer.pinning.pin_at_size()` returned.
     """
     import torch
 
@@ -184,6 +186,7 @@ def measure(
         "geometry": asdict(geo),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "allocator_tuned": allocator_tuned,
+        "pinned_at_size": pinned_at_size,
     }
     if not smoke:  # the suite runs these itself, skipped where there is no GPU
         figures["cuda_tests"] = cuda_tests()
@@ -365,19 +368,19 @@ def main(argv: list[str] | None = None) -> int:
     # (glibc's, and PyTorch's for pinned memory: tracer.pinning), before anything starts a
     # thread (CUDA's first call does; analysis.allocator says why). A smoke run shares the test
     # suite's process, which is left as it is.
-    tuned = False
+    tuned = pinned = False
     if not args.smoke:
         from analysis.allocator import reuse_freed_memory
         from tracer.pinning import pin_at_size
 
         tuned = reuse_freed_memory()
-        pin_at_size()
+        pinned = pin_at_size()
 
     def save(figures: dict[str, Any]) -> None:
         if args.json:
             args.json.write_text(json.dumps(figures, indent=1))
 
-    print(json.dumps(measure(args.smoke, save, tuned), indent=1))
+    print(json.dumps(measure(args.smoke, save, tuned, pinned), indent=1))
     return 0
 
 

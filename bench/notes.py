@@ -155,6 +155,10 @@ def _gpu_box(box: dict[str, Any]) -> str:
         f". The suite's CUDA tests there: {box['cuda_tests']['summary']}. Pinning host memory "
         f"afresh took {box['pinning_seconds_per_gib']:.2f} s per GiB"
     )
+    if box.get("pinned_at_size") is False and "pinning_registered" in box:
+        text += (
+            " (its torch pins every block at a power of two: no `pinned_max_round_threshold_mb`)"
+        )
     registered = box.get("pinning_registered")
     if registered is not None and "error" in registered:
         text += f"; with its pages registered instead, refused there: {registered['error']}"

@@ -67,6 +67,7 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     assert figures["pinning_seconds_per_gib"] is None
     assert figures["pinning_registered"] is None
     assert figures["copy_off_gb_s"] is None
+    assert figures["pinned_at_size"] is False  # a smoke run leaves the suite's process as it is
     # The device's seconds in the capture and in the model's attention (on the CPU, the same
     # calls' host time: the host's clock wraps the device's).
     parts = figures["breakdown"]

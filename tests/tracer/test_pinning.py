@@ -41,14 +41,17 @@ def test_a_torch_without_the_setting_is_said(monkeypatch):
 
 
 @pytest.mark.cuda
-def test_a_block_past_the_threshold_is_pinned_at_its_size(allocator_settings):
-    assert pin_at_size()
+def test_a_block_past_the_threshold_is_pinned_at_its_size_where_torch_can(allocator_settings):
+    torch.cuda.init()  # the host allocator's statistics count from here
+    applied = pin_at_size()
     # Past 64 MB; rounded, it would pin 512 MiB (a block size no other test leaves cached).
     size = 300 * 2**20 + 4096
     before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
     block = torch.empty(size, dtype=torch.uint8, pin_memory=True)
     assert block.is_pinned()
-    assert torch.cuda.host_memory_stats()["allocated_bytes.current"] - before == size
+    grown = torch.cuda.host_memory_stats()["allocated_bytes.current"] - before
+    # At its size where this torch has the setting; where pin_at_size said it has not, rounded.
+    assert grown == (size if applied else 512 * 2**20)
 
 
 def test_record_pins_host_memory_at_its_size(tmp_path, allocator_settings):
