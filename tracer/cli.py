@@ -407,7 +407,6 @@ def _estimate(
     seed: int,
     entity_names: list[str] | None,
     eligen: dict[str, Any],
-    out: str | None = None,
 ) -> Any:
     from tracer.estimate import estimate
 
@@ -416,7 +415,6 @@ def _estimate(
         _call_arguments(args, prompt, seed) | eligen,
         step_seconds=args.step_seconds,
         entity_names=entity_names,
-        out=out,
         **_recorded(args),
     )
 
@@ -686,8 +684,10 @@ def _record(
     _one_progress_bar(pipe)
     costs = [_estimate(args, pipe, prompt, seed, entity_names, eligen) for prompt, seed in todo]
     if args.estimate:
-        # The disk --out goes to, probed once for every run's estimate.
-        probed = _estimate(args, pipe, *todo[0], entity_names, eligen, out=args.out)
+        from tracer.estimate import with_disk_probed
+
+        # The disk --out goes to, probed once (sized by the first run's cost) for every run's.
+        probed = with_disk_probed(costs[0], args.out)
         disk = {"disk_rate": probed.disk_rate, "disk_error": probed.disk_error}
         costs = [dataclasses.replace(cost, **disk) for cost in costs]
         for (prompt, seed), cost in zip(todo, costs, strict=True):

@@ -167,7 +167,14 @@ def estimate(
         keepbits=keepbits_for(keepbits, _weights_dtype(chosen[0].attention)),
         step_seconds=step_seconds,
     )
-    folder = folder_beside(out) if out is not None else None
+    return cost if out is None else with_disk_probed(cost, out)
+
+
+def with_disk_probed(cost: Estimate, out: str | os.PathLike[str]) -> Estimate:
+    """`cost` with the disk that local store path `out` goes to probed for the rate it syncs at
+    (`disk_rate`, or `disk_error`): up to DISK_PROBE_BYTES written beside the store as the writer
+    writes, and removed. As it is for a URL."""
+    folder = folder_beside(out)
     if folder is None:
         return cost
     # As many files side by side as the writer has shards in flight by default (two steps),
