@@ -7,7 +7,8 @@ steps at 1024², latents out, untraced and traced with default settings (the all
 `attnscope record` sets it, analysis.allocator), as two pairs (bench.overhead), and writes:
 traced / untraced wall time (the process's first traced run and a later one apart, and one more
 pair with half the host's cores' steps in flight: `deeper_writer`, and one keeping 9 mantissa
-bits where the bf16 model's default keeps 7: `keepbits_9`), the GPU memory tracing adds,
+bits where the bf16 model's default keeps 7: `keepbits_9`, and one with fsync off, its steps
+left in the page cache: `unsynced`), the GPU memory tracing adds,
 the bytes written and the decoded GB/s the recording sustained, the host's cores and the synced
 rate of the disk the stores go to, the traced runs' CPU seconds and page faults (whether the
 allocator's settings held: analysis.allocator, `malloc_arenas`), the writer alone on the host's
@@ -211,11 +212,17 @@ def measure(
     # Two pairs: a process's first traced run pays for its buffers (pinned host memory, zarrs'
     # working memory) as it goes; a later run reuses them (bench.rate projects both). One more
     # with more steps in flight, to see whether the host's idle cores would keep up.
-    # And one keeping 9 mantissa bits, a float32 model's, where the default keeps bf16's 7.
-    result = pairs_of(asdict(geo), {"attnscope": 2, "attnscope-deep": 1, "attnscope-keepbits9": 1})
+    # And one keeping 9 mantissa bits, a float32 model's, where the default keeps bf16's 7, and
+    # one with fsync off, whose generation waits for the disk's write-back only past the
+    # kernel's limit on unwritten pages.
+    result = pairs_of(
+        asdict(geo),
+        {"attnscope": 2, "attnscope-deep": 1, "attnscope-keepbits9": 1, "attnscope-unsynced": 1},
+    )
     traced = result["outputs"]["attnscope"]
     deep = result["outputs"]["attnscope-deep"]
     nine_bits = result["outputs"]["attnscope-keepbits9"]
+    unsynced = result["outputs"]["attnscope-unsynced"]
     peak = result["cuda_peak"]
     first, later = result["ratios"]["attnscope"]["wall"]
     figures |= {
@@ -248,6 +255,11 @@ def measure(
             "wall": nine_bits["wall"],
             "bytes_written": nine_bits["bytes"],
             "bytes_per_value": nine_bits["bytes"] / (nine_bits["decoded_bytes"] / 4),
+        },
+        "unsynced": {
+            "traced_over_untraced": result["ratio"]["attnscope-unsynced"],
+            "wall": unsynced["wall"],
+            "cpu": unsynced["cpu"],
         },
     }
     save(figures)
@@ -293,7 +305,7 @@ def pinning_seconds_per_gib() -> float | None:
     torch.cuda.synchronize()
     start = time.perf_counter()
     # 2 GiB: a block size the traced runs before left nothing cached of (their step buffers,
-    # about 1 GB each at this prompt's 45 rows, are pinned at their size: tracer.pinning).
+    # about 0.6 GB each at this prompt's 28 rows, are pinned at their size: tracer.pinning).
     block = torch.empty(2**29, dtype=torch.float32, pin_memory=True)
     seconds = time.perf_counter() - start
     del block

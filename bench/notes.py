@@ -192,6 +192,11 @@ def _gpu_box(box: dict[str, Any]) -> str:
                 f"{nine_bits['bytes_written'] / 1e9:.1f} GB written "
                 f"({nine_bits['bytes_per_value']:.2f} bytes per value)."
             )
+        if "unsynced" in box:
+            text += (
+                f" With fsync off (`--no-fsync`, its steps left in the page cache): "
+                f"{box['unsynced']['traced_over_untraced']:.2f}."
+            )
         if "disk_sync_mb_s_4_files" in box["host"]:
             text += (
                 f" Four files written side by side in 64 MiB writes, as the writer's shards are, "

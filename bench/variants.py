@@ -75,6 +75,14 @@ def attnscope_float32_bits(
     return attnscope(pipe, geo, workdir, steps, keepbits=DEFAULT_KEEPBITS)
 
 
+def attnscope_unsynced(
+    pipe: Any, geo: Geometry, workdir: Path, steps: int | None = None
+) -> dict[str, Any]:
+    """attnscope with fsync off (`record --no-fsync`): steps left in the page cache, so the
+    generation does not wait for the disk to sync each one."""
+    return attnscope(pipe, geo, workdir, steps, fsync=False)
+
+
 def deep_pending_steps() -> int:
     """The steps in flight of `attnscope_deep` on this host."""
     return max(2, len(os.sched_getaffinity(0)) // 2)
@@ -102,6 +110,7 @@ VARIANTS: dict[str, Variant] = {
     "attnscope-recompute": attnscope_recompute,
     "attnscope-deep": attnscope_deep,
     "attnscope-keepbits9": attnscope_float32_bits,
+    "attnscope-unsynced": attnscope_unsynced,
     "seed": seed,
     "amd": amd,
 }
@@ -112,6 +121,7 @@ LABELS = {
     "attnscope-recompute": "attnscope, lse recomputed (old path)",
     "attnscope-deep": "attnscope, half the cores' steps in flight",
     "attnscope-keepbits9": "attnscope, keepbits 9 (a float32 model's)",
+    "attnscope-unsynced": "attnscope, fsync off",
     "seed": "seed method",
     "amd": "attention-map-diffusers",
 }
@@ -129,6 +139,7 @@ def describe(name: str, geo: Geometry) -> str:
         "attnscope-recompute": "same as attnscope",
         "attnscope-deep": "same as attnscope",
         "attnscope-keepbits9": "same as attnscope, 9 mantissa bits kept whatever the dtype",
+        "attnscope-unsynced": "same as attnscope, its steps left unsynced in the page cache",
         "seed": (
             f"all {layers} layers, heads and steps: the whole text-rows × image-columns block and "
             "the image-rows × text-columns block of every map, per token, .npy"

@@ -179,6 +179,13 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
         help="steps taken and not yet on disk (default 2): each holds one step of maps in host "
         "memory, and the writer encodes each on about one core, so more may use more cores",
     )
+    parser.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="leave each step in the page cache unsynced: the generation does not wait for the "
+        "disk to sync every step, and a listed step survives a crash of the process but not "
+        "of the machine",
+    )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     parser.add_argument("--revision", default=None, help="model revision (hub)")
@@ -440,6 +447,7 @@ def _recorded(args: argparse.Namespace) -> dict[str, Any]:
         "directions": args.directions,
         "keep_tokens": args.keep_tokens,
         "keepbits": None if args.lossless else args.keepbits,
+        "fsync": not args.no_fsync,
     }
 
 

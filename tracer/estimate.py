@@ -40,6 +40,7 @@ class Estimate:
     directions: tuple[str, ...]
     keepbits: int | None
     step_seconds: float
+    fsync: bool = True  # each step synced before it is listed (tracer.trace's fsync)
     disk_rate: float | None = None  # bytes/s the disk the store goes to synced; None: not probed
     disk_error: str | None = None  # why the disk could not be probed (a full or read-only one)
 
@@ -101,6 +102,13 @@ class Estimate:
             f"needs {_size(self.rate_needed)}/s decoded, about "
             f"{_size(self.disk_rate_needed)}/s to disk, at {self.step_seconds} s a step",
         ]
+        if not self.fsync:
+            lines.append(
+                "fsync off: steps are left in the page cache unsynced, so the generation does "
+                "not wait for the disk to sync them, only, past the kernel's limit on unwritten "
+                "pages, for it to write them (a listed step survives a crash of the process, not "
+                "of the machine)"
+            )
         if self.disk_error is not None:
             lines.append(f"the disk it goes to could not be probed: {self.disk_error}")
         if self.disk_rate is not None:
@@ -108,8 +116,9 @@ class Estimate:
             if self.disk_ratio > 1.0:
                 lines.append(
                     f"{synced}: the generation would wait for it and take about "
-                    f"{self.disk_ratio:.2f}× as long as untraced, or longer (a faster disk, or "
-                    f"fewer bytes: keepbits, layers, heads, steps, directions)"
+                    f"{self.disk_ratio:.2f}× as long as untraced, or longer (a faster disk; "
+                    f"fewer bytes: keepbits, layers, heads, steps, directions; or fsync off, "
+                    f"whose listed steps survive a crash of the process, not of the machine)"
                 )
             else:
                 lines.append(f"{synced}: it keeps up")
@@ -141,12 +150,14 @@ def estimate(
     keepbits: int | str | None = MODEL_PRECISION,
     step_seconds: float = H100_STEP_SECONDS,
     entity_names: Sequence[str] | None = None,
+    fsync: bool = True,
     out: str | os.PathLike[str] | None = None,
 ) -> Estimate:
     """What `tracer.trace(pipe, out, same options)` would record for `pipe(**call)`: nothing is
     generated. `step_seconds` is the step time the recording must keep up with. With a local
-    `out`, the disk it goes to is probed for the rate it syncs at (`Estimate.disk_rate`): up to
-    DISK_PROBE_BYTES written beside the store as the writer writes, and removed."""
+    `out` and `fsync` on, the disk it goes to is probed for the rate it syncs at
+    (`Estimate.disk_rate`): up to DISK_PROBE_BYTES written beside the store as the writer writes,
+    and removed."""
     adapter = adapter_for(pipe, entity_names)
     absent = adapter.absent_directions  # none recorded (Sana's, Wan's txt2img)
     chosen = select_layers(adapter.layers(), layers)
@@ -166,6 +177,7 @@ def estimate(
         directions=tuple(d for d in fmt.check_directions(directions) if d not in absent),
         keepbits=keepbits_for(keepbits, _weights_dtype(chosen[0].attention)),
         step_seconds=step_seconds,
+        fsync=fsync,
     )
     return cost if out is None else with_disk_probed(cost, out)
 
@@ -173,9 +185,10 @@ def estimate(
 def with_disk_probed(cost: Estimate, out: str | os.PathLike[str]) -> Estimate:
     """`cost` with the disk that local store path `out` goes to probed for the rate it syncs at
     (`disk_rate`, or `disk_error`): up to DISK_PROBE_BYTES written beside the store as the writer
-    writes, and removed. As it is for a URL."""
+    writes, and removed. As it is for a URL, or with fsync off: the synced rate is not what such
+    a recording waits for."""
     folder = folder_beside(out)
-    if folder is None:
+    if folder is None or not cost.fsync:
         return cost
     # As many files side by side as the writer has shards in flight by default (two steps),
     # each written in one piece as a shard is, in whole MiB (O_DIRECT writes whole pages).

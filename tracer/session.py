@@ -52,6 +52,7 @@ class Options:
     lse: str = "kernel"
     max_pending_steps: int = 2
     progress: bool = True
+    fsync: bool = True
 
 
 Selector = str | int | Sequence[str | int]
@@ -154,6 +155,8 @@ class Recorder:
         self.keep_tokens = _check_keep_tokens(options.keep_tokens)
         if options.lse not in fmt.LSE_SOURCES:
             raise UsageError(f"lse must be one of {list(fmt.LSE_SOURCES)}, got {options.lse!r}")
+        if not isinstance(options.fsync, bool):
+            raise UsageError(f"fsync must be True or False, got {options.fsync!r}")
         self._calls = {layer.name: layer.calls for layer in self.layers if layer.calls > 1}
         self._tap = AttentionTap(
             {layer.name: layer.attention for layer in self.layers},
@@ -329,6 +332,7 @@ class Recorder:
             directions=list(self.directions),
             n_layers=len(self.layers),
             max_pending=self.options.max_pending_steps,
+            fsync=self.options.fsync,
         )
         run.timesteps = timesteps
         run.step_positions = {step: i for i, step in enumerate(steps)}
@@ -604,6 +608,7 @@ def trace(
     max_pending_steps: int = 2,
     progress: bool = True,
     lse: str = "kernel",
+    fsync: bool = True,
     entity_names: Sequence[str] | None = None,
     adapter: Adapter | None = None,
 ) -> Iterator[Recorder]:
@@ -623,7 +628,11 @@ def trace(
     attention kernel. `max_pending_steps`: steps taken and not yet durable, each holding one
     step's maps in host memory; the generation waits for the writer beyond them, and the writer
     encodes each step's shards on about one core apiece, so more may keep more of a large
-    host's cores busy. `entity_names` names the spans of EliGen entity prompts (DiffSynth;
+    host's cores busy. `fsync=False` leaves each step's shards in the page cache unsynced: a
+    listed step then survives a crash of the process but not of the machine, and the generation
+    does not wait for the disk to sync every step (where that is slower than the model, see
+    `tracer.estimate`), only, past the kernel's limit on unwritten pages, for it to write them.
+    `entity_names` names the spans of EliGen entity prompts (DiffSynth;
     default `entity0`, `entity1`, ...). The pipeline is restored on exit, even after an error.
     """
     options = Options(
@@ -638,6 +647,7 @@ def trace(
         max_pending_steps=max_pending_steps,
         progress=progress,
         lse=lse,
+        fsync=fsync,
     )
     recorder = Recorder(pipe, path, options, adapter, entity_names)
     recorder.attach()

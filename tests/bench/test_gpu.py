@@ -61,6 +61,7 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     nine_bits = figures["keepbits_9"]
     assert nine_bits["traced_over_untraced"] > 0
     assert nine_bits["bytes_per_value"] == pytest.approx(figures["bytes_per_value"], rel=0.02)
+    assert figures["unsynced"]["traced_over_untraced"] > 0 and figures["unsynced"]["wall"] > 0
     # Every traced call took its normalisers from the kernel: 3 layers x 2 steps.
     assert figures["lse_used"] == {"kernel": 6, "recompute": 0}
     assert figures["gpu_memory_added_bytes"] is None  # no CUDA here

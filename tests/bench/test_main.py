@@ -167,6 +167,13 @@ def test_a_gpu_box_s_figures_are_filed_into_the_report(tmp_path):
     text = report.read_text()
     assert "took 0.40 s per GiB, 0.05 s with its pages faulted in by 16 threads and" in text
     assert "on a stream of its own as the writer's, ran at 24.5 GB/s." in text
+    assert "With fsync off" not in text  # not measured before
+    unsynced = {"unsynced": {"traced_over_untraced": 1.12, "wall": 5.5, "cpu": 60.0}}
+    figures.write_text(json.dumps(_gpu_figures() | host | allocator | unsynced))
+    assert main.main(["gpu", str(figures), "--at", "abc1234", *paths]) == 0
+    assert "With fsync off (`--no-fsync`, its steps left in the page cache): 1.12." in (
+        report.read_text()
+    )
     assert "at a power of two" not in text  # pinned_at_size not said: figures from before
     older_torch = {"pinned_at_size": False}
     figures.write_text(json.dumps(_gpu_figures() | host | allocator | registered | older_torch))

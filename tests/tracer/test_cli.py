@@ -233,3 +233,14 @@ def test_more_steps_in_flight_reach_the_writer(tmp_path, monkeypatch):
     assert record("--out", str(out), "--num-inference-steps", "4", "--max-pending-steps", "3") == 0
     assert taken == [3]
     assert runs(out)["run-0000"].attrs["steps_complete"] == [0, 1, 2, 3]
+
+
+def test_no_fsync_records_every_step_and_syncs_none(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "fsync", lambda descriptor: pytest.fail("--no-fsync synced"))
+    out = tmp_path / "unsynced.zarr"
+    assert record("--out", str(out), "--no-fsync") == 0
+    ds = runs(out)["run-0000"]
+    assert ds.attrs["status"] == "complete" and ds.attrs["steps_complete"] == [0, 1]
+    assert not np.isnan(ds.txt2img.values).any()

@@ -176,6 +176,20 @@ def test_sigkill_leaves_a_store_that_opens_with_every_listed_step_intact(
     assert_no_traceback(capsys.readouterr().err)
 
 
+def test_sigkill_with_fsync_off_leaves_every_listed_step_intact(server, reference, tmp_path):
+    # Unsynced, the kernel still holds every renamed shard and listing: a kill loses nothing
+    # listed (a power loss could).
+    store = tmp_path / "unsynced.zarr"
+    hook = {"key": "run-0000/img2txt/c/2/0/0/0/0/0", "mode": "mid"}
+    child = server.start(record(store, "--no-fsync"), hook=hook, root=store)
+    assert child.paused, f"the kill point was never reached: {child.event}\n{child.output}"
+    wait_until_listed(store, "run-0000", [0, 1])
+    assert child.kill().killed
+    attrs, plain = plain_run(store)
+    assert (attrs[sf.STATUS], attrs[sf.STEPS_COMPLETE]) == (sf.RECORDING, [0, 1])
+    assert_steps_equal(plain, reference, [0, 1])
+
+
 def test_a_run_killed_while_laid_down_does_not_block_the_next(server, reference, tmp_path):
     store = tmp_path / "killed.zarr"
     child = server.start(record(store), hook={"key": "run-0000/step/zarr.json"}, root=store)

@@ -122,6 +122,7 @@ def test_the_estimate_says_how_long_a_slower_disk_would_hold_the_generation(disk
     assert said.startswith(f"the disk it goes to synced {disk_gb_s:.2f} GB/s in a probe: ")
     if expected > 1:
         assert f"take about {expected:.2f}× as long as untraced, or longer" in said
+        assert "or fsync off, whose listed steps survive a crash of the process" in said
     else:
         assert said.endswith(": it keeps up")
 
@@ -151,6 +152,25 @@ def test_an_estimate_probes_a_local_disk_only(tmp_path, monkeypatch):
     large = CALL | {"height": 1024, "width": 1024, "num_inference_steps": 200}
     assert estimate(pipe, large, out=tmp_path / "cat.zarr").stored_bytes > 2**28
     assert probed[-1] == (tmp_path, 2**28, 4, 2**26)
+
+
+def test_with_fsync_off_the_disk_is_not_probed_and_that_is_said(tmp_path, monkeypatch, capsys):
+    def disk_sync_rate(folder, nbytes, *, files, block_bytes):
+        pytest.fail("the synced rate is not what an unsynced recording waits for")
+
+    monkeypatch.setattr(
+        importlib.import_module("tracer.estimate"), "disk_sync_rate", disk_sync_rate
+    )
+    out = tmp_path / "cat.zarr"
+    argv = ["record", "--demo", "--estimate", "--no-fsync", "--num-steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "per generation: " in said and "the disk it goes to" not in said
+    assert "fsync off: steps are left in the page cache unsynced" in said
+    pipe = demo_pipeline(seed=0, max_sequence_length=32)
+    cost = estimate(pipe, CALL, fsync=False, out=out)
+    assert not cost.fsync and cost.disk_rate is None and cost.disk_ratio is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_disk_that_cannot_be_probed_is_said_and_the_estimate_stands(

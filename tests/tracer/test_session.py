@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -273,6 +274,7 @@ def test_bad_spans_fail_before_generation(pipe, tmp_path, spans, message):
         ({"directions": ["sideways"]}, r"directions must name each of .*\['sideways'\] unknown"),
         ({"keepbits": 40}, "keepbits must be an integer in 1..23"),
         ({"chunk_size": 0}, "chunk_size must be a positive integer"),
+        ({"fsync": "no"}, "fsync must be True or False, got 'no'"),
     ],
 )
 def test_bad_options_are_refused_at_attach(pipe, tmp_path, kwargs, message):
@@ -282,6 +284,32 @@ def test_bad_options_are_refused_at_attach(pipe, tmp_path, kwargs, message):
     ):
         pass
     assert type(pipe) is FluxPipeline
+
+
+def test_fsync_off_records_the_same_steps_and_syncs_nothing(pipe, tmp_path, monkeypatch):
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        synced.append(descriptor)
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with tracer.trace(pipe, tmp_path / "synced.zarr", progress=False) as rec:
+        generate(pipe, steps=2)
+    assert synced, "a default recording syncs its steps"
+    synced.clear()
+    with tracer.trace(pipe, tmp_path / "unsynced.zarr", progress=False, fsync=False) as rec:
+        generate(pipe, steps=2)
+    assert synced == []
+    unsynced = open_run(tmp_path / "unsynced.zarr", rec.last_run)
+    assert unsynced.attrs["steps_complete"] == [0, 1]
+    # Plain xarray reads both stores: the same maps and coordinates (attributes differ: the time
+    # each run was created).
+    xr.testing.assert_equal(
+        unsynced[["txt2img", "img2txt"]],
+        open_run(tmp_path / "synced.zarr", rec.last_run)[["txt2img", "img2txt"]],
+    )
 
 
 def test_a_run_missing_one_asked_direction_reads_as_being_laid_down(pipe, tmp_path):
