@@ -640,9 +640,45 @@ def _rate(r: dict[str, Any]) -> str:
             _rate_by_cpu_time(rate),
             _rate_tuned(rate),
             _rate_against_the_gpu_box(r),
+            *_rate_slow_disk(rate),
             "Command: `python -m bench rate --json rate.json`.",
         ]
     )
+
+
+def _rate_slow_disk(rate: dict[str, Any]) -> list[str]:
+    """Paced runs on a disk slower than the steps, fsync on and off (bench/slow_disk.py)."""
+    slow = rate.get("slow_disk")
+    if not slow:
+        return []
+    disks = [disk for disk in slow if isinstance(slow[disk], dict)]
+    rows = [
+        [disk, "skipped: " + slow[disk]["skipped"], ""]
+        if "skipped" in slow[disk]
+        else [disk] + [f"{slow[disk][name]['traced_over_untraced']:.2f}" for name in FSYNC]
+        for disk in disks
+    ]
+    return [
+        f"**A disk slower than the steps** (`attnscope record --no-fsync`): the writer fed "
+        f"{slow['steps']} paced steps of {slow['layers']} of those layers (what 2 cores encode at "
+        f"{slow['period']} s a step), each run's time over the steps' own (traced / untraced), "
+        "the faster of two; on the disk as it is, and with this process's writes to it "
+        "throttled by the kernel's block I/O controller, as a slow disk would take them. "
+        "Unsynced, the steps wait in the page cache (the kernel's threads write them back, "
+        "outside the throttle): what the generation waits for is the cores, not the disk."
+        + (
+            " On the disk as it is, which keeps up, fsync off is the slower: its copies into the "
+            "page cache cost the cores more than syncing past it does."
+            if "skipped" not in slow[disks[0]]
+            and slow[disks[0]]["fsync off"]["traced_over_untraced"]
+            > slow[disks[0]]["fsync on"]["traced_over_untraced"]
+            else ""
+        ),
+        _table(["disk", *FSYNC], rows),
+    ]
+
+
+FSYNC = ("fsync on", "fsync off")
 
 
 def _rate_against_the_gpu_box(r: dict[str, Any]) -> str:
