@@ -628,7 +628,7 @@ def _rate(r: dict[str, Any]) -> str:
             )
             + f"; fsync costs {rate['fsync_cost']:.2f}× on 2 cores. This machine's disk synced "
             # The figure the ceiling and the projection take: the 2-core process's.
-            f"{rate['runs']['2']['disk_sync_mb_s']:,.0f} MB/s written sequentially (beside the "
+            f"{_on_cores(rate, 2)['disk_sync_mb_s']:,.0f} MB/s written sequentially (beside the "
             "2-core runs), so at this compression "
             f"no writer makes steps durable here faster than "
             f"{rate['disk_ceiling_decoded_mb_s']:,.0f} MB/s decoded"
@@ -644,6 +644,12 @@ def _rate(r: dict[str, Any]) -> str:
             "Command: `python -m bench rate --json rate.json`.",
         ]
     )
+
+
+def _on_cores(rate: dict[str, Any], cores: int) -> dict[str, Any]:
+    """The rate benchmark's runs on `cores` cores, keyed by int as measured or by str as read
+    back from JSON."""
+    return next(run for key, run in rate["runs"].items() if int(key) == cores)
 
 
 def _rate_slow_disk(rate: dict[str, Any]) -> list[str]:

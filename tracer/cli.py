@@ -696,7 +696,11 @@ def _record(
 
         # The disk --out goes to, probed once (sized by the first run's cost) for every run's.
         probed = with_disk_probed(costs[0], args.out)
-        disk = {"disk_rate": probed.disk_rate, "disk_error": probed.disk_error}
+        disk = {
+            "disk_rate": probed.disk_rate,
+            "disk_error": probed.disk_error,
+            "unwritten_allowed": probed.unwritten_allowed,
+        }
         costs = [dataclasses.replace(cost, **disk) for cost in costs]
         for (prompt, seed), cost in zip(todo, costs, strict=True):
             print(f"{prompt!r} (seed {seed})\n{cost}")

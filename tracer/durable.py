@@ -198,6 +198,34 @@ def disk_sync_rate(folder: Path, nbytes: int, *, files: int = 1, block_bytes: in
     return files * writes * block_bytes / seconds
 
 
+def unwritten_bytes_allowed(proc: Path = Path("/proc")) -> int | None:
+    """Bytes of written but unsynced pages Linux lets writers leave before it makes them wait
+    for the disk (its dirty-page throttling starts halfway between the background and the
+    foreground limits, `vm.dirty_*`, taken of the free and file-cache memory); None elsewhere."""
+    try:
+        vm = {
+            name: int((proc / "sys/vm" / name).read_text())
+            for name in (
+                "dirty_bytes",
+                "dirty_ratio",
+                "dirty_background_bytes",
+                "dirty_background_ratio",
+            )
+        }
+        meminfo = {
+            line.split(":")[0]: int(line.split()[1]) * 1024
+            for line in (proc / "meminfo").read_text().splitlines()
+        }
+        dirtyable = meminfo["MemFree"] + meminfo["Active(file)"] + meminfo["Inactive(file)"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    limit = vm["dirty_bytes"] or dirtyable * vm["dirty_ratio"] // 100
+    background = vm["dirty_background_bytes"] or dirtyable * vm["dirty_background_ratio"] // 100
+    if background >= limit:
+        background = limit // 2  # as the kernel corrects it
+    return (limit + background) // 2
+
+
 def _make_folders(folder: Path) -> list[Path]:
     """Create `folder` and its missing parents; return those created, outermost first."""
     missing = []

@@ -11,7 +11,7 @@ from typing import Any
 
 from analysis import store_format as fmt
 from tracer.adapters import adapter_for
-from tracer.durable import disk_sync_rate
+from tracer.durable import disk_sync_rate, unwritten_bytes_allowed
 from tracer.rounding import MODEL_PRECISION, keepbits_for
 from tracer.session import Selector, select_indices, select_layers
 from tracer.spans import token_rows
@@ -43,6 +43,9 @@ class Estimate:
     fsync: bool = True  # each step synced before it is listed (tracer.trace's fsync)
     disk_rate: float | None = None  # bytes/s the disk the store goes to synced; None: not probed
     disk_error: str | None = None  # why the disk could not be probed (a full or read-only one)
+    # With fsync off, the unsynced bytes the kernel lets a writer leave before it waits for the
+    # disk (tracer.durable.unwritten_bytes_allowed); None: not known.
+    unwritten_allowed: int | None = None
 
     @property
     def step_bytes(self) -> int:
@@ -103,12 +106,25 @@ class Estimate:
             f"{_size(self.disk_rate_needed)}/s to disk, at {self.step_seconds} s a step",
         ]
         if not self.fsync:
-            lines.append(
-                "fsync off: steps are left in the page cache unsynced, so the generation does "
-                "not wait for the disk to sync them, only, past the kernel's limit on unwritten "
-                "pages, for it to write them (a listed step survives a crash of the process, not "
-                "of the machine)"
-            )
+            crash = "a listed step survives a crash of the process, not of the machine"
+            if self.unwritten_allowed is None:
+                lines.append(
+                    "fsync off: steps are left in the page cache unsynced, so the generation "
+                    "does not wait for the disk to sync them, only, past the kernel's limit on "
+                    f"unwritten pages, for it to write them ({crash})"
+                )
+            else:
+                fits = self.stored_bytes <= self.unwritten_allowed
+                lines.append(
+                    f"fsync off: steps are left in the page cache unsynced ({crash}); the kernel "
+                    f"lets {_size(self.unwritten_allowed)} wait unwritten here before a writer "
+                    f"waits for the disk (vm.dirty_*), "
+                    + (
+                        "so the generation does not wait for the disk"
+                        if fits
+                        else "so past that the generation waits for the disk to write them"
+                    )
+                )
         if self.disk_error is not None:
             lines.append(f"the disk it goes to could not be probed: {self.disk_error}")
         if self.disk_rate is not None:
@@ -185,11 +201,14 @@ def estimate(
 def with_disk_probed(cost: Estimate, out: str | os.PathLike[str]) -> Estimate:
     """`cost` with the disk that local store path `out` goes to probed for the rate it syncs at
     (`disk_rate`, or `disk_error`): up to DISK_PROBE_BYTES written beside the store as the writer
-    writes, and removed. As it is for a URL, or with fsync off: the synced rate is not what such
-    a recording waits for."""
+    writes, and removed. With fsync off, what the kernel lets it leave unwritten instead
+    (`unwritten_allowed`): the synced rate is not what such a recording waits for. As it is for
+    a URL."""
     folder = folder_beside(out)
-    if folder is None or not cost.fsync:
+    if folder is None:
         return cost
+    if not cost.fsync:
+        return dataclasses.replace(cost, unwritten_allowed=unwritten_bytes_allowed())
     # As many files side by side as the writer has shards in flight by default (two steps),
     # each written in one piece as a shard is, in whole MiB (O_DIRECT writes whole pages).
     files = 2 * len(cost.directions)

@@ -89,3 +89,16 @@ def test_a_fed_chunk_s_heads_are_different_maps_of_the_demo(rows):
         for token in range(TOKEN_ROWS):
             heads = maps[:, token, 0]
             assert len(set(heads.tolist())) == HEADS  # one chunk: every head a different row
+
+
+def test_the_report_renders_the_figures_as_measured_as_it_does_read_back_from_json():
+    # Measured, the runs are keyed by their cores as ints; read back from JSON, as strings.
+    import json
+    from pathlib import Path
+
+    from bench.report import render
+
+    results = json.loads((Path(__file__).parents[2] / "docs" / "benchmarks.json").read_text())
+    as_measured = json.loads(json.dumps(results))
+    as_measured["rate"]["runs"] = {int(k): v for k, v in results["rate"]["runs"].items()}
+    assert render(as_measured) == render(results)

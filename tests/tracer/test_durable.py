@@ -21,6 +21,7 @@ from tracer.durable import (
     StagedShards,
     disk_sync_rate,
     takes_direct_io,
+    unwritten_bytes_allowed,
     write_attributes,
 )
 
@@ -205,3 +206,45 @@ def test_attributes_are_written_while_zarrs_thread_pool_is_held(tmp_path, synced
     assert dict(plain.attrs) == expected
     assert dict(group.attrs) == expected  # the group object holds them too, for later writes
     assert sorted(p.name for p in document.parent.iterdir()) == ["zarr.json"]
+
+
+def fake_proc(root: Path, vm: dict[str, int], meminfo_kib: dict[str, int]) -> Path:
+    (root / "sys/vm").mkdir(parents=True)
+    for name, value in vm.items():
+        (root / "sys/vm" / name).write_text(f"{value}\n")
+    lines = [f"{name}:{value:>16} kB" for name, value in meminfo_kib.items()]
+    (root / "meminfo").write_text("\n".join(["MemTotal: 99999999 kB", *lines]) + "\n")
+    return root
+
+
+GIB_KIB = 2**20  # a GiB in /proc/meminfo's kB
+
+
+@pytest.mark.parametrize(
+    ("vm", "expected"),
+    [
+        # Ratios of the free and file-cache memory (12 GiB): throttling starts halfway between
+        # 10% and 20%.
+        ({"dirty_ratio": 20, "dirty_background_ratio": 10}, 0.15 * 12 * 2**30),
+        # Set in bytes, which take precedence.
+        ({"dirty_bytes": 4 * 10**9, "dirty_background_bytes": 10**9}, 2.5 * 10**9),
+        # A background limit at or over the foreground one is taken as half of it.
+        ({"dirty_ratio": 10, "dirty_background_ratio": 20}, 0.075 * 12 * 2**30),
+    ],
+)
+def test_the_unwritten_bytes_allowed_are_the_kernels_throttle_point(tmp_path, vm, expected):
+    vm = {
+        "dirty_bytes": 0,
+        "dirty_ratio": 20,
+        "dirty_background_bytes": 0,
+        "dirty_background_ratio": 10,
+    } | vm
+    meminfo = {
+        "MemFree": 10 * GIB_KIB,
+        "Active(file)": GIB_KIB,
+        "Inactive(file)": GIB_KIB,
+        "MemAvailable": 11 * GIB_KIB,
+    }
+    proc = fake_proc(tmp_path / "proc", vm, meminfo)
+    assert unwritten_bytes_allowed(proc) == pytest.approx(expected, abs=2)
+    assert unwritten_bytes_allowed(tmp_path / "no-proc") is None

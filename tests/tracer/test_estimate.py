@@ -154,23 +154,58 @@ def test_an_estimate_probes_a_local_disk_only(tmp_path, monkeypatch):
     assert probed[-1] == (tmp_path, 2**28, 4, 2**26)
 
 
-def test_with_fsync_off_the_disk_is_not_probed_and_that_is_said(tmp_path, monkeypatch, capsys):
+def test_with_fsync_off_the_disk_is_not_probed_and_the_kernels_allowance_is_said(
+    tmp_path, monkeypatch, capsys
+):
     def disk_sync_rate(folder, nbytes, *, files, block_bytes):
         pytest.fail("the synced rate is not what an unsynced recording waits for")
 
-    monkeypatch.setattr(
-        importlib.import_module("tracer.estimate"), "disk_sync_rate", disk_sync_rate
-    )
+    module = importlib.import_module("tracer.estimate")
+    monkeypatch.setattr(module, "disk_sync_rate", disk_sync_rate)
+    monkeypatch.setattr(module, "unwritten_bytes_allowed", lambda: 3_000_000_000)
     out = tmp_path / "cat.zarr"
     argv = ["record", "--demo", "--estimate", "--no-fsync", "--num-steps", "2", "--out", str(out)]
     assert main(argv) == 0
     said = capsys.readouterr().out
     assert "per generation: " in said and "the disk it goes to" not in said
-    assert "fsync off: steps are left in the page cache unsynced" in said
+    assert (
+        "fsync off: steps are left in the page cache unsynced (a listed step survives a crash "
+        "of the process, not of the machine); the kernel lets 3.00 GB wait unwritten here "
+        "before a writer waits for the disk (vm.dirty_*), so the generation does not wait for "
+        "the disk"
+    ) in said
     pipe = demo_pipeline(seed=0, max_sequence_length=32)
     cost = estimate(pipe, CALL, fsync=False, out=out)
     assert not cost.fsync and cost.disk_rate is None and cost.disk_ratio is None
+    assert cost.unwritten_allowed == 3_000_000_000
+    assert estimate(pipe, CALL, fsync=False, out="s3://bucket/run.zarr").unwritten_allowed is None
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("allowed_gb", [None, 10.0, 30.0])
+def test_with_fsync_off_a_generation_past_the_kernels_allowance_waits_for_the_disk(allowed_gb):
+    allowed = None if allowed_gb is None else int(allowed_gb * 1e9)
+    cost = tracer.Estimate(
+        **FLUX_DEV,
+        directions=("txt2img", "img2txt"),
+        keepbits=7,
+        step_seconds=0.15,
+        fsync=False,
+        unwritten_allowed=allowed,
+    )
+    # By hand: 28 steps × 2 directions × 57 × 24 × 26 × 4096 values, 1.42 bytes each: 18.5 GB.
+    assert cost.stored_bytes == pytest.approx(28 * 2 * 57 * 24 * 26 * 4096 * 1.42)
+    said = str(cost).splitlines()[-1]
+    if allowed is None:
+        assert said.startswith("fsync off: steps are left in the page cache unsynced, so the")
+    elif allowed_gb < 18.5:
+        assert said.endswith(
+            f"lets {allowed_gb:.2f} GB wait unwritten here before a writer "
+            "waits for the disk (vm.dirty_*), so past that the generation "
+            "waits for the disk to write them"
+        )
+    else:
+        assert said.endswith("so the generation does not wait for the disk")
 
 
 def test_a_disk_that_cannot_be_probed_is_said_and_the_estimate_stands(
