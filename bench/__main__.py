@@ -109,8 +109,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python -m bench" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    if args.rerun:  # the report stays the kept run's, with what was measured again since
-        results.setdefault("reruns", []).append(this | {"sections": args.rerun})
+    # A report resumed stays the kept run's, with what was measured since: the sections asked
+    # to --rerun, and any it lacked (an interrupted run's, or one this bench has added since).
+    since = this | {"sections": list(args.rerun or ())}
+    if "command" in results:
+        results.setdefault("reruns", []).append(since)
     else:
         results |= this | {"quick": args.quick}
     for key in ("overhead", "memory", "store", "skipped", "done"):
@@ -129,6 +132,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return
         log(key)
         work()
+        if key not in since["sections"]:
+            since["sections"].append(key)
         results["done"][key] = True
         results["total_seconds"] = earlier + time.perf_counter() - started
         if args.json:  # partial results survive a failure later on (see --resume)
@@ -199,11 +204,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     section("rows", lambda: results.update(rows=isolated("bench.rows:measure")))
     section("codecs", lambda: results.update(codecs=isolated("bench.codecs:measure")))
     section("rate", lambda: results.update(rate=rate.figures()))
+    section("slow disk", lambda: results.update(slow_disk=isolated("bench.slow_disk:measure")))
     section("analysis", lambda: results.update(analysis=_analysis(args.quick)))
     section("s3", lambda: results.update(s3=s3.figures(pairs=2 if args.quick else 3)))
     section("families", lambda: results.update(families=families.figures(2 if args.quick else 3)))
     section("video", lambda: results.update(video=video.figures(2 if args.quick else 3)))
     section("view", lambda: results.update(view=view.figures(10 if args.quick else view.MOVES)))
+    if since in results.get("reruns", []) and not since["sections"]:
+        results["reruns"].remove(since)  # a resumed report that lacked nothing: nothing to say
     results["total_seconds"] = earlier + time.perf_counter() - started
     return results
 

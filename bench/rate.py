@@ -575,8 +575,6 @@ def figures(period: float = H100_STEP_SECONDS, steps: int = STEPS) -> dict[str, 
         }
         out["emulated"] = isolated("bench.rate:emulate", cores=2, seconds_per_step=seconds_per_step)
     out["memory"] = memory_cost()
-    log("rate: a disk slower than the steps, fsync on and off")
-    out["slow_disk"] = isolated("bench.slow_disk:measure", period=period)
     return out | (project(by_cores, out.get("emulated")) if len(by_cores) == 2 else {})
 
 

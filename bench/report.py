@@ -640,8 +640,8 @@ def _rate(r: dict[str, Any]) -> str:
             _rate_by_cpu_time(rate),
             _rate_tuned(rate),
             _rate_against_the_gpu_box(r),
-            *_rate_slow_disk(rate),
             "Command: `python -m bench rate --json rate.json`.",
+            *_slow_disk(r),
         ]
     )
 
@@ -652,9 +652,9 @@ def _on_cores(rate: dict[str, Any], cores: int) -> dict[str, Any]:
     return next(run for key, run in rate["runs"].items() if int(key) == cores)
 
 
-def _rate_slow_disk(rate: dict[str, Any]) -> list[str]:
+def _slow_disk(r: dict[str, Any]) -> list[str]:
     """Paced runs on a disk slower than the steps, fsync on and off (bench/slow_disk.py)."""
-    slow = rate.get("slow_disk")
+    slow = r.get("slow_disk")
     if not slow:
         return []
     disks = [disk for disk in slow if isinstance(slow[disk], dict)]
@@ -681,6 +681,7 @@ def _rate_slow_disk(rate: dict[str, Any]) -> list[str]:
             else ""
         ),
         _table(["disk", *FSYNC], rows),
+        "Command: `python -m bench` (section `slow disk`, `bench/slow_disk.py`).",
     ]
 
 

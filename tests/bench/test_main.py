@@ -55,6 +55,26 @@ def test_a_rerun_runs_the_sections_named_and_keeps_the_others(tmp_path, calls):
     assert f"Rerun since by `{again['reruns'][-1]['command']}` on " in header
 
 
+def test_a_resumed_report_measures_what_it_lacks_and_says_so(tmp_path, calls):
+    results, report = tmp_path / "results.json", ["--output", str(tmp_path / "report.md")]
+    first = main.run(main._parse(["--json", str(results), *report]))
+    # A section this bench added after the report was written: the report lacks it.
+    kept = json.loads(results.read_text())
+    del kept["done"]["slow disk"], kept["slow_disk"]
+    results.write_text(json.dumps(kept))
+    calls.clear()
+    again = main.run(main._parse(["--resume", str(results), "--json", str(results), *report]))
+    assert calls == ["bench.slow_disk:measure"]
+    assert again["slow_disk"] == {"figure": "bench.slow_disk:measure #1"}
+    # Still the first run's report, saying what was measured since.
+    assert (again["command"], again["date"]) == (first["command"], first["date"])
+    assert again["reruns"][-1]["sections"] == ["slow disk"]
+    # Resumed again, it lacks nothing: nothing is measured, nothing said.
+    calls.clear()
+    third = main.run(main._parse(["--resume", str(results), "--json", str(results), *report]))
+    assert calls == [] and third["reruns"] == again["reruns"]
+
+
 def test_a_rerun_of_a_section_the_results_lack_names_those_they_have(tmp_path, calls):
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"done": {"machine": True, "rate": True}}))

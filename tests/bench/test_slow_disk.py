@@ -1,7 +1,7 @@
 """The slow-disk benchmark: its throttle says why where it cannot be had, and its report."""
 
 from bench import slow_disk
-from bench.report import _rate_slow_disk
+from bench.report import _slow_disk
 
 
 def test_a_machine_without_a_blkio_cgroup_is_told_and_nothing_is_left(tmp_path, monkeypatch):
@@ -17,12 +17,12 @@ def test_the_report_gives_each_disk_s_ratios_and_says_which_is_slower():
         return {"fsync on": {ratio: on}, "fsync off": {ratio: off}}
 
     slow = {"layers": 8, "steps": 20, "period": 0.15, "as it is": runs(1.03, 1.25)}
-    said = "\n".join(_rate_slow_disk({"slow_disk": slow | {"throttled": runs(2.98, 1.26)}}))
+    said = "\n".join(_slow_disk({"slow_disk": slow | {"throttled": runs(2.98, 1.26)}}))
     assert "| as it is | 1.03 | 1.25 |" in said and "| throttled | 2.98 | 1.26 |" in said
     assert "fed 20 paced steps of 8 of those layers" in said
     assert "fsync off is the slower" in said
-    said = "\n".join(_rate_slow_disk({"slow_disk": slow | {"as it is": runs(1.03, 1.01)}}))
+    said = "\n".join(_slow_disk({"slow_disk": slow | {"as it is": runs(1.03, 1.01)}}))
     assert "fsync off is the slower" not in said
-    said = "\n".join(_rate_slow_disk({"slow_disk": slow | {"throttled": {"skipped": "no root"}}}))
+    said = "\n".join(_slow_disk({"slow_disk": slow | {"throttled": {"skipped": "no root"}}}))
     assert "| throttled | skipped: no root |  |" in said
-    assert _rate_slow_disk({}) == []
+    assert _slow_disk({}) == []
