@@ -70,9 +70,13 @@ def throttled_writes(folder: Path, megabytes_per_second: float) -> Iterator[str 
     lines = Path("/proc/self/cgroup").read_text().splitlines()
     home = next((line.split(":", 2)[2] for line in lines if ":blkio:" in line), "/")
     try:
-        limit = f"{disk} {int(megabytes_per_second * 1e6)}"
-        (group / "blkio.throttle.write_bps_device").write_text(limit)
-        (group / "cgroup.procs").write_text(str(os.getpid()))
+        try:
+            limit = f"{disk} {int(megabytes_per_second * 1e6)}"
+            (group / "blkio.throttle.write_bps_device").write_text(limit)
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+        except OSError as error:
+            yield f"the blkio cgroup refused to throttle disk {disk} ({error.strerror})"
+            return
         yield None
     finally:
         (CGROUP_V1 / home.lstrip("/") / "cgroup.procs").write_text(str(os.getpid()))

@@ -173,7 +173,8 @@ def estimate(
     generated. `step_seconds` is the step time the recording must keep up with. With a local
     `out` and `fsync` on, the disk it goes to is probed for the rate it syncs at
     (`Estimate.disk_rate`): up to DISK_PROBE_BYTES written beside the store as the writer writes,
-    and removed."""
+    and removed; with `fsync` off, what the kernel lets a writer leave unwritten there is read
+    instead (`Estimate.unwritten_allowed`)."""
     adapter = adapter_for(pipe, entity_names)
     absent = adapter.absent_directions  # none recorded (Sana's, Wan's txt2img)
     chosen = select_layers(adapter.layers(), layers)
