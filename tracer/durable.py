@@ -20,6 +20,7 @@ writer's own thread, so it never queues behind shard encodes in zarr's thread po
 from __future__ import annotations
 
 import asyncio
+import json
 import mmap
 import os
 import shutil
@@ -52,10 +53,15 @@ class StagedShards:
         self._folder = Path(array.store.root) / array.path
         self._staging_folder = self._folder / f"staging.{uuid.uuid4().hex}.partial"
         # The staging array is a copy of the real one (same shape, chunks, shard and codecs), so
-        # each step has its own staged key and several steps may be written at once.
+        # each step has its own staged key and several steps may be written at once. Its keys
+        # are `.`-separated: a staged shard is one file in the staging folder, not a chain of
+        # folders per step to make and remove again (each a metadata write, costly on network
+        # file systems).
         metadata = array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
+        document = json.loads(metadata.to_bytes())
+        document["chunk_key_encoding"] = {"name": "default", "configuration": {"separator": "."}}
         self._staging_folder.mkdir()
-        (self._staging_folder / "zarr.json").write_bytes(metadata.to_bytes())
+        (self._staging_folder / "zarr.json").write_text(json.dumps(document))
         store = LocalStore(self._staging_folder)
         self.direct_io = fsync and _direct_io_wanted() and takes_direct_io(self._staging_folder)
         with pipeline_for(store, direct_io=self.direct_io):
@@ -73,21 +79,15 @@ class StagedShards:
             # O_DIRECT turns a short write (a full disk, a file size limit) into EINVAL on the
             # rest of it: through the page cache the same write names its cause, or succeeds.
             self._buffered()[step_pos] = values
-        key = self._array.metadata.encode_chunk_key((step_pos,) + (0,) * (self._array.ndim - 1))
-        staged, final = self._staging_folder / key, self._folder / key
+        chunk = (step_pos,) + (0,) * (self._array.ndim - 1)
+        staged = self._staging_folder / self._staging.metadata.encode_chunk_key(chunk)
+        final = self._folder / self._array.metadata.encode_chunk_key(chunk)
         if not staged.exists():
             return  # every value was the fill value (NaN): zarr stores no shard, nor do we
         if self._fsync:
             _sync(staged)
         new_folders = _make_folders(final.parent)
         self._move_into_place(staged, final)
-        # The staged shard's folders are this step's alone (the first, `c`, is every step's):
-        # emptied now, on the writer's thread, they leave close() little to remove.
-        shared = self._staging_folder / key.split("/")[0]
-        for folder in staged.parents:
-            if folder == shared:
-                break
-            folder.rmdir()
         if self._fsync:
             # The new name, and every folder made for it, recorded in its parent folder.
             for folder in {final.parent, *(f.parent for f in new_folders)}:

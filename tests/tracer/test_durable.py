@@ -82,11 +82,15 @@ def test_the_shard_and_every_folder_made_for_it_are_synced(tmp_path, synced):
     staged.write(2, np.ones(SHAPE[1:], dtype=np.float32))
     folder = tmp_path / "s.zarr" / "txt2img"
     shard = folder / array.metadata.encode_chunk_key((2, 0, 0, 0, 0, 0))
-    # The bytes before the rename (under their staging name), then each new folder's parent.
-    assert synced[0].endswith(".partial/c/2/0/0/0/0/0")
+    # The bytes before the rename (under their staging name: one file, no folders of its own),
+    # then each new folder's parent.
+    assert synced[0].endswith(".partial/c.2.0.0.0.0.0")
     expected = {str(p) for p in list(shard.parents)[:7]}  # from c/2/0/0/0/0 up to txt2img
     assert str(folder) in expected
     assert set(synced[1:]) == expected
+    # Nothing left of the step in the staging folder but its array's metadata.
+    [staging] = folder.glob("*.partial")
+    assert [p.name for p in staging.iterdir()] == ["zarr.json"]
 
 
 def test_without_fsync_nothing_is_synced(tmp_path, monkeypatch):
