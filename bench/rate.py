@@ -180,7 +180,7 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
 
     _take_cores(cores, tuned)
     with scratch("rate") as workdir:
-        load = _Load(workdir, steps)
+        load = Load(workdir, steps)
         results = {}
         # Paced twice: a process's first run faults its memory in, a later one reuses it. The
         # unthrottled run twice, the faster kept: other jobs on the shared cores only ever slow
@@ -202,7 +202,7 @@ def measure(cores: int, steps: int, period: float, tuned: bool = False) -> dict[
             os.environ[ENV] = "zarr" if name == BASELINE else "zarrs"
             # Synced shards are written past the page cache (O_DIRECT) but here.
             os.environ[DIRECT_IO_ENV] = "0" if name == BUFFERED else "1"
-            measured = _feed(load, workdir / f"{name}.zarr", steps, pace, fsync)
+            measured = feed(load, workdir / f"{name}.zarr", steps, pace, fsync)
             if name not in results or measured["seconds"] < results[name]["seconds"]:
                 results[name] = measured
         disk = disk_sync_rate(workdir, 2**30) / 1e6
@@ -231,19 +231,19 @@ def emulate(cores: int, seconds_per_step: dict[str, float]) -> dict[str, Any]:
     _take_cores(cores, tuned=True)
     os.environ[ENV], os.environ[DIRECT_IO_ENV] = "zarrs", "1"
     with scratch("emulate") as workdir:
-        load = _Load(workdir, FLUX_STEPS)
+        load = Load(workdir, FLUX_STEPS)
         # This process's own step time, as a later run's: the shared cores are not equally fast
         # from one process to the next, and a process's first run faults its memory in. Twice,
         # the faster kept, as measure() does.
         here = min(
-            (_feed(load, workdir / "unthrottled.zarr", STEPS, 0.0) for _ in range(2)),
+            (feed(load, workdir / "unthrottled.zarr", STEPS, 0.0) for _ in range(2)),
             key=lambda run: run["seconds"],
         )
         seconds_here = load.step_bytes / here["sustained_mb_s"] / 1e6
         out: dict[str, Any] = {"unthrottled": here}
         for host, seconds in seconds_per_step.items():
             period = H100_STEP_SECONDS * seconds_here / seconds
-            run = _feed(load, workdir / f"{host} cores.zarr", FLUX_STEPS, period)
+            run = feed(load, workdir / f"{host} cores.zarr", FLUX_STEPS, period)
             out[host] = run | {
                 "period": period,
                 "traced_over_untraced": run["seconds"] / (FLUX_STEPS * period),
@@ -263,7 +263,7 @@ def _take_cores(cores: int, tuned: bool) -> None:
     torch.set_num_threads(cores)
 
 
-class _Load:
+class Load:
     """FLUX.1-dev-shaped steps of real maps, rounded as from the GPU, and a run's coordinates
     for `steps` steps (of `layers` layers: FLUX.1-dev's 57 but for a smoke run)."""
 
@@ -297,8 +297,8 @@ class _Load:
         self.step_bytes = 2 * layers * HEADS * TOKEN_ROWS * GRID[0] * GRID[1] * 4
 
 
-def _feed(
-    load: _Load, store: Path, steps: int, pace: float, fsync: bool = True, max_pending: int = 2
+def feed(
+    load: Load, store: Path, steps: int, pace: float, fsync: bool = True, max_pending: int = 2
 ) -> dict[str, Any]:
     """One run: the first `steps` of `load`'s steps fed to a new writer into `store`, a step
     every `pace` seconds (0: as fast as it takes them), `max_pending` steps in flight (the
@@ -527,11 +527,11 @@ def writer_alone(
     steps in flight. On a GPU box (bench.gpu) it tells the writer's own rate there from what the
     generation beside it costs."""
     with scratch("writer") as workdir:
-        load = _Load(workdir, steps, layers)
+        load = Load(workdir, steps, layers)
         runs = {}
         for max_pending in pending:
             for pace in (0.0, H100_STEP_SECONDS):
-                run = _feed(load, workdir / "w.zarr", steps, pace, max_pending=max_pending)
+                run = feed(load, workdir / "w.zarr", steps, pace, max_pending=max_pending)
                 label = f"{max_pending} steps in flight, " + ("paced" if pace else "unthrottled")
                 runs[label] = {key: run[key] for key in _WRITER_ALONE}
     return {

@@ -29,12 +29,12 @@ CGROUP_V1 = Path("/sys/fs/cgroup/blkio")
 def measure(period: float = 0.15) -> dict[str, Any]:
     """Paced runs, fsync on and off, on the disk as it is and throttled. Fresh interpreter."""
     from analysis.allocator import reuse_freed_memory
-    from bench.rate import _feed, _Load
+    from bench.rate import Load, feed
 
     reuse_freed_memory()  # as `attnscope record` sets it
     with scratch("slow-disk") as workdir:
-        load = _Load(workdir, STEPS, LAYERS)
-        _feed(load, workdir / "warm.zarr", 3, 0.0)  # faults the writer's memory in
+        load = Load(workdir, STEPS, LAYERS)
+        feed(load, workdir / "warm.zarr", 3, 0.0)  # faults the writer's memory in
         out: dict[str, Any] = {"layers": LAYERS, "steps": STEPS, "period": period}
         for disk in ("as it is", f"throttled to {THROTTLED_MB_S} MB/s"):
             with contextlib.ExitStack() as stack:
@@ -48,7 +48,7 @@ def measure(period: float = 0.15) -> dict[str, Any]:
                 # Twice each, alternating, the faster kept: other jobs only slow a run down.
                 for fsync in (True, False, True, False):
                     name = "fsync on" if fsync else "fsync off"
-                    run = _feed(load, workdir / f"{name}.zarr", STEPS, period, fsync)
+                    run = feed(load, workdir / f"{name}.zarr", STEPS, period, fsync)
                     run["traced_over_untraced"] = run["seconds"] / (STEPS * period)
                     if name not in runs or run["seconds"] < runs[name]["seconds"]:
                         runs[name] = run

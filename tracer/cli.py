@@ -692,15 +692,10 @@ def _record(
     _one_progress_bar(pipe)
     costs = [_estimate(args, pipe, prompt, seed, entity_names, eligen) for prompt, seed in todo]
     if args.estimate:
-        from tracer.estimate import with_disk_probed
+        from tracer.estimate import disk_facts
 
         # The disk --out goes to, probed once (sized by the first run's cost) for every run's.
-        probed = with_disk_probed(costs[0], args.out)
-        disk = {
-            "disk_rate": probed.disk_rate,
-            "disk_error": probed.disk_error,
-            "unwritten_allowed": probed.unwritten_allowed,
-        }
+        disk = disk_facts(costs[0], args.out)
         costs = [dataclasses.replace(cost, **disk) for cost in costs]
         for (prompt, seed), cost in zip(todo, costs, strict=True):
             print(f"{prompt!r} (seed {seed})\n{cost}")

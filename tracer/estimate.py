@@ -196,27 +196,26 @@ def estimate(
         step_seconds=step_seconds,
         fsync=fsync,
     )
-    return cost if out is None else with_disk_probed(cost, out)
+    return cost if out is None else dataclasses.replace(cost, **disk_facts(cost, out))
 
 
-def with_disk_probed(cost: Estimate, out: str | os.PathLike[str]) -> Estimate:
-    """`cost` with the disk that local store path `out` goes to probed for the rate it syncs at
-    (`disk_rate`, or `disk_error`): up to DISK_PROBE_BYTES written beside the store as the writer
-    writes, and removed. With fsync off, what the kernel lets it leave unwritten instead
-    (`unwritten_allowed`): the synced rate is not what such a recording waits for. As it is for
-    a URL."""
+def disk_facts(cost: Estimate, out: str | os.PathLike[str]) -> dict[str, Any]:
+    """What the disk that local store path `out` goes to says about recording `cost`, as
+    Estimate's fields: the rate it syncs at in a probe (`disk_rate`, or `disk_error`), up to
+    DISK_PROBE_BYTES written beside the store as the writer writes, and removed; with fsync off,
+    what the kernel lets a writer leave unwritten instead (`unwritten_allowed`): the synced rate
+    is not what such a recording waits for. Nothing for a URL."""
     folder = folder_beside(out)
     if folder is None:
-        return cost
+        return {}
     if not cost.fsync:
-        return dataclasses.replace(cost, unwritten_allowed=unwritten_bytes_allowed())
+        return {"unwritten_allowed": unwritten_bytes_allowed()}
     # As many files side by side as the writer has shards in flight by default (two steps),
     # each written in one piece as a shard is, in whole MiB (O_DIRECT writes whole pages).
     files = 2 * len(cost.directions)
     probe = min(DISK_PROBE_BYTES, max(files * 2**20, math.ceil(cost.stored_bytes)))
     block = probe // files // 2**20 * 2**20
     try:
-        rate = disk_sync_rate(folder, files * block, files=files, block_bytes=block)
-        return dataclasses.replace(cost, disk_rate=rate)
+        return {"disk_rate": disk_sync_rate(folder, files * block, files=files, block_bytes=block)}
     except OSError as error:
-        return dataclasses.replace(cost, disk_error=f"{type(error).__name__}: {error}")
+        return {"disk_error": f"{type(error).__name__}: {error}"}
