@@ -76,6 +76,7 @@ CUDA_TESTS = (
     "tests/tracer/test_lse_path.py",
     "tests/tracer/test_writer.py",
     "tests/tracer/test_pinning.py",
+    "tests/tracer/test_write_probe.py",
 )
 
 

@@ -87,8 +87,8 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
     parser = subparsers.add_parser(
         verb,
         help=help,
-        description="Run a pipeline (FLUX, SD3, Chroma) and record every traced attention into a "
-        "store. "
+        description="Run a pipeline of a supported family (README, Model families) and record "
+        "every traced attention into a store. "
         "--layers, --heads and --steps take the selection syntax of every verb: names, lists "
         "(0,3,5), inclusive ranges (0:7), globs, a layer kind (single) or KIND:GLOB.",
     )
@@ -213,7 +213,8 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
         "--estimate",
         action="store_true",
         help="print the bytes per step and per generation, decoded and on disk, and the write "
-        "rates (decoded, and to disk) needed at --step-seconds; generate nothing",
+        "rates (decoded, and to disk) needed at --step-seconds, and for a local --out whether "
+        "the disk and the writer keep up there (probed beside it); generate nothing",
     )
     parser.add_argument(
         "--step-seconds",
@@ -422,6 +423,7 @@ def _estimate(
         _call_arguments(args, prompt, seed) | eligen,
         step_seconds=args.step_seconds,
         entity_names=entity_names,
+        max_pending_steps=args.max_pending_steps,
         **_recorded(args),
     )
 
@@ -488,7 +490,8 @@ def _recorded_line(recorder: Any, out: str, seconds: float) -> str:
         said += (
             "; the host or its disk writes slower than the model computes: fewer --keepbits "
             "(each bit an eighth of a byte less per value), fewer --layers, --heads or --steps, "
-            "or one of --directions writes less; --estimate says whether the disk keeps up"
+            "or one of --directions writes less; --estimate says whether the disk and the "
+            "writer keep up"
         )
     return said
 
@@ -641,10 +644,9 @@ def run_record(args: argparse.Namespace) -> int:
     entity_names, eligen = _entities(args)
     # This process is the recording's own: its writer reuses the memory it frees. Set before
     # the pipeline starts threads; a warning that it could not be waits for the recording.
-    allocator_warning = None
-    if not args.estimate:  # an estimate records nothing: the process is left as it is
-        allocator_warning = _reuse_freed_memory()
-        pin_at_size()  # the step buffers' pinned memory at their size (tracer.pinning)
+    # An estimate's probe of the writer writes as the recording would, so it gets them too.
+    allocator_warning = _reuse_freed_memory()
+    pin_at_size()  # the step buffers' pinned memory at their size (tracer.pinning)
     created = False
     if not args.estimate and (args.prompts is None or args.overwrite):
         created = _check_out(args)
@@ -692,11 +694,12 @@ def _record(
     _one_progress_bar(pipe)
     costs = [_estimate(args, pipe, prompt, seed, entity_names, eligen) for prompt, seed in todo]
     if args.estimate:
-        from tracer.estimate import disk_facts
+        from tracer.estimate import disk_facts, writer_facts
 
-        # The disk --out goes to, probed once (sized by the first run's cost) for every run's.
-        disk = disk_facts(costs[0], args.out)
-        costs = [dataclasses.replace(cost, **disk) for cost in costs]
+        # The disk --out goes to and the writer, probed once (at the first run's size and
+        # shape) for every run's.
+        probed = disk_facts(costs[0], args.out) | writer_facts(costs[0], args.out)
+        costs = [dataclasses.replace(cost, **probed) for cost in costs]
         for (prompt, seed), cost in zip(todo, costs, strict=True):
             print(f"{prompt!r} (seed {seed})\n{cost}")
         return

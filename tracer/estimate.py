@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from analysis import store_format as fmt
+from analysis.errors import WriterError
 from tracer.adapters import adapter_for
 from tracer.durable import disk_sync_rate, unwritten_bytes_allowed
 from tracer.rounding import MODEL_PRECISION, keepbits_for
-from tracer.session import Selector, select_indices, select_layers
+from tracer.session import Selector, check_max_pending_steps, select_indices, select_layers
 from tracer.spans import token_rows
 from tracer.store import folder_beside
+from tracer.write_probe import writer_rate
 
 # Stored bytes per value at keepbits 9 (a float32 model's default) down to 5 (a bf16 model's
 # default is 7), as docs/benchmarks.md measures them (*Compressor choice*: the format's
@@ -46,6 +48,12 @@ class Estimate:
     # With fsync off, the unsynced bytes the kernel lets a writer leave before it waits for the
     # disk (tracer.durable.unwritten_bytes_allowed); None: not known.
     unwritten_allowed: int | None = None
+    device: str = "cpu"  # where the maps are made (and rounded, before the copy to the host)
+    max_pending_steps: int = 2  # steps taken and not yet on disk (tracer.trace's)
+    # Decoded bytes/s the writer sustained here in a probe, this host's cores and disk together
+    # (tracer.write_probe); None: not probed.
+    write_rate: float | None = None
+    write_error: str | None = None  # why the writer could not be probed
 
     @property
     def step_bytes(self) -> int:
@@ -87,6 +95,15 @@ class Estimate:
         if self.disk_rate is None:
             return None
         return max(1.0, self.stored_bytes / self.disk_rate / (self.steps * self.step_seconds))
+
+    @property
+    def write_ratio(self) -> float | None:
+        """The least traced/untraced the probed writer allows at `step_seconds` a step: the
+        generation waits for it once it takes steps slower than they come (1.0 where it keeps
+        up); None where it was not probed."""
+        if self.write_rate is None:
+            return None
+        return max(1.0, self.rate_needed / self.write_rate)
 
     @property
     def _kept(self) -> str:
@@ -138,6 +155,22 @@ class Estimate:
                 )
             else:
                 lines.append(f"{synced}: it keeps up")
+        if self.write_error is not None:
+            lines.append(f"the writer could not be probed here: {self.write_error}")
+        if self.write_rate is not None:
+            wrote = (
+                f"the writer (this host's cores and disk) sustained {_size(self.write_rate)}/s "
+                f"decoded in a probe"
+            )
+            if self.write_ratio > 1.0:
+                lines.append(
+                    f"{wrote}: the generation would wait for it and take about "
+                    f"{self.write_ratio:.2f}× as long as untraced, or longer (fewer bytes: "
+                    f"keepbits, layers, heads, steps, directions; more cores; or more steps in "
+                    f"flight, max pending steps, each holding a step of maps in host memory)"
+                )
+            else:
+                lines.append(f"{wrote}: it keeps up")
         return "\n".join(lines)
 
 
@@ -146,6 +179,11 @@ def _size(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def _weights_device(attention: Any) -> Any:
+    """Where an attention's weights are: where the model computes, and the maps are made."""
+    return next((p.device for p in attention.parameters()), "cpu")
 
 
 def _weights_dtype(attention: Any) -> Any:
@@ -167,14 +205,13 @@ def estimate(
     step_seconds: float = H100_STEP_SECONDS,
     entity_names: Sequence[str] | None = None,
     fsync: bool = True,
+    max_pending_steps: int = 2,
     out: str | os.PathLike[str] | None = None,
 ) -> Estimate:
     """What `tracer.trace(pipe, out, same options)` would record for `pipe(**call)`: nothing is
     generated. `step_seconds` is the step time the recording must keep up with. With a local
-    `out` and `fsync` on, the disk it goes to is probed for the rate it syncs at
-    (`Estimate.disk_rate`): up to DISK_PROBE_BYTES written beside the store as the writer writes,
-    and removed; with `fsync` off, what the kernel lets a writer leave unwritten there is read
-    instead (`Estimate.unwritten_allowed`)."""
+    `out`, the host is probed beside the store, and what was written there removed: the disk it
+    goes to (`disk_facts`) and the writer itself (`writer_facts`)."""
     adapter = adapter_for(pipe, entity_names)
     absent = adapter.absent_directions  # none recorded (Sana's, Wan's txt2img)
     chosen = select_layers(adapter.layers(), layers)
@@ -195,8 +232,12 @@ def estimate(
         keepbits=keepbits_for(keepbits, _weights_dtype(chosen[0].attention)),
         step_seconds=step_seconds,
         fsync=fsync,
+        device=str(_weights_device(chosen[0].attention)),
+        max_pending_steps=check_max_pending_steps(max_pending_steps),
     )
-    return cost if out is None else dataclasses.replace(cost, **disk_facts(cost, out))
+    if out is None:
+        return cost
+    return dataclasses.replace(cost, **disk_facts(cost, out), **writer_facts(cost, out))
 
 
 def disk_facts(cost: Estimate, out: str | os.PathLike[str]) -> dict[str, Any]:
@@ -219,3 +260,29 @@ def disk_facts(cost: Estimate, out: str | os.PathLike[str]) -> dict[str, Any]:
         return {"disk_rate": disk_sync_rate(folder, files * block, files=files, block_bytes=block)}
     except OSError as error:
         return {"disk_error": f"{type(error).__name__}: {error}"}
+
+
+def writer_facts(cost: Estimate, out: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a probe of the writer says about recording `cost` to local store path `out`, as
+    Estimate's fields: the decoded rate it sustained (`write_rate`, or `write_error`) on steps of
+    the recording's shape, made on its device and written as it would write them (fsync, steps
+    in flight) into stores beside it, which are removed (tracer.write_probe). Nothing for a URL."""
+    folder = folder_beside(out)
+    if folder is None:
+        return {}
+    try:
+        rate = writer_rate(
+            folder,
+            layers=cost.layers,
+            heads=cost.heads,
+            rows=cost.rows,
+            grid=cost.grid,
+            directions=cost.directions,
+            keepbits=cost.keepbits,
+            device=cost.device,
+            fsync=cost.fsync,
+            max_pending_steps=cost.max_pending_steps,
+        )
+    except (OSError, WriterError) as error:
+        return {"write_error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    return {"write_rate": rate}

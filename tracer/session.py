@@ -74,6 +74,15 @@ def _check_keep_tokens(value: Any) -> tuple[int, int] | None:
     )
 
 
+def check_max_pending_steps(value: object) -> int:
+    """`max_pending_steps`, checked before any run: a whole number of steps, at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(
+            f"max_pending_steps must be a whole number of steps, at least 1, got {value!r}"
+        )
+    return value
+
+
 def select_layers(layers: list[Layer], selector: Selector | None) -> list[Layer]:
     """The layers a selector names (names, globs, a kind, `KIND:GLOB`; see analysis.selection)."""
     if selector is None:
@@ -157,6 +166,7 @@ class Recorder:
             raise UsageError(f"lse must be one of {list(fmt.LSE_SOURCES)}, got {options.lse!r}")
         if not isinstance(options.fsync, bool):
             raise UsageError(f"fsync must be True or False, got {options.fsync!r}")
+        check_max_pending_steps(options.max_pending_steps)
         self._calls = {layer.name: layer.calls for layer in self.layers if layer.calls > 1}
         self._tap = AttentionTap(
             {layer.name: layer.attention for layer in self.layers},

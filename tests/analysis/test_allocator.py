@@ -153,8 +153,9 @@ def test_the_cli_sets_it_for_a_recording(tmp_path, monkeypatch):
     out = tmp_path / "demo.zarr"
     assert main(["record", "--demo", "--num-inference-steps", "1", "--out", str(out)]) == 0
     assert applied == ["record"]
+    # An estimate records nothing, but its probe of the writer writes as the recording would.
     assert main(["record", "--demo", "--estimate", "--out", str(tmp_path / "no.zarr")]) == 0
-    assert applied == ["record"]  # an estimate records nothing: the process is left as it is
+    assert applied == ["record", "record"]
 
 
 @pytest.mark.parametrize("verb", [["info"], ["verify"], ["heatmap", "-q", "-o", "{tmp}/m.png"]])

@@ -63,7 +63,7 @@ def test_a_generation_held_up_by_the_writer_is_told_what_writes_less(tmp_path, c
     waited = float(re.search(r"the generation waited (\S+) s for the writer", said)[1])
     assert waited >= 2.5, said
     assert "writes slower than the model computes: fewer --keepbits" in said
-    assert "--estimate says whether the disk keeps up" in said
+    assert "--estimate says whether the disk and the writer keep up" in said
 
 
 def test_a_runs_fixed_cost_gets_no_hint(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 from collections import namedtuple
 from pathlib import Path
@@ -99,6 +100,7 @@ def test_record_estimate_prints_and_writes_nothing(tmp_path, capsys):
     assert "decoded, about " in said and "/s to disk, at 0.15 s a step" in said
     assert "on disk (9 mantissa bits kept, relative error <= 2^-10)" in said  # a float32 demo
     assert "the disk it goes to synced " in said  # probed beside the store, and removed
+    assert "the writer (this host's cores and disk) sustained " in said  # likewise
     assert list(tmp_path.iterdir()) == []
 
 
@@ -232,3 +234,110 @@ def test_a_recording_that_cannot_fit_is_refused_before_it_starts(tmp_path, capsy
     assert "need about" in err and "has 0.0 GB free" in err and "--estimate" in err
     assert "--keepbits" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("write_gb_s", [2.0, 7.0, 12.0])
+def test_the_estimate_says_how_long_a_slower_writer_would_hold_the_generation(write_gb_s):
+    cost = tracer.Estimate(
+        **FLUX_DEV,
+        directions=("txt2img", "img2txt"),
+        keepbits=7,
+        step_seconds=0.15,
+        write_rate=write_gb_s * 1e9,
+    )
+    # By hand: 2 × 57 × 24 × 26 × 4096 float32 values a step, one step every 0.15 s.
+    needed = 2 * 57 * 24 * 26 * 4096 * 4 / 0.15
+    expected = max(1.0, needed / (write_gb_s * 1e9))
+    assert cost.write_ratio == pytest.approx(expected)
+    said = str(cost).splitlines()[-1]
+    assert said.startswith(
+        f"the writer (this host's cores and disk) sustained {write_gb_s:.2f} GB/s decoded in a "
+        "probe: "
+    )
+    if expected > 1:
+        assert f"take about {expected:.2f}× as long as untraced, or longer" in said
+        assert "more steps in flight, max pending steps" in said
+    else:
+        assert said.endswith(": it keeps up")
+
+
+def test_an_estimate_probes_the_writer_as_the_recording_would_write(tmp_path, monkeypatch):
+    probed: list[tuple] = []
+
+    def writer_rate(folder, **shape):
+        probed.append((folder, shape))
+        return 3e9
+
+    monkeypatch.setattr(importlib.import_module("tracer.estimate"), "writer_rate", writer_rate)
+    pipe = demo_pipeline(seed=0, max_sequence_length=32)
+    cost = estimate(pipe, CALL, out=tmp_path / "new" / "cat.zarr", max_pending_steps=3)
+    assert cost.write_rate == 3e9 and cost.write_ratio == 1.0
+    # Beside the store, at the recording's shape, on its device, synced, as many in flight.
+    assert probed == [
+        (
+            tmp_path,
+            {
+                "layers": cost.layers,
+                "heads": cost.heads,
+                "rows": cost.rows,
+                "grid": cost.grid,
+                "directions": cost.directions,
+                "keepbits": cost.keepbits,
+                "device": "cpu",
+                "fsync": True,
+                "max_pending_steps": 3,
+            },
+        )
+    ]
+    assert estimate(pipe, CALL, fsync=False, out=tmp_path / "cat.zarr").write_rate == 3e9
+    assert probed[-1][1]["fsync"] is False
+    assert estimate(pipe, CALL, out="s3://bucket/run.zarr").write_rate is None
+    assert estimate(pipe, CALL).write_rate is None and len(probed) == 2
+
+
+def test_record_estimate_probes_the_writer_with_its_options(tmp_path, capsys, monkeypatch):
+    probed: list[dict] = []
+
+    def writer_rate(folder, **shape):
+        probed.append(shape)
+        return 1e6
+
+    monkeypatch.setattr(importlib.import_module("tracer.estimate"), "writer_rate", writer_rate)
+    out = tmp_path / "cat.zarr"
+    argv = ["record", "--demo", "--estimate", "--num-steps", "2", "--out", str(out)]
+    assert main([*argv, "--max-pending-steps", "4", "--no-fsync", "--keepbits", "6"]) == 0
+    assert [(p["max_pending_steps"], p["fsync"], p["keepbits"]) for p in probed] == [(4, False, 6)]
+    said = capsys.readouterr().out
+    assert "the writer (this host's cores and disk) sustained 1.00 MB/s decoded in a probe" in said
+
+
+def test_a_writer_that_cannot_be_probed_is_said_and_the_estimate_stands(
+    tmp_path, monkeypatch, capsys
+):
+    def full(folder, **shape):
+        raise tracer.WriterError("writing step 0 failed: OSError: [Errno 28] No space left")
+
+    monkeypatch.setattr(importlib.import_module("tracer.estimate"), "writer_rate", full)
+    out = tmp_path / "cat.zarr"
+    assert main(["record", "--demo", "--estimate", "--num-steps", "2", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "per generation: " in said and "the disk it goes to synced " in said
+    assert (
+        "the writer could not be probed here: WriterError: writing step 0 failed: OSError: "
+        "[Errno 28] No space left"
+    ) in said
+    assert "sustained" not in said and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_max_pending_steps_is_checked_before_anything_runs(tmp_path, bad):
+    pipe = demo_pipeline(seed=0, max_sequence_length=32)
+    said = f"max_pending_steps must be a whole number of steps, at least 1, got {bad!r}"
+    with pytest.raises(tracer.UsageError, match=re.escape(said)):
+        estimate(pipe, CALL, max_pending_steps=bad, out=tmp_path / "cat.zarr")
+    with (
+        pytest.raises(tracer.UsageError, match=re.escape(said)),
+        tracer.trace(pipe, str(tmp_path / "cat.zarr"), max_pending_steps=bad),
+    ):
+        pipe(**CALL)
+    assert list(tmp_path.iterdir()) == []

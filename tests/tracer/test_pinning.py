@@ -58,7 +58,9 @@ def test_record_pins_host_memory_at_its_size(tmp_path, allocator_settings):
     from analysis.cli import main
 
     torch._C._accelerator_setAllocatorSettings("")
-    assert main(["record", "--demo", "--estimate", "--out", str(tmp_path / "e.zarr")]) == 0
-    assert torch._C._accelerator_getAllocatorSettings() == ""  # an estimate leaves it
     assert main(["record", "--demo", "--num-steps", "1", "--out", str(tmp_path / "t.zarr")]) == 0
+    assert f"{SETTING}:{THRESHOLD_MB}" in torch._C._accelerator_getAllocatorSettings()
+    # An estimate's probe of the writer pins its step buffers as the recording would.
+    torch._C._accelerator_setAllocatorSettings("")
+    assert main(["record", "--demo", "--estimate", "--out", str(tmp_path / "e.zarr")]) == 0
     assert f"{SETTING}:{THRESHOLD_MB}" in torch._C._accelerator_getAllocatorSettings()
