@@ -661,7 +661,7 @@ def _slow_disk(r: dict[str, Any]) -> list[str]:
     rows = [
         [disk, "skipped: " + slow[disk]["skipped"], ""]
         if "skipped" in slow[disk]
-        else [disk] + [f"{slow[disk][name]['traced_over_untraced']:.2f}" for name in FSYNC]
+        else [disk] + [_with_estimate(slow[disk][name]) for name in FSYNC]
         for disk in disks
     ]
     return [
@@ -679,10 +679,30 @@ def _slow_disk(r: dict[str, Any]) -> list[str]:
             and slow[disks[0]]["fsync off"]["traced_over_untraced"]
             > slow[disks[0]]["fsync on"]["traced_over_untraced"]
             else ""
+        )
+        + (
+            " In brackets, what `record --estimate` predicts for those steps there from its probe "
+            "of the writer (short recordings of synthetic maps of their shape, written as these "
+            "are, its maps rounded on the host as a CPU recording's are, where these arrive "
+            "rounded as from a GPU): a lower bound, as the estimate says, for it times the steps "
+            "sustained, without what a run pays once (laying it down, the flush after its last "
+            "step)."
+            if any(
+                isinstance(run, dict) and "estimate" in run
+                for disk in disks
+                for run in slow[disk].values()
+            )
+            else ""
         ),
         _table(["disk", *FSYNC], rows),
         "Command: `python -m bench` (section `slow disk`, `bench/slow_disk.py`).",
     ]
+
+
+def _with_estimate(run: dict[str, Any]) -> str:
+    """A slow-disk run's ratio, and the estimate's prediction for it where measured."""
+    ratio = f"{run['traced_over_untraced']:.2f}"
+    return ratio + (f" (estimate {run['estimate']:.2f})" if "estimate" in run else "")
 
 
 FSYNC = ("fsync on", "fsync off")

@@ -7,7 +7,8 @@ disk as it is, and with this process's writes to it throttled by the kernel's bl
 controller (a cgroup of its own; root only), which slows what reaches the device (direct and
 synced writes) as a slow disk would. Writeback from the page cache runs in the kernel's own
 threads, outside the cgroup: the unsynced runs show what the generation waits for, not when the
-disk has the bytes.
+disk has the bytes. Beside each, what `record --estimate` predicts for those steps from its probe
+of the writer (tracer.write_probe), run under the same throttle.
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ CGROUP_V1 = Path("/sys/fs/cgroup/blkio")
 
 def measure(period: float = 0.15) -> dict[str, Any]:
     """Paced runs, fsync on and off, on the disk as it is and throttled. Fresh interpreter."""
+    import dataclasses
+
+    from analysis import store_format as fmt
     from analysis.allocator import reuse_freed_memory
-    from bench.rate import Load, feed
+    from bench.rate import GRID, HEADS, TOKEN_ROWS, Load, feed
+    from tracer.estimate import Estimate, writer_facts
 
     reuse_freed_memory()  # as `attnscope record` sets it
     with scratch("slow-disk") as workdir:
@@ -52,6 +57,22 @@ def measure(period: float = 0.15) -> dict[str, Any]:
                     run["traced_over_untraced"] = run["seconds"] / (STEPS * period)
                     if name not in runs or run["seconds"] < runs[name]["seconds"]:
                         runs[name] = run
+                for fsync in (True, False):
+                    cost = Estimate(
+                        layers=LAYERS,
+                        heads=HEADS,
+                        rows=TOKEN_ROWS,
+                        grid=GRID,
+                        steps=STEPS,
+                        directions=fmt.DIRECTIONS,
+                        keepbits=load.keepbits,
+                        step_seconds=period,
+                        fsync=fsync,
+                    )
+                    probed = writer_facts(cost, workdir / "estimated.zarr")
+                    runs["fsync on" if fsync else "fsync off"]["estimate"] = dataclasses.replace(
+                        cost, **probed
+                    ).write_ratio
                 out[disk] = runs
     return out
 

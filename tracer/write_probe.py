@@ -27,7 +27,7 @@ from tracer.store import claim_run, lay_down_run
 from tracer.writer import RunPlan, TraceWriter
 
 # A probe step holds at most this many decoded bytes (its layers capped), so the probe takes a
-# few seconds at most (2-4 s on two cores at FLUX.1-dev's shape); a step's layers are alike.
+# few seconds at most (2-5 s on two cores at FLUX.1-dev's shape); a step's layers are alike.
 STEP_BYTES = 256 * 2**20
 STEPS = 4  # steps timed beyond a one-step store's, once the buffers are warm
 
@@ -51,7 +51,8 @@ def writer_rate(
 
     Sustained: the time a store of 1 + STEPS steps took beyond a one-step store's, so what every
     store pays once (laying the run down, the last step's flush) is left out, as it is from a
-    long recording's steps; both after a first store has warmed the buffers up."""
+    long recording's steps; both after a first store of 1 + STEPS steps has warmed up the
+    memory they take (a process's first recording faults it in as it goes)."""
     cells = math.prod(grid)
     layer_bytes = heads * rows * cells * 4 * len(directions)
     n_layers = max(1, min(layers, STEP_BYTES // layer_bytes))
@@ -72,10 +73,13 @@ def writer_rate(
     try:
         options = {"directions": directions, "keepbits": keepbits, "fsync": fsync}
         options["max_pending_steps"] = max_pending_steps
-        seconds = [
-            _record(workdir / f"{steps}.{i}.zarr", coords, maps, steps, **options)
-            for i, steps in enumerate((min(max_pending_steps, n_steps), 1, n_steps))
-        ]
+        seconds = []
+        # The first store warms up the memory the others take (buffers, and the page cache
+        # without fsync); each is removed once timed, so the next reuses its memory.
+        for i, steps in enumerate((n_steps, 1, n_steps)):
+            store = workdir / f"{i}.zarr"
+            seconds.append(_record(store, coords, maps, steps, **options))
+            shutil.rmtree(store, ignore_errors=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     one, more = seconds[1:]

@@ -26,3 +26,18 @@ def test_the_report_gives_each_disk_s_ratios_and_says_which_is_slower():
     said = "\n".join(_slow_disk({"slow_disk": slow | {"throttled": {"skipped": "no root"}}}))
     assert "| throttled | skipped: no root |  |" in said
     assert _slow_disk({}) == []
+
+
+def test_the_report_gives_the_estimates_prediction_beside_each_ratio_where_measured():
+    def runs(on: float, off: float) -> dict:
+        return {
+            "fsync on": {"traced_over_untraced": on, "estimate": on * 0.9},
+            "fsync off": {"traced_over_untraced": off, "estimate": 1.0},
+        }
+
+    slow = {"layers": 8, "steps": 20, "period": 0.15, "as it is": {"skipped": "no root"}}
+    said = "\n".join(_slow_disk({"slow_disk": slow | {"throttled": runs(3.0, 1.2)}}))
+    assert "| throttled | 3.00 (estimate 2.70) | 1.20 (estimate 1.00) |" in said
+    assert "In brackets, what `record --estimate` predicts" in said
+    said = "\n".join(_slow_disk({"slow_disk": slow}))
+    assert "estimate" not in said

@@ -60,8 +60,9 @@ def test_the_probe_records_steps_of_the_shape_asked_as_a_recording_would(tmp_pat
     )
     assert math.isfinite(rate) and rate > 0
     assert list(tmp_path.iterdir()) == []  # every store it wrote is removed
-    # A warm-up store of as many steps as are in flight, one of one step, one of 1 + STEPS.
-    assert [len({p[0] for p in s["puts"]}) for s in seen] == [3, 1, 1 + write_probe.STEPS]
+    # A warm-up store of 1 + STEPS steps, one of one step, one of 1 + STEPS.
+    steps = 1 + write_probe.STEPS
+    assert [len({p[0] for p in s["puts"]}) for s in seen] == [steps, 1, steps]
     cells = 8 * 8
     for s in seen:
         assert s["kwargs"] == {
