@@ -9,7 +9,8 @@ traced / untraced wall time (the process's first traced run and a later one apar
 pair with half the host's cores' steps in flight: `deeper_writer`, and one keeping 9 mantissa
 bits where the bf16 model's default keeps 7: `keepbits_9`, and one with fsync off, its steps
 left in the page cache: `unsynced`), the GPU memory tracing adds,
-the bytes written and the decoded GB/s the recording sustained, the host's cores and the synced
+the bytes written and the decoded GB/s the recording sustained, what `record --estimate` would
+have predicted of it from its probe of the writer (`estimate`), the host's cores and the synced
 rate of the disk the stores go to, the traced runs' CPU seconds and page faults (whether the
 allocator's settings held: analysis.allocator, `malloc_arenas`), the writer alone on the host's
 cores with 2 and half the cores' steps in flight (`writer_alone`, bench.rate's feed of real
@@ -50,7 +51,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +265,11 @@ def measure(
         },
     }
     save(figures)
+    try:
+        figures["estimate"] = estimated(geo, traced, result["median_wall"]["untraced"])
+    except Exception as exc:  # the parts after it are what the box is lent for: go on to them
+        figures["estimate"] = {"write_rate": None, "write_error": f"{type(exc).__name__}: {exc}"}
+    save(figures)
     # The writer without the generation beside it: what the host's cores and disk do alone.
     pending = sorted({2, deep_pending_steps()})
     figures["writer_alone"] = writer_alone(pending, 3, 3) if smoke else writer_alone(pending)
@@ -275,6 +281,36 @@ def measure(
     figures["seconds_in_all"] = time.perf_counter() - started
     save(figures)
     return figures
+
+
+def estimated(geo: Any, traced: dict[str, Any], untraced_seconds: float) -> dict[str, Any]:
+    """What `record --estimate` says there of the traced runs' recording, at the untraced
+    generation's own step time: its probe of the writer (tracer.write_probe), on the device."""
+    import torch
+
+    from analysis import store_format as fmt
+    from bench.common import scratch
+    from tracer.estimate import Estimate, writer_facts
+
+    cost = Estimate(
+        layers=geo.num_layers + geo.num_single_layers,
+        heads=geo.num_attention_heads,
+        rows=traced["token_rows"],
+        grid=geo.grid,
+        steps=geo.steps,
+        directions=fmt.DIRECTIONS,
+        keepbits=traced["keepbits"],
+        step_seconds=untraced_seconds / geo.steps,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    with scratch("estimate") as folder:
+        probed = replace(cost, **writer_facts(cost, folder / "estimated.zarr"))
+    return {
+        "step_seconds": cost.step_seconds,
+        "write_rate": probed.write_rate,
+        "write_ratio": probed.write_ratio,
+        "write_error": probed.write_error,
+    }
 
 
 def cuda_tests() -> dict[str, Any]:

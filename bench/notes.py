@@ -215,6 +215,16 @@ def _gpu_box(box: dict[str, Any]) -> str:
             f"decoded: {runs}; an H100's step needs "
             f"{alone['step_bytes'] / H100_STEP_SECONDS / 1e6:,.0f} MB/s."
         )
+    estimate = box.get("estimate")
+    if estimate is not None and estimate["write_rate"] is not None:
+        text += (
+            f" `record --estimate`'s probe of the writer there sustained "
+            f"{estimate['write_rate'] / 1e9:.2f} GB/s decoded: at the untraced generation's "
+            f"{estimate['step_seconds']:.3f} s a step it predicted at least "
+            f"{estimate['write_ratio']:.2f}."
+        )
+    elif estimate is not None:
+        text += f" `record --estimate` could not probe the writer there: {estimate['write_error']}."
     if "malloc_arenas" in box:
         text += (
             f" The allocator's settings (analysis.allocator) "

@@ -62,6 +62,12 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     assert nine_bits["traced_over_untraced"] > 0
     assert nine_bits["bytes_per_value"] == pytest.approx(figures["bytes_per_value"], rel=0.02)
     assert figures["unsynced"]["traced_over_untraced"] > 0 and figures["unsynced"]["wall"] > 0
+    # What record --estimate predicts of the traced runs, at the untraced run's step time.
+    estimate = figures["estimate"]
+    assert estimate["write_rate"] > 0 and estimate["write_ratio"] >= 1.0
+    assert estimate["write_error"] is None
+    untraced = figures["median_wall"]["untraced"]
+    assert estimate["step_seconds"] == pytest.approx(untraced / figures["geometry"]["steps"])
     # Every traced call took its normalisers from the kernel: 3 layers x 2 steps.
     assert figures["lse_used"] == {"kernel": 6, "recompute": 0}
     assert figures["gpu_memory_added_bytes"] is None  # no CUDA here

@@ -223,6 +223,22 @@ def test_a_gpu_box_s_figures_are_filed_into_the_report(tmp_path):
     assert "The writer alone on the host's 16 cores (8 steps of 1.17 GB decoded" in text
     assert "2 steps in flight, unthrottled 9,876 MB/s, 8 steps in flight, paced 9,876" in text
     assert "an H100's step needs 7,767 MB/s." in text
+    # What record --estimate predicted there, and a probe that could not be made.
+    assert "probe of the writer there" not in text  # not measured before
+    rate = {"step_seconds": 0.174, "write_rate": 4.2e9, "write_ratio": 1.71, "write_error": None}
+    figures.write_text(json.dumps(_gpu_figures() | {"estimate": rate}))
+    assert main.main(["gpu", str(figures), "--at", "abc1234", *paths]) == 0
+    assert (
+        "`record --estimate`'s probe of the writer there sustained 4.20 GB/s decoded: at the "
+        "untraced generation's 0.174 s a step it predicted at least 1.71."
+    ) in report.read_text()
+    full = {"step_seconds": 0.174, "write_rate": None, "write_ratio": None}
+    full["write_error"] = "OSError: [Errno 28] No space left on device"
+    figures.write_text(json.dumps(_gpu_figures() | {"estimate": full}))
+    assert main.main(["gpu", str(figures), "--at", "abc1234", *paths]) == 0
+    assert "`record --estimate` could not probe the writer there: OSError: [Errno 28]" in (
+        report.read_text()
+    )
     # A capture that could not be measured there leaves the rest of the box's figures.
     failed = {"capture_per_call": {"error": "RuntimeError: no kernel"}}
     figures.write_text(json.dumps(_gpu_figures() | host | allocator | failed))
