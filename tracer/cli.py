@@ -177,7 +177,8 @@ def add_parser(subparsers: Any, verb: str, help: str) -> None:
         type=positive(int),
         default=2,
         help="steps taken and not yet on disk (default 2): each holds one step of maps in host "
-        "memory, and the writer encodes each on about one core, so more may use more cores",
+        "memory; a step's encoding spreads over the cores but copying it in and writing it out "
+        "do not, so on many cores more may keep more of them busy",
     )
     parser.add_argument(
         "--no-fsync",
