@@ -3,9 +3,10 @@
 The estimate (tracer.estimate) asks it before anything is generated. The probe runs the real
 writer as a recording would (the maps on the model's device, rounded there, the same fsync and
 steps in flight) into a throwaway store beside the one asked for, so the figure is the host's
-cores and disk together. The maps are synthetic, softmax rows of Gaussian logits: at keepbits 7
-they store about as many bytes per value as a real recording's maps (1.45 against 1.42 at
-keepbits 7, with the format's LZ4 and bit-shuffle), so they cost the encoder about as much.
+cores and disk together. The maps are synthetic, softmax rows of Gaussian logits: they store
+about as many bytes per value as a real recording's maps (1.45 against 1.42 at keepbits 7, with
+the format's LZ4 and bit-shuffle; tests/tracer/test_write_probe.py holds it to 10%), so they cost
+the encoder about as much.
 """
 
 from __future__ import annotations
@@ -71,8 +72,12 @@ def writer_rate(
     workdir = folder / f"write-probe.{uuid.uuid4().hex}.partial"
     workdir.mkdir()
     try:
-        options = {"directions": directions, "keepbits": keepbits, "fsync": fsync}
-        options["max_pending_steps"] = max_pending_steps
+        options = {
+            "directions": directions,
+            "keepbits": keepbits,
+            "fsync": fsync,
+            "max_pending_steps": max_pending_steps,
+        }
         seconds = []
         # The first store warms up the memory the others take (buffers, and the page cache
         # without fsync); each is removed once timed, so the next reuses its memory.
