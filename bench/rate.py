@@ -268,11 +268,11 @@ class Load:
     for `steps` steps (of `layers` layers: FLUX.1-dev's 57 but for a smoke run)."""
 
     def __init__(self, workdir: Path, steps: int, layers: int = LAYERS) -> None:
-        import numpy as np
         import torch
 
         from analysis import store_format as fmt
         from tracer.rounding import MODEL_PRECISION, bitround_, keepbits_for
+        from tracer.write_probe import synthetic_coords
 
         # What a recording of FLUX.1-dev, which computes in bf16, keeps by default.
         self.keepbits = keepbits_for(MODEL_PRECISION, torch.bfloat16)
@@ -283,16 +283,7 @@ class Load:
         self.maps = {d: [layer_maps(v, layer) for layer in range(layers)] for d, v in demo.items()}
         rows = [fmt.TokenRow(i, 1, f"t{i}", "prompt") for i in range(TOKEN_ROWS - 1)]
         rows.append(fmt.TokenRow(TOKEN_ROWS - 1, 512 - TOKEN_ROWS + 1, "<pad>", "prompt", True))
-        self.coords = fmt.run_coords(
-            steps=list(range(steps)),
-            timesteps=np.linspace(1000, 1000 / steps, steps),
-            sigmas=np.linspace(1, 1 / steps, steps),
-            layers=[f"layer.{i}" for i in range(layers)],
-            layer_kinds=["double"] * layers,
-            heads=list(range(HEADS)),
-            tokens=rows,
-            grid=GRID,
-        )
+        self.coords = synthetic_coords(steps, layers, HEADS, rows, GRID)
         self.attrs = {fmt.STATUS: fmt.RECORDING, fmt.STEPS_COMPLETE: [], fmt.TEXT_LEN: 512}
         self.step_bytes = 2 * layers * HEADS * TOKEN_ROWS * GRID[0] * GRID[1] * 4
 

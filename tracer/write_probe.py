@@ -59,16 +59,8 @@ def writer_rate(
     n_layers = max(1, min(layers, STEP_BYTES // layer_bytes))
     maps = synthetic_maps(heads, rows, cells, device)
     n_steps = 1 + STEPS
-    coords = fmt.run_coords(
-        steps=list(range(n_steps)),
-        timesteps=np.linspace(1000.0, 1000.0 / n_steps, n_steps),
-        sigmas=np.linspace(1.0, 1.0 / n_steps, n_steps),
-        layers=[f"layer.{i}" for i in range(n_layers)],
-        layer_kinds=["double"] * n_layers,
-        heads=list(range(heads)),
-        tokens=[fmt.TokenRow(i, 1, f"t{i}", "prompt") for i in range(rows)],
-        grid=tuple(grid),
-    )
+    tokens = [fmt.TokenRow(i, 1, f"t{i}", "prompt") for i in range(rows)]
+    coords = synthetic_coords(n_steps, n_layers, heads, tokens, grid)
     workdir = folder / f"write-probe.{uuid.uuid4().hex}.partial"
     workdir.mkdir()
     try:
@@ -101,6 +93,23 @@ def synthetic_maps(
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(heads, rows, cells, generator=generator)
     return torch.softmax(logits, dim=-1).to(device)
+
+
+def synthetic_coords(
+    steps: int, layers: int, heads: int, tokens: Sequence[fmt.TokenRow], grid: tuple[int, ...]
+) -> dict[str, Any]:
+    """The coordinates of a run of this many steps, layers (all `double`) and heads, of these
+    token rows on this latent grid, with made-up names and timesteps."""
+    return fmt.run_coords(
+        steps=list(range(steps)),
+        timesteps=np.linspace(1000.0, 1000.0 / steps, steps),
+        sigmas=np.linspace(1.0, 1.0 / steps, steps),
+        layers=[f"layer.{i}" for i in range(layers)],
+        layer_kinds=["double"] * layers,
+        heads=list(range(heads)),
+        tokens=tokens,
+        grid=tuple(grid),
+    )
 
 
 def _record(
