@@ -104,16 +104,22 @@ def test_record_estimate_prints_and_writes_nothing(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-FLUX_DEV = {"layers": 57, "heads": 24, "rows": 26, "grid": (64, 64), "steps": 28}
+FLUX_DEV = {
+    "layers": 57,
+    "heads": 24,
+    "rows": 26,
+    "grid": (64, 64),
+    "steps": 28,
+    "directions": ("txt2img", "img2txt"),
+    "keepbits": 7,
+    "step_seconds": 0.15,
+}
 
 
 @pytest.mark.parametrize("disk_gb_s", [1.742, 2.5, 4.0])
 def test_the_estimate_says_how_long_a_slower_disk_would_hold_the_generation(disk_gb_s):
     cost = tracer.Estimate(
         **FLUX_DEV,
-        directions=("txt2img", "img2txt"),
-        keepbits=7,
-        step_seconds=0.15,
         disk_rate=disk_gb_s * 1e9,
     )
     # By hand: 57 × 24 × 26 × 4096 values a step and direction, 1.42 bytes each on disk.
@@ -189,9 +195,6 @@ def test_with_fsync_off_a_generation_past_the_kernels_allowance_waits_for_the_di
     allowed = None if allowed_gb is None else int(allowed_gb * 1e9)
     cost = tracer.Estimate(
         **FLUX_DEV,
-        directions=("txt2img", "img2txt"),
-        keepbits=7,
-        step_seconds=0.15,
         fsync=False,
         unwritten_allowed=allowed,
     )
@@ -240,9 +243,6 @@ def test_a_recording_that_cannot_fit_is_refused_before_it_starts(tmp_path, capsy
 def test_the_estimate_says_how_long_a_slower_writer_would_hold_the_generation(write_gb_s):
     cost = tracer.Estimate(
         **FLUX_DEV,
-        directions=("txt2img", "img2txt"),
-        keepbits=7,
-        step_seconds=0.15,
         write_rate=write_gb_s * 1e9,
     )
     # By hand: 2 × 57 × 24 × 26 × 4096 float32 values a step, one step every 0.15 s.
