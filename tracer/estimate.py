@@ -159,8 +159,8 @@ class Estimate:
             lines.append(f"the writer could not be probed here: {self.write_error}")
         if self.write_rate is not None:
             wrote = (
-                f"the writer (this host's cores and disk) sustained {_size(self.write_rate)}/s "
-                f"decoded in a probe"
+                f"the writer, on this host's cores and disk alone, sustained "
+                f"{_size(self.write_rate)}/s decoded in a probe"
             )
             if self.write_ratio > 1.0:
                 lines.append(

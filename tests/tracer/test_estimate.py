@@ -100,7 +100,7 @@ def test_record_estimate_prints_and_writes_nothing(tmp_path, capsys):
     assert "decoded, about " in said and "/s to disk, at 0.15 s a step" in said
     assert "on disk (9 mantissa bits kept, relative error <= 2^-10)" in said  # a float32 demo
     assert "the disk it goes to synced " in said  # probed beside the store, and removed
-    assert "the writer (this host's cores and disk) sustained " in said  # likewise
+    assert "the writer, on this host's cores and disk alone, sustained " in said  # likewise
     assert list(tmp_path.iterdir()) == []
 
 
@@ -251,8 +251,8 @@ def test_the_estimate_says_how_long_a_slower_writer_would_hold_the_generation(wr
     assert cost.write_ratio == pytest.approx(expected)
     said = str(cost).splitlines()[-1]
     assert said.startswith(
-        f"the writer (this host's cores and disk) sustained {write_gb_s:.2f} GB/s decoded in a "
-        "probe: "
+        f"the writer, on this host's cores and disk alone, sustained {write_gb_s:.2f} GB/s "
+        "decoded in a probe: "
     )
     if expected > 1:
         assert f"take about {expected:.2f}× as long as untraced, or longer" in said
@@ -308,7 +308,9 @@ def test_record_estimate_probes_the_writer_with_its_options(tmp_path, capsys, mo
     assert main([*argv, "--max-pending-steps", "4", "--no-fsync", "--keepbits", "6"]) == 0
     assert [(p["max_pending_steps"], p["fsync"], p["keepbits"]) for p in probed] == [(4, False, 6)]
     said = capsys.readouterr().out
-    assert "the writer (this host's cores and disk) sustained 1.00 MB/s decoded in a probe" in said
+    assert (
+        "the writer, on this host's cores and disk alone, sustained 1.00 MB/s decoded in a probe"
+    ) in said
 
 
 def test_a_writer_that_cannot_be_probed_is_said_and_the_estimate_stands(
