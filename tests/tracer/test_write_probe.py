@@ -87,6 +87,16 @@ def test_the_probe_records_steps_of_the_shape_asked_as_a_recording_would(tmp_pat
             assert np.all(np.abs(read - values) <= 2.0**-8 * np.abs(values))
 
 
+def test_a_video_models_probe_writes_frames_and_its_one_direction(tmp_path, seen):
+    shape = {"layers": 2, "heads": 2, "rows": 3, "grid": (2, 4, 4)}
+    rate = write_probe.writer_rate(tmp_path, directions=("img2txt",), keepbits=9, **shape)
+    assert rate > 0 and list(tmp_path.iterdir()) == []
+    for s in seen:
+        assert list(s["read"].data_vars) == ["img2txt"]
+        assert s["read"]["img2txt"].dims == fmt.VIDEO_DIMS
+        assert s["read"]["img2txt"].shape[1:] == (2, 2, 3, 2, 4, 4)
+
+
 def test_a_step_is_capped_at_step_bytes_by_its_layers(tmp_path, seen, monkeypatch):
     layer_bytes = 3 * 5 * 64 * 4 * 2
     monkeypatch.setattr(write_probe, "STEP_BYTES", 2 * layer_bytes + 1)
