@@ -695,11 +695,11 @@ def _record(
     _one_progress_bar(pipe)
     costs = [_estimate(args, pipe, prompt, seed, entity_names, eligen) for prompt, seed in todo]
     if args.estimate:
-        from tracer.estimate import disk_facts, writer_facts
+        from tracer.estimate import host_facts
 
         # The disk --out goes to and the writer, probed once (at the first run's size and
         # shape) for every run's.
-        probed = disk_facts(costs[0], args.out) | writer_facts(costs[0], args.out)
+        probed = host_facts(costs[0], args.out)
         costs = [dataclasses.replace(cost, **probed) for cost in costs]
         for (prompt, seed), cost in zip(todo, costs, strict=True):
             print(f"{prompt!r} (seed {seed})\n{cost}")

@@ -210,8 +210,8 @@ def estimate(
 ) -> Estimate:
     """What `tracer.trace(pipe, out, same options)` would record for `pipe(**call)`: nothing is
     generated. `step_seconds` is the step time the recording must keep up with. With a local
-    `out`, the host is probed beside the store, and what was written there removed: the disk it
-    goes to (`disk_facts`) and the writer itself (`writer_facts`)."""
+    `out`, the host is probed beside the store, and what was written there removed
+    (`host_facts`)."""
     adapter = adapter_for(pipe, entity_names)
     absent = adapter.absent_directions  # none recorded (Sana's, Wan's txt2img)
     chosen = select_layers(adapter.layers(), layers)
@@ -235,9 +235,13 @@ def estimate(
         device=str(_weights_device(chosen[0].attention)),
         max_pending_steps=check_max_pending_steps(max_pending_steps),
     )
-    if out is None:
-        return cost
-    return dataclasses.replace(cost, **disk_facts(cost, out), **writer_facts(cost, out))
+    return cost if out is None else dataclasses.replace(cost, **host_facts(cost, out))
+
+
+def host_facts(cost: Estimate, out: str | os.PathLike[str]) -> dict[str, Any]:
+    """What probes beside local store path `out` say about recording `cost`, as Estimate's
+    fields: the disk it goes to (`disk_facts`) and the writer itself (`writer_facts`)."""
+    return disk_facts(cost, out) | writer_facts(cost, out)
 
 
 def disk_facts(cost: Estimate, out: str | os.PathLike[str]) -> dict[str, Any]:
@@ -251,9 +255,9 @@ def disk_facts(cost: Estimate, out: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
     if not cost.fsync:
         return {"unwritten_allowed": unwritten_bytes_allowed()}
-    # As many files side by side as the writer has shards in flight by default (two steps),
-    # each written in one piece as a shard is, in whole MiB (O_DIRECT writes whole pages).
-    files = 2 * len(cost.directions)
+    # As many files side by side as the writer has shards in flight (its pending steps'), each
+    # written in one piece as a shard is, in whole MiB (O_DIRECT writes whole pages).
+    files = cost.max_pending_steps * len(cost.directions)
     probe = min(DISK_PROBE_BYTES, max(files * 2**20, math.ceil(cost.stored_bytes)))
     block = probe // files // 2**20 * 2**20
     try:

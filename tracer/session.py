@@ -636,14 +636,14 @@ def trace(
     otherwise); None stores losslessly.
     `lse="recompute"` recomputes img2txt's normalisers instead of taking them from the model's
     attention kernel. `max_pending_steps`: steps taken and not yet durable, each holding one
-    step's maps in host memory; the generation waits for the writer beyond them, and the writer
-    encodes each step's shards on about one core apiece, so more may keep more of a large
-    host's cores busy. `fsync=False` leaves each step's shards in the page cache unsynced: a
-    listed step then survives a crash of the process but not of the machine, and the generation
-    does not wait for the disk to sync every step (where that is slower than the model, see
-    `tracer.estimate`), only, past the kernel's limit on unwritten pages, for it to write them.
-    `entity_names` names the spans of EliGen entity prompts (DiffSynth;
-    default `entity0`, `entity1`, ...). The pipeline is restored on exit, even after an error.
+    step's maps in host memory; the generation waits for the writer beyond them, and a step's
+    encoding spreads over the cores but copying it in and writing it out do not, so more may
+    keep more of a large host's cores busy. `fsync=False` leaves each step's shards in the page
+    cache unsynced: a listed step then survives a crash of the process but not of the machine,
+    and the generation does not wait for the disk to sync every step (where that is slower than
+    the model, see `tracer.estimate`), only, past the kernel's limit on unwritten pages, for it
+    to write them. `entity_names` names the spans of EliGen entity prompts (DiffSynth; default
+    `entity0`, `entity1`, ...). The pipeline is restored on exit, even after an error.
     """
     options = Options(
         spans=spans,

@@ -160,6 +160,9 @@ def test_an_estimate_probes_a_local_disk_only(tmp_path, monkeypatch):
     large = CALL | {"height": 1024, "width": 1024, "num_inference_steps": 200}
     assert estimate(pipe, large, out=tmp_path / "cat.zarr").stored_bytes > 2**28
     assert probed[-1] == (tmp_path, 2**28, 4, 2**26)
+    # With more steps in flight, as many more shards side by side.
+    estimate(pipe, large, out=tmp_path / "cat.zarr", max_pending_steps=4)
+    assert probed[-1] == (tmp_path, 2**28, 8, 2**25)
 
 
 def test_with_fsync_off_the_disk_is_not_probed_and_the_kernels_allowance_is_said(
